@@ -1,0 +1,17 @@
+"""nbragg: nanoBragg's diffraction model in Numba, differentiable.
+
+A re-implementation of James Holton and Ken Frankel's nanoBragg (far-field diffraction
+from a perfect-lattice nanocrystal onto a pixel detector).
+"""
+
+from .engine import Result, Stats, build_model, simulate
+from .errors import ArgumentError, BackendError, InputFileError, NbraggError, ParameterError
+from .experiment import Beam, Crystal, Detector, Experiment, Sampling, Structure
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Experiment", "Beam", "Detector", "Crystal", "Structure", "Sampling",
+    "simulate", "build_model", "Result", "Stats",
+    "NbraggError", "ArgumentError", "InputFileError", "ParameterError", "BackendError",
+]

@@ -1,0 +1,427 @@
+"""The immutable description of a simulation, in user units.
+
+An :class:`Experiment` is four plain records -- :class:`Beam`, :class:`Detector`,
+:class:`Crystal`, :class:`Sampling` -- plus :class:`Structure` for the structure
+factors.  Units are the ones crystallographers type: Angstrom, mm, degrees, microns,
+mrad, percent, photons/m^2.  Fields left at ``None`` take nanoBragg.c's default, which
+may depend on other fields (for example the beam centre on the convention); the
+resolved values are reported by :func:`nbragg.simulate` in ``Result.settings``.
+
+Build one directly::
+
+    exp = nbragg.Experiment(
+        crystal=nbragg.Crystal(cell=(100, 100, 100, 90, 90, 90), Na=5, Nb=5, Nc=5),
+        structure=nbragg.Structure(default_F=100),
+        beam=nbragg.Beam(wavelength=6.2),
+        detector=nbragg.Detector(fpixels=128, spixels=128, pixel_size=0.1, distance=100),
+    )
+
+or from a nanoBragg command line with :meth:`Experiment.from_nanobragg_args`.
+Change fields with ``exp.replace(crystal=exp.crystal.replace(Na=6))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .errors import ParameterError
+from .units import DEFAULT_FLUENCE
+
+CONVENTIONS = ("mosflm", "denzo", "adxv", "xds", "dials", "custom")
+SHAPES = ("square", "round", "gauss", "tophat")
+
+
+def _finite(obj, name, value, positive=False, nonneg=False, allow_none=False):
+    if value is None:
+        if allow_none:
+            return
+        raise ParameterError(f"{obj}.{name} must be given")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{obj}.{name} = {value!r} is not a number") from None
+    if not math.isfinite(v):
+        raise ParameterError(f"{obj}.{name} = {value!r} is not finite")
+    if positive and not v > 0:
+        raise ParameterError(f"{obj}.{name} = {value!r} must be positive")
+    if nonneg and v < 0:
+        raise ParameterError(f"{obj}.{name} = {value!r} must not be negative")
+
+
+def _vector(obj, name, value):
+    if value is None:
+        return None
+    try:
+        v = np.array(value, dtype=float).reshape(3)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{obj}.{name} = {value!r} is not a 3-vector") from None
+    if not np.all(np.isfinite(v)):
+        raise ParameterError(f"{obj}.{name} = {value!r} is not finite")
+    if not np.any(v != 0):
+        raise ParameterError(f"{obj}.{name} = {value!r} is the zero vector")
+    v.setflags(write=False)
+    return v
+
+
+def _int(obj, name, value, minimum=None, allow_none=True):
+    if value is None:
+        if allow_none:
+            return None
+        raise ParameterError(f"{obj}.{name} must be given")
+    if isinstance(value, (bool, np.bool_)) or int(value) != value:
+        raise ParameterError(f"{obj}.{name} = {value!r} is not an integer")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ParameterError(f"{obj}.{name} = {value!r} must be at least {minimum}")
+    return value
+
+
+class _Record:
+    """Immutable record helpers."""
+
+    def replace(self, **changes):
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def _set(self, name, value):
+        object.__setattr__(self, name, value)
+
+
+@dataclass(frozen=True, eq=False)
+class Beam(_Record):
+    """Incident beam.
+
+    wavelength : Angstrom (``-lambda``; ``-energy`` in eV is converted by the parser)
+    fluence : photons/m^2 (``-fluence``, or flux*exposure/beamsize^2)
+    polarization : Kahn polarization factor (``-polar``); ``nopolar`` switches the
+        polarization correction off.
+    hdiv_range, vdiv_range, hdiv_step, vdiv_step : mrad; hdiv_steps, vdiv_steps : counts.
+        Unset values follow nanoBragg's rules (range and steps give step = range/(steps-1)).
+    round_div : cut the divergence grid to an ellipse (``-round_div``, the default).
+    dispersion, disp_step : percent (delta lambda / lambda); disp_steps : count.
+    sources : optional (n, 5) array ``X Y Z weight lambda_m`` from a source file; NaN
+        entries take the defaults (direction of the beam, weight 1, ``wavelength``).
+        Weights are ignored, as in nanoBragg.c.
+    """
+
+    wavelength: float = 1.0
+    fluence: float = DEFAULT_FLUENCE
+    polarization: float = 0.0
+    nopolar: bool = False
+    hdiv_range: Optional[float] = None
+    hdiv_step: Optional[float] = None
+    hdiv_steps: Optional[int] = None
+    vdiv_range: Optional[float] = None
+    vdiv_step: Optional[float] = None
+    vdiv_steps: Optional[int] = None
+    round_div: bool = True
+    dispersion: Optional[float] = None
+    disp_step: Optional[float] = None
+    disp_steps: Optional[int] = None
+    sources: Optional[np.ndarray] = None
+    source_distance: float = 10000.0
+
+    def __post_init__(self):
+        n = "Beam"
+        _finite(n, "wavelength", self.wavelength, positive=True)
+        _finite(n, "fluence", self.fluence, nonneg=True)
+        _finite(n, "polarization", self.polarization)
+        _finite(n, "source_distance", self.source_distance, positive=True)
+        for name in ("hdiv_range", "hdiv_step", "vdiv_range", "vdiv_step", "dispersion", "disp_step"):
+            _finite(n, name, getattr(self, name), allow_none=True)
+        for name in ("hdiv_steps", "vdiv_steps", "disp_steps"):
+            self._set(name, _int(n, name, getattr(self, name)))
+        self._set("wavelength", float(self.wavelength))
+        self._set("fluence", float(self.fluence))
+        if self.sources is not None:
+            s = np.array(self.sources, dtype=float)
+            if s.ndim != 2 or s.shape[1] != 5 or len(s) == 0:
+                raise ParameterError(f"Beam.sources must be an (n, 5) array X Y Z weight lambda_m, got shape {s.shape}")
+            if np.any(np.isinf(s)):
+                raise ParameterError("Beam.sources holds infinite values")
+            s.setflags(write=False)
+            self._set("sources", s)
+
+
+@dataclass(frozen=True, eq=False)
+class Detector(_Record):
+    """Pixel detector and its placement.
+
+    convention : one of mosflm (default), denzo, adxv, xds, dials, custom.  It fixes the
+        detector, beam, polarization and spindle vectors and the pivot (custom keeps
+        ``pivot``, default beam).
+    fpixels, spixels : pixels along the fast and slow axes; pixel_size : mm.
+    detsize_f, detsize_s : mm, only where they differ from pixels * pixel_size
+        (they set the default beam centre, as in nanoBragg.c).
+    distance : mm from the sample to the beam spot (beam pivot);
+        close_distance : mm to the nearest point of the detector plane (sample pivot).
+    beam_x, beam_y : mm, ``-Xbeam``/``-Ybeam`` in the convention's own frame.
+    xclose, yclose : mm; orgx, orgy : pixels (XDS ORGX/ORGY) -- the near point.
+    rotx, roty, rotz, twotheta : degrees.
+    *_vector, spindle_axis, twotheta_axis : for the custom convention.
+    curved : pixels on a sphere of radius ``distance``; point_pixel : omega = 1/R^2.
+    thickness : sensor thickness in microns, thicksteps layers (or thickstep microns);
+        absorption_depth : microns (``-detector_abs``; None = the thickness).
+    roi : (xmin, xmax, ymin, ymax) pixel limits, inclusive; mask : (spixels, fpixels)
+        array, zero pixels are skipped.
+    """
+
+    convention: str = "mosflm"
+    pivot: Optional[str] = None
+    fpixels: int = 1024
+    spixels: int = 1024
+    pixel_size: float = 0.1
+    detsize_f: Optional[float] = None
+    detsize_s: Optional[float] = None
+    distance: float = 100.0
+    close_distance: Optional[float] = None
+    beam_x: Optional[float] = None
+    beam_y: Optional[float] = None
+    xclose: Optional[float] = None
+    yclose: Optional[float] = None
+    orgx: Optional[float] = None
+    orgy: Optional[float] = None
+    rotx: float = 0.0
+    roty: float = 0.0
+    rotz: float = 0.0
+    twotheta: float = 0.0
+    fdet_vector: Optional[np.ndarray] = None
+    sdet_vector: Optional[np.ndarray] = None
+    odet_vector: Optional[np.ndarray] = None
+    beam_vector: Optional[np.ndarray] = None
+    polar_vector: Optional[np.ndarray] = None
+    spindle_axis: Optional[np.ndarray] = None
+    twotheta_axis: Optional[np.ndarray] = None
+    curved: bool = False
+    point_pixel: bool = False
+    thickness: float = 0.0
+    thicksteps: Optional[int] = None
+    thickstep: Optional[float] = None
+    absorption_depth: Optional[float] = None
+    roi: Optional[Tuple[int, int, int, int]] = None
+    mask: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        n = "Detector"
+        conv = str(self.convention).lower()
+        if conv not in CONVENTIONS:
+            raise ParameterError(f"Detector.convention = {self.convention!r}; expected one of {', '.join(CONVENTIONS)}")
+        self._set("convention", conv)
+        if self.pivot is not None:
+            p = str(self.pivot).lower()
+            if p not in ("beam", "sample"):
+                raise ParameterError(f"Detector.pivot = {self.pivot!r}; expected 'beam' or 'sample'")
+            self._set("pivot", p)
+        self._set("fpixels", _int(n, "fpixels", self.fpixels, minimum=1, allow_none=False))
+        self._set("spixels", _int(n, "spixels", self.spixels, minimum=1, allow_none=False))
+        _finite(n, "pixel_size", self.pixel_size, positive=True)
+        _finite(n, "distance", self.distance)
+        for name in ("detsize_f", "detsize_s", "close_distance"):
+            _finite(n, name, getattr(self, name), positive=True, allow_none=True)
+        for name in ("beam_x", "beam_y", "xclose", "yclose", "orgx", "orgy", "thickstep", "absorption_depth"):
+            _finite(n, name, getattr(self, name), allow_none=True)
+        for name in ("rotx", "roty", "rotz", "twotheta"):
+            _finite(n, name, getattr(self, name))
+        _finite(n, "thickness", self.thickness, nonneg=True)
+        self._set("thicksteps", _int(n, "thicksteps", self.thicksteps))
+        if not self.distance > 0 and self.close_distance is None:
+            raise ParameterError(f"Detector.distance = {self.distance!r} must be positive")
+        for name in ("fdet_vector", "sdet_vector", "odet_vector", "beam_vector", "polar_vector",
+                     "spindle_axis", "twotheta_axis"):
+            self._set(name, _vector(n, name, getattr(self, name)))
+        if self.roi is not None:
+            try:
+                roi = tuple(int(v) for v in self.roi)
+            except (TypeError, ValueError):
+                raise ParameterError(f"Detector.roi = {self.roi!r} is not four integers") from None
+            if len(roi) != 4:
+                raise ParameterError(f"Detector.roi = {self.roi!r} is not four integers (xmin xmax ymin ymax)")
+            xmin, xmax, ymin, ymax = roi
+            if xmin > xmax or ymin > ymax:
+                raise ParameterError(f"Detector.roi = {roi}: min is larger than max")
+            if xmax < 0 or ymax < 0 or xmin > self.fpixels - 1 or ymin > self.spixels - 1:
+                raise ParameterError(
+                    f"Detector.roi = {roi} lies outside the {self.fpixels}x{self.spixels} detector")
+            self._set("roi", roi)
+        if self.mask is not None:
+            m = np.array(self.mask)
+            if m.shape != (self.spixels, self.fpixels):
+                raise ParameterError(
+                    f"Detector.mask has shape {m.shape}; the detector is (spixels, fpixels) = {(self.spixels, self.fpixels)}")
+            m = (m != 0).astype(np.uint8)
+            m.setflags(write=False)
+            self._set("mask", m)
+
+
+@dataclass(frozen=True, eq=False)
+class Crystal(_Record):
+    """The nanocrystal.
+
+    cell : (a, b, c, alpha, beta, gamma) in Angstrom and degrees.
+    misset : rotations about x, then y, then z, degrees (``-misset``).
+    orientation : optional 3x3 rotation applied before the misset (set from ``-mat``).
+    Na, Nb, Nc : unit cells along a, b, c (floats; values below 1 count as 1).
+    shape : square (parallelepiped, default), round, gauss or tophat; fudge : shape factor.
+    mosaic_spread : degrees; mosaic_domains : count; mosaic_seed : as ``-mosaic_seed``.
+    phi0, osc, phistep : degrees; phisteps : count (spindle rotation).
+    """
+
+    cell: Tuple[float, float, float, float, float, float] = (100.0, 100.0, 100.0, 90.0, 90.0, 90.0)
+    misset: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    orientation: Optional[np.ndarray] = None
+    Na: float = 1.0
+    Nb: float = 1.0
+    Nc: float = 1.0
+    shape: str = "square"
+    fudge: float = 1.0
+    mosaic_spread: Optional[float] = None
+    mosaic_domains: Optional[int] = None
+    mosaic_seed: int = 12345678
+    phi0: float = 0.0
+    osc: Optional[float] = None
+    phistep: Optional[float] = None
+    phisteps: Optional[int] = None
+
+    def __post_init__(self):
+        n = "Crystal"
+        try:
+            cell = tuple(float(v) for v in self.cell)
+        except (TypeError, ValueError):
+            raise ParameterError(f"Crystal.cell = {self.cell!r} is not six numbers") from None
+        if len(cell) != 6:
+            raise ParameterError(f"Crystal.cell = {self.cell!r} is not six numbers (a b c alpha beta gamma)")
+        for name, v in zip(("a", "b", "c", "alpha", "beta", "gamma"), cell):
+            _finite(n, f"cell {name}", v, positive=True)
+        al, be, ga = (math.radians(x) for x in cell[3:])
+        if not (al + be + ga < 2 * math.pi and al < be + ga and be < al + ga and ga < al + be) or max(cell[3:]) >= 180:
+            raise ParameterError(f"Crystal.cell angles {cell[3:]} make no cell (each must be less than the sum of the others, the sum less than 360)")
+        self._set("cell", cell)
+        try:
+            mis = tuple(float(v) for v in self.misset)
+        except (TypeError, ValueError):
+            raise ParameterError(f"Crystal.misset = {self.misset!r} is not three angles") from None
+        if len(mis) != 3 or not all(math.isfinite(v) for v in mis):
+            raise ParameterError(f"Crystal.misset = {self.misset!r} is not three finite angles")
+        self._set("misset", mis)
+        if self.orientation is not None:
+            u = np.array(self.orientation, dtype=float)
+            if u.shape != (3, 3) or not np.all(np.isfinite(u)):
+                raise ParameterError(f"Crystal.orientation must be a finite 3x3 matrix, got shape {u.shape}")
+            if not np.allclose(u @ u.T, np.eye(3), atol=1e-9):
+                raise ParameterError("Crystal.orientation is not an orthogonal (rotation) matrix")
+            u.setflags(write=False)
+            self._set("orientation", u)
+        for name in ("Na", "Nb", "Nc"):
+            _finite(n, name, getattr(self, name), nonneg=True)
+            self._set(name, float(getattr(self, name)))
+        shape = str(self.shape).lower()
+        if shape not in SHAPES:
+            raise ParameterError(f"Crystal.shape = {self.shape!r}; expected one of {', '.join(SHAPES)}")
+        self._set("shape", shape)
+        _finite(n, "fudge", self.fudge)
+        _finite(n, "mosaic_spread", self.mosaic_spread, allow_none=True)
+        self._set("mosaic_domains", _int(n, "mosaic_domains", self.mosaic_domains))
+        self._set("mosaic_seed", _int(n, "mosaic_seed", self.mosaic_seed, allow_none=False))
+        _finite(n, "phi0", self.phi0)
+        _finite(n, "osc", self.osc, allow_none=True)
+        _finite(n, "phistep", self.phistep, allow_none=True)
+        self._set("phisteps", _int(n, "phisteps", self.phisteps))
+
+
+@dataclass(frozen=True, eq=False)
+class Structure(_Record):
+    """Structure factors.
+
+    Fhkl : optional dense grid of amplitudes indexed ``[h - h_min, k - k_min, l - l_min]``;
+        hkl_origin : (h_min, k_min, l_min); hkl_count : how many reflections were listed
+        (nanoBragg's "initialized hkls"; defaults to the grid size).
+    default_F : amplitude for every hkl outside the grid (and, from an HKL file, for
+        grid points the file did not list).
+    interpolate : tricubic interpolation between grid points; None = automatic
+        (on when any of Na, Nb, Nc is at most 2, as in nanoBragg.c).
+    """
+
+    Fhkl: Optional[np.ndarray] = None
+    hkl_origin: Tuple[int, int, int] = (0, 0, 0)
+    hkl_count: Optional[int] = None
+    default_F: float = 0.0
+    interpolate: Optional[bool] = None
+
+    def __post_init__(self):
+        _finite("Structure", "default_F", self.default_F)
+        if self.Fhkl is not None:
+            g = np.array(self.Fhkl, dtype=float)
+            if g.ndim != 3 or g.size == 0:
+                raise ParameterError(f"Structure.Fhkl must be a non-empty 3-D grid, got shape {g.shape}")
+            if not np.all(np.isfinite(g)):
+                raise ParameterError("Structure.Fhkl holds non-finite values")
+            g.setflags(write=False)
+            self._set("Fhkl", g)
+            try:
+                origin = tuple(int(v) for v in self.hkl_origin)
+            except (TypeError, ValueError):
+                raise ParameterError(f"Structure.hkl_origin = {self.hkl_origin!r} is not three integers") from None
+            if len(origin) != 3:
+                raise ParameterError(f"Structure.hkl_origin = {self.hkl_origin!r} is not three integers")
+            self._set("hkl_origin", origin)
+            if self.hkl_count is None:
+                self._set("hkl_count", int(g.size))
+        else:
+            self._set("hkl_count", 0)
+
+
+@dataclass(frozen=True, eq=False)
+class Sampling(_Record):
+    """How finely the pixel is sampled and a few model switches.
+
+    oversample : sub-pixels per pixel edge (None = nanoBragg's automatic choice).
+    oversample_omega, oversample_polar, oversample_thick : recompute solid angle,
+        polarization, absorption for every sub-pixel (nanoBragg semantics: they
+        multiply the running sum; see the README).
+    dmin : Angstrom; scattering beyond this resolution is skipped (0 = off).
+    water : microns of water in the beam (background).
+    """
+
+    oversample: Optional[int] = None
+    oversample_omega: bool = False
+    oversample_polar: bool = False
+    oversample_thick: bool = False
+    dmin: float = 0.0
+    water: float = 0.0
+
+    def __post_init__(self):
+        self._set("oversample", _int("Sampling", "oversample", self.oversample))
+        _finite("Sampling", "dmin", self.dmin, nonneg=True)
+        _finite("Sampling", "water", self.water)
+
+
+@dataclass(frozen=True, eq=False)
+class Experiment(_Record):
+    """A complete simulation: beam, detector, crystal, structure factors, sampling."""
+
+    beam: Beam = field(default_factory=Beam)
+    detector: Detector = field(default_factory=Detector)
+    crystal: Crystal = field(default_factory=Crystal)
+    structure: Structure = field(default_factory=Structure)
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def __post_init__(self):
+        for name, cls in (("beam", Beam), ("detector", Detector), ("crystal", Crystal),
+                          ("structure", Structure), ("sampling", Sampling)):
+            if not isinstance(getattr(self, name), cls):
+                raise ParameterError(f"Experiment.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+
+    @classmethod
+    def from_nanobragg_args(cls, args, warn=None, cwd=None):
+        """Build an Experiment from a nanoBragg.c argument list (``sys.argv[1:]`` style).
+
+        ``warn(message)`` receives warnings (unknown flags, flags without effect);
+        by default they go to the ``nbragg`` logger.  File names are relative to ``cwd``.
+        """
+        from .nbargs import parse_nanobragg_args
+        return parse_nanobragg_args(args, warn=warn, cwd=cwd).experiment

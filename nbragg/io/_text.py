@@ -1,0 +1,36 @@
+"""Helpers shared by the text readers."""
+
+import math
+
+from ..errors import InputFileError
+
+
+def read_text(path, what):
+    """Read a text file, turning OS and decoding errors into :class:`InputFileError`."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise InputFileError(f"{what} file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{what} file {path!r} is a directory") from None
+    except OSError as exc:
+        raise InputFileError(f"{what} file {path!r} cannot be read: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        try:
+            return raw.decode("latin-1")
+        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+            raise InputFileError(f"{what} file {path!r} is not a text file") from None
+
+
+def parse_float(token, where):
+    """A finite float, or an :class:`InputFileError` naming ``where`` and the token."""
+    try:
+        value = float(token)
+    except ValueError:
+        raise InputFileError(f"{where}: {token!r} is not a number") from None
+    if not math.isfinite(value):
+        raise InputFileError(f"{where}: {token!r} is not a finite number")
+    return value

@@ -1,0 +1,34 @@
+"""Atomic file writes: write to a temporary name in the same folder, then rename."""
+
+import os
+import tempfile
+
+from ..errors import InputFileError
+
+
+def check_output_path(path, flag):
+    """Raise a clear error now if ``path`` cannot be written later (missing folder)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise InputFileError(f"{flag}: folder {folder!r} of output file {os.fspath(path)!r} does not exist")
+    if os.path.isdir(path):
+        raise InputFileError(f"{flag}: output path {os.fspath(path)!r} is a directory")
+
+
+def atomic_write(path, data):
+    """Write ``data`` (bytes) to ``path`` so that readers never see a partial file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

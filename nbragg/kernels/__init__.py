@@ -1,0 +1,1 @@
+"""Numba kernels: per-sample physics (physics.py) and the CPU pixel loops (cpu.py)."""

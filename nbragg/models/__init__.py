@@ -1,0 +1,1 @@
+"""Plain-numpy set-up: user-unit records -> float64 SI arrays the kernels eat."""

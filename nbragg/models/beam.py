@@ -1,0 +1,143 @@
+"""Beam: wavelength, fluence, and the list of point sources (divergence x dispersion).
+
+Each source is a unit vector pointing from the sample *to* the source, plus a
+wavelength in metres; the incident direction is its negative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ParameterError
+from .geometry import cross, rotate_axis, unitize
+
+
+def resolve_steps(rng, step, steps, unset_range_default=1.0):
+    """nanoBragg.c's rules for a (range, step, steps) triple; -1 / negative = unset.
+
+    Used for divergence and dispersion.  Returns (range, step, steps).
+    """
+    if steps <= 0:
+        if rng < 0.0:
+            if step <= 0.0:
+                steps, rng, step = 1, 0.0, 0.0
+            else:
+                rng, steps = step, 2
+        else:
+            if step <= 0.0:
+                step, steps = rng, 2
+            else:
+                steps = math.ceil(rng / step)
+    else:
+        if rng < 0.0:
+            if step <= 0.0:
+                rng = unset_range_default
+                step = rng / steps
+            else:
+                rng, steps = step, 2
+        else:
+            if step <= 0.0:
+                if steps <= 1:
+                    steps = 2
+                step = rng / (steps - 1)
+    if rng <= 0.0 or step <= 0.0 or steps <= 0:
+        steps, rng, step = 1, 0.0, 0.0
+    return rng, step, steps
+
+
+def _raw(value, divisor=1.0):
+    return -1.0 if value is None else value / divisor
+
+
+@dataclass
+class Sources:
+    """Resolved sources: unit vectors toward each source (n, 3), wavelengths (n,) in m."""
+
+    directions: np.ndarray
+    wavelengths: np.ndarray
+    divsteps: int
+    dispsteps: int
+    hdiv: tuple
+    vdiv: tuple
+    disp: tuple
+    from_file: bool
+    listing: list = field(default_factory=list)       # (X, Y, Z, weight, lambda) as given
+    divergence_offsets: list = field(default_factory=list)
+    lambdas: list = field(default_factory=list)
+
+
+def resolve_sources(beam, beam_vector, polar_vector):
+    """Build the source list from a :class:`~nbragg.experiment.Beam` and the beam axes."""
+    lambda0 = beam.wavelength / 1e10
+    source_distance = beam.source_distance / 1000.0
+    hdiv = resolve_steps(_raw(beam.hdiv_range, 1000.0), _raw(beam.hdiv_step, 1000.0), beam.hdiv_steps or -1)
+    vdiv = resolve_steps(_raw(beam.vdiv_range, 1000.0), _raw(beam.vdiv_step, 1000.0), beam.vdiv_steps or -1)
+    disp = resolve_steps(_raw(beam.dispersion, 100.0), _raw(beam.disp_step, 100.0), beam.disp_steps or -1)
+    hdivrange, hdivstep, hdivsteps = hdiv
+    vdivrange, vdivstep, vdivsteps = vdiv
+    dispersion, dispstep, dispsteps = disp
+
+    listing = []
+    offsets = []
+    lambdas = [lambda0 * (1.0 + dispstep * t - dispersion / 2.0) for t in range(dispsteps)]
+    if beam.sources is not None:
+        raw = np.array(beam.sources, dtype=float)
+        pos = []
+        lam = []
+        for i, (x, y, z, w, l) in enumerate(raw):
+            if math.isnan(x):
+                x = -source_distance * beam_vector[0]
+            if math.isnan(y):
+                y = -source_distance * beam_vector[1]
+            if math.isnan(z):
+                z = -source_distance * beam_vector[2]
+            if math.isnan(w):
+                w = 1.0
+            if math.isnan(l):
+                l = lambda0
+            if not l > 0:
+                raise ParameterError(f"source {i + 1}: wavelength {l:g} m is not positive")
+            listing.append((x, y, z, w, l))
+            pos.append((x, y, z))
+            lam.append(l)
+        divsteps = -1
+    else:
+        vert = unitize(cross(beam_vector, polar_vector))[0]
+        pos = []
+        lam = []
+        divsteps = 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for ht in range(hdivsteps):
+                for vt in range(vdivsteps):
+                    h = hdivstep * ht - hdivrange / 2.0
+                    v = vdivstep * vt - vdivrange / 2.0
+                    # nanoBragg's ellipse test; 0/0 gives NaN, which never cuts
+                    test = np.float64(h * h - hdivstep * hdivstep / 4.0 * (1 - hdivsteps % 2)) / np.float64(hdivrange) / np.float64(hdivrange)
+                    test += np.float64(v * v - vdivstep * vdivstep / 4.0 * (1 - vdivsteps % 2)) / np.float64(vdivrange) / np.float64(vdivrange)
+                    if beam.round_div and test * 4.0 > 1.1:
+                        continue
+                    divsteps += 1
+                    offsets.append((h, v))
+                    vec = -source_distance * np.asarray(beam_vector, dtype=float)
+                    vec = rotate_axis(vec, polar_vector, v)
+                    vec = rotate_axis(vec, vert, h)
+                    for lam_t in lambdas:
+                        listing.append((vec[0], vec[1], vec[2], 0.0, lam_t))
+                        pos.append(tuple(vec))
+                        lam.append(lam_t)
+        n = len(listing)
+        listing = [(x, y, z, 1.0 / n, l) for (x, y, z, _, l) in listing]
+    dirs = np.empty((len(pos), 3))
+    for i, p in enumerate(pos):
+        u, mag = unitize(np.array(p))
+        if mag == 0.0:
+            raise ParameterError(f"source {i + 1} lies at the sample (X Y Z = 0 0 0): its direction is undefined")
+        dirs[i] = u
+    return Sources(
+        directions=dirs, wavelengths=np.array(lam, dtype=float), divsteps=divsteps,
+        dispsteps=dispsteps, hdiv=hdiv, vdiv=vdiv, disp=disp, from_file=beam.sources is not None,
+        listing=listing, divergence_offsets=offsets, lambdas=lambdas,
+    )

@@ -1,0 +1,207 @@
+"""Crystal: unit cell -> real/reciprocal vectors, missetting, phi steps, mosaic domains."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..rng import NRGenerator, mosaic_rotation_umat
+from ..units import ANGSTROM, RTD, deg2rad
+from .geometry import cross, dot, rotate_axis, rotation_xyz_matrix
+
+
+def _reciprocal_standard(cell, c_star_z_exact=True):
+    """Reciprocal vectors (rows, 1/A) with a* along x and b* in the x-y plane."""
+    a, b, c = cell[:3]
+    alpha, beta, gamma = (deg2rad(x) for x in cell[3:])
+    ca, cb, cg = math.cos(alpha), math.cos(beta), math.cos(gamma)
+    sa, sb, sg = math.sin(alpha), math.sin(beta), math.sin(gamma)
+    aavg = (alpha + beta + gamma) / 2
+    skew = abs(math.sin(aavg) * math.sin(aavg - alpha) * math.sin(aavg - beta) * math.sin(aavg - gamma))
+    V = 2.0 * a * b * c * math.sqrt(skew)
+    Vs = 1.0 / V
+    ast, bst, cst = b * c * sa * Vs, c * a * sb * Vs, a * b * sg * Vs
+    cas = (cb * cg - ca) / (sb * sg)
+    cbs = (cg * ca - cb) / (sg * sa)
+    cgs = (ca * cb - cg) / (sa * sb)
+    sgs = c * Vs / ast / bst
+    # the real c axis is along z, so c*_z = 1/c; nanoBragg.c uses c* V / (a b c sin(gamma*)),
+    # which equals 1/c only when the cell is orthogonal
+    czs = 1.0 / c if c_star_z_exact else cst * V / (a * b * c * sgs)
+    return np.array([[ast, 0.0, 0.0],
+                     [bst * cgs, bst * sgs, 0.0],
+                     [cst * cbs, cst * (cas - cbs * cgs) / sgs, czs]])
+
+
+def cell_vectors(cell):
+    """Real-space cell vectors (rows a, b, c; Angstrom) of ``cell`` in nanoBragg's frame.
+
+    The frame puts a* along x and b* in the x-y plane (so c is along z), as nanoBragg.c
+    does for ``-cell``.
+    """
+    return real_from_reciprocal(_reciprocal_standard(cell))
+
+
+def nanobragg_cell_vectors(cell):
+    """The real vectors nanoBragg.c builds for ``-cell``: the edge lengths are exact, but
+    its reciprocal c*_z is only right for orthogonal cells, so the angles of a triclinic
+    cell come out slightly different from the ones given (70 80 90 75 85 95 gives
+    alpha = 75.0391)."""
+    recip = _reciprocal_standard(cell, c_star_z_exact=False)
+    a, b, c = recip
+    dirs = (cross(b, c), cross(c, a), cross(a, b))
+    return np.array([d / math.sqrt(dot(d, d)) * L for d, L in zip(dirs, cell[:3])])
+
+
+def real_from_reciprocal(recip):
+    """Rows a, b, c from rows a*, b*, c*."""
+    a, b, c = recip
+    V = dot(a, cross(b, c))
+    return np.array([cross(b, c), cross(c, a), cross(a, b)]) / V
+
+
+def reciprocal_from_real(real):
+    """Rows a*, b*, c* from rows a, b, c (same length unit, inverted)."""
+    a, b, c = real
+    V = dot(a, cross(b, c))
+    return np.array([cross(b, c), cross(c, a), cross(a, b)]) / V
+
+
+def cell_from_vectors(real):
+    """(a, b, c, alpha, beta, gamma) of real-space row vectors (Angstrom, degrees)."""
+    a, b, c = real
+    la, lb, lc = (math.sqrt(dot(v, v)) for v in (a, b, c))
+    def ang(u, v, lu, lv):
+        return math.degrees(math.acos(max(-1.0, min(1.0, dot(u, v) / (lu * lv)))))
+    return (la, lb, lc, ang(b, c, lb, lc), ang(a, c, la, lc), ang(a, b, la, lb))
+
+
+def resolve_phi(phi0, osc, phistep, phisteps):
+    """nanoBragg's phi rules (radians; -1 = unset).  Returns (phi0, osc, phistep, phisteps)."""
+    if phisteps < 0:
+        if osc < 0.0:
+            if phistep <= 0.0:
+                phisteps, osc, phistep = 1, 0.0, 0.0
+            else:
+                osc, phisteps = phistep, 2
+        else:
+            if phistep <= 0.0:
+                phisteps = 2
+                phistep = osc / 2.0
+            else:
+                phisteps = math.ceil(osc / phistep)
+    else:
+        if phisteps == 0:
+            phisteps = 1
+        if osc < 0.0:
+            if phistep <= 0.0:
+                osc = 1.0 / RTD
+                phistep = osc / phisteps
+            else:
+                osc, phisteps = phistep, 2
+        else:
+            if phistep < 0.0:
+                phistep = osc / phisteps
+    return phi0, osc, phistep, phisteps
+
+
+def resolve_mosaic(spread, domains, warn=None):
+    """nanoBragg's mosaic rules (spread in radians, -1 = unset).  Returns (spread, domains)."""
+    if domains <= 0:
+        if spread < 0.0:
+            return 0.0, 1
+        if spread == 0.0:
+            return spread, 1
+        if warn is not None:
+            warn("finite mosaicity with only one domain! upping to 10 mosaic domains")
+        return spread, 10
+    if spread < 0.0:
+        if warn is not None:
+            warn("no mosaic spread specified.  setting mosaic_domains = 1")
+        return 0.0, 1
+    if spread == 0.0:
+        if warn is not None:
+            warn("zero mosaic spread specified.  setting mosaic_domains = 1")
+        return spread, 1
+    return spread, domains
+
+
+@dataclass
+class CrystalModel:
+    """Resolved crystal: vectors in metres / inverse Angstrom and the orientation list."""
+
+    real0: np.ndarray           # rows a, b, c at phi = 0, no mosaic (m)
+    recip0: np.ndarray          # rows a*, b*, c* (1/Angstrom), for the spot-shape metric
+    base_rotation: np.ndarray   # misset @ orientation: real0 = (base_rotation @ B.T).T
+    B_real: np.ndarray          # cell vectors in the standard frame (Angstrom)
+    orientations: np.ndarray    # (phisteps * domains, 3, 3) rows a, b, c (m)
+    phis: np.ndarray            # radians
+    phi0: float
+    osc: float
+    phistep: float
+    phisteps: int
+    mosaic_spread: float        # radians
+    mosaic_domains: int
+    mosaic_umats: np.ndarray    # (domains, 3, 3)
+    mosaic_axes: np.ndarray     # (domains, 3)
+    mosaic_angles: np.ndarray   # (domains,) radians; domain 0 is the identity
+    spindle: np.ndarray
+    Na: float
+    Nb: float
+    Nc: float
+    shape: str
+    fudge: float
+    cell: tuple                 # as reported (Angstrom, degrees)
+    volume: float               # Angstrom^3
+
+
+def resolve_crystal(crystal, spindle, warn=None):
+    B = cell_vectors(crystal.cell)
+    U0 = np.eye(3) if crystal.orientation is None else np.asarray(crystal.orientation, dtype=float)
+    mis = [deg2rad(x) for x in crystal.misset]
+    R = rotation_xyz_matrix(*mis) @ U0
+    real_A = (R @ B.T).T
+    recip = reciprocal_from_real(real_A)
+    real0 = real_A * ANGSTROM
+
+    phi0, osc, phistep, phisteps = resolve_phi(
+        deg2rad(crystal.phi0),
+        -1.0 if crystal.osc is None else deg2rad(crystal.osc),
+        -1.0 if crystal.phistep is None else deg2rad(crystal.phistep),
+        -1 if crystal.phisteps is None else crystal.phisteps,
+    )
+    spread, domains = resolve_mosaic(
+        -1.0 if crystal.mosaic_spread is None else deg2rad(crystal.mosaic_spread),
+        -1 if crystal.mosaic_domains is None else crystal.mosaic_domains, warn=warn)
+
+    gen = NRGenerator()
+    idum = gen.seed_cell(-crystal.mosaic_seed)
+    umats = np.empty((domains, 3, 3))
+    axes = np.zeros((domains, 3))
+    angles = np.zeros(domains)
+    for i in range(domains):
+        u, axis, rot = mosaic_rotation_umat(spread, idum, gen)
+        if i == 0:
+            u, rot = np.eye(3), 0.0
+        umats[i], axes[i], angles[i] = u, axis, rot
+
+    phis = np.array([phi0 + phistep * t for t in range(phisteps)])
+    orient = np.empty((phisteps * domains, 3, 3))
+    for p, phi in enumerate(phis):
+        if phi != 0.0:
+            rotated = np.array([rotate_axis(v, spindle, phi) for v in real0])
+        else:
+            rotated = real0.copy()
+        for m in range(domains):
+            orient[p * domains + m] = rotated @ umats[m].T
+    Na, Nb, Nc = (max(1.0, n) for n in (crystal.Na, crystal.Nb, crystal.Nc))
+    return CrystalModel(
+        real0=real0, recip0=recip, base_rotation=R, B_real=B, orientations=orient, phis=phis,
+        phi0=phi0, osc=osc, phistep=phistep, phisteps=phisteps, mosaic_spread=spread,
+        mosaic_domains=domains, mosaic_umats=umats, mosaic_axes=axes, mosaic_angles=angles,
+        spindle=np.asarray(spindle, dtype=float), Na=Na, Nb=Nb, Nc=Nc, shape=crystal.shape,
+        fudge=float(crystal.fudge), cell=cell_from_vectors(real_A),
+        volume=abs(dot(real_A[0], cross(real_A[1], real_A[2]))),
+    )
