@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 from .errors import BackendError, ParameterError
 from .experiment import Experiment
@@ -192,15 +193,32 @@ def set_threads(threads):
     return prev
 
 
-def render(model, backend="cpu", threads=None):
-    """Run the forward kernel; returns (image in photons, omega sum over sub-pixels)."""
+def render(model, backend="cpu", threads=None, progress=None):
+    """Run the forward kernel; returns (image in photons, omega sum over sub-pixels).
+
+    ``progress(rows_done, rows_total)`` (optional) is called as blocks of detector rows
+    finish; the image does not depend on it.
+    """
     if backend != "cpu":
         raise BackendError(f"backend {backend!r} is not available (choose 'cpu')")
     image = np.zeros(model.shape, dtype=np.float64)
     omega_rows = np.zeros(model.shape[0], dtype=np.float64)
     prev = set_threads(threads)
     try:
-        K.forward(*kernel_args(model), image, omega_rows)
+        args = kernel_args(model)
+        if progress is None:
+            K.forward(*args, image, omega_rows)
+        else:
+            xmin, xmax, ymin, ymax = model.roi_clipped
+            nrows = ymax - ymin + 1
+            block = max(1, -(-nrows // 50))
+            ipar = model.ipar.copy()
+            for y0 in range(ymin, ymax + 1, block):
+                y1 = min(y0 + block - 1, ymax)
+                ipar[K.I_ROI + 2] = y0
+                ipar[K.I_ROI + 3] = y1
+                K.forward(args[0], args[1], ipar, *args[3:], image, omega_rows)
+                progress(y1 - ymin + 1, nrows)
     finally:
         if threads is not None:
             set_threads(prev)
@@ -213,7 +231,7 @@ class Stats:
     """nanoBragg's run statistics (over the ROI and mask, as the C computes them)."""
 
     max_I: float
-    max_I_fast: int          # pixel indices of the maximum (last occurrence in scan order ties kept first)
+    max_I_fast: int          # pixel indices of the maximum (first one in scan order)
     max_I_slow: int
     max_I_fast_m: float      # sub-pixel position where nanoBragg reports the maximum
     max_I_slow_m: float
@@ -243,38 +261,54 @@ class Result:
         return self.model.experiment
 
 
-def compute_stats(model, image, omega_sum):
-    """max_I (and where), mean, rms over ROI & mask; rmsd over the ROI (as nanoBragg.c)."""
-    xmin, xmax, ymin, ymax = model.roi_clipped
-    roi = image[ymin:ymax + 1, xmin:xmax + 1]
-    if model.experiment.detector.mask is not None:
-        sel = model.mask[ymin:ymax + 1, xmin:xmax + 1] != 0
-    else:
-        sel = np.ones(roi.shape, dtype=bool)
-    vals = roi[sel]
-    n = vals.size
+@njit(cache=True)
+def _c_stats(image, mask, use_mask, xmin, xmax, ymin, ymax):
+    # nanoBragg.c's statistics: sequential double sums over the rendered pixels
+    # (ROI and mask) for max, mean and rms; the rmsd loop covers the whole ROI
+    total = 0.0
+    sumsqr = 0.0
+    n = 0
     max_I = 0.0
-    mf = ms = 0
-    if n and vals.max() > 0.0:
-        max_I = float(vals.max())
-        masked = np.where(sel, roi, -np.inf)
-        flat = int(np.argmax(masked))
-        ms, mf = divmod(flat, roi.shape[1])
-        ms += ymin
-        mf += xmin
-    os_ = model.oversample
-    sub = model.detector.pixel / os_
-    fm = sub * (mf * os_ + os_ - 1) + sub / 2.0
-    sm = sub * (ms * os_ + os_ - 1) + sub / 2.0
-    total = float(vals.sum())
-    sumsqr = float((vals * vals).sum())
+    mf = 0
+    ms = 0
+    for s in range(ymin, ymax + 1):
+        for f in range(xmin, xmax + 1):
+            if use_mask and mask[s, f] == 0:
+                continue
+            v = image[s, f]
+            if v > max_I:
+                max_I = v
+                mf = f
+                ms = s
+            total += v
+            sumsqr += v * v
+            n += 1
     nn = n if n > 0 else 1
     avg = total / nn
     nn = n if n > 1 else 2
     rms = math.sqrt(sumsqr / (nn - 1))
-    dev = roi - avg
-    m = roi.size if roi.size > 1 else 2
-    rmsd = math.sqrt(float((dev * dev).sum()) / (m - 1))
+    dev = 0.0
+    m = 0
+    for s in range(ymin, ymax + 1):
+        for f in range(xmin, xmax + 1):
+            t = image[s, f] - avg
+            dev += t * t
+            m += 1
+    if m <= 1:
+        m = 2
+    return max_I, mf, ms, avg, rms, math.sqrt(dev / (m - 1)), n
+
+
+def compute_stats(model, image, omega_sum):
+    """max_I (and where), mean, rms over ROI & mask; rmsd over the ROI (as nanoBragg.c)."""
+    xmin, xmax, ymin, ymax = model.roi_clipped
+    use_mask = model.experiment.detector.mask is not None
+    max_I, mf, ms, avg, rms, rmsd, n = _c_stats(np.ascontiguousarray(image, dtype=np.float64), model.mask,
+                                                use_mask, xmin, xmax, ymin, ymax)
+    os_ = model.oversample
+    sub = model.detector.pixel / os_
+    fm = sub * (mf * os_ + os_ - 1) + sub / 2.0
+    sm = sub * (ms * os_ + os_ - 1) + sub / 2.0
     return Stats(max_I=max_I, max_I_fast=mf, max_I_slow=ms, max_I_fast_m=fm, max_I_slow_m=sm,
                  mean=avg, rms=rms, rmsd=rmsd, solid_angle_sr=omega_sum / model.steps, pixels=n)
 

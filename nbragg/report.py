@@ -10,7 +10,9 @@ import numpy as np
 
 from .units import RTD
 
+# the words nanoBragg prints for each spot shape, and the short names in its settings
 _SHAPE_NAMES = {"square": "parallelpiped", "round": "ellipsoidal", "gauss": "gaussian", "tophat": "tophat-spot"}
+_SHAPE_KEYS = {"square": "parallelpiped", "round": "ellipsoidal", "gauss": "gaussian", "tophat": "tophat"}
 
 
 def _g(x):
@@ -47,7 +49,7 @@ def resolved_settings(model):
         "hkls": model.structure.hkls,
         "kahn_polarization": None if exp.beam.nopolar else exp.beam.polarization,
         "polarization_disabled": bool(exp.beam.nopolar),
-        "xtal_shape": _SHAPE_NAMES[c.shape],
+        "xtal_shape": _SHAPE_KEYS[c.shape],
         "cells": "%.0fx%.0fx%.0f" % (c.Na, c.Nb, c.Nc),
         "wavelength_m": model.wavelength,
         "fluence": model.fluence,
@@ -75,7 +77,7 @@ def resolved_settings(model):
     }
 
 
-def setup_lines(model, notes=(), seed=None, noise=True):
+def setup_lines(model, notes=(), seed=None, noise=True, mask_name="mask"):
     """The set-up part of nanoBragg's log, from a resolved model."""
     d = model.detector
     c = model.crystal
@@ -118,6 +120,8 @@ def setup_lines(model, notes=(), seed=None, noise=True):
     out.append("crystal is %g x %g x %g microns" % (lens[0] * c.Na * 1e6, lens[1] * c.Nb * 1e6, lens[2] * c.Nc * 1e6))
     if model.oversample_auto:
         out.append("auto-selected %d-fold oversampling" % model.oversample)
+    # nanoBragg's rough molecular weight: crystal volume * 1.2 g/cm^3 / number of cells
+    out.append("approximate MW = %g" % (lens[0] * lens[1] * lens[2] * 1.2e6 * 6.02214179e23))
     for t in range(d.thicksteps):
         out.append("thick%d = %g um" % (t, d.thickstep * t * 1e6))
     for t, phi in enumerate(c.phis):
@@ -169,7 +173,7 @@ def setup_lines(model, notes=(), seed=None, noise=True):
                                     (" +omega", exp.sampling.oversample_omega)) if on)
     out.append("  %dx%d pixel oversample steps%s" % (model.oversample, model.oversample, flags))
     if exp.detector.mask is not None:
-        out.append("  skipping zero-flagged pixels in mask")
+        out.append("  skipping zero-flagged pixels in %s" % mask_name)
     if noise and seed is not None:
         out.append("")
         out.append("  noise image paramters:")

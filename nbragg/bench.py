@@ -1,0 +1,103 @@
+"""Benchmarks: ``python -m nbragg.bench``.
+
+Prints inner evaluations per second (pixels * oversample^2 * sources * phi steps *
+mosaic domains * sensor layers, per second) of the forward kernel for the standard
+cases at 1 and 2 threads.  With ``--nanobragg PATH`` it also runs that nanoBragg
+binary and ``nbragg`` (the command line, as a separate process) on the same arguments,
+alternately, and prints the ratio of their wall-clock times.  Timings are medians of
+``--repeat`` runs; compare ratios from one run, not absolute times across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CASES = {
+    "B1": "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 1024 -pixel 0.1",
+    "B2": ("-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 8 -lambda 1.5 -distance 100 -detpixels 512 "
+           "-pixel 0.1 -mosaic 0.5 -mosaic_dom 10 -phi 0.1 -osc 0.5 -phisteps 3 -oversample 2"),
+}
+
+
+def _model(args):
+    from .engine import build_model
+    from .nbargs import parse_nanobragg_args
+    return build_model(parse_nanobragg_args(args.split(), warn=lambda m: None).experiment, warn=lambda m: None)
+
+
+def time_forward(model, threads, repeat):
+    from .engine import render
+    render(model, threads=threads)  # compile / load, first-touch
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        render(model, threads=threads)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _run_process(cmd, env, cwd):
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
+    return dt
+
+
+def compare_nanobragg(binary, args, threads, repeat):
+    """Alternate nanoBragg and the nbragg command line; returns (t_c, t_nbragg) medians."""
+    outputs = ["-floatfile", "float.bin", "-intfile", "int.img", "-nonoise", "-nopgm"]
+    with tempfile.TemporaryDirectory() as tmp:
+        env_c = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env_n = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        c_cmd = [binary] + args.split() + outputs
+        n_cmd = [sys.executable, "-m", "nbragg"] + args.split() + outputs + ["-threads", str(threads), "-noprogress"]
+        _run_process(n_cmd, env_n, tmp)  # warm the compile cache
+        tc, tn = [], []
+        for _ in range(repeat):
+            tc.append(_run_process(c_cmd, env_c, tmp))
+            tn.append(_run_process(n_cmd, env_n, tmp))
+        return statistics.median(tc), statistics.median(tn)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m nbragg.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="B1,B2", help="comma-separated benchmark names (B1, B2)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
+    ap.add_argument("--nanobragg", metavar="PATH", help="a nanoBragg binary to compare against")
+    opts = ap.parse_args(argv)
+    import numba
+    threads = [int(t) for t in opts.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
+    print(f"nbragg benchmark  (numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} threads available)")
+    for name in opts.cases.split(","):
+        args = CASES[name]
+        model = _model(args)
+        n = model.inner_evaluations
+        print(f"\n{name}: {args}")
+        print(f"  inner evaluations per image: {n:,}")
+        for t in threads:
+            dt = time_forward(model, t, opts.repeat)
+            print(f"  forward  threads={t}: {dt:8.3f} s   {n / dt:12.4g} evaluations/s")
+        if opts.nanobragg:
+            binary = shutil.which(opts.nanobragg) or opts.nanobragg
+            for t in threads:
+                tc, tn = compare_nanobragg(binary, args, t, opts.repeat)
+                kern = time_forward(model, t, opts.repeat)
+                print(f"  vs nanoBragg threads={t}: nanoBragg {tc:7.3f} s, nbragg command {tn:7.3f} s "
+                      f"-> speed ratio {tc / tn:5.2f}x (whole process); kernel only {tc / kern:5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""``nbragg``: the nanoBragg command line.
+
+Takes nanoBragg.c's flags and writes the same files.  nbragg-only flags:
+``-threads N`` (CPU threads; default all cores) and ``-device cpu``.
+User errors print one line on stderr and exit with status 2, writing no image.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from .errors import ArgumentError, NbraggError
+
+_OWN_FLAGS = {"-threads": 1, "-device": 1}
+
+
+def _split_own_flags(argv):
+    own = {}
+    rest = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _OWN_FLAGS:
+            if i + 1 >= len(argv):
+                raise ArgumentError(f"{a}: missing value")
+            own[a] = argv[i + 1]
+            i += 2
+            continue
+        rest.append(a)
+        i += 1
+    return own, rest
+
+
+def _header_fields(model, exp):
+    d = model.detector
+    c = model.crystal
+    from .units import RTD
+    return {
+        "fpixels": d.fpixels, "spixels": d.spixels, "pixel_m": d.pixel, "distance_m": d.distance,
+        "wavelength_m": model.wavelength, "Xbeam": d.Xbeam, "Ybeam": d.Ybeam, "Fbeam": d.Fbeam,
+        "Sbeam": d.Sbeam, "detsize_s": d.detsize_s, "dials_origin": d.dials_origin, "ORGX": d.ORGX,
+        "ORGY": d.ORGY, "close_distance_m": d.close_distance, "phi0_deg": c.phi0 * RTD,
+        "osc_deg": c.osc * RTD, "twotheta_deg": d.twotheta * RTD,
+    }
+
+
+def run(argv, stdout=None, stderr=None):
+    """Run the command line; returns the exit status.  Raises NbraggError on user errors."""
+    from . import engine
+    from .io.atomic import check_output_path
+    from .io.pgm import write_float, write_pgm
+    from .io.smv import write_smv
+    from .nbargs import parse_nanobragg_args
+    from .noise import c_int_image, c_noise_image, c_pgm_image
+    from .report import setup_lines, stats_lines
+
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+
+    def say(line=""):
+        print(line, file=out)
+
+    def warn(msg):
+        print(f"WARNING: {msg}", file=err)
+
+    own, argv = _split_own_flags(list(argv))
+    threads = None
+    if "-threads" in own:
+        try:
+            threads = int(own["-threads"])
+        except ValueError:
+            raise ArgumentError(f"-threads: value {own['-threads']!r} is not an integer") from None
+    device = own.get("-device", "cpu")
+    if device != "cpu":
+        raise ArgumentError(f"-device: {device!r} is not available (choose cpu)")
+
+    parsed = parse_nanobragg_args(argv, warn=warn)
+    o = parsed.outputs
+    exp = parsed.experiment
+    check_output_path(o.floatfile, "-floatfile")
+    check_output_path(o.intfile, "-intfile")
+    if o.write_pgm:
+        check_output_path(o.pgmfile, "-pgmfile")
+    if o.calculate_noise:
+        check_output_path(o.noisefile, "-noisefile")
+
+    model = engine.build_model(exp, warn=warn)
+    say("nbragg nanocrystal diffraction simulator (nanoBragg by James Holton and Ken Frankel)")
+    for line in setup_lines(model, notes=parsed.notes, seed=o.seed, noise=o.calculate_noise,
+                            mask_name=parsed.maskfile or "mask"):
+        say(line)
+
+    progress = None
+    bar = None
+    if o.progress and not o.printout and model.inner_evaluations > 2e7:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=model.roi_clipped[3] - model.roi_clipped[2] + 1, unit="rows",
+                       file=err, leave=False, desc="nbragg")
+
+            def progress(done, total):
+                bar.update(done - bar.n)
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            progress = None
+    try:
+        image, omega_sum = engine.render(model, threads=threads, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    f32 = image.astype(np.float32)
+    stats = engine.compute_stats(model, f32.astype(np.float64), omega_sum)
+    if o.printout:
+        from .trace import printout_lines
+        for line in printout_lines(model, f32, o.printout_pixel):
+            say(line)
+    say("")
+    roi = model.detector.roi
+    lines = stats_lines(stats)
+    say(lines[0])
+    say("writing %s as %d %d-byte floats" % (o.floatfile, f32.size, 4))
+    write_float(o.floatfile, f32)
+    say(lines[1])
+    say(lines[2])
+    scale = o.intfile_scale
+    if scale <= 0.0:
+        scale = 1.0
+        if stats.max_I > 0.0:
+            scale = 55000.0 / stats.max_I
+    say("intfile_scale = %g" % scale)
+    fields = _header_fields(model, exp)
+    say("writing %s as %d-byte integers" % (o.intfile, 2))
+    write_smv(o.intfile, c_int_image(f32, roi, scale, o.adc_offset), fields)
+    if o.write_pgm:
+        pgm_scale = o.pgm_scale
+        if pgm_scale <= 0.0:
+            pgm_scale = scale
+            if stats.rmsd > 0.0:
+                pgm_scale = 250.0 / (5.0 * stats.rmsd)
+        say("pgm_scale = %g" % pgm_scale)
+        say("writing %s as %d-byte integers" % (o.pgmfile, 1))
+        write_pgm(o.pgmfile, c_pgm_image(f32, roi, pgm_scale), pgm_scale)
+    if o.calculate_noise:
+        noise, total, overloads = c_noise_image(f32, roi, o.seed, o.adc_offset)
+        say("%.0f photons on noise image (%d overloads)" % (total, overloads))
+        say("writing %s as %d-byte integers" % (o.noisefile, 2))
+        write_smv(o.noisefile, noise, fields, noise=True)
+    return 0
+
+
+def main(argv=None):
+    """Console entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except NbraggError as exc:
+        msg = " ".join(str(exc).split())
+        print(f"nbragg: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

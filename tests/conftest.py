@@ -1,0 +1,50 @@
+import gzip
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden"
+sys.path.insert(0, str(HERE))
+
+
+def golden_manifest():
+    with open(GOLDEN / "cases.json") as fh:
+        return json.load(fh)
+
+
+def golden_cases():
+    return golden_manifest()["cases"]
+
+
+def golden_case(name):
+    for c in golden_cases():
+        if c["name"] == name:
+            return c
+    raise KeyError(name)
+
+
+def golden_image(case):
+    raw = gzip.open(GOLDEN / case["name"] / "image.bin.gz").read()
+    return np.frombuffer(raw, dtype="<f4").reshape(case["spixels"], case["fpixels"])
+
+
+def copy_case_inputs(case, dest):
+    """Copy a golden case's input files (not its outputs) into ``dest``."""
+    src = GOLDEN / case["name"]
+    outputs = {"image.bin.gz", "intimage.img", "noiseimage.img", "image.pgm", "c_stdout.txt"}
+    for f in src.iterdir():
+        if f.name not in outputs:
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,198 @@
+"""A slow, plainly written numpy version of nanoBragg's model, for tests only.
+
+It takes the resolved :class:`nbragg.engine.Model` (geometry, sources, orientations and
+structure factors already in SI arrays) and evaluates the image pixel by pixel with
+vectorised numpy over pixels and Python loops over the samples, in nanoBragg's loop
+order.  It shares no code with the Numba kernels: trigonometry is numpy's, lattice
+factors use the textbook formulas.  Tiny detectors only.
+"""
+
+import math
+
+import numpy as np
+
+R_E_SQR = 7.94079248018965e-30
+
+
+def sincg_reference(h, N):
+    """|sin(N pi h) / sin(pi h)|, evaluated on the fractional part of h.
+
+    sin(N pi (h0 + d)) = +-sin(N pi d) and sin(pi (h0 + d)) = +-sin(pi d) for integer
+    h0 and N; using d keeps the digits that pi*N*h would lose.  Value N at d = 0.
+    """
+    d = h - np.ceil(h - 0.5)
+    den = np.sin(np.pi * d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.abs(np.sin(N * np.pi * d) / den)
+    return np.where(den == 0.0, N, r)
+
+
+def sinc3_reference(x):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = 3.0 * (np.sin(x) - x * np.cos(x)) / x ** 3
+    series = 1.0 - x ** 2 / 10.0 + x ** 4 / 280.0 - x ** 6 / 15120.0
+    return np.where(np.abs(x) < 0.02, series, v)
+
+
+def polarization_reference(kahn, incident, d, axis):
+    """Kahn polarization factor, vectorised over diffracted directions d (..., 3)."""
+    cos2t = d @ incident
+    sin2t_sqr = 1.0 - cos2t ** 2
+    if kahn == 0.0:
+        return 0.5 * (1.0 + cos2t ** 2)
+    B = np.cross(axis, incident)
+    B = B / np.linalg.norm(B)
+    E = np.cross(incident, B)
+    E = E / np.linalg.norm(E)
+    psi = -np.arctan2(d @ B, d @ E)
+    return 0.5 * (1.0 + cos2t ** 2 - kahn * np.cos(2 * psi) * sin2t_sqr)
+
+
+def lagrange_weights(t):
+    """Cubic Lagrange basis on nodes -1, 0, 1, 2 evaluated at t (..., ) -> (..., 4)."""
+    nodes = np.array([-1.0, 0.0, 1.0, 2.0])
+    w = []
+    for j in range(4):
+        others = [n for i, n in enumerate(nodes) if i != j]
+        num = np.ones_like(t)
+        den = 1.0
+        for n in others:
+            num = num * (t - n)
+            den *= nodes[j] - n
+        w.append(num / den)
+    return np.stack(w, axis=-1)
+
+
+def structure_factor(h, k, l, st):
+    """F at fractional hkl: tricubic where the 4x4x4 neighbourhood fits, else nearest."""
+    grid = st.grid
+    lo = np.array(st.hkl_min)
+    hi = np.array(st.hkl_max)
+    idx = np.stack([np.ceil(x - 0.5) for x in (h, k, l)], axis=-1).astype(np.int64)
+    inside = np.all((idx >= lo) & (idx <= hi), axis=-1) & (st.hkls > 0)
+    F = np.full(h.shape, st.default_F)
+    rel = np.clip(idx - lo, 0, np.array(grid.shape) - 1)
+    F = np.where(inside, grid[rel[..., 0], rel[..., 1], rel[..., 2]], F)
+    if st.interpolate:
+        frac = np.stack([h, k, l], axis=-1)
+        ranges = hi - lo + 1
+        ok = np.ones(h.shape, dtype=bool)
+        for ax in range(3):
+            x = frac[..., ax]
+            ok &= ~(((x - lo[ax] + 3) > ranges[ax]) | ((x - 2) < lo[ax]))
+        flr = np.floor(frac).astype(np.int64)
+        w = [lagrange_weights(frac[..., ax] - flr[..., ax]) for ax in range(3)]
+        Fi = np.zeros(h.shape)
+        for i in range(4):
+            for j in range(4):
+                for m in range(4):
+                    ih = np.clip(flr[..., 0] - 1 + i - lo[0], 0, grid.shape[0] - 1)
+                    ik = np.clip(flr[..., 1] - 1 + j - lo[1], 0, grid.shape[1] - 1)
+                    il = np.clip(flr[..., 2] - 1 + m - lo[2], 0, grid.shape[2] - 1)
+                    Fi += w[0][..., i] * w[1][..., j] * w[2][..., m] * grid[ih, ik, il]
+        F = np.where(ok, Fi, F)
+    return F
+
+
+def lattice(h, k, l, model):
+    c = model.crystal
+    Na, Nb, Nc = c.Na, c.Nb, c.Nc
+    if c.shape == "square":
+        F = np.ones(h.shape)
+        for x, N in ((h, Na), (k, Nb), (l, Nc)):
+            if N > 1:
+                F = F * sincg_reference(x, N)
+        return F
+    d = np.stack([x - np.ceil(x - 0.5) for x in (h, k, l)], axis=-1)
+    if c.shape == "round":
+        hrad = (d[..., 0] * Na) ** 2 + (d[..., 1] * Nb) ** 2 + (d[..., 2] * Nc) ** 2
+        return Na * Nb * Nc * 0.723601254558268 * sinc3_reference(np.pi * np.sqrt(hrad * c.fudge))
+    dq = d @ c.recip0
+    rad = (dq ** 2).sum(axis=-1) * (Na * Nb * Nc) ** 2
+    if c.shape == "gauss":
+        return Na * Nb * Nc * np.exp(-rad / 0.63 * c.fudge)
+    return Na * Nb * Nc * (rad * c.fudge < 0.3969)
+
+
+def reference_image(model):
+    """The image in photons, (spixels, fpixels), zero outside ROI and mask."""
+    det = model.detector
+    exp = model.experiment
+    samp = exp.sampling
+    S, F = det.spixels, det.fpixels
+    os_ = model.oversample
+    sub = det.pixel / os_
+    fi, si = np.meshgrid(np.arange(F), np.arange(S))
+    water = model.water != 0.0
+    I = np.full((S, F), model.I_bg)
+    polar = np.full((S, F), 1.0 if exp.beam.nopolar else 0.0)
+    omega = np.zeros((S, F))
+    capture = np.zeros((S, F))
+    for t in range(det.thicksteps):
+        capture = np.full((S, F), 1.0 if det.thick == 0.0 else 0.0)
+        for subS in range(os_):
+            for subF in range(os_):
+                Fd = sub * (fi * os_ + subF) + sub / 2.0
+                Sd = sub * (si * os_ + subS) + sub / 2.0
+                P = (Fd[..., None] * det.fdet + Sd[..., None] * det.sdet
+                     + t * det.thickstep * det.odet + det.pix0)
+                if det.curved:
+                    P = np.stack([_curved(P[s_, f_], det) for s_, f_ in np.ndindex(S, F)]).reshape(S, F, 3)
+                R = np.linalg.norm(P, axis=-1)
+                d = P / R[..., None]
+                new_omega = det.pixel ** 2 / R ** 2 * det.close_distance / R
+                if det.point_pixel:
+                    new_omega = 1.0 / R ** 2
+                omega = np.where((omega == 0.0) | samp.oversample_omega, new_omega, omega)
+                parallax = d @ det.odet
+                new_cap = (np.exp(-t * det.thickstep * det.mu / parallax)
+                           - np.exp(-(t + 1) * det.thickstep * det.mu / parallax))
+                capture = np.where((capture == 0.0) | samp.oversample_thick, new_cap, capture)
+                for src, lam in zip(model.sources.directions, model.sources.wavelengths):
+                    inc = -src
+                    q = (d - inc) / lam
+                    stol = 0.5 * np.linalg.norm(q, axis=-1)
+                    with np.errstate(divide="ignore"):
+                        skip = (model.dmin > 0) & (stol > 0) & (model.dmin > 0.5 / np.where(stol > 0, stol, 1))
+                    use = ~skip
+                    new_polar = polarization_reference(exp.beam.polarization, inc, d, det.polar)
+                    polar = np.where(use & ((polar == 0.0) | samp.oversample_polar), new_polar, polar)
+                    for orient in model.crystal.orientations:
+                        hkl = q @ orient.T
+                        h, k, l = hkl[..., 0], hkl[..., 1], hkl[..., 2]
+                        Fl = lattice(h, k, l, model)
+                        Fc = structure_factor(h, k, l, model.structure)
+                        add = use & ~((Fl == 0.0) & (not water))
+                        I = np.where(add, I + Fc ** 2 * Fl ** 2, I)
+                        if samp.oversample_thick:
+                            I = np.where(add, I * capture, I)
+                        if samp.oversample_polar:
+                            I = np.where(add, I * polar, I)
+                        if samp.oversample_omega:
+                            I = np.where(add, I * omega, I)
+    value = I
+    if not samp.oversample_thick:
+        value = value * capture
+    if not samp.oversample_polar:
+        value = value * polar
+    if not samp.oversample_omega:
+        value = value * omega
+    image = R_E_SQR * model.fluence * value / model.steps
+    xmin, xmax, ymin, ymax = det.roi
+    keep = (fi >= xmin) & (fi <= xmax) & (si >= ymin) & (si <= ymax)
+    if exp.detector.mask is not None:
+        keep &= exp.detector.mask != 0
+    return np.where(keep, image, 0.0)
+
+
+def _rotate(v, axis, phi):
+    axis = np.asarray(axis)
+    return (v * math.cos(phi) + np.cross(axis, v) * math.sin(phi)
+            + axis * np.dot(axis, v) * (1 - math.cos(phi)))
+
+
+def _curved(p, det):
+    """nanoBragg's curved detector: distance*beam swung about sdet by y/D, then fdet by z/D."""
+    D = det.distance
+    v = _rotate(D * det.beam, det.sdet, p[1] / D)
+    return _rotate(v, det.fdet, p[2] / D)
