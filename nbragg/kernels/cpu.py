@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT,
                       TOPHAT_RADIUS_SQR, lagrange4, polarization_factor, sinc3,
-                      sincg_frac)
+                      sincg_frac, sinpi_sq_parts)
 
 # fpar indices
 F_PIXEL = 0
@@ -62,7 +62,7 @@ I_USE_MASK = 22
 NI = 23
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def lookup_F(h, k, l, h0, k0, l0, fgrid, ipar, default_F):
     """Structure factor at fractional (h, k, l): tricubic or nearest, nanoBragg rules."""
     hmin = ipar[I_HKL_MIN]
@@ -101,7 +101,7 @@ def lookup_F(h, k, l, h0, k0, l0, fgrid, ipar, default_F):
     return default_F
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def lattice_factor(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip):
     """F_latt for one orientation sample."""
     if shape == SQUARE:
@@ -130,7 +130,7 @@ def lattice_factor(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip):
     return 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def subpixel_position(fpixel, spixel, subF, subS, t, geom, fpar, ipar):
     """3-D position (x, y, z) of a sub-pixel in sensor layer t (metres)."""
     os = ipar[I_OVERSAMPLE]
@@ -153,7 +153,7 @@ def subpixel_position(fpixel, spixel, subF, subS, t, geom, fpar, ipar):
     return px, py, pz
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _rotate_axis(vx, vy, vz, ax, ay, az, phi):
     s = math.sin(phi)
     c = math.cos(phi)
@@ -163,8 +163,67 @@ def _rotate_axis(vx, vy, vz, ax, ay, az, phi):
             az * d + vz * c + (-ay * vx + ax * vy) * s)
 
 
-@njit(cache=True)
-def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid):
+@njit(cache=True, error_model="numpy")
+def square_terms(qx, qy, qz, ori, Na, Nb, Nc, fflat, ipar, default_F, buf, ibuf):
+    """F_cell^2 F_latt^2 for every orientation (parallelepiped shape, nearest F).
+
+    The first loop has no calls, gathers or early exits, so LLVM vectorises it; the
+    structure-factor gather, when there is a grid, runs in a second (scalar) loop.
+    ``ori`` is (9, m): rows a_x a_y a_z b_x ... c_z; ``fflat`` the flattened grid.
+    """
+    n = ori.shape[1]
+    use_grid = ipar[I_HAS_HKLS] != 0
+    hmin = ipar[I_HKL_MIN]
+    kmin = ipar[I_HKL_MIN + 1]
+    lmin = ipar[I_HKL_MIN + 2]
+    nh = ipar[I_HKL_MAX] - hmin + 1
+    nk = ipar[I_HKL_MAX + 1] - kmin + 1
+    nl = ipar[I_HKL_MAX + 2] - lmin + 1
+    for m in range(n):
+        h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
+        k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
+        l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
+        h0 = math.ceil(h - 0.5)
+        k0 = math.ceil(k - 0.5)
+        l0 = math.ceil(l - 0.5)
+        num = 1.0
+        den = 1.0
+        if Na > 1.0:
+            a, b = sinpi_sq_parts(h - h0, Na)
+            num *= a
+            den *= b
+        if Nb > 1.0:
+            a, b = sinpi_sq_parts(k - k0, Nb)
+            num *= a
+            den *= b
+        if Nc > 1.0:
+            a, b = sinpi_sq_parts(l - l0, Nc)
+            num *= a
+            den *= b
+        latt = num / den
+        buf[m] = latt * latt
+        if use_grid:
+            ih = h0 - hmin
+            ik = k0 - kmin
+            il = l0 - lmin
+            inside = (ih >= 0) & (ih < nh) & (ik >= 0) & (ik < nk) & (il >= 0) & (il < nl)
+            ibuf[m] = (ih * nk + ik) * nl + il if inside else -1
+    Fdef2 = default_F * default_F
+    if use_grid:
+        for m in range(n):
+            j = ibuf[m]
+            if j >= 0:
+                F = fflat[j]
+                buf[m] *= F * F
+            else:
+                buf[m] *= Fdef2
+    else:
+        for m in range(n):
+            buf[m] *= Fdef2
+
+
+@njit(cache=True, error_model="numpy")
+def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, ori, fflat, buf, ibuf):
     """One pixel: returns (value before r_e^2*fluence/steps, sum of sub-pixel omegas)."""
     os = ipar[I_OVERSAMPLE]
     thicksteps = ipar[I_THICKSTEPS]
@@ -192,6 +251,8 @@ def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, rec
     pvz = geom[5, 2]
     nsrc = sources.shape[0]
     norient = orients.shape[0]
+    # no -oversample_* flag: terms are only summed, so they can be computed in bulk
+    fast = (not os_omega) and (not os_polar) and (not os_thick) and shape == SQUARE and ipar[I_INTERPOLATE] == 0
 
     I = fpar[F_I_BG]
     polar = 1.0 if ipar[I_NOPOLAR] != 0 else 0.0
@@ -235,6 +296,11 @@ def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, rec
                             continue
                     if polar == 0.0 or os_polar:
                         polar = polarization_factor(kahn, ix, iy, iz, dx, dy, dz, pvx, pvy, pvz)
+                    if fast:
+                        square_terms(qx, qy, qz, ori, Na, Nb, Nc, fflat, ipar, default_F, buf, ibuf)
+                        for m in range(norient):
+                            I += buf[m]
+                        continue
                     for m in range(norient):
                         h = orients[m, 0, 0] * qx + orients[m, 0, 1] * qy + orients[m, 0, 2] * qz
                         k = orients[m, 1, 0] * qx + orients[m, 1, 1] * qy + orients[m, 1, 2] * qz
@@ -263,7 +329,7 @@ def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, rec
     return value, omega_sum
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def forward(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, image, omega_rows):
     """Fill ``image`` (spixels, fpixels) inside ROI and mask; other pixels are left as they are."""
     spixels, fpixels = image.shape
@@ -272,12 +338,21 @@ def forward(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ima
     ymin = max(ipar[I_ROI + 2], 0)
     ymax = min(ipar[I_ROI + 3], spixels - 1)
     use_mask = ipar[I_USE_MASK] != 0
+    norient = orients.shape[0]
+    ori = np.empty((9, norient))
+    for m in range(norient):
+        for i in range(3):
+            for j in range(3):
+                ori[3 * i + j, m] = orients[m, i, j]
+    fflat = fgrid.ravel()
     for spixel in prange(ymin, ymax + 1):
+        buf = np.empty(norient)
+        ibuf = np.empty(norient, dtype=np.int64)
         osum = 0.0
         for fpixel in range(xmin, xmax + 1):
             if use_mask and mask[spixel, fpixel] == 0:
                 continue
-            v, o = pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid)
+            v, o = pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, ori, fflat, buf, ibuf)
             image[spixel, fpixel] = v
             osum += o
         omega_rows[spixel] = osum

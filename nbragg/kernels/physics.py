@@ -46,7 +46,7 @@ GAUSS_WIDTH = 0.63
 TOPHAT_RADIUS_SQR = 0.3969
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sinpi_reduced(r):
     s = r * r
     p = _P9
@@ -62,7 +62,7 @@ def _sinpi_reduced(r):
     return r * p
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _cospi_reduced(r):
     s = r * r
     p = _Q10
@@ -79,33 +79,49 @@ def _cospi_reduced(r):
     return p
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _parity_sign(n):
     # (-1)^n for an integral float n
     return 1.0 - 2.0 * (n - 2.0 * math.floor(0.5 * n))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sinpi(x):
     """sin(pi*x)."""
     n = math.floor(x + 0.5)
     return _parity_sign(n) * _sinpi_reduced(x - n)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def cospi(x):
     """cos(pi*x)."""
     n = math.floor(x + 0.5)
     return _parity_sign(n) * _cospi_reduced(x - n)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def nearest_index(h):
     """nanoBragg's rounding to the nearest Miller index: ceil(h - 0.5)."""
     return math.ceil(h - 0.5)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def sinpi_sq_parts(delta, N):
+    """(sin(pi N delta)^2-ready numerator, denominator) for |delta| <= 1/2, N > 1.
+
+    Returns (num, den) with |num/den| = |sin(N pi delta) / sin(pi delta)|, and (N, 1)
+    at delta = 0.  The sign is not tracked (callers square it), which saves the parity
+    arithmetic in the innermost loop.
+    """
+    x = N * delta
+    num = _sinpi_reduced(x - math.floor(x + 0.5))
+    den = _sinpi_reduced(delta)
+    if den == 0.0:
+        return N, 1.0
+    return num, den
+
+
+@njit(cache=True, error_model="numpy")
 def sincg_frac(delta, N):
     """|sin(N pi h) / sin(pi h)| written on the fractional index delta = h - h0.
 
@@ -118,7 +134,7 @@ def sincg_frac(delta, N):
     return sinpi(N * delta) / den
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sinc3(x):
     """3 (sin x - x cos x) / x^3, the transform of a sphere (1 at x = 0)."""
     ax = abs(x)
@@ -128,7 +144,7 @@ def sinc3(x):
     return 3.0 * (math.sin(x) / x - math.cos(x)) / (x * x)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def polarization_factor(kahn, ix, iy, iz, dx, dy, dz, px, py, pz):
     """nanoBragg's polarization factor for unit incident i, diffracted d and E-axis p."""
     c2 = ix * dx + iy * dy + iz * dz
@@ -167,7 +183,7 @@ def polarization_factor(kahn, ix, iy, iz, dx, dy, dz, px, py, pz):
     return 0.5 * (1.0 + c2sqr - kahn * math.cos(2.0 * psi) * s2sqr)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def lagrange4(t):
     """Cubic Lagrange weights on nodes -1, 0, 1, 2 at t (nanoBragg's polint)."""
     w0 = t * (t - 1.0) * (t - 2.0) / -6.0
