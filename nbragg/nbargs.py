@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import ArgumentError, InputFileError, NbraggError, ParameterError
 from .experiment import Beam, Crystal, Detector, Experiment, Sampling, Structure
-from .models.crystal import cell_from_vectors, cell_vectors, nanobragg_cell_vectors
+from .models.crystal import _reciprocal_standard, cell_from_vectors, cell_vectors
 from .models.geometry import cross, dot, rotate_xyz
 from .rng import NRGenerator, mosaic_rotation_umat, umat2misset
 from .units import DEFAULT_FLUENCE, HC_EV_ANGSTROM, RTD
@@ -905,6 +905,28 @@ def _flagify(msg):
     return msg
 
 
+def _c_real_vectors(recip, lengths, V_c, misset):
+    """nanoBragg.c's real-space vectors (rows, metres) from reciprocal rows (1/A).
+
+    Same operations in the same order as the C (misset rotation of the reciprocal
+    vectors, cross products, rescaling, conversion to metres), so that quantities the C
+    derives from them -- such as N from -xtalsize, a ceil() of a ratio -- agree even on
+    knife edges.  ``lengths`` (A) and ``V_c`` are given for -cell, None for -mat.
+    """
+    a_s, b_s, c_s = (rotate_xyz(v, *misset) if any(misset) else np.array(v, dtype=float) for v in recip)
+    crosses = [cross(b_s, c_s), cross(c_s, a_s), cross(a_s, b_s)]
+    if lengths is not None:
+        V_cell = V_c
+        vecs = []
+        for d, L in zip(crosses, lengths):
+            mag = math.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+            vecs.append(V_cell * ((L / V_cell) / mag * d))
+    else:
+        V_cell = 1.0 / dot(a_s, crosses[0])
+        vecs = [V_cell * d for d in crosses]
+    return np.array([1e-10 * v for v in vecs])
+
+
 def _crystal_vectors(st, warn, notes, cwd):
     """Cell, misset and base orientation as nanoBragg.c derives them.
 
@@ -914,7 +936,9 @@ def _crystal_vectors(st, warn, notes, cwd):
     standard frame onto them, so the Experiment describes the same crystal.
     """
     cell = list(st.cell)
-    real = None
+    recip = None
+    lengths = None
+    V_c = None
     if st.user_cell:
         if cell[0] <= 0:
             raise ArgumentError("-cell: the cell edge a must be a positive number")
@@ -928,7 +952,8 @@ def _crystal_vectors(st, warn, notes, cwd):
         if not (al + be + ga < 2 * math.pi and al < be + ga and be < al + ga and ga < al + be):
             raise ArgumentError(f"-cell: angles {' '.join(f'{x * RTD:g}' for x in cell[3:])} make no unit cell")
         cell_deg = tuple(cell[:3]) + tuple(x * RTD for x in cell[3:])
-        real = nanobragg_cell_vectors(cell_deg)
+        recip = _reciprocal_standard(cell_deg, c_star_z_exact=False)
+        lengths = cell[:3]
         s_ = (al + be + ga) / 2
         V_c = 2.0 * cell[0] * cell[1] * cell[2] * math.sqrt(
             abs(math.sin(s_) * math.sin(s_ - al) * math.sin(s_ - be) * math.sin(s_ - ga)))
@@ -937,43 +962,41 @@ def _crystal_vectors(st, warn, notes, cwd):
         m = read_mat(_path(st.matfile, cwd))
         notes.append(f"reading {st.matfile}")
         scale = 1e-10 / st.lambda0
-        a_star, b_star, c_star = m[:, 0] * scale, m[:, 1] * scale, m[:, 2] * scale
-        bxc, cxa, axb = cross(b_star, c_star), cross(c_star, a_star), cross(a_star, b_star)
-        V_star = dot(a_star, bxc)
-        if not np.isfinite(V_star) or V_star == 0.0:
-            raise ArgumentError(f"-mat {st.matfile}: the reciprocal vectors are coplanar")
-        if real is not None:
+        recip = np.array([m[:, 0] * scale, m[:, 1] * scale, m[:, 2] * scale])
+        if lengths is not None:
             warn("-cell and -mat both given: nanoBragg.c keeps the -mat directions with the -cell lengths")
-            real = np.array([v / math.sqrt(dot(v, v)) * L for v, L in zip((bxc, cxa, axb), cell[:3])])
         else:
-            real = np.array([bxc, cxa, axb]) / V_star
+            V_star = dot(recip[0], cross(recip[1], recip[2]))
+            if not np.isfinite(V_star) or V_star == 0.0:
+                raise ArgumentError(f"-mat {st.matfile}: the reciprocal vectors are coplanar")
             V_c = 1.0 / V_star
-    if real is None or not np.all(np.isfinite(real)):
+    if recip is None or not np.all(np.isfinite(recip)):
         raise ArgumentError("no usable unit cell: give -cell a b c alpha beta gamma or -mat FILE")
-    if dot(real[0], cross(real[1], real[2])) <= 0:
-        raise ArgumentError("-mat: the A matrix is left-handed")
     # random misset: drawn from the misset seed, then applied as three angles
-    misset = (0.0, 0.0, 0.0)
+    misset_rad = (0.0, 0.0, 0.0)
     if st.misset[0] == -1:
         gen = NRGenerator()
         idum = gen.seed_cell(st.misset_seed)
         umat, _, _ = mosaic_rotation_umat(90.0, idum, gen)
-        angles = umat2misset(umat)
-        notes.append("random orientation misset angles: %f %f %f deg" % tuple(x * RTD for x in angles))
-        misset = tuple(x * RTD for x in angles)
+        misset_rad = umat2misset(umat)
+        notes.append("random orientation misset angles: %f %f %f deg" % tuple(x * RTD for x in misset_rad))
     elif st.misset[0] > 0:
-        misset = tuple(x * RTD for x in st.misset[1:])
+        misset_rad = tuple(st.misset[1:])
+    real = _c_real_vectors(recip, lengths, V_c, (0.0, 0.0, 0.0)) * 1e10
+    if not np.all(np.isfinite(real)) or dot(real[0], cross(real[1], real[2])) <= 0:
+        raise ArgumentError("-mat: the A matrix is left-handed or degenerate")
+    rotated = _c_real_vectors(recip, lengths, V_c, misset_rad)
     cell_out = cell_from_vectors(real)
     B_std = cell_vectors(cell_out)
     U0 = real.T @ np.linalg.inv(B_std.T)
-    lengths = np.sqrt((real ** 2).sum(axis=1)) * 1e-10
+    lengths_m = np.array([math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]) for v in rotated])
     # nanoBragg.c derives the reciprocal vectors used by the Gaussian and top-hat spot
     # shapes with its own cell volume V_c, not the volume of the vectors it built; that
     # scales the spot-shape metric by (V/V_c)^2, which is the same as scaling -fudge.
     V = dot(real[0], cross(real[1], real[2]))
     metric_scale = (V / V_c) ** 2
-    return {"cell": cell_out, "misset": misset, "orientation": U0, "_lengths_m": lengths,
-            "_shape_metric_scale": metric_scale}
+    return {"cell": cell_out, "misset": tuple(x * RTD for x in misset_rad), "orientation": U0,
+            "_lengths_m": lengths_m, "_shape_metric_scale": metric_scale}
 
 
 def _structure(st, out, warn, cwd, interpolate_choice):
