@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import ParameterError
-from .units import DEFAULT_FLUENCE
+from .units import DEFAULT_FLUENCE, HC_EV_ANGSTROM
 
 CONVENTIONS = ("mosflm", "denzo", "adxv", "xds", "dials", "custom")
 SHAPES = ("square", "round", "gauss", "tophat")
@@ -125,6 +125,17 @@ class Beam(_Record):
     disp_steps: Optional[int] = None
     sources: Optional[np.ndarray] = None
     source_distance: float = 10000.0
+
+    @classmethod
+    def from_energy(cls, energy_ev, **kw):
+        """A beam given its photon energy in eV (as ``-energy``)."""
+        _finite("Beam", "energy", energy_ev, positive=True)
+        return cls(wavelength=HC_EV_ANGSTROM / float(energy_ev), **kw)
+
+    @property
+    def energy(self):
+        """Photon energy in eV."""
+        return HC_EV_ANGSTROM / self.wavelength
 
     def __post_init__(self):
         n = "Beam"

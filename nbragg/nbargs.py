@@ -216,10 +216,22 @@ def _vec(key):
 def _cell(st, v, rd):
     st.user_cell = True
     for j in range(6):
-        if not rd.has(j) or rd.raw(j).startswith("-"):
+        if not rd.has(j) or (rd.raw(j).startswith("-") and not _looks_numeric(rd.raw(j))):
+            if rd.strict:
+                raise ArgumentError(f"{rd.flag}: expects six values a b c alpha beta gamma, found {j}")
             return
         x = rd.f(j)
+        if rd.strict and not x > 0:
+            raise ArgumentError(f"{rd.flag}: value {rd.raw(j)!r} must be positive")
         st.cell[j] = x if j < 3 else x / RTD
+
+
+def _looks_numeric(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _misset_random(st, v, rd):
@@ -277,7 +289,14 @@ def _detsize(st, v, rd):
 
 
 def _detpixels(st, v, rd):
-    st.fpixels = st.spixels = rd.i(0)
+    st.fpixels = st.spixels = _positive_int(rd, 0)
+
+
+def _positive_int(rd, j):
+    n = rd.i(j)
+    if rd.strict and n <= 0:
+        raise ArgumentError(f"{rd.flag}: {n} pixels; the detector needs at least one")
+    return n
 
 
 def _curved(st, v, rd):
@@ -439,8 +458,10 @@ HANDLERS = [
     _H(("-detsize_f",), _ss("-detsize_f"), 1, _set("detsize_f", div=1000.0)),
     _H(("-detsize_s",), _ss("-detsize_s"), 1, _set("detsize_s", div=1000.0)),
     _H(("-detpixels",), _sslen("-detpixels", 10), 1, _detpixels),
-    _H(("-detpixels_f", "-detpixels_x"), _ss("-detpixels_f", "-detpixels_x"), 1, _set("fpixels", kind="i")),
-    _H(("-detpixels_s", "-detpixels_y"), _ss("-detpixels_s", "-detpixels_y"), 1, _set("spixels", kind="i")),
+    _H(("-detpixels_f", "-detpixels_x"), _ss("-detpixels_f", "-detpixels_x"), 1,
+       lambda st, v, rd: setattr(st, "fpixels", _positive_int(rd, 0))),
+    _H(("-detpixels_s", "-detpixels_y"), _ss("-detpixels_s", "-detpixels_y"), 1,
+       lambda st, v, rd: setattr(st, "spixels", _positive_int(rd, 0))),
     _H(("-curved_det",), _ss("-curved_det"), 1, _curved),
     _H(("-pixel",), _ss("-pixel"), 1, _set("pixel", div=1000.0)),
     _H(("-point_pixel",), _ss("-point_pixel"), 0, _flag("point_pixel")),
@@ -488,6 +509,8 @@ HANDLERS = [
     _H(("-4stol",), _sslen("-4stol", 6), 1, _file("stolfile"), no_effect=_NO_STOL),
     _H(("-Q",), _sslen("-Q", 2), 1, _file("stolfile"), no_effect=_NO_STOL),
     _H(("-sourcefile",), _ss("-sourcefile"), 1, _file("sourcefile")),
+    _H(("-source_distance", "-source_dist"), _ss("-source_dist"), 1, lambda st, v, rd: rd.f(0),
+       no_effect="sources are at infinity in nanoBragg's far-field model; only their directions count"),
     _H(("-floatfile", "-floatimage"), _ss("-floatfile", "-floatimage"), 1, _out("floatfile")),
     _H(("-intfile", "-intimage"), _ss("-intfile", "-intimage"), 1, _out("intfile")),
     _H(("-pgmfile", "-pgmimage"), _ss("-pgmfile", "-pgmimage"), 1,

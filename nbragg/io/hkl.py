@@ -76,7 +76,7 @@ def read_hkl(path, warn=None):
     lo = data.indices.min(axis=0)
     hi = data.indices.max(axis=0)
     npoints = float(np.prod((hi - lo + 1).astype(float)))
-    if npoints > 2e9:
+    if npoints > 2e8:
         raise InputFileError(
             f"HKL file {path!r}: index ranges {lo.tolist()}..{hi.tolist()} need a grid of {npoints:.3g} points; too large")
     return data

@@ -1,0 +1,111 @@
+"""User mistakes: exit status 2, one line on stderr naming the flag or file, no image."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nbragg import cli
+
+GOOD = "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -pixel 0.1 -detpixels 16".split()
+OUT = ["-floatfile", "out.bin", "-intfile", "out.img", "-noisefile", "noise.img", "-pgmfile", "out.pgm"]
+
+
+def _files(tmp_path):
+    (tmp_path / "good.hkl").write_text("0 0 0 100\n1 0 0 50\n0 1 0 20\n")
+    (tmp_path / "words.hkl").write_text("0 0 0 100\n1 0 x 50\n")
+    (tmp_path / "short.hkl").write_text("0 0 0 100\n1 0 0\n")
+    (tmp_path / "empty.hkl").write_text("\n# nothing\n")
+    (tmp_path / "short.mat").write_text("0.01 0 0\n0 0.01 0\n")
+    (tmp_path / "words.mat").write_text("0.01 0 0\n0 0.01 0\n0 0 abc\n")
+    (tmp_path / "bad_sources.txt").write_text("-10 0 0 1 1e-10\n-10 zero 0\n")
+    (tmp_path / "notsmv.img").write_bytes(b"P5\n16 16\n255\n" + bytes(256) + bytes(600))
+    hdr = b"{\nHEADER_BYTES=512;\nDIM=2;\nBYTE_ORDER=little_endian;\nTYPE=unsigned_short;\nSIZE1=16;\nSIZE2=16;\n}\f"
+    (tmp_path / "short.img").write_bytes(hdr.ljust(512, b" ") + bytes(100))
+    (tmp_path / "dir").mkdir()
+
+
+CASES = {
+    "missing hkl file": (GOOD + ["-hkl", "nothere.hkl"], "nothere.hkl"),
+    "hkl is a folder": (GOOD + ["-hkl", "dir"], "dir"),
+    "hkl line not numbers": (GOOD + ["-hkl", "words.hkl"], "line 2"),
+    "hkl line too short": (GOOD + ["-hkl", "short.hkl"], "line 2"),
+    "empty hkl": (GOOD + ["-hkl", "empty.hkl"], "no reflections"),
+    "A matrix not 3x3": (GOOD[6:] + ["-mat", "short.mat"], "short.mat"),
+    "A matrix not numbers": (GOOD[6:] + ["-mat", "words.mat"], "words.mat"),
+    "missing mat": (GOOD[6:] + ["-mat", "nothere.mat"], "nothere.mat"),
+    "mask not SMV": (GOOD + ["-mask", "notsmv.img"], "notsmv.img"),
+    "mask data too short": (GOOD + ["-mask", "short.img"], "short.img"),
+    "img not SMV": (GOOD + ["-img", "notsmv.img"], "notsmv.img"),
+    "malformed sourcefile": (GOOD + ["-sourcefile", "bad_sources.txt"], "line 2"),
+    "missing sourcefile": (GOOD + ["-sourcefile", "nothere.txt"], "nothere.txt"),
+    "zero pixel": (GOOD + ["-pixel", "0"], "-pixel"),
+    "negative distance": (GOOD + ["-distance", "-5"], "-distance"),
+    "zero detpixels": (GOOD + ["-detpixels", "0"], "-detpixels"),
+    "zero wavelength": (GOOD + ["-lambda", "0"], "-lambda"),
+    "zero energy": (GOOD + ["-energy", "0"], "-energy"),
+    "nan value": (GOOD + ["-distance", "nan"], "-distance"),
+    "infinite value": (GOOD + ["-fluence", "inf"], "-fluence"),
+    "non-numeric value": (GOOD + ["-N", "five"], "-N"),
+    "non-numeric float": (GOOD + ["-lambda", "blue"], "-lambda"),
+    "cell missing values": (["-cell", "100", "100", "-default_F", "1"], "-cell"),
+    "cell angles make no cell": (["-cell", "100", "100", "100", "10", "20", "120", "-default_F", "1"], "-cell"),
+    "negative N": (GOOD + ["-N", "-3"], "-N"),
+    "roi min > max": (GOOD + ["-roi", "10", "5", "0", "15"], "-roi"),
+    "roi outside detector": (GOOD + ["-roi", "20", "30", "0", "15"], "-roi"),
+    "output folder missing": (GOOD + ["-floatfile", "nodir/out.bin"], "nodir"),
+    "noise folder missing": (GOOD + ["-noisefile", "nodir/noise.img"], "nodir"),
+    "no structure factors": (GOOD[:7] + GOOD[9:], "-default_F"),
+    "no cell": (GOOD[7:], "-cell"),
+    "flag without value": (GOOD + ["-distance"], "-distance"),
+    "printout pixel outside": (GOOD + ["-printout_pixel", "40", "2"], "-printout_pixel"),
+    "bad pivot": (GOOD + ["-pivot", "middle"], "-pivot"),
+    "bad threads": (GOOD + ["-threads", "many"], "-threads"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_user_error_is_one_line_exit_2_no_output(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _files(tmp_path)
+    before = set(p.name for p in tmp_path.iterdir())
+    args, needle = CASES[name]
+    status = cli.main(OUT + args)
+    captured = capsys.readouterr()
+    assert status == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("nbragg: error: ")
+    assert needle in lines[0]
+    assert "Traceback" not in captured.err
+    assert set(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_command_line_process_exit_status(tmp_path):
+    import os
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, "-m", "nbragg"] + GOOD + ["-hkl", "missing.hkl"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "missing.hkl" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_api_errors_name_the_field():
+    import nbragg
+    with pytest.raises(nbragg.ParameterError, match="Detector.pixel_size"):
+        nbragg.Detector(pixel_size=0)
+    with pytest.raises(nbragg.ParameterError, match="Beam.wavelength"):
+        nbragg.Beam(wavelength=-1)
+    with pytest.raises(nbragg.ParameterError, match="Crystal.cell"):
+        nbragg.Crystal(cell=(100, 100, 100, 10, 20, 150))
+    with pytest.raises(nbragg.ParameterError, match="Crystal.Na"):
+        nbragg.Crystal(Na=-2)
+    with pytest.raises(nbragg.ParameterError, match="Detector.roi"):
+        nbragg.Detector(fpixels=10, spixels=10, roi=(5, 2, 0, 3))
+    with pytest.raises(nbragg.ParameterError, match="Detector.mask"):
+        nbragg.Detector(fpixels=10, spixels=10, mask=np.ones((3, 3)))
