@@ -1000,7 +1000,7 @@ def _crystal_vectors(st, warn, notes, cwd):
     if st.misset[0] == -1:
         gen = NRGenerator()
         idum = gen.seed_cell(st.misset_seed)
-        umat, _, _ = mosaic_rotation_umat(90.0, idum, gen)
+        umat = mosaic_rotation_umat(90.0, idum, gen, single_precision=True)[0]
         misset_rad = umat2misset(umat)
         notes.append("random orientation misset angles: %f %f %f deg" % tuple(x * RTD for x in misset_rad))
     elif st.misset[0] > 0:

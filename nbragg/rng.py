@@ -173,25 +173,29 @@ class NRGenerator:
         return ran1(idum, self.state)
 
 
-def mosaic_rotation_umat(mosaicity, idum, gen):
+def mosaic_rotation_umat(mosaicity, idum, gen, single_precision=False):
     """A random rotation on a spherical cap of size ``mosaicity`` (radians), as nanoBragg.c.
 
-    Returns ``(umat, axis, angle)``: the 3x3 matrix, its unit axis and its angle (the
-    angle is ``mosaicity`` times a seed-fixed factor, computed in single precision like
-    the C).
+    Returns ``(umat, axis, angle, shrink)``: the 3x3 matrix, its unit axis, its angle and
+    the seed-fixed factor with angle = mosaicity * shrink.  The C forms that product in
+    single precision; nbragg keeps the single-precision factor (``powf``, as the C) but
+    multiplies in double, so that the angle is a smooth function of the spread (the
+    difference is below 1e-7 of the angle).
     """
     r1 = 2.0 * float(gen.ran1(idum)) - 1.0
     r2 = 2.0 * float(gen.ran1(idum)) - 1.0
     r3 = 2.0 * float(gen.ran1(idum)) - 1.0
     xyrad = math.sqrt(1.0 - r2 * r2)
     with np.errstate(all="ignore"):
-        shrink = np.power(np.float32(1.0 - r3 * r3), np.float32(1.0 / 3.0))
-        rot = float(np.float32(np.float32(mosaicity) * shrink))
+        shrink = float(np.power(np.float32(1.0 - r3 * r3), np.float32(1.0 / 3.0)))
+    rot = mosaicity * shrink
+    if single_precision:   # exactly the C's float product (used for -misset random)
+        rot = float(np.float32(np.float32(mosaicity) * np.float32(shrink)))
     v1 = xyrad * math.sin(math.pi * r1)
     v2 = xyrad * math.cos(math.pi * r1)
     v3 = r2
     axis = np.array([v1, v2, v3])
-    return axis_angle_matrix(axis, rot), axis, rot
+    return axis_angle_matrix(axis, rot), axis, rot, shrink
 
 
 def axis_angle_matrix(v, rot):

@@ -147,6 +147,7 @@ class CrystalModel:
     mosaic_umats: np.ndarray    # (domains, 3, 3)
     mosaic_axes: np.ndarray     # (domains, 3)
     mosaic_angles: np.ndarray   # (domains,) radians; domain 0 is the identity
+    mosaic_shrinks: np.ndarray  # angle = spread * shrink (seed-fixed)
     spindle: np.ndarray
     Na: float
     Nb: float
@@ -181,11 +182,12 @@ def resolve_crystal(crystal, spindle, warn=None):
     umats = np.empty((domains, 3, 3))
     axes = np.zeros((domains, 3))
     angles = np.zeros(domains)
+    shrinks = np.zeros(domains)
     for i in range(domains):
-        u, axis, rot = mosaic_rotation_umat(spread, idum, gen)
-        if i == 0:
-            u, rot = np.eye(3), 0.0
-        umats[i], axes[i], angles[i] = u, axis, rot
+        u, axis, rot, shrink = mosaic_rotation_umat(spread, idum, gen)
+        if i == 0:   # nanoBragg forces the first domain to be unrotated
+            u, rot, shrink = np.eye(3), 0.0, 0.0
+        umats[i], axes[i], angles[i], shrinks[i] = u, axis, rot, shrink
 
     phis = np.array([phi0 + phistep * t for t in range(phisteps)])
     orient = np.empty((phisteps * domains, 3, 3))
@@ -201,6 +203,7 @@ def resolve_crystal(crystal, spindle, warn=None):
         real0=real0, recip0=recip, base_rotation=R, B_real=B, orientations=orient, phis=phis,
         phi0=phi0, osc=osc, phistep=phistep, phisteps=phisteps, mosaic_spread=spread,
         mosaic_domains=domains, mosaic_umats=umats, mosaic_axes=axes, mosaic_angles=angles,
+        mosaic_shrinks=shrinks,
         spindle=np.asarray(spindle, dtype=float), Na=Na, Nb=Nb, Nc=Nc, shape=crystal.shape,
         fudge=float(crystal.fudge), cell=cell_from_vectors(real_A),
         volume=abs(dot(real_A[0], cross(real_A[1], real_A[2]))),
