@@ -191,3 +191,149 @@ def lagrange4(t):
     w2 = (t + 1.0) * t * (t - 2.0) / -2.0
     w3 = (t + 1.0) * t * (t - 1.0) / 6.0
     return w0, w1, w2, w3
+
+
+# --------------------------------------------------------------------------- partials
+# Local derivatives of the per-sample functions above.  The adjoint (reverse) and
+# tangent (forward) kernels both contract with these, so each derivative is written
+# once.  Where nanoBragg's function has a kink or a jump, these are the derivatives of
+# the smooth piece.
+
+
+@njit(cache=True, error_model="numpy")
+def sincg_grad(delta, N):
+    """(g, dg/ddelta, dg/dN) for g = sin(N pi delta) / sin(pi delta), |delta| <= 1/2.
+
+    The sign of g follows :func:`sinpi_sq_parts` (callers use g^2, and g * g').  Near
+    delta = 0 the quotient rule cancels catastrophically, so a series in u = pi delta
+    is used there: g = N (1 + a u^2 + b u^4), a = (1 - N^2)/6, b = (3N^4 - 10N^2 + 7)/360.
+    """
+    u = math.pi * delta
+    if abs(N * u) < 2e-3:
+        N2 = N * N
+        u2 = u * u
+        a = (1.0 - N2) / 6.0
+        b = (3.0 * N2 * N2 - 10.0 * N2 + 7.0) / 360.0
+        g = N * (1.0 + a * u2 + b * u2 * u2)
+        dg_ddelta = math.pi * N * (2.0 * a * u + 4.0 * b * u2 * u)
+        dg_dN = 1.0 + a * u2 + b * u2 * u2 + N * (-N / 3.0 * u2 + (12.0 * N2 * N - 20.0 * N) / 360.0 * u2 * u2)
+        return g, dg_ddelta, dg_dN
+    den = _sinpi_reduced(delta)
+    x = N * delta
+    r = x - math.floor(x + 0.5)
+    num = _sinpi_reduced(r)
+    g = num / den
+    dg_dx = math.pi * _cospi_reduced(r) / den
+    dg_ddelta = N * dg_dx - g * math.pi * _cospi_reduced(delta) / den
+    return g, dg_ddelta, delta * dg_dx
+
+
+@njit(cache=True, error_model="numpy")
+def sinc3_grad(x):
+    """(sinc3(x), sinc3'(x) / x); the second is finite at x = 0 (-1/5)."""
+    ax = abs(x)
+    x2 = x * x
+    if ax < 0.02:
+        f = 1.0 - x2 / 10.0 + x2 * x2 / 280.0 - x2 * x2 * x2 / 15120.0
+        return f, -0.2 + x2 / 70.0 - x2 * x2 / 2520.0
+    s = math.sin(x)
+    f = 3.0 * (s / x - math.cos(x)) / x2
+    return f, 3.0 * s / (x2 * x) - 3.0 * f / x2
+
+
+@njit(cache=True, error_model="numpy")
+def polarization_grad(kahn, ix, iy, iz, dx, dy, dz, px, py, pz, out):
+    """Polarization factor and its partials.
+
+    Writes into ``out`` (10): dp/dkahn, dp/di (3), dp/dd (3), dp/daxis (3); returns p.
+    psi is computed even when kahn is 0 so that dp/dkahn is the derivative of the smooth
+    function of kahn (the value at kahn = 0 does not depend on psi).
+    """
+    c2 = ix * dx + iy * dy + iz * dz
+    c2sqr = c2 * c2
+    s2sqr = 1.0 - c2sqr
+    for j in range(10):
+        out[j] = 0.0
+    # B = unit(axis x i), E = unit(i x B)
+    bx = py * iz - pz * iy
+    by = pz * ix - px * iz
+    bz = px * iy - py * ix
+    bm = math.sqrt(bx * bx + by * by + bz * bz)
+    psi = 0.0
+    dpsi_dix = dpsi_diy = dpsi_diz = 0.0
+    dpsi_ddx = dpsi_ddy = dpsi_ddz = 0.0
+    dpsi_dpx = dpsi_dpy = dpsi_dpz = 0.0
+    if bm != 0.0:
+        Bx = bx / bm
+        By = by / bm
+        Bz = bz / bm
+        ex = iy * Bz - iz * By
+        ey = iz * Bx - ix * Bz
+        ez = ix * By - iy * Bx
+        em = math.sqrt(ex * ex + ey * ey + ez * ez)
+        if em != 0.0:
+            Ex = ex / em
+            Ey = ey / em
+            Ez = ez / em
+            yv = Bx * dx + By * dy + Bz * dz
+            xv = Ex * dx + Ey * dy + Ez * dz
+            psi = -math.atan2(yv, xv)
+            rr = xv * xv + yv * yv
+            if rr != 0.0:
+                dpsi_dy = -xv / rr
+                dpsi_dx = yv / rr
+                dpsi_ddx = dpsi_dy * Bx + dpsi_dx * Ex
+                dpsi_ddy = dpsi_dy * By + dpsi_dx * Ey
+                dpsi_ddz = dpsi_dy * Bz + dpsi_dx * Ez
+                # through E = unit(e), e = i x B
+                gEx = dpsi_dx * dx
+                gEy = dpsi_dx * dy
+                gEz = dpsi_dx * dz
+                t = Ex * gEx + Ey * gEy + Ez * gEz
+                gex = (gEx - Ex * t) / em
+                gey = (gEy - Ey * t) / em
+                gez = (gEz - Ez * t) / em
+                # gi += B x ge ; gB += ge x i
+                dpsi_dix = By * gez - Bz * gey
+                dpsi_diy = Bz * gex - Bx * gez
+                dpsi_diz = Bx * gey - By * gex
+                gBx = dpsi_dy * dx + (gey * iz - gez * iy)
+                gBy = dpsi_dy * dy + (gez * ix - gex * iz)
+                gBz = dpsi_dy * dz + (gex * iy - gey * ix)
+                # through B = unit(b), b = axis x i
+                t = Bx * gBx + By * gBy + Bz * gBz
+                gbx = (gBx - Bx * t) / bm
+                gby = (gBy - By * t) / bm
+                gbz = (gBz - Bz * t) / bm
+                # gaxis = i x gb ; gi += gb x axis
+                dpsi_dpx = iy * gbz - iz * gby
+                dpsi_dpy = iz * gbx - ix * gbz
+                dpsi_dpz = ix * gby - iy * gbx
+                dpsi_dix += gby * pz - gbz * py
+                dpsi_diy += gbz * px - gbx * pz
+                dpsi_diz += gbx * py - gby * px
+    cos2 = math.cos(2.0 * psi)
+    p = 0.5 * (1.0 + c2sqr - kahn * cos2 * s2sqr)
+    dp_dc2 = c2 * (1.0 + kahn * cos2)
+    dp_dpsi = kahn * math.sin(2.0 * psi) * s2sqr
+    out[0] = -0.5 * cos2 * s2sqr
+    out[1] = dp_dc2 * dx + dp_dpsi * dpsi_dix
+    out[2] = dp_dc2 * dy + dp_dpsi * dpsi_diy
+    out[3] = dp_dc2 * dz + dp_dpsi * dpsi_diz
+    out[4] = dp_dc2 * ix + dp_dpsi * dpsi_ddx
+    out[5] = dp_dc2 * iy + dp_dpsi * dpsi_ddy
+    out[6] = dp_dc2 * iz + dp_dpsi * dpsi_ddz
+    out[7] = dp_dpsi * dpsi_dpx
+    out[8] = dp_dpsi * dpsi_dpy
+    out[9] = dp_dpsi * dpsi_dpz
+    return p
+
+
+@njit(cache=True, error_model="numpy")
+def lagrange4_grad(t):
+    """Derivatives of :func:`lagrange4` with respect to t."""
+    d0 = (3.0 * t * t - 6.0 * t + 2.0) / -6.0
+    d1 = (3.0 * t * t - 4.0 * t - 1.0) / 2.0
+    d2 = (3.0 * t * t - 2.0 * t - 2.0) / -2.0
+    d3 = (3.0 * t * t - 1.0) / 6.0
+    return d0, d1, d2, d3

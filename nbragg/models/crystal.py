@@ -38,10 +38,48 @@ def _reciprocal_standard(cell, c_star_z_exact=True):
 def cell_vectors(cell):
     """Real-space cell vectors (rows a, b, c; Angstrom) of ``cell`` in nanoBragg's frame.
 
-    The frame puts a* along x and b* in the x-y plane (so c is along z), as nanoBragg.c
-    does for ``-cell``.
+    The frame puts a* along x and b* in the x-y plane, as nanoBragg.c does for
+    ``-cell``; so c lies along z and b in the y-z plane:
+
+        a = (a S / sin(alpha), a (cos(gamma) - cos(alpha) cos(beta)) / sin(alpha), a cos(beta))
+        b = (0, b sin(alpha), b cos(alpha))
+        c = (0, 0, c)
+
+    with S = sqrt(1 - cos^2 alpha - cos^2 beta - cos^2 gamma + 2 cos alpha cos beta cos gamma).
     """
-    return real_from_reciprocal(_reciprocal_standard(cell))
+    return cell_vectors_and_derivatives(cell)[0]
+
+
+def cell_vectors_and_derivatives(cell):
+    """(B, dB) with B as in :func:`cell_vectors` and dB[p] = dB/dcell[p] (angles per degree)."""
+    a, b, c = (float(x) for x in cell[:3])
+    al, be, ga = (deg2rad(x) for x in cell[3:])
+    ca, cb, cg = math.cos(al), math.cos(be), math.cos(ga)
+    sa, sb, sg = math.sin(al), math.sin(be), math.sin(ga)
+    D = 1.0 - ca * ca - cb * cb - cg * cg + 2.0 * ca * cb * cg
+    S = math.sqrt(D)
+    B = np.array([[a * S / sa, a * (cg - ca * cb) / sa, a * cb],
+                  [0.0, b * sa, b * ca],
+                  [0.0, 0.0, c]])
+    dB = np.zeros((6, 3, 3))
+    dB[0, 0] = B[0] / a
+    dB[1, 1] = B[1] / b
+    dB[2, 2] = B[2] / c
+    dS = np.array([sa * (ca - cb * cg), sb * (cb - ca * cg), sg * (cg - ca * cb)]) / S  # dS/d(angle)
+    # alpha
+    dB[3, 0, 0] = a * (dS[0] / sa - S * ca / (sa * sa))
+    dB[3, 0, 1] = a * (sa * cb / sa - (cg - ca * cb) * ca / (sa * sa))
+    dB[3, 1, 1] = b * ca
+    dB[3, 1, 2] = -b * sa
+    # beta
+    dB[4, 0, 0] = a * dS[1] / sa
+    dB[4, 0, 1] = a * ca * sb / sa
+    dB[4, 0, 2] = -a * sb
+    # gamma
+    dB[5, 0, 0] = a * dS[2] / sa
+    dB[5, 0, 1] = -a * sg / sa
+    dB[3:] *= math.pi / 180.0
+    return B, dB
 
 
 def nanobragg_cell_vectors(cell):

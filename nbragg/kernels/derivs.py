@@ -1,0 +1,269 @@
+"""Derivatives of the per-sample pieces the kernels combine (CPU, Numba).
+
+Each function returns local partial derivatives (or applies them to an upstream
+gradient, for the vector-Jacobian products); the adjoint and tangent kernels are built
+from these, so every derivative is written once.  See :mod:`nbragg.kernels.physics`
+for the values.
+"""
+
+import math
+
+from numba import njit
+
+from .cpu import (F_CLOSE_DISTANCE, F_DISTANCE, F_FUDGE, F_MU, F_NA, F_PIXEL, F_SUBPIXEL,
+                  F_THICKSTEP, I_CURVED, I_HAS_HKLS, I_HKL_MAX, I_HKL_MIN, I_INTERPOLATE,
+                  I_OVERSAMPLE, I_POINT_PIXEL)
+from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR,
+                      lagrange4, lagrange4_grad, sinc3_grad, sincg_grad)
+
+# layout of the fixed-size gradient vector: geom (6x3 flattened), then fpar, then extras
+G_GEOM = 0
+G_FPAR = 18
+G_SCALE = 18 + 15      # sum of upstream * (value before r_e^2 fluence / steps)
+NFIX = G_SCALE + 1
+
+# lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9)
+LP_SIZE = 16
+
+
+@njit(cache=True, error_model="numpy")
+def lattice_grad(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip, out):
+    """F_latt and its partials (written to ``out``, see LP_SIZE)."""
+    for j in range(LP_SIZE):
+        out[j] = 0.0
+    dh = h - h0
+    dk = k - k0
+    dl = l - l0
+    if shape == SQUARE:
+        ga = gb = gc = 1.0
+        dga = dgb = dgc = 0.0
+        nga = ngb = ngc = 0.0
+        if Na > 1.0:
+            ga, dga, nga = sincg_grad(dh, Na)
+        if Nb > 1.0:
+            gb, dgb, ngb = sincg_grad(dk, Nb)
+        if Nc > 1.0:
+            gc, dgc, ngc = sincg_grad(dl, Nc)
+        out[0] = dga * gb * gc
+        out[1] = ga * dgb * gc
+        out[2] = ga * gb * dgc
+        out[3] = nga * gb * gc
+        out[4] = ga * ngb * gc
+        out[5] = ga * gb * ngc
+        return ga * gb * gc
+    P = Na * Nb * Nc
+    if shape == ROUND:
+        hrad = dh * dh * Na * Na + dk * dk * Nb * Nb + dl * dl * Nc * Nc
+        u = math.pi * math.sqrt(hrad * fudge)
+        f, fpx = sinc3_grad(u)
+        L = P * ROUND_SCALE * f
+        # dL/dhrad = P s f'(u) du/dhrad = P s (f'(u)/u) pi^2 fudge / 2
+        dL_dhrad = P * ROUND_SCALE * fpx * math.pi * math.pi * fudge / 2.0
+        out[0] = dL_dhrad * 2.0 * dh * Na * Na
+        out[1] = dL_dhrad * 2.0 * dk * Nb * Nb
+        out[2] = dL_dhrad * 2.0 * dl * Nc * Nc
+        out[3] = L / Na + dL_dhrad * 2.0 * dh * dh * Na
+        out[4] = L / Nb + dL_dhrad * 2.0 * dk * dk * Nb
+        out[5] = L / Nc + dL_dhrad * 2.0 * dl * dl * Nc
+        out[6] = P * ROUND_SCALE * fpx * math.pi * math.pi * hrad / 2.0
+        return L
+    dx = dh * recip[0, 0] + dk * recip[1, 0] + dl * recip[2, 0]
+    dy = dh * recip[0, 1] + dk * recip[1, 1] + dl * recip[2, 1]
+    dz = dh * recip[0, 2] + dk * recip[1, 2] + dl * recip[2, 2]
+    P2 = P * P
+    rad = (dx * dx + dy * dy + dz * dz) * P2
+    if shape == GAUSS:
+        L = P * math.exp(-(rad / GAUSS_WIDTH * fudge))
+        dL_drad = -L * fudge / GAUSS_WIDTH
+        for a in range(3):
+            da = dh if a == 0 else (dk if a == 1 else dl)
+            dot = dx * recip[a, 0] + dy * recip[a, 1] + dz * recip[a, 2]
+            out[a] = dL_drad * 2.0 * dot * P2
+            out[7 + 3 * a] = dL_drad * 2.0 * da * dx * P2
+            out[8 + 3 * a] = dL_drad * 2.0 * da * dy * P2
+            out[9 + 3 * a] = dL_drad * 2.0 * da * dz * P2
+        out[3] = L / Na + dL_drad * 2.0 * rad / Na
+        out[4] = L / Nb + dL_drad * 2.0 * rad / Nb
+        out[5] = L / Nc + dL_drad * 2.0 * rad / Nc
+        out[6] = -L * rad / GAUSS_WIDTH
+        return L
+    # top hat: the edge is a jump; only the height depends smoothly on N
+    if rad * fudge < TOPHAT_RADIUS_SQR:
+        out[3] = Nb * Nc
+        out[4] = Na * Nc
+        out[5] = Na * Nb
+        return P
+    return 0.0
+
+
+@njit(cache=True, error_model="numpy")
+def F_grad(h, k, l, h0, k0, l0, fgrid, ipar, default_F, fidx, fw):
+    """Structure factor, its derivatives in h, k, l, and the grid entries it used.
+
+    Returns (F, dF/dh, dF/dk, dF/dl, n, dF/d(default_F)); the first n entries of
+    ``fidx``/``fw`` are the flat grid indices and their weights dF/dgrid.
+    """
+    hmin = ipar[I_HKL_MIN]
+    kmin = ipar[I_HKL_MIN + 1]
+    lmin = ipar[I_HKL_MIN + 2]
+    hmax = ipar[I_HKL_MAX]
+    kmax = ipar[I_HKL_MAX + 1]
+    lmax = ipar[I_HKL_MAX + 2]
+    nk = kmax - kmin + 1
+    nl = lmax - lmin + 1
+    if ipar[I_INTERPOLATE] != 0:
+        hr = hmax - hmin + 1
+        kr = nk
+        lr = nl
+        if not ((h - hmin + 3) > hr or (h - 2) < hmin or (k - kmin + 3) > kr or (k - 2) < kmin
+                or (l - lmin + 3) > lr or (l - 2) < lmin):
+            hf = math.floor(h)
+            kf = math.floor(k)
+            lf = math.floor(l)
+            wh = lagrange4(h - hf)
+            wk = lagrange4(k - kf)
+            wl = lagrange4(l - lf)
+            dwh = lagrange4_grad(h - hf)
+            dwk = lagrange4_grad(k - kf)
+            dwl = lagrange4_grad(l - lf)
+            ih = int(hf) - 1 - hmin
+            ik = int(kf) - 1 - kmin
+            il = int(lf) - 1 - lmin
+            F = 0.0
+            Fh = 0.0
+            Fk = 0.0
+            Fl = 0.0
+            n = 0
+            for i in range(4):
+                for j in range(4):
+                    for m in range(4):
+                        v = fgrid[ih + i, ik + j, il + m]
+                        w = wh[i] * wk[j] * wl[m]
+                        F += w * v
+                        Fh += dwh[i] * wk[j] * wl[m] * v
+                        Fk += wh[i] * dwk[j] * wl[m] * v
+                        Fl += wh[i] * wk[j] * dwl[m] * v
+                        fidx[n] = ((ih + i) * nk + (ik + j)) * nl + (il + m)
+                        fw[n] = w
+                        n += 1
+            return F, Fh, Fk, Fl, n, 0.0
+    if ipar[I_HAS_HKLS] != 0 and hmin <= h0 <= hmax and kmin <= k0 <= kmax and lmin <= l0 <= lmax:
+        fidx[0] = ((h0 - hmin) * nk + (k0 - kmin)) * nl + (l0 - lmin)
+        fw[0] = 1.0
+        return fgrid[h0 - hmin, k0 - kmin, l0 - lmin], 0.0, 0.0, 0.0, 1, 0.0
+    return default_F, 0.0, 0.0, 0.0, 0, 1.0
+
+
+@njit(cache=True, error_model="numpy")
+def rotate_axis_vjp(vx, vy, vz, ax, ay, az, phi, gx, gy, gz):
+    """Gradients of rotate_axis(v, a, phi) for upstream g: (gv(3), ga(3), gphi)."""
+    s = math.sin(phi)
+    c = math.cos(phi)
+    ag = ax * gx + ay * gy + az * gz
+    av = ax * vx + ay * vy + az * vz
+    gvx = (1.0 - c) * ax * ag + c * gx + s * (gy * az - gz * ay)
+    gvy = (1.0 - c) * ay * ag + c * gy + s * (gz * ax - gx * az)
+    gvz = (1.0 - c) * az * ag + c * gz + s * (gx * ay - gy * ax)
+    gax = (1.0 - c) * (gx * av + ag * vx) + s * (vy * gz - vz * gy)
+    gay = (1.0 - c) * (gy * av + ag * vy) + s * (vz * gx - vx * gz)
+    gaz = (1.0 - c) * (gz * av + ag * vz) + s * (vx * gy - vy * gx)
+    # d out / d phi = a (a.v) s - v s + (a x v) c
+    cx = ay * vz - az * vy
+    cy = az * vx - ax * vz
+    cz = ax * vy - ay * vx
+    gphi = (gx * (ax * av * s - vx * s + cx * c) + gy * (ay * av * s - vy * s + cy * c)
+            + gz * (az * av * s - vz * s + cz * c))
+    return gvx, gvy, gvz, gax, gay, gaz, gphi
+
+
+@njit(cache=True, error_model="numpy")
+def position_vjp(gx, gy, gz, fpixel, spixel, subF, subS, t, geom, fpar, ipar, gfix):
+    """Push the gradient of a sub-pixel position back to pix0/fdet/sdet/odet (and the
+    beam and distance for a curved detector); accumulates into ``gfix``."""
+    os = ipar[I_OVERSAMPLE]
+    sub = fpar[F_SUBPIXEL]
+    cF = fpixel * os + subF + 0.5
+    cS = spixel * os + subS + 0.5
+    Fdet = sub * (fpixel * os + subF) + sub / 2.0
+    Sdet = sub * (spixel * os + subS) + sub / 2.0
+    Odet = t * fpar[F_THICKSTEP]
+    if ipar[I_CURVED] != 0:
+        D = fpar[F_DISTANCE]
+        py = Fdet * geom[1, 1] + Sdet * geom[2, 1] + Odet * geom[3, 1] + geom[0, 1]
+        pz = Fdet * geom[1, 2] + Sdet * geom[2, 2] + Odet * geom[3, 2] + geom[0, 2]
+        v0x = D * geom[4, 0]
+        v0y = D * geom[4, 1]
+        v0z = D * geom[4, 2]
+        # v1 = rotate(v0, sdet, py/D)
+        s1 = math.sin(py / D)
+        c1 = math.cos(py / D)
+        sx, sy, sz = geom[2, 0], geom[2, 1], geom[2, 2]
+        d1 = (sx * v0x + sy * v0y + sz * v0z) * (1.0 - c1)
+        v1x = sx * d1 + v0x * c1 + (-sz * v0y + sy * v0z) * s1
+        v1y = sy * d1 + v0y * c1 + (sz * v0x - sx * v0z) * s1
+        v1z = sz * d1 + v0z * c1 + (-sy * v0x + sx * v0y) * s1
+        gv1x, gv1y, gv1z, gfx, gfy, gfz, gphi2 = rotate_axis_vjp(
+            v1x, v1y, v1z, geom[1, 0], geom[1, 1], geom[1, 2], pz / D, gx, gy, gz)
+        gv0x, gv0y, gv0z, gsx, gsy, gsz, gphi1 = rotate_axis_vjp(
+            v0x, v0y, v0z, sx, sy, sz, py / D, gv1x, gv1y, gv1z)
+        gfix[G_GEOM + 3 + 0] += gfx
+        gfix[G_GEOM + 3 + 1] += gfy
+        gfix[G_GEOM + 3 + 2] += gfz
+        gfix[G_GEOM + 6 + 0] += gsx
+        gfix[G_GEOM + 6 + 1] += gsy
+        gfix[G_GEOM + 6 + 2] += gsz
+        gfix[G_GEOM + 12 + 0] += D * gv0x
+        gfix[G_GEOM + 12 + 1] += D * gv0y
+        gfix[G_GEOM + 12 + 2] += D * gv0z
+        gfix[G_FPAR + F_DISTANCE] += (geom[4, 0] * gv0x + geom[4, 1] * gv0y + geom[4, 2] * gv0z
+                                      - gphi2 * pz / (D * D) - gphi1 * py / (D * D))
+        gx = 0.0
+        gy = gphi1 / D
+        gz = gphi2 / D
+    gfix[G_GEOM + 0] += gx
+    gfix[G_GEOM + 1] += gy
+    gfix[G_GEOM + 2] += gz
+    gfix[G_GEOM + 3] += Fdet * gx
+    gfix[G_GEOM + 4] += Fdet * gy
+    gfix[G_GEOM + 5] += Fdet * gz
+    gfix[G_GEOM + 6] += Sdet * gx
+    gfix[G_GEOM + 7] += Sdet * gy
+    gfix[G_GEOM + 8] += Sdet * gz
+    gfix[G_GEOM + 9] += Odet * gx
+    gfix[G_GEOM + 10] += Odet * gy
+    gfix[G_GEOM + 11] += Odet * gz
+    gfix[G_FPAR + F_SUBPIXEL] += cF * (geom[1, 0] * gx + geom[1, 1] * gy + geom[1, 2] * gz) + \
+        cS * (geom[2, 0] * gx + geom[2, 1] * gy + geom[2, 2] * gz)
+    gfix[G_FPAR + F_THICKSTEP] += t * (geom[3, 0] * gx + geom[3, 1] * gy + geom[3, 2] * gz)
+
+
+@njit(cache=True, error_model="numpy")
+def direction_vjp(gdx, gdy, gdz, gR, px, py, pz, R, dx, dy, dz):
+    """Gradient of d = P/|P| and R = |P| back to P."""
+    t = dx * gdx + dy * gdy + dz * gdz
+    return ((gdx - dx * t) / R + gR * dx, (gdy - dy * t) / R + gR * dy, (gdz - dz * t) / R + gR * dz)
+
+
+@njit(cache=True, error_model="numpy")
+def omega_partials(R, fpar, ipar, omega):
+    """(domega/dR, domega/dpixel, domega/dclose_distance) at the given omega."""
+    if ipar[I_POINT_PIXEL] != 0:
+        return -2.0 * omega / R, 0.0, 0.0
+    return -3.0 * omega / R, 2.0 * omega / fpar[F_PIXEL], omega / fpar[F_CLOSE_DISTANCE]
+
+
+@njit(cache=True, error_model="numpy")
+def capture_partials(t, dx, dy, dz, geom, fpar):
+    """(capture, dcap/dd (3), dcap/dodet (3), dcap/dthickstep, dcap/dmu)."""
+    ox, oy, oz = geom[3, 0], geom[3, 1], geom[3, 2]
+    rho = dx * ox + dy * oy + dz * oz
+    ts = fpar[F_THICKSTEP]
+    mu = fpar[F_MU]
+    A = ts * mu / rho
+    e0 = math.exp(-t * A)
+    e1 = math.exp(-(t + 1) * A)
+    cap = e0 - e1
+    dA = -t * e0 + (t + 1) * e1
+    drho = -dA * A / rho
+    return (cap, drho * ox, drho * oy, drho * oz, drho * dx, drho * dy, drho * dz,
+            dA * mu / rho, dA * ts / rho)
