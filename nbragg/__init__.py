@@ -4,6 +4,7 @@ A re-implementation of James Holton and Ken Frankel's nanoBragg (far-field diffr
 from a perfect-lattice nanocrystal onto a pixel detector).
 """
 
+from . import _jitcache  # noqa: F401  (must precede every cached Numba function)
 from .engine import Result, Stats, build_model, simulate
 from .errors import ArgumentError, BackendError, InputFileError, NbraggError, ParameterError
 from .experiment import Beam, Crystal, Detector, Experiment, Sampling, Structure

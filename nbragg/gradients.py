@@ -65,7 +65,8 @@ def raw_gradient(model, upstream, threads=None):
     gfix = np.zeros((nchunks, NFIX))
     gsrc = np.zeros((nchunks,) + src.shape)
     glam = np.zeros((nchunks, len(lam)))
-    gor = np.zeros((nchunks, ori.shape[0], 9))
+    npad = (ori.shape[0] + 7) // 8 * 8
+    gor = np.zeros((nchunks, 9, npad))
     grec = np.zeros((nchunks, 9))
     gF = np.zeros((nchunks, grid.size))
     image = np.zeros(model.shape)
@@ -80,7 +81,7 @@ def raw_gradient(model, upstream, threads=None):
     gfix = gfix.sum(axis=0)
     return RawGradient(
         geom=gfix[G_GEOM:G_GEOM + 18].reshape(6, 3), fpar=gfix[G_FPAR:G_FPAR + len(fpar)],
-        sources=gsrc.sum(axis=0), lambdas=glam.sum(axis=0), orients=gor.sum(axis=0).reshape(ori.shape),
+        sources=gsrc.sum(axis=0), lambdas=glam.sum(axis=0), orients=gor.sum(axis=0)[:, :ori.shape[0]].T.reshape(ori.shape),
         recip=grec.sum(axis=0).reshape(3, 3), Fgrid=gF.sum(axis=0).reshape(grid.shape),
         scale=gfix[G_SCALE] / model.scale if model.scale != 0 else 0.0, image=image,
     )

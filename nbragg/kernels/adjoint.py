@@ -19,16 +19,174 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .cpu import (F_CLOSE_DISTANCE, F_DEFAULT_F, F_DMIN, F_FUDGE, F_I_BG, F_KAHN, F_MU, F_NA,
-                  F_NB, F_NC, F_PIXEL, F_THICK, F_THICKSTEP, I_INTERPOLATE, I_NOPOLAR, I_OS_OMEGA,
-                  I_OS_POLAR, I_OS_THICK, I_OVERSAMPLE, I_POINT_PIXEL, I_ROI, I_SHAPE,
-                  I_THICKSTEPS, I_USE_MASK, I_WATER, NF, lattice_factor, lookup_F,
-                  subpixel_position)
-from .derivs import (G_FPAR, G_GEOM, G_SCALE, LP_SIZE, NFIX, F_grad, capture_partials,
-                     direction_vjp, lattice_grad, omega_partials, position_vjp)
-from .physics import SQUARE, polarization_factor, polarization_grad
+from .cpu import (F_CLOSE_DISTANCE, F_DEFAULT_F, F_DMIN, F_FUDGE, F_I_BG, F_KAHN, F_MU, F_NA, F_NB,
+                  F_NC, F_PIXEL, F_THICK, F_THICKSTEP, I_HAS_HKLS, I_HKL_MAX, I_HKL_MIN, I_NOPOLAR,
+                  I_OS_OMEGA, I_OS_POLAR, I_OS_THICK, I_OVERSAMPLE, I_POINT_PIXEL, I_ROI, I_SHAPE,
+                  I_THICKSTEPS, I_USE_MASK, I_WATER, fast_path, lattice_factor, lookup_F,
+                  orientations_soa, subpixel_position)
+from .derivs import (G_FPAR, G_GEOM, G_SCALE, LP_SIZE, F_grad, capture_partials, direction_vjp,
+                     lattice_grad, omega_partials, position_vjp)
+from .physics import SQUARE, polarization_factor, polarization_grad, sincg_grad_flat, sum_row
 
-NCHUNKS = 64
+NCHUNKS = 64   # fixed number of row chunks: the reduction order never depends on threads
+
+# rows of the per-chunk scratch used by square_adjoint
+_S_L, _S_LH, _S_LK, _S_LL, _S_NA, _S_NB, _S_NC, _S_F, _S_BX, _S_BY, _S_BZ, _S_GA, _S_GB, _S_GC = range(14)
+NSCRATCH = 14
+
+
+@njit(cache=True, error_model="numpy")
+def grid_indices(qx, qy, qz, ori, ipar, ibuf):
+    """Flat structure-factor grid index of the nearest hkl for every orientation (-1
+    outside the grid).  Kept out of the lattice loops so that those vectorise."""
+    hmin = ipar[I_HKL_MIN]
+    kmin = ipar[I_HKL_MIN + 1]
+    lmin = ipar[I_HKL_MIN + 2]
+    nh = ipar[I_HKL_MAX] - hmin + 1
+    nk = ipar[I_HKL_MAX + 1] - kmin + 1
+    nl = ipar[I_HKL_MAX + 2] - lmin + 1
+    for m in range(ori.shape[1]):
+        ih = math.ceil(ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz - 0.5) - hmin
+        ik = math.ceil(ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz - 0.5) - kmin
+        il = math.ceil(ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz - 0.5) - lmin
+        inside = (ih >= 0) & (ih < nh) & (ik >= 0) & (ik < nk) & (il >= 0) & (il < nl)
+        ibuf[m] = (ih * nk + ik) * nl + il if inside else -1
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def square_adjoint(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, G, gor, sc, ibuf, gfix, gF):
+    """Backward pass of :func:`~nbragg.kernels.cpu.square_terms` for one block with
+    upstream G on every term; returns (dL/dq, sum of the block's terms).
+
+    The work is split into short loops over the zero-padded orientation list, each with
+    few memory streams, so that LLVM vectorises every one of them (a single loop with
+    all the stores does not vectorise); padded entries get zero weight.
+    """
+    n = ori.shape[1]
+    use_grid = ipar[I_HAS_HKLS] != 0
+    ua = Na > 1.0
+    ub = Nb > 1.0
+    uc = Nc > 1.0
+    if not use_grid:
+        # F = default_F for every orientation: the partials come out already scaled
+        for m in range(n):
+            h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
+            k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
+            l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
+            ga, dga, nga = sincg_grad_flat(h - math.ceil(h - 0.5), Na)
+            gb, dgb, ngb = sincg_grad_flat(k - math.ceil(k - 0.5), Nb)
+            gc, dgc, ngc = sincg_grad_flat(l - math.ceil(l - 0.5), Nc)
+            ga = ga if ua else 1.0
+            dga = dga if ua else 0.0
+            nga = nga if ua else 0.0
+            gb = gb if ub else 1.0
+            dgb = dgb if ub else 0.0
+            ngb = ngb if ub else 0.0
+            gc = gc if uc else 1.0
+            dgc = dgc if uc else 0.0
+            ngc = ngc if uc else 0.0
+            F = default_F if m < nreal else 0.0
+            L = ga * gb * gc
+            c = G * 2.0 * F * F * L
+            sc[_S_LH, m] = c * dga * gb * gc
+            sc[_S_LK, m] = c * ga * dgb * gc
+            sc[_S_LL, m] = c * ga * gb * dgc
+            sc[_S_GA, m] = c * nga * gb * gc
+            sc[_S_GB, m] = c * ga * ngb * gc
+            sc[_S_GC, m] = c * ga * gb * ngc
+            sc[_S_NA, m] = F * F * L * L
+            sc[_S_NB, m] = G * 2.0 * F * L * L
+    else:
+        _lattice_grid_pass(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, G, sc, ibuf)
+    for m in range(n):
+        gh = sc[_S_LH, m]
+        gk = sc[_S_LK, m]
+        gl = sc[_S_LL, m]
+        gor[0, m] += gh * qx
+        gor[1, m] += gh * qy
+        gor[2, m] += gh * qz
+        gor[3, m] += gk * qx
+        gor[4, m] += gk * qy
+        gor[5, m] += gk * qz
+        gor[6, m] += gl * qx
+        gor[7, m] += gl * qy
+        gor[8, m] += gl * qz
+    for m in range(n):
+        gh = sc[_S_LH, m]
+        gk = sc[_S_LK, m]
+        gl = sc[_S_LL, m]
+        sc[_S_BX, m] = gh * ori[0, m] + gk * ori[3, m] + gl * ori[6, m]
+        sc[_S_BY, m] = gh * ori[1, m] + gk * ori[4, m] + gl * ori[7, m]
+        sc[_S_BZ, m] = gh * ori[2, m] + gk * ori[5, m] + gl * ori[8, m]
+    gfix[G_FPAR + F_NA] += sum_row(sc, _S_GA, n)
+    gfix[G_FPAR + F_NB] += sum_row(sc, _S_GB, n)
+    gfix[G_FPAR + F_NC] += sum_row(sc, _S_GC, n)
+    if use_grid:
+        for m in range(nreal):
+            j = ibuf[m]
+            if j >= 0:
+                gF[j] += sc[_S_NB, m]
+            else:
+                gfix[G_FPAR + F_DEFAULT_F] += sc[_S_NB, m]
+    else:
+        gfix[G_FPAR + F_DEFAULT_F] += sum_row(sc, _S_NB, n)
+    return (sum_row(sc, _S_BX, n), sum_row(sc, _S_BY, n), sum_row(sc, _S_BZ, n),
+            sum_row(sc, _S_NA, nreal))
+
+
+@njit(cache=True, error_model="numpy")
+def _lattice_grid_pass(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, G, sc, ibuf):
+    """The lattice pass of :func:`square_adjoint` when F comes from a grid (a gather)."""
+    n = ori.shape[1]
+    ua = Na > 1.0
+    ub = Nb > 1.0
+    uc = Nc > 1.0
+    for m in range(n):
+        h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
+        k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
+        l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
+        h0 = math.ceil(h - 0.5)
+        k0 = math.ceil(k - 0.5)
+        l0 = math.ceil(l - 0.5)
+        ga, dga, nga = sincg_grad_flat(h - h0, Na)
+        gb, dgb, ngb = sincg_grad_flat(k - k0, Nb)
+        gc, dgc, ngc = sincg_grad_flat(l - l0, Nc)
+        ga = ga if ua else 1.0
+        dga = dga if ua else 0.0
+        nga = nga if ua else 0.0
+        gb = gb if ub else 1.0
+        dgb = dgb if ub else 0.0
+        ngb = ngb if ub else 0.0
+        gc = gc if uc else 1.0
+        dgc = dgc if uc else 0.0
+        ngc = ngc if uc else 0.0
+        sc[_S_L, m] = ga * gb * gc
+        sc[_S_LH, m] = dga * gb * gc
+        sc[_S_LK, m] = ga * dgb * gc
+        sc[_S_LL, m] = ga * gb * dgc
+        sc[_S_NA, m] = nga * gb * gc
+        sc[_S_NB, m] = ga * ngb * gc
+        sc[_S_NC, m] = ga * gb * ngc
+    # structure factors (a gather); zero on the padding
+    grid_indices(qx, qy, qz, ori, ipar, ibuf)
+    for m in range(nreal):
+        j = ibuf[m]
+        sc[_S_F, m] = fflat[j] if j >= 0 else default_F
+    for m in range(nreal, n):
+        sc[_S_F, m] = 0.0
+    # scale the partials by dL/dF_latt; keep the term and dL/dF
+    for m in range(n):
+        F = sc[_S_F, m]
+        L = sc[_S_L, m]
+        c = G * 2.0 * F * F * L
+        sc[_S_LH, m] *= c
+        sc[_S_LK, m] *= c
+        sc[_S_LL, m] *= c
+        sc[_S_GA, m] = c * sc[_S_NA, m]
+        sc[_S_GB, m] = c * sc[_S_NB, m]
+        sc[_S_GC, m] = c * sc[_S_NC, m]
+        sc[_S_NA, m] = F * F * L * L            # the term
+        sc[_S_NB, m] = G * 2.0 * F * L * L      # dL/dF
 
 
 @njit(cache=True, error_model="numpy")
@@ -56,55 +214,55 @@ def _capture(t, dx, dy, dz, geom, fpar):
 
 
 @njit(cache=True, error_model="numpy")
-def _factor_vjp(kind, g, fpixel, spixel, subF, subS, t, s, geom, fpar, ipar, sources, gfix, gsrc, pbuf):
-    """Gradient of one of the pixel factors (0 omega, 1 capture, 2 polarization) at the
-    sub-pixel / source where it was computed, pushed back to its inputs."""
-    if g == 0.0:
+def _factors_vjp(g_om, g_cap, g_pol, fpixel, spixel, subF, subS, t, s, geom, fpar, ipar, sources, gfix, gsrc,
+                 pbuf):
+    """Gradients of the pixel factors computed at one sub-pixel (omega, capture fraction,
+    and the polarization with source s), pushed back to their inputs together."""
+    if g_om == 0.0 and g_cap == 0.0 and g_pol == 0.0:
         return
     px, py, pz, R, dx, dy, dz = _geometry(fpixel, spixel, subF, subS, t, geom, fpar, ipar)
     gdx = 0.0
     gdy = 0.0
     gdz = 0.0
     gR = 0.0
-    if kind == 0:
+    if g_om != 0.0:
         om = _omega(R, fpar, ipar)
         dR, dpix, dclose = omega_partials(R, fpar, ipar, om)
-        gR = g * dR
-        gfix[G_FPAR + F_PIXEL] += g * dpix
-        gfix[G_FPAR + F_CLOSE_DISTANCE] += g * dclose
-    elif kind == 1:
+        gR = g_om * dR
+        gfix[G_FPAR + F_PIXEL] += g_om * dpix
+        gfix[G_FPAR + F_CLOSE_DISTANCE] += g_om * dclose
+    if g_cap != 0.0:
         cap, cdx, cdy, cdz, cox, coy, coz, cts, cmu = capture_partials(t, dx, dy, dz, geom, fpar)
-        gdx = g * cdx
-        gdy = g * cdy
-        gdz = g * cdz
-        gfix[G_GEOM + 9] += g * cox
-        gfix[G_GEOM + 10] += g * coy
-        gfix[G_GEOM + 11] += g * coz
-        gfix[G_FPAR + F_THICKSTEP] += g * cts
-        gfix[G_FPAR + F_MU] += g * cmu
-    else:
+        gdx += g_cap * cdx
+        gdy += g_cap * cdy
+        gdz += g_cap * cdz
+        gfix[G_GEOM + 9] += g_cap * cox
+        gfix[G_GEOM + 10] += g_cap * coy
+        gfix[G_GEOM + 11] += g_cap * coz
+        gfix[G_FPAR + F_THICKSTEP] += g_cap * cts
+        gfix[G_FPAR + F_MU] += g_cap * cmu
+    if g_pol != 0.0:
         ix = -sources[s, 0]
         iy = -sources[s, 1]
         iz = -sources[s, 2]
         polarization_grad(fpar[F_KAHN], ix, iy, iz, dx, dy, dz, geom[5, 0], geom[5, 1], geom[5, 2], pbuf)
-        gfix[G_FPAR + F_KAHN] += g * pbuf[0]
-        gsrc[s, 0] -= g * pbuf[1]
-        gsrc[s, 1] -= g * pbuf[2]
-        gsrc[s, 2] -= g * pbuf[3]
-        gdx = g * pbuf[4]
-        gdy = g * pbuf[5]
-        gdz = g * pbuf[6]
-        gfix[G_GEOM + 15] += g * pbuf[7]
-        gfix[G_GEOM + 16] += g * pbuf[8]
-        gfix[G_GEOM + 17] += g * pbuf[9]
+        gfix[G_FPAR + F_KAHN] += g_pol * pbuf[0]
+        gsrc[s, 0] -= g_pol * pbuf[1]
+        gsrc[s, 1] -= g_pol * pbuf[2]
+        gsrc[s, 2] -= g_pol * pbuf[3]
+        gdx += g_pol * pbuf[4]
+        gdy += g_pol * pbuf[5]
+        gdz += g_pol * pbuf[6]
+        gfix[G_GEOM + 15] += g_pol * pbuf[7]
+        gfix[G_GEOM + 16] += g_pol * pbuf[8]
+        gfix[G_GEOM + 17] += g_pol * pbuf[9]
     gpx, gpy, gpz = direction_vjp(gdx, gdy, gdz, gR, px, py, pz, R, dx, dy, dz)
     position_vjp(gpx, gpy, gpz, fpixel, spixel, subF, subS, t, geom, fpar, ipar, gfix)
 
 
 @njit(cache=True, error_model="numpy")
 def pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
-                  blk_I, blk_m, blk_K, blk_id, lp, pbuf, fidx, fw,
-                  gfix, gsrc, glam, gor, grec, gF):
+                  blk_I, blk_m, blk_K, blk_id, lp, pbuf, fidx, fw, gfix, gsrc, glam, gor, grec, gF):
     """Accumulate gv * d(pixel value before scaling)/d(inputs); returns the value."""
     os = ipar[I_OVERSAMPLE]
     thicksteps = ipar[I_THICKSTEPS]
@@ -194,26 +352,8 @@ def pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orient
     if not os_omega:
         post *= omega
     value = I * post
-    gfix[G_SCALE] += gv * value
 
     # ---------------------------------------------------------------- backward
-    # gradients of the factors applied once at the end
-    if not os_thick and capture_at >= 0 and fpar[F_THICK] != 0.0:
-        g = gv * I * (1.0 if os_polar else polar) * (1.0 if os_omega else omega)
-        su = capture_at
-        t_ = su // nsub
-        _factor_vjp(1, g, fpixel, spixel, su % os, (su // os) % os, t_, 0, geom, fpar, ipar, sources, gfix, gsrc, pbuf)
-    if not os_polar and polar_at >= 0:
-        g = gv * I * (1.0 if os_thick else capture) * (1.0 if os_omega else omega)
-        su = polar_at // nsrc
-        _factor_vjp(2, g, fpixel, spixel, su % os, (su // os) % os, su // nsub, polar_at % nsrc,
-                    geom, fpar, ipar, sources, gfix, gsrc, pbuf)
-    if not os_omega and omega_at >= 0:
-        g = gv * I * (1.0 if os_thick else capture) * (1.0 if os_polar else polar)
-        su = omega_at
-        _factor_vjp(0, g, fpixel, spixel, su % os, (su // os) % os, su // nsub, 0, geom, fpar, ipar,
-                    sources, gfix, gsrc, pbuf)
-
     G = gv * post
     for b in range(nb - 1, -1, -1):
         m = blk_m[b]
@@ -270,15 +410,15 @@ def pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orient
             for j in range(nidx):
                 gF[fidx[j]] += gFc * fw[j]
             gfix[G_FPAR + F_DEFAULT_F] += gFc * Fdef
-            gor[o, 0] += gh * qx
-            gor[o, 1] += gh * qy
-            gor[o, 2] += gh * qz
-            gor[o, 3] += gk * qx
-            gor[o, 4] += gk * qy
-            gor[o, 5] += gk * qz
-            gor[o, 6] += gl * qx
-            gor[o, 7] += gl * qy
-            gor[o, 8] += gl * qz
+            gor[0, o] += gh * qx
+            gor[1, o] += gh * qy
+            gor[2, o] += gh * qz
+            gor[3, o] += gk * qx
+            gor[4, o] += gk * qy
+            gor[5, o] += gk * qz
+            gor[6, o] += gl * qx
+            gor[7, o] += gl * qy
+            gor[8, o] += gl * qz
             gqx += gh * orients[o, 0, 0] + gk * orients[o, 1, 0] + gl * orients[o, 2, 0]
             gqy += gh * orients[o, 0, 1] + gk * orients[o, 1, 1] + gl * orients[o, 2, 1]
             gqz += gh * orients[o, 0, 2] + gk * orients[o, 1, 2] + gl * orients[o, 2, 2]
@@ -292,15 +432,9 @@ def pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orient
                 if os_polar:
                     pol_b = polarization_factor(kahn, ix, iy, iz, dx, dy, dz, geom[5, 0], geom[5, 1], geom[5, 2])
                 om_b = _omega(R, fpar, ipar) if os_omega else 1.0
-                if os_thick:
-                    _factor_vjp(1, gm * pol_b * om_b, fpixel, spixel, subF, subS, t, s, geom, fpar, ipar,
-                                sources, gfix, gsrc, pbuf)
-                if os_polar:
-                    _factor_vjp(2, gm * cap_b * om_b, fpixel, spixel, subF, subS, t, s, geom, fpar, ipar,
-                                sources, gfix, gsrc, pbuf)
-                if os_omega:
-                    _factor_vjp(0, gm * cap_b * pol_b, fpixel, spixel, subF, subS, t, s, geom, fpar, ipar,
-                                sources, gfix, gsrc, pbuf)
+                _factors_vjp(gm * cap_b * pol_b if os_omega else 0.0, gm * pol_b * om_b if os_thick else 0.0,
+                             gm * cap_b * om_b if os_polar else 0.0, fpixel, spixel, subF, subS, t, s, geom, fpar,
+                             ipar, sources, gfix, gsrc, pbuf)
                 G = G * m ** K
         # q = (d + src) / lambda
         if gqx != 0.0 or gqy != 0.0 or gqz != 0.0:
@@ -314,6 +448,184 @@ def pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orient
             gpx, gpy, gpz = direction_vjp(gdx, gdy, gdz, 0.0, px, py, pz, R, dx, dy, dz)
             position_vjp(gpx, gpy, gpz, fpixel, spixel, subF, subS, t, geom, fpar, ipar, gfix)
     gfix[G_FPAR + F_I_BG] += G
+    gfix[G_SCALE] += gv * value
+    # gradients of the factors applied once at the end, each at the sub-pixel (and source)
+    # where it was taken; when they coincide (the usual case) one geometry pass serves all
+    g_cap = 0.0
+    g_pol = 0.0
+    g_om = 0.0
+    if not os_thick and capture_at >= 0 and fpar[F_THICK] != 0.0:
+        g_cap = gv * I * (1.0 if os_polar else polar) * (1.0 if os_omega else omega)
+    if not os_polar and polar_at >= 0:
+        g_pol = gv * I * (1.0 if os_thick else capture) * (1.0 if os_omega else omega)
+    if not os_omega and omega_at >= 0:
+        g_om = gv * I * (1.0 if os_thick else capture) * (1.0 if os_polar else polar)
+    pol_sub = polar_at // nsrc if polar_at >= 0 else -1
+    pol_src = polar_at % nsrc if polar_at >= 0 else 0
+    if g_om != 0.0 and omega_at == pol_sub and omega_at == capture_at:
+        su = omega_at
+        _factors_vjp(g_om, g_cap, g_pol, fpixel, spixel, su % os, (su // os) % os, su // nsub, pol_src, geom, fpar,
+                     ipar, sources, gfix, gsrc, pbuf)
+    else:
+        if g_om != 0.0:
+            su = omega_at
+            _factors_vjp(g_om, 0.0, 0.0, fpixel, spixel, su % os, (su // os) % os, su // nsub, 0, geom, fpar, ipar,
+                         sources, gfix, gsrc, pbuf)
+        if g_cap != 0.0:
+            su = capture_at
+            _factors_vjp(0.0, g_cap, 0.0, fpixel, spixel, su % os, (su // os) % os, su // nsub, 0, geom, fpar, ipar,
+                         sources, gfix, gsrc, pbuf)
+        if g_pol != 0.0:
+            su = pol_sub
+            _factors_vjp(0.0, 0.0, g_pol, fpixel, spixel, su % os, (su // os) % os, su // nsub, pol_src, geom, fpar,
+                         ipar, sources, gfix, gsrc, pbuf)
+    return value
+
+
+@njit(cache=True, error_model="numpy")
+def pixel_adjoint_fast(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, ori, norient, fflat, sc, ibuf,
+                       pbuf, gfix, gsrc, glam, gor, gF):
+    """Adjoint of one pixel without -oversample_* flags, for parallelepiped spots and
+    nearest-neighbour F.  Every term is only added, so each block is visited once, in
+    forward order, with the same upstream.  The three pixel factors (and their partials)
+    are evaluated first; their gradients, which need the pixel's sum, are applied at the
+    end -- at the first sub-pixel together with that sub-pixel's own gradient.
+
+    Returns the pixel value (unscaled), or -1.0 when a factor is exactly zero where
+    nanoBragg would recompute it later (the caller then uses the general path).
+    """
+    os = ipar[I_OVERSAMPLE]
+    thicksteps = ipar[I_THICKSTEPS]
+    nsrc = sources.shape[0]
+    dmin = fpar[F_DMIN]
+    Na = fpar[F_NA]
+    Nb = fpar[F_NB]
+    Nc = fpar[F_NC]
+    default_F = fpar[F_DEFAULT_F]
+    # ---- omega at the first sub-pixel
+    p0x, p0y, p0z, R0, d0x, d0y, d0z = _geometry(fpixel, spixel, 0, 0, 0, geom, fpar, ipar)
+    omega = _omega(R0, fpar, ipar)
+    if omega == 0.0:
+        return -1.0
+    om_R, om_pix, om_close = omega_partials(R0, fpar, ipar, omega)
+    # ---- capture fraction at the first sub-pixel of the last layer
+    capture = 1.0
+    if fpar[F_THICK] != 0.0:
+        tl = thicksteps - 1
+        cx, cy, cz, cR, cdx, cdy, cdz = _geometry(fpixel, spixel, 0, 0, tl, geom, fpar, ipar)
+        capture = capture_partials(tl, cdx, cdy, cdz, geom, fpar)[0]
+        if capture == 0.0:
+            return -1.0
+    # ---- polarization at the first (sub-pixel, source) -dmin does not cut; its
+    # partials are kept in pbuf
+    polar = 1.0 if ipar[I_NOPOLAR] != 0 else 0.0
+    pol_sub = -1
+    pol_src = 0
+    if ipar[I_NOPOLAR] == 0:
+        for su in range(thicksteps * os * os):
+            if su == 0:
+                gdx, gdy, gdz = d0x, d0y, d0z
+            else:
+                gx, gy, gz, gR, gdx, gdy, gdz = _geometry(fpixel, spixel, su % os, (su // os) % os, su // (os * os),
+                                                          geom, fpar, ipar)
+            for s in range(nsrc):
+                lam = lambdas[s]
+                qx = (gdx + sources[s, 0]) / lam
+                qy = (gdy + sources[s, 1]) / lam
+                qz = (gdz + sources[s, 2]) / lam
+                if dmin > 0.0:
+                    stol = 0.5 * math.sqrt(qx * qx + qy * qy + qz * qz)
+                    if stol > 0.0 and dmin > 0.5 / stol:
+                        continue
+                polar = polarization_grad(fpar[F_KAHN], -sources[s, 0], -sources[s, 1], -sources[s, 2],
+                                          gdx, gdy, gdz, geom[5, 0], geom[5, 1], geom[5, 2], pbuf)
+                pol_sub = su
+                pol_src = s
+                break
+            if pol_sub >= 0:
+                break
+        if pol_sub >= 0 and polar == 0.0:
+            return -1.0
+    post = omega * capture * polar
+    G = gv * post
+    # ---- every block once: terms, and their gradients pushed to q and the geometry
+    I = fpar[F_I_BG]
+    g0x = 0.0
+    g0y = 0.0
+    g0z = 0.0
+    for t in range(thicksteps):
+        for subS in range(os):
+            for subF in range(os):
+                first = t == 0 and subS == 0 and subF == 0
+                if first:
+                    px, py, pz, R, dx, dy, dz = p0x, p0y, p0z, R0, d0x, d0y, d0z
+                else:
+                    px, py, pz, R, dx, dy, dz = _geometry(fpixel, spixel, subF, subS, t, geom, fpar, ipar)
+                gdx = 0.0
+                gdy = 0.0
+                gdz = 0.0
+                for s in range(nsrc):
+                    lam = lambdas[s]
+                    qx = (dx + sources[s, 0]) / lam
+                    qy = (dy + sources[s, 1]) / lam
+                    qz = (dz + sources[s, 2]) / lam
+                    if dmin > 0.0:
+                        stol = 0.5 * math.sqrt(qx * qx + qy * qy + qz * qz)
+                        if stol > 0.0 and dmin > 0.5 / stol:
+                            continue
+                    gqx, gqy, gqz, S = square_adjoint(qx, qy, qz, ori, norient, Na, Nb, Nc, fflat, ipar, default_F,
+                                                      G, gor, sc, ibuf, gfix, gF)
+                    I += S
+                    gdx += gqx / lam
+                    gdy += gqy / lam
+                    gdz += gqz / lam
+                    gsrc[s, 0] += gqx / lam
+                    gsrc[s, 1] += gqy / lam
+                    gsrc[s, 2] += gqz / lam
+                    glam[s] -= (gqx * qx + gqy * qy + gqz * qz) / lam
+                if first:
+                    g0x = gdx
+                    g0y = gdy
+                    g0z = gdz
+                elif gdx != 0.0 or gdy != 0.0 or gdz != 0.0:
+                    gpx, gpy, gpz = direction_vjp(gdx, gdy, gdz, 0.0, px, py, pz, R, dx, dy, dz)
+                    position_vjp(gpx, gpy, gpz, fpixel, spixel, subF, subS, t, geom, fpar, ipar, gfix)
+    gfix[G_FPAR + F_I_BG] += G
+    value = I * post
+    gfix[G_SCALE] += gv * value
+    # ---- the factors' gradients, now that the sum is known
+    g_om = gv * I * capture * polar
+    gfix[G_FPAR + F_PIXEL] += g_om * om_pix
+    gfix[G_FPAR + F_CLOSE_DISTANCE] += g_om * om_close
+    gR0 = g_om * om_R
+    if pol_sub >= 0:
+        g_pol = gv * I * omega * capture
+        gfix[G_FPAR + F_KAHN] += g_pol * pbuf[0]
+        gsrc[pol_src, 0] -= g_pol * pbuf[1]
+        gsrc[pol_src, 1] -= g_pol * pbuf[2]
+        gsrc[pol_src, 2] -= g_pol * pbuf[3]
+        gfix[G_GEOM + 15] += g_pol * pbuf[7]
+        gfix[G_GEOM + 16] += g_pol * pbuf[8]
+        gfix[G_GEOM + 17] += g_pol * pbuf[9]
+        gpx = g_pol * pbuf[4]
+        gpy = g_pol * pbuf[5]
+        gpz = g_pol * pbuf[6]
+        if pol_sub == 0:
+            g0x += gpx
+            g0y += gpy
+            g0z += gpz
+        else:
+            su = pol_sub
+            sx, sy, sz, sR, sdx, sdy, sdz = _geometry(fpixel, spixel, su % os, (su // os) % os, su // (os * os),
+                                                      geom, fpar, ipar)
+            hx, hy, hz = direction_vjp(gpx, gpy, gpz, 0.0, sx, sy, sz, sR, sdx, sdy, sdz)
+            position_vjp(hx, hy, hz, fpixel, spixel, su % os, (su // os) % os, su // (os * os), geom, fpar, ipar, gfix)
+    gpx, gpy, gpz = direction_vjp(g0x, g0y, g0z, gR0, p0x, p0y, p0z, R0, d0x, d0y, d0z)
+    position_vjp(gpx, gpy, gpz, fpixel, spixel, 0, 0, 0, geom, fpar, ipar, gfix)
+    if fpar[F_THICK] != 0.0:
+        g_cap = gv * I * omega * polar
+        _factors_vjp(0.0, g_cap, 0.0, fpixel, spixel, 0, 0, thicksteps - 1, 0, geom, fpar, ipar, sources, gfix,
+                     gsrc, pbuf)
     return value
 
 
@@ -335,7 +647,14 @@ def adjoint(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ups
     nsrc = sources.shape[0]
     os = ipar[I_OVERSAMPLE]
     nblocks = ipar[I_THICKSTEPS] * os * os * nsrc
+    ori = orientations_soa(orients)
+    fflat = fgrid.ravel()
+    norient = orients.shape[0]
+    npad = ori.shape[1]
+    fast = fast_path(ipar)
     for c in prange(nchunks):
+        sc = np.empty((NSCRATCH, npad))
+        ibuf = np.empty(npad, dtype=np.int64)
         blk_I = np.empty(nblocks)
         blk_m = np.empty(nblocks)
         blk_K = np.empty(nblocks, dtype=np.int64)
@@ -357,7 +676,14 @@ def adjoint(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ups
                 if use_mask and mask[spixel, fpixel] == 0:
                     continue
                 gv = upstream[spixel, fpixel] * scale
-                v = pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
-                                  blk_I, blk_m, blk_K, blk_id, lp, pbuf, fidx, fw,
-                                  gfix, gsrc, glam, gor, grec, gF)
+                if gv == 0.0:
+                    continue
+                v = -1.0
+                if fast:
+                    v = pixel_adjoint_fast(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, ori, norient,
+                                           fflat, sc, ibuf, pbuf, gfix, gsrc, glam, gor, gF)
+                if v < 0.0:
+                    v = pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
+                                      blk_I, blk_m, blk_K, blk_id, lp, pbuf, fidx, fw, gfix, gsrc, glam, gor,
+                                      grec, gF)
                 image[spixel, fpixel] = v * scale

@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT,
                       TOPHAT_RADIUS_SQR, lagrange4, polarization_factor, sinc3,
-                      sincg_frac, sinpi_sq_parts)
+                      sincg_frac, sinpi_sq_parts, sum_fixed)
 
 # fpar indices
 F_PIXEL = 0
@@ -163,13 +163,15 @@ def _rotate_axis(vx, vy, vz, ax, ay, az, phi):
             az * d + vz * c + (-ay * vx + ax * vy) * s)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def square_terms(qx, qy, qz, ori, Na, Nb, Nc, fflat, ipar, default_F, buf, ibuf):
     """F_cell^2 F_latt^2 for every orientation (parallelepiped shape, nearest F).
 
     The first loop has no calls, gathers or early exits, so LLVM vectorises it; the
     structure-factor gather, when there is a grid, runs in a second (scalar) loop.
-    ``ori`` is (9, m): rows a_x a_y a_z b_x ... c_z; ``fflat`` the flattened grid.
+    ``ori`` is (9, m8): rows a_x a_y a_z b_x ... c_z, zero-padded (see
+    :func:`orientations_soa`); ``fflat`` the flattened grid.  Entries past the real
+    orientations hold garbage and must be ignored.
     """
     n = ori.shape[1]
     use_grid = ipar[I_HAS_HKLS] != 0
@@ -298,8 +300,7 @@ def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, rec
                         polar = polarization_factor(kahn, ix, iy, iz, dx, dy, dz, pvx, pvy, pvz)
                     if fast:
                         square_terms(qx, qy, qz, ori, Na, Nb, Nc, fflat, ipar, default_F, buf, ibuf)
-                        for m in range(norient):
-                            I += buf[m]
+                        I += sum_fixed(buf, norient)
                         continue
                     for m in range(norient):
                         h = orients[m, 0, 0] * qx + orients[m, 0, 1] * qy + orients[m, 0, 2] * qz
@@ -329,6 +330,31 @@ def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, rec
     return value, omega_sum
 
 
+@njit(cache=True, error_model="numpy")
+def orientations_soa(orients):
+    """(m, 3, 3) rows a, b, c -> (9, m8) so loops over orientations read contiguously.
+
+    m8 is m rounded up to a multiple of 8 (the padding is zeros): the bulk loops then run
+    entirely in vector registers, with no scalar remainder; padded entries are computed
+    and ignored.
+    """
+    norient = orients.shape[0]
+    ori = np.zeros((9, (norient + 7) // 8 * 8))
+    for m in range(norient):
+        for i in range(3):
+            for j in range(3):
+                ori[3 * i + j, m] = orients[m, i, j]
+    return ori
+
+
+@njit(cache=True)
+def fast_path(ipar):
+    """True when the kernels may use the bulk orientation loops (no -oversample_* flags,
+    parallelepiped spots, nearest-neighbour F)."""
+    return (ipar[I_OS_OMEGA] == 0 and ipar[I_OS_POLAR] == 0 and ipar[I_OS_THICK] == 0
+            and ipar[I_SHAPE] == SQUARE and ipar[I_INTERPOLATE] == 0)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def forward(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, image, omega_rows):
     """Fill ``image`` (spixels, fpixels) inside ROI and mask; other pixels are left as they are."""
@@ -339,15 +365,12 @@ def forward(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ima
     ymax = min(ipar[I_ROI + 3], spixels - 1)
     use_mask = ipar[I_USE_MASK] != 0
     norient = orients.shape[0]
-    ori = np.empty((9, norient))
-    for m in range(norient):
-        for i in range(3):
-            for j in range(3):
-                ori[3 * i + j, m] = orients[m, i, j]
+    ori = orientations_soa(orients)
     fflat = fgrid.ravel()
+    npad = ori.shape[1]
     for spixel in prange(ymin, ymax + 1):
-        buf = np.empty(norient)
-        ibuf = np.empty(norient, dtype=np.int64)
+        buf = np.empty(npad)
+        ibuf = np.empty(npad, dtype=np.int64)
         osum = 0.0
         for fpixel in range(xmin, xmax + 1):
             if use_mask and mask[spixel, fpixel] == 0:

@@ -259,7 +259,8 @@ def polarization_grad(kahn, ix, iy, iz, dx, dy, dz, px, py, pz, out):
     by = pz * ix - px * iz
     bz = px * iy - py * ix
     bm = math.sqrt(bx * bx + by * by + bz * bz)
-    psi = 0.0
+    cos2 = 1.0
+    sin2 = 0.0
     dpsi_dix = dpsi_diy = dpsi_diz = 0.0
     dpsi_ddx = dpsi_ddy = dpsi_ddz = 0.0
     dpsi_dpx = dpsi_dpy = dpsi_dpz = 0.0
@@ -277,9 +278,11 @@ def polarization_grad(kahn, ix, iy, iz, dx, dy, dz, px, py, pz, out):
             Ez = ez / em
             yv = Bx * dx + By * dy + Bz * dz
             xv = Ex * dx + Ey * dy + Ez * dz
-            psi = -math.atan2(yv, xv)
             rr = xv * xv + yv * yv
             if rr != 0.0:
+                # psi = -atan2(y, x): cos(2 psi) and sin(2 psi) without trigonometry
+                cos2 = (xv * xv - yv * yv) / rr
+                sin2 = -2.0 * xv * yv / rr
                 dpsi_dy = -xv / rr
                 dpsi_dx = yv / rr
                 dpsi_ddx = dpsi_dy * Bx + dpsi_dx * Ex
@@ -312,10 +315,9 @@ def polarization_grad(kahn, ix, iy, iz, dx, dy, dz, px, py, pz, out):
                 dpsi_dix += gby * pz - gbz * py
                 dpsi_diy += gbz * px - gbx * pz
                 dpsi_diz += gbx * py - gby * px
-    cos2 = math.cos(2.0 * psi)
     p = 0.5 * (1.0 + c2sqr - kahn * cos2 * s2sqr)
     dp_dc2 = c2 * (1.0 + kahn * cos2)
-    dp_dpsi = kahn * math.sin(2.0 * psi) * s2sqr
+    dp_dpsi = kahn * sin2 * s2sqr
     out[0] = -0.5 * cos2 * s2sqr
     out[1] = dp_dc2 * dx + dp_dpsi * dpsi_dix
     out[2] = dp_dc2 * dy + dp_dpsi * dpsi_diy
@@ -337,3 +339,69 @@ def lagrange4_grad(t):
     d2 = (3.0 * t * t - 2.0 * t - 2.0) / -2.0
     d3 = (3.0 * t * t - 1.0) / 6.0
     return d0, d1, d2, d3
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def sincg_grad_flat(delta, N):
+    """:func:`sincg_grad` without branches (both forms computed, one selected), so that
+    loops calling it vectorise.  Same values."""
+    u = math.pi * delta
+    N2 = N * N
+    u2 = u * u
+    a = (1.0 - N2) / 6.0
+    b = (3.0 * N2 * N2 - 10.0 * N2 + 7.0) / 360.0
+    gs = N * (1.0 + a * u2 + b * u2 * u2)
+    dgs = math.pi * N * (2.0 * a * u + 4.0 * b * u2 * u)
+    ngs = 1.0 + a * u2 + b * u2 * u2 + N * (-N / 3.0 * u2 + (12.0 * N2 * N - 20.0 * N) / 360.0 * u2 * u2)
+    rden = 1.0 / _sinpi_reduced(delta)
+    x = N * delta
+    r = x - math.floor(x + 0.5)
+    g = _sinpi_reduced(r) * rden
+    dg_dx = math.pi * _cospi_reduced(r) * rden
+    dg = N * dg_dx - g * math.pi * _cospi_reduced(delta) * rden
+    ng = delta * dg_dx
+    series = abs(N * u) < 2e-3
+    return (gs if series else g), (dgs if series else dg), (ngs if series else ng)
+
+
+@njit(cache=True, error_model="numpy")
+def sum_row(a, row, n):
+    """:func:`sum_fixed` of a[row, :n] (no array view is made)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    m = 0
+    while m + 8 <= n:
+        a0 += a[row, m]
+        a1 += a[row, m + 1]
+        a2 += a[row, m + 2]
+        a3 += a[row, m + 3]
+        a4 += a[row, m + 4]
+        a5 += a[row, m + 5]
+        a6 += a[row, m + 6]
+        a7 += a[row, m + 7]
+        m += 8
+    while m < n:
+        a0 += a[row, m]
+        m += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@njit(cache=True, error_model="numpy")
+def sum_fixed(buf, n):
+    """Sum of buf[:n] in a fixed order with eight partial sums (vectorisable, and the
+    same result whatever the thread count)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    m = 0
+    while m + 8 <= n:
+        a0 += buf[m]
+        a1 += buf[m + 1]
+        a2 += buf[m + 2]
+        a3 += buf[m + 3]
+        a4 += buf[m + 4]
+        a5 += buf[m + 5]
+        a6 += buf[m + 6]
+        a7 += buf[m + 7]
+        m += 8
+    while m < n:
+        a0 += buf[m]
+        m += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))

@@ -17,7 +17,111 @@ from .cpu import (F_CLOSE_DISTANCE, F_DEFAULT_F, F_DMIN, F_FUDGE, F_I_BG, F_KAHN
                   I_SHAPE, I_THICKSTEPS, I_USE_MASK, I_WATER, NF)
 from .derivs import LP_SIZE, F_grad, capture_partials, lattice_grad, omega_partials
 from .adjoint import _geometry, _omega
-from .physics import polarization_grad
+from .physics import polarization_grad, sincg_grad_flat, sum_fixed, sum_row
+from .cpu import I_HAS_HKLS, I_HKL_MAX, I_HKL_MIN, fast_path, orientations_soa
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, dq, dfpar, dori, has_dori,
+                   dI, sc, ibuf):
+    """Tangents of one block's terms (parallelepiped, nearest F, no -oversample_* flags).
+
+    Adds d(sum of terms)/dtheta_p to dI[p] and returns the sum of terms.  The per-
+    orientation work is done once (vectorised); each parameter then costs three dot
+    products, plus one vectorised pass when it moves the orientations.
+    """
+    n = ori.shape[1]
+    use_grid = ipar[I_HAS_HKLS] != 0
+    hmin = ipar[I_HKL_MIN]
+    kmin = ipar[I_HKL_MIN + 1]
+    lmin = ipar[I_HKL_MIN + 2]
+    nh = ipar[I_HKL_MAX] - hmin + 1
+    nk = ipar[I_HKL_MAX + 1] - kmin + 1
+    nl = ipar[I_HKL_MAX + 2] - lmin + 1
+    ua = Na > 1.0
+    ub = Nb > 1.0
+    uc = Nc > 1.0
+    for m in range(n):
+        h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
+        k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
+        l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
+        h0 = math.ceil(h - 0.5)
+        k0 = math.ceil(k - 0.5)
+        l0 = math.ceil(l - 0.5)
+        ga, dga, nga = sincg_grad_flat(h - h0, Na)
+        gb, dgb, ngb = sincg_grad_flat(k - k0, Nb)
+        gc, dgc, ngc = sincg_grad_flat(l - l0, Nc)
+        ga = ga if ua else 1.0
+        dga = dga if ua else 0.0
+        nga = nga if ua else 0.0
+        gb = gb if ub else 1.0
+        dgb = dgb if ub else 0.0
+        ngb = ngb if ub else 0.0
+        gc = gc if uc else 1.0
+        dgc = dgc if uc else 0.0
+        ngc = ngc if uc else 0.0
+        sc[0, m] = ga * gb * gc
+        sc[1, m] = dga * gb * gc
+        sc[2, m] = ga * dgb * gc
+        sc[3, m] = ga * gb * dgc
+        sc[4, m] = nga * gb * gc
+        sc[5, m] = ga * ngb * gc
+        sc[6, m] = ga * gb * ngc
+        if use_grid:
+            ih = h0 - hmin
+            ik = k0 - kmin
+            il = l0 - lmin
+            inside = (ih >= 0) & (ih < nh) & (ik >= 0) & (ik < nk) & (il >= 0) & (il < nl)
+            ibuf[m] = (ih * nk + ik) * nl + il if inside else -1
+    if use_grid:
+        for m in range(nreal):
+            j = ibuf[m]
+            sc[7, m] = fflat[j] if j >= 0 else default_F
+            sc[8, m] = 0.0 if j >= 0 else 1.0
+    else:
+        for m in range(nreal):
+            sc[7, m] = default_F
+            sc[8, m] = 1.0
+    for m in range(nreal, n):
+        sc[7, m] = 0.0
+        sc[8, m] = 0.0
+    for m in range(n):
+        F = sc[7, m]
+        L = sc[0, m]
+        c = 2.0 * F * F * L
+        cA = c * sc[1, m]
+        cB = c * sc[2, m]
+        cC = c * sc[3, m]
+        sc[9, m] = cA * ori[0, m] + cB * ori[3, m] + cC * ori[6, m]
+        sc[10, m] = cA * ori[1, m] + cB * ori[4, m] + cC * ori[7, m]
+        sc[11, m] = cA * ori[2, m] + cB * ori[5, m] + cC * ori[8, m]
+        sc[4, m] = c * sc[4, m]
+        sc[5, m] = c * sc[5, m]
+        sc[6, m] = c * sc[6, m]
+        sc[8, m] = sc[8, m] * 2.0 * F * L * L
+        sc[12, m] = F * F * L * L
+        sc[1, m] = cA
+        sc[2, m] = cB
+        sc[3, m] = cC
+    Wx = sum_row(sc, 9, n)
+    Wy = sum_row(sc, 10, n)
+    Wz = sum_row(sc, 11, n)
+    SNa = sum_row(sc, 4, n)
+    SNb = sum_row(sc, 5, n)
+    SNc = sum_row(sc, 6, n)
+    SD = sum_row(sc, 8, n)
+    npar = dI.shape[0]
+    for p in range(npar):
+        v = (dq[p, 0] * Wx + dq[p, 1] * Wy + dq[p, 2] * Wz + dfpar[p, F_NA] * SNa + dfpar[p, F_NB] * SNb
+             + dfpar[p, F_NC] * SNc + dfpar[p, F_DEFAULT_F] * SD)
+        if has_dori[p]:
+            for m in range(n):
+                sc[13, m] = (sc[1, m] * (dori[p, 0, m] * qx + dori[p, 1, m] * qy + dori[p, 2, m] * qz)
+                             + sc[2, m] * (dori[p, 3, m] * qx + dori[p, 4, m] * qy + dori[p, 5, m] * qz)
+                             + sc[3, m] * (dori[p, 6, m] * qx + dori[p, 7, m] * qy + dori[p, 8, m] * qz))
+            v += sum_row(sc, 13, n)
+        dI[p] += v
+    return sum_row(sc, 12, nreal)
 
 
 @njit(cache=True, error_model="numpy")
@@ -83,7 +187,8 @@ def _position_jvp(fpixel, spixel, subF, subS, t, geom, fpar, ipar, dgeom, dfpar,
 
 @njit(cache=True, error_model="numpy")
 def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
-                  dgeom, dfpar, dsrc, dlam, dori, drec, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw):
+                  dgeom, dfpar, dsrc, dlam, dori, drec, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw,
+                  ori, fflat, dori_soa, has_dori, sc, ibuf):
     """Value (unscaled) of one pixel; its tangents are left in dI (P)."""
     os = ipar[I_OVERSAMPLE]
     thicksteps = ipar[I_THICKSTEPS]
@@ -102,6 +207,7 @@ def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, r
     nsrc = sources.shape[0]
     norient = orients.shape[0]
     npar = dI.shape[0]
+    fast = fast_path(ipar)
     I = fpar[F_I_BG]
     for p in range(npar):
         dI[p] = dfpar[p, F_I_BG]
@@ -167,6 +273,10 @@ def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, r
                         m *= polar
                     if os_omega:
                         m *= omega
+                    if fast:
+                        I += square_tangent(qx, qy, qz, ori, norient, Na, Nb, Nc, fflat, ipar, default_F, dq, dfpar,
+                                            dori_soa, has_dori, dI, sc, ibuf)
+                        continue
                     for p in range(npar):
                         v = 0.0
                         if os_thick:
@@ -227,7 +337,7 @@ def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, r
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def tangent(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, scale, dscale,
-            dgeom, dfpar, dsrc, dlam, dori, drec, J, image):
+            dgeom, dfpar, dsrc, dlam, dori, drec, dori_soa, has_dori, J, image):
     """J[s, f, p] = d(scaled image)/d(theta_p); ``image`` receives the scaled image."""
     spixels, fpixels = image.shape
     xmin = max(ipar[I_ROI], 0)
@@ -236,7 +346,12 @@ def tangent(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, sca
     ymax = min(ipar[I_ROI + 3], spixels - 1)
     use_mask = ipar[I_USE_MASK] != 0
     npar = dfpar.shape[0]
+    ori = orientations_soa(orients)
+    fflat = fgrid.ravel()
+    npad = ori.shape[1]
     for spixel in prange(ymin, ymax + 1):
+        sc = np.empty((14, npad))
+        ibuf = np.empty(npad, dtype=np.int64)
         dP = np.empty((npar, 3))
         dd = np.empty((npar, 4))
         dq = np.empty((npar, 3))
@@ -254,7 +369,7 @@ def tangent(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, sca
                 continue
             v = pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
                               dgeom, dfpar, dsrc, dlam, dori, drec, dP, dd, dq, dI, dom, dcap, dpol, dm,
-                              lp, pbuf, fidx, fw)
+                              lp, pbuf, fidx, fw, ori, fflat, dori_soa, has_dori, sc, ibuf)
             image[spixel, fpixel] = v * scale
             for p in range(npar):
                 J[spixel, fpixel, p] = scale * dI[p] + dscale[p] * v
@@ -272,12 +387,17 @@ def run_tangent(model, tangents, threads=None):
     dori = np.ascontiguousarray(np.array([t.orients for t in tangents]).reshape((P,) + ori.shape))
     drec = np.ascontiguousarray(np.array([t.recip for t in tangents]).reshape(P, 3, 3))
     dscale = np.array([t.scale for t in tangents], dtype=np.float64)
+    m = ori.shape[0]
+    npad = (m + 7) // 8 * 8
+    dori_soa = np.zeros((P, 9, npad))
+    dori_soa[:, :, :m] = dori.reshape(P, m, 9).transpose(0, 2, 1)
+    has_dori = np.array([bool(np.any(t.orients != 0)) for t in tangents])
     J = np.zeros(model.shape + (P,))
     image = np.zeros(model.shape)
     prev = set_threads(threads)
     try:
         tangent(geom, fpar, ipar, src, lam, ori, rec, grid, mask, model.scale, dscale,
-                dgeom, dfpar, dsrc, dlam, dori, drec, J, image)
+                dgeom, dfpar, dsrc, dlam, dori, drec, dori_soa, has_dori, J, image)
     finally:
         if threads is not None:
             set_threads(prev)
