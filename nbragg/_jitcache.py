@@ -3,8 +3,8 @@
 Numba decides whether a cached compilation is still valid from the source file of the
 function alone.  nbragg's kernels call functions in other files (physics, derivatives),
 so a change there would leave stale machine code behind.  This locator gives every
-nbragg function the same freshness stamp: a hash of all of nbragg's Python sources.
-Any change anywhere in the package recompiles everything once.
+nbragg function the same freshness stamp: a hash of all of nbragg's Python sources that
+hold compiled code.  Any change to one of them recompiles everything once.
 """
 
 import hashlib
@@ -23,9 +23,12 @@ def package_stamp():
             for name in sorted(files):
                 if name.endswith(".py"):
                     path = os.path.join(root, name)
-                    h.update(os.path.relpath(path, _PKG_DIR).encode())
                     with open(path, "rb") as fh:
-                        h.update(fh.read())
+                        text = fh.read()
+                    if b"njit" not in text and b"cuda.jit" not in text:
+                        continue
+                    h.update(os.path.relpath(path, _PKG_DIR).encode())
+                    h.update(text)
         _STAMP = h.hexdigest()
     return _STAMP
 

@@ -26,10 +26,81 @@ CASES = {
 }
 
 
+def _experiment(name):
+    """The benchmark's experiment; "B2hkl" is B2 with a structure-factor grid (random F)."""
+    from .nbargs import parse_nanobragg_args
+    import numpy as np
+    if name == "B2hkl":
+        exp = parse_nanobragg_args(CASES["B2"].split(), warn=lambda m: None).experiment
+        grid = np.random.default_rng(0).uniform(1.0, 100.0, (41, 41, 41))
+        return exp.replace(structure=exp.structure.replace(Fhkl=grid, hkl_origin=(-20, -20, -20), hkl_count=grid.size))
+    return parse_nanobragg_args(CASES[name].split(), warn=lambda m: None).experiment
+
+
 def _model(args):
     from .engine import build_model
     from .nbargs import parse_nanobragg_args
     return build_model(parse_nanobragg_args(args.split(), warn=lambda m: None).experiment, warn=lambda m: None)
+
+
+def _best(fn, repeat):
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gradient_figures(name, threads, repeat, nparams=15):
+    """(forward s, gradient-of-everything s, Jacobian s for nparams parameters)."""
+    import numpy as np
+    from .engine import build_model, render
+    from .gradients import raw_gradient
+    from .kernels.tangent import run_tangent
+    from .params import SCALAR_PARAMS, input_tangent
+    model = build_model(_experiment(name), warn=lambda m: None)
+    w = np.random.default_rng(0).uniform(0.5, 1.5, model.shape)
+    names = list(SCALAR_PARAMS)
+
+    def everything():
+        raw = raw_gradient(model, w, threads=threads)
+        for n in names:                      # the chain rule to every named parameter
+            raw.contract(input_tangent(model, n))
+
+    tans = [input_tangent(model, n) for n in names[:nparams]]
+    tf = _best(lambda: render(model, threads=threads), repeat)
+    tg = _best(everything, repeat)
+    tj = _best(lambda: run_tangent(model, tans, threads=threads), repeat)
+    return tf, tg, tj
+
+
+def memory_probe(name, what):
+    """Run one forward or gradient in this process; print the peak resident memory (kB)."""
+    import resource
+    import numpy as np
+    from .engine import build_model, render
+    from .gradients import raw_gradient
+    model = build_model(_experiment(name), warn=lambda m: None)
+    if what == "forward":
+        render(model)
+    else:
+        raw_gradient(model, np.ones(model.shape))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def peak_memory(name):
+    """Peak resident memory (MB) of a process doing one forward, and one gradient."""
+    out = {}
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    for what in ("forward", "gradient"):
+        code = f"from nbragg.bench import memory_probe; memory_probe({name!r}, {what!r})"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        out[what] = int(proc.stdout.strip().splitlines()[-1]) / 1024.0
+    return out
 
 
 def time_forward(model, threads, repeat):
@@ -70,12 +141,18 @@ def compare_nanobragg(binary, args, threads, repeat):
         return statistics.median(tc), statistics.median(tn)
 
 
+def _scalar_names():
+    from .params import SCALAR_PARAMS
+    return SCALAR_PARAMS
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nbragg.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="B1,B2", help="comma-separated benchmark names (B1, B2)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     ap.add_argument("--nanobragg", metavar="PATH", help="a nanoBragg binary to compare against")
+    ap.add_argument("--no-gradients", action="store_true", help="skip the gradient and Jacobian figures")
     opts = ap.parse_args(argv)
     import numba
     threads = [int(t) for t in opts.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
@@ -89,6 +166,18 @@ def main(argv=None):
         for t in threads:
             dt = time_forward(model, t, opts.repeat)
             print(f"  forward  threads={t}: {dt:8.3f} s   {n / dt:12.4g} evaluations/s")
+        if not opts.no_gradients:
+            t = max(threads)
+            variants = [name] + (["B2hkl"] if name == "B2" else [])
+            for v in variants:
+                tf, tg, tj = gradient_figures(v, t, opts.repeat)
+                label = v + (" (with a 41^3 Fhkl grid)" if v == "B2hkl" else "")
+                print(f"  {label}, threads={t}: forward {tf:.3f} s; gradient of all {len(_scalar_names())}"
+                      f"{' + Fhkl' if v == 'B2hkl' else ''} parameters {tg:.3f} s = {tg / tf:.2f}x forward; "
+                      f"Jacobian (15 parameters) {tj:.3f} s = {tj / tf:.2f}x forward (goal {1 + 15 / 2:.1f})")
+            mem = peak_memory(name)
+            print(f"  peak resident memory: forward process {mem['forward']:.0f} MB, gradient process "
+                  f"{mem['gradient']:.0f} MB ({mem['gradient'] / mem['forward']:.2f}x)")
         if opts.nanobragg:
             binary = shutil.which(opts.nanobragg) or opts.nanobragg
             for t in threads:

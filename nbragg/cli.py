@@ -7,7 +7,6 @@ User errors print one line on stderr and exit with status 2, writing no image.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
@@ -93,20 +92,16 @@ def run(argv, stdout=None, stderr=None):
                             mask_name=parsed.maskfile or "mask"):
         say(line)
 
-    progress = None
     bar = None
     if o.progress and not o.printout and model.inner_evaluations > 2e7:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=model.roi_clipped[3] - model.roi_clipped[2] + 1, unit="rows",
-                       file=err, leave=False, desc="nbragg")
+        from tqdm import tqdm
+        bar = tqdm(total=model.roi_clipped[3] - model.roi_clipped[2] + 1, unit="rows",
+                   file=err, leave=False, desc="nbragg")
 
-            def progress(done, total):
-                bar.update(done - bar.n)
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            progress = None
+    def progress(done, total):
+        bar.update(done - bar.n)
     try:
-        image, omega_sum = engine.render(model, threads=threads, progress=progress)
+        image, omega_sum = engine.render(model, threads=threads, progress=progress if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()

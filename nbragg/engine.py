@@ -20,7 +20,7 @@ from .models.beam import Sources, resolve_sources
 from .models.crystal import CrystalModel, resolve_crystal
 from .models.detector import DetectorGeometry, resolve_detector
 from .models.structure import StructureModel, resolve_structure
-from .units import ANGSTROM, AVOGADRO, MM, R_E_SQR, RTD, UM, WATER_F, WATER_MW
+from .units import AVOGADRO, R_E_SQR, WATER_F, WATER_MW
 
 log = logging.getLogger("nbragg")
 

@@ -54,12 +54,15 @@ def _check_upstream(model, upstream):
     return np.ascontiguousarray(g)
 
 
-def raw_gradient(model, upstream, threads=None):
-    """Adjoint kernel: dL/du for every kernel input u, with L = sum(upstream * image)."""
+def raw_gradient(model, upstream, threads=None, want_image=False):
+    """Adjoint kernel: dL/du for every kernel input u, with L = sum(upstream * image).
+
+    With ``want_image`` the (scaled) image is returned too, for the pixels where the
+    upstream is not zero."""
     g = _check_upstream(model, upstream)
     geom, fpar, ipar, src, lam, ori, rec, grid, mask = kernel_args(model)
     xmin, xmax, ymin, ymax = model.roi_clipped
-    nchunks = min(A.NCHUNKS, ymax - ymin + 1)
+    nchunks = A.n_chunks(ymax - ymin + 1, grid.size)
     gfix = np.zeros((nchunks, NFIX))
     gsrc = np.zeros((nchunks,) + src.shape)
     glam = np.zeros((nchunks, len(lam)))
@@ -67,7 +70,7 @@ def raw_gradient(model, upstream, threads=None):
     gor = np.zeros((nchunks, 9, npad))
     grec = np.zeros((nchunks, 9))
     gF = np.zeros((nchunks, grid.size))
-    image = np.zeros(model.shape)
+    image = np.zeros(model.shape) if want_image else np.zeros((1, 1))
     prev = set_threads(threads)
     try:
         A.adjoint(geom, fpar, ipar, src, lam, ori, rec, grid, mask, g, model.scale, nchunks,
@@ -81,7 +84,7 @@ def raw_gradient(model, upstream, threads=None):
         geom=gfix[G_GEOM:G_GEOM + 18].reshape(6, 3), fpar=gfix[G_FPAR:G_FPAR + len(fpar)],
         sources=gsrc.sum(axis=0), lambdas=glam.sum(axis=0), orients=gor.sum(axis=0)[:, :ori.shape[0]].T.reshape(ori.shape),
         recip=grec.sum(axis=0).reshape(3, 3), Fgrid=gF.sum(axis=0).reshape(grid.shape),
-        scale=gfix[G_SCALE] / model.scale if model.scale != 0 else 0.0, image=image,
+        scale=gfix[G_SCALE] / model.scale if model.scale != 0 else 0.0, image=image if want_image else None,
     )
 
 

@@ -30,7 +30,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .errors import ArgumentError, InputFileError, NbraggError, ParameterError
+from .errors import ArgumentError, ParameterError
 from .experiment import Beam, Crystal, Detector, Experiment, Sampling, Structure
 from .models.crystal import _reciprocal_standard, cell_from_vectors, cell_vectors
 from .models.geometry import cross, dot, rotate_xyz

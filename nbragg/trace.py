@@ -13,7 +13,6 @@ import math
 import numpy as np
 
 from .kernels import cpu as K
-from .units import R_E_SQR
 
 
 def trace_pixel(model, fpixel, spixel):

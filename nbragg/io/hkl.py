@@ -9,8 +9,6 @@ warning (nanoBragg.c warns too).  A later line for the same hkl replaces an earl
 import logging
 import math
 import os
-import struct
-import tempfile
 
 import numpy as np
 

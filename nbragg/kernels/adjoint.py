@@ -26,9 +26,16 @@ from .cpu import (F_CLOSE_DISTANCE, F_DEFAULT_F, F_DMIN, F_FUDGE, F_I_BG, F_KAHN
                   orientations_soa, subpixel_position)
 from .derivs import (G_FPAR, G_GEOM, G_SCALE, LP_SIZE, F_grad, capture_partials, direction_vjp,
                      lattice_grad, omega_partials, position_vjp)
-from .physics import SQUARE, polarization_factor, polarization_grad, sincg_grad_flat, sum_row
+from .physics import SQUARE, polarization_factor, polarization_grad, axis_lattice_grad, sum_row
 
-NCHUNKS = 64   # fixed number of row chunks: the reduction order never depends on threads
+NCHUNKS = 64   # row chunks; the number depends on the problem only, never on the thread count
+CHUNK_GRID_BYTES = 16 * 2 ** 20   # memory for per-chunk structure-factor partials
+
+
+def n_chunks(nrows, grid_size):
+    """How many row chunks (each with its own partial gradients) the adjoint uses."""
+    by_memory = max(4, CHUNK_GRID_BYTES // max(8 * grid_size, 1))
+    return int(max(1, min(NCHUNKS, nrows, by_memory)))
 
 # rows of the per-chunk scratch used by square_adjoint
 _S_L, _S_LH, _S_LK, _S_LL, _S_NA, _S_NB, _S_NC, _S_F, _S_BX, _S_BY, _S_BZ, _S_GA, _S_GB, _S_GC = range(14)
@@ -64,27 +71,60 @@ def square_adjoint(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, G
     """
     n = ori.shape[1]
     use_grid = ipar[I_HAS_HKLS] != 0
-    ua = Na > 1.0
-    ub = Nb > 1.0
-    uc = Nc > 1.0
+    if not use_grid and nreal < 8:
+        # a few orientations: plain scalar accumulation, no padded vector passes
+        gqx = 0.0
+        gqy = 0.0
+        gqz = 0.0
+        S = 0.0
+        gNa = 0.0
+        gNb = 0.0
+        gNc = 0.0
+        gD = 0.0
+        F = default_F
+        for m in range(nreal):
+            h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
+            k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
+            l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
+            ga, dga, nga = axis_lattice_grad(h - math.ceil(h - 0.5), Na)
+            gb, dgb, ngb = axis_lattice_grad(k - math.ceil(k - 0.5), Nb)
+            gc, dgc, ngc = axis_lattice_grad(l - math.ceil(l - 0.5), Nc)
+            L = ga * gb * gc
+            c = G * 2.0 * F * F * L
+            gh = c * dga * gb * gc
+            gk = c * ga * dgb * gc
+            gl = c * ga * gb * dgc
+            gor[0, m] += gh * qx
+            gor[1, m] += gh * qy
+            gor[2, m] += gh * qz
+            gor[3, m] += gk * qx
+            gor[4, m] += gk * qy
+            gor[5, m] += gk * qz
+            gor[6, m] += gl * qx
+            gor[7, m] += gl * qy
+            gor[8, m] += gl * qz
+            gqx += gh * ori[0, m] + gk * ori[3, m] + gl * ori[6, m]
+            gqy += gh * ori[1, m] + gk * ori[4, m] + gl * ori[7, m]
+            gqz += gh * ori[2, m] + gk * ori[5, m] + gl * ori[8, m]
+            gNa += c * nga * gb * gc
+            gNb += c * ga * ngb * gc
+            gNc += c * ga * gb * ngc
+            S += F * F * L * L
+            gD += G * 2.0 * F * L * L
+        gfix[G_FPAR + F_NA] += gNa
+        gfix[G_FPAR + F_NB] += gNb
+        gfix[G_FPAR + F_NC] += gNc
+        gfix[G_FPAR + F_DEFAULT_F] += gD
+        return gqx, gqy, gqz, S
     if not use_grid:
         # F = default_F for every orientation: the partials come out already scaled
         for m in range(n):
             h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
             k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
             l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
-            ga, dga, nga = sincg_grad_flat(h - math.ceil(h - 0.5), Na)
-            gb, dgb, ngb = sincg_grad_flat(k - math.ceil(k - 0.5), Nb)
-            gc, dgc, ngc = sincg_grad_flat(l - math.ceil(l - 0.5), Nc)
-            ga = ga if ua else 1.0
-            dga = dga if ua else 0.0
-            nga = nga if ua else 0.0
-            gb = gb if ub else 1.0
-            dgb = dgb if ub else 0.0
-            ngb = ngb if ub else 0.0
-            gc = gc if uc else 1.0
-            dgc = dgc if uc else 0.0
-            ngc = ngc if uc else 0.0
+            ga, dga, nga = axis_lattice_grad(h - math.ceil(h - 0.5), Na)
+            gb, dgb, ngb = axis_lattice_grad(k - math.ceil(k - 0.5), Nb)
+            gc, dgc, ngc = axis_lattice_grad(l - math.ceil(l - 0.5), Nc)
             F = default_F if m < nreal else 0.0
             L = ga * gb * gc
             c = G * 2.0 * F * F * L
@@ -138,9 +178,6 @@ def square_adjoint(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, G
 def _lattice_grid_pass(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, G, sc, ibuf):
     """The lattice pass of :func:`square_adjoint` when F comes from a grid (a gather)."""
     n = ori.shape[1]
-    ua = Na > 1.0
-    ub = Nb > 1.0
-    uc = Nc > 1.0
     for m in range(n):
         h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
         k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
@@ -148,18 +185,9 @@ def _lattice_grid_pass(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_
         h0 = math.ceil(h - 0.5)
         k0 = math.ceil(k - 0.5)
         l0 = math.ceil(l - 0.5)
-        ga, dga, nga = sincg_grad_flat(h - h0, Na)
-        gb, dgb, ngb = sincg_grad_flat(k - k0, Nb)
-        gc, dgc, ngc = sincg_grad_flat(l - l0, Nc)
-        ga = ga if ua else 1.0
-        dga = dga if ua else 0.0
-        nga = nga if ua else 0.0
-        gb = gb if ub else 1.0
-        dgb = dgb if ub else 0.0
-        ngb = ngb if ub else 0.0
-        gc = gc if uc else 1.0
-        dgc = dgc if uc else 0.0
-        ngc = ngc if uc else 0.0
+        ga, dga, nga = axis_lattice_grad(h - h0, Na)
+        gb, dgb, ngb = axis_lattice_grad(k - k0, Nb)
+        gc, dgc, ngc = axis_lattice_grad(l - l0, Nc)
         sc[_S_L, m] = ga * gb * gc
         sc[_S_LH, m] = dga * gb * gc
         sc[_S_LK, m] = ga * dgb * gc
@@ -634,10 +662,11 @@ def adjoint(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ups
             gfix_c, gsrc_c, glam_c, gor_c, grec_c, gF_c, image):
     """Partial gradients per chunk of rows (summed by the caller in chunk order).
 
-    ``upstream`` (spixels, fpixels) is dL/dI for the scaled image; ``image`` receives
-    the forward image (scaled), which the replay computes anyway.
+    ``upstream`` (spixels, fpixels) is dL/dI for the scaled image; ``image``, when it
+    has the image's shape, receives the (scaled) image of the pixels with non-zero
+    upstream, which the adjoint computes anyway (pass a 1x1 array to skip it).
     """
-    spixels, fpixels = image.shape
+    spixels, fpixels = upstream.shape
     xmin = max(ipar[I_ROI], 0)
     xmax = min(ipar[I_ROI + 1], fpixels - 1)
     ymin = max(ipar[I_ROI + 2], 0)
@@ -652,6 +681,7 @@ def adjoint(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ups
     norient = orients.shape[0]
     npad = ori.shape[1]
     fast = fast_path(ipar)
+    want_image = image.shape[0] == spixels and image.shape[1] == fpixels and spixels * fpixels > 1
     for c in prange(nchunks):
         sc = np.empty((NSCRATCH, npad))
         ibuf = np.empty(npad, dtype=np.int64)
@@ -686,4 +716,5 @@ def adjoint(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ups
                     v = pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
                                       blk_I, blk_m, blk_K, blk_id, lp, pbuf, fidx, fw, gfix, gsrc, glam, gor,
                                       grec, gF)
-                image[spixel, fpixel] = v * scale
+                if want_image:
+                    image[spixel, fpixel] = v * scale

@@ -20,7 +20,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT,
+from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE,
                       TOPHAT_RADIUS_SQR, lagrange4, polarization_factor, sinc3,
                       sincg_frac, sinpi_sq_parts, sum_fixed)
 
@@ -364,7 +364,6 @@ def forward(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ima
     ymin = max(ipar[I_ROI + 2], 0)
     ymax = min(ipar[I_ROI + 3], spixels - 1)
     use_mask = ipar[I_USE_MASK] != 0
-    norient = orients.shape[0]
     ori = orientations_soa(orients)
     fflat = fgrid.ravel()
     npad = ori.shape[1]

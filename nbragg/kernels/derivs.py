@@ -10,7 +10,7 @@ import math
 
 from numba import njit
 
-from .cpu import (F_CLOSE_DISTANCE, F_DISTANCE, F_FUDGE, F_MU, F_NA, F_PIXEL, F_SUBPIXEL,
+from .cpu import (F_CLOSE_DISTANCE, F_DISTANCE, F_MU, F_PIXEL, F_SUBPIXEL,
                   F_THICKSTEP, I_CURVED, I_HAS_HKLS, I_HKL_MAX, I_HKL_MIN, I_INTERPOLATE,
                   I_OVERSAMPLE, I_POINT_PIXEL)
 from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR,

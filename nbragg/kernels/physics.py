@@ -364,6 +364,15 @@ def sincg_grad_flat(delta, N):
     return (gs if series else g), (dgs if series else dg), (ngs if series else ng)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def axis_lattice_grad(delta, N):
+    """:func:`sincg_grad_flat` for an axis with N > 1, and (1, 0, 0) for an axis with
+    N <= 1, which nanoBragg leaves out of the lattice factor."""
+    g, dg, ng = sincg_grad_flat(delta, N)
+    use = N > 1.0
+    return (g if use else 1.0), (dg if use else 0.0), (ng if use else 0.0)
+
+
 @njit(cache=True, error_model="numpy")
 def sum_row(a, row, n):
     """:func:`sum_fixed` of a[row, :n] (no array view is made)."""

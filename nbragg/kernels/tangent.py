@@ -13,11 +13,11 @@ from numba import njit, prange
 
 from .cpu import (F_CLOSE_DISTANCE, F_DEFAULT_F, F_DMIN, F_FUDGE, F_I_BG, F_KAHN, F_MU, F_NA,
                   F_NB, F_NC, F_PIXEL, F_SUBPIXEL, F_THICK, F_THICKSTEP, F_DISTANCE, I_CURVED,
-                  I_NOPOLAR, I_OS_OMEGA, I_OS_POLAR, I_OS_THICK, I_OVERSAMPLE, I_POINT_PIXEL, I_ROI,
+                  I_NOPOLAR, I_OS_OMEGA, I_OS_POLAR, I_OS_THICK, I_OVERSAMPLE, I_ROI,
                   I_SHAPE, I_THICKSTEPS, I_USE_MASK, I_WATER, NF)
 from .derivs import LP_SIZE, F_grad, capture_partials, lattice_grad, omega_partials
 from .adjoint import _geometry, _omega
-from .physics import polarization_grad, sincg_grad_flat, sum_fixed, sum_row
+from .physics import polarization_grad, axis_lattice_grad, sum_row
 from .cpu import I_HAS_HKLS, I_HKL_MAX, I_HKL_MIN, fast_path, orientations_soa
 
 
@@ -38,9 +38,6 @@ def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, d
     nh = ipar[I_HKL_MAX] - hmin + 1
     nk = ipar[I_HKL_MAX + 1] - kmin + 1
     nl = ipar[I_HKL_MAX + 2] - lmin + 1
-    ua = Na > 1.0
-    ub = Nb > 1.0
-    uc = Nc > 1.0
     for m in range(n):
         h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
         k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
@@ -48,18 +45,9 @@ def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, d
         h0 = math.ceil(h - 0.5)
         k0 = math.ceil(k - 0.5)
         l0 = math.ceil(l - 0.5)
-        ga, dga, nga = sincg_grad_flat(h - h0, Na)
-        gb, dgb, ngb = sincg_grad_flat(k - k0, Nb)
-        gc, dgc, ngc = sincg_grad_flat(l - l0, Nc)
-        ga = ga if ua else 1.0
-        dga = dga if ua else 0.0
-        nga = nga if ua else 0.0
-        gb = gb if ub else 1.0
-        dgb = dgb if ub else 0.0
-        ngb = ngb if ub else 0.0
-        gc = gc if uc else 1.0
-        dgc = dgc if uc else 0.0
-        ngc = ngc if uc else 0.0
+        ga, dga, nga = axis_lattice_grad(h - h0, Na)
+        gb, dgb, ngb = axis_lattice_grad(k - k0, Nb)
+        gc, dgc, ngc = axis_lattice_grad(l - l0, Nc)
         sc[0, m] = ga * gb * gc
         sc[1, m] = dga * gb * gc
         sc[2, m] = ga * dgb * gc
@@ -115,13 +103,51 @@ def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, d
         v = (dq[p, 0] * Wx + dq[p, 1] * Wy + dq[p, 2] * Wz + dfpar[p, F_NA] * SNa + dfpar[p, F_NB] * SNb
              + dfpar[p, F_NC] * SNc + dfpar[p, F_DEFAULT_F] * SD)
         if has_dori[p]:
-            for m in range(n):
-                sc[13, m] = (sc[1, m] * (dori[p, 0, m] * qx + dori[p, 1, m] * qy + dori[p, 2, m] * qz)
-                             + sc[2, m] * (dori[p, 3, m] * qx + dori[p, 4, m] * qy + dori[p, 5, m] * qz)
-                             + sc[3, m] * (dori[p, 6, m] * qx + dori[p, 7, m] * qy + dori[p, 8, m] * qz))
-            v += sum_row(sc, 13, n)
+            if nreal < 8:   # a few orientations: a plain loop beats a padded vector pass
+                for m in range(nreal):
+                    v += (sc[1, m] * (dori[p, 0, m] * qx + dori[p, 1, m] * qy + dori[p, 2, m] * qz)
+                          + sc[2, m] * (dori[p, 3, m] * qx + dori[p, 4, m] * qy + dori[p, 5, m] * qz)
+                          + sc[3, m] * (dori[p, 6, m] * qx + dori[p, 7, m] * qy + dori[p, 8, m] * qz))
+            else:
+                for m in range(n):
+                    sc[13, m] = (sc[1, m] * (dori[p, 0, m] * qx + dori[p, 1, m] * qy + dori[p, 2, m] * qz)
+                                 + sc[2, m] * (dori[p, 3, m] * qx + dori[p, 4, m] * qy + dori[p, 5, m] * qz)
+                                 + sc[3, m] * (dori[p, 6, m] * qx + dori[p, 7, m] * qy + dori[p, 8, m] * qz))
+                v += sum_row(sc, 13, n)
         dI[p] += v
     return sum_row(sc, 12, nreal)
+
+
+# per-direction flags: which tangent inputs are non-zero (work for the others is skipped)
+T_GEO = 1      # the sub-pixel positions move (detector vectors, distance, sub-pixel size)
+T_SRC = 2      # source directions
+T_LAM = 4      # wavelengths
+T_OMEGA = 8    # pixel size / close distance (solid angle)
+T_POL = 16     # Kahn factor or polarization axis
+T_CAP = 32     # absorption (mu, layer spacing, odet)
+
+
+def tangent_flags(dgeom, dfpar, dsrc, dlam):
+    """Bit flags per direction (see T_GEO ...)."""
+    P = dfpar.shape[0]
+    flags = np.zeros(P, dtype=np.int64)
+    for p in range(P):
+        f = 0
+        if (np.any(dgeom[p, :5] != 0) or dfpar[p, F_SUBPIXEL] != 0 or dfpar[p, F_THICKSTEP] != 0
+                or dfpar[p, F_DISTANCE] != 0):
+            f |= T_GEO
+        if np.any(dsrc[p] != 0):
+            f |= T_SRC
+        if np.any(dlam[p] != 0):
+            f |= T_LAM
+        if dfpar[p, F_PIXEL] != 0 or dfpar[p, F_CLOSE_DISTANCE] != 0:
+            f |= T_OMEGA
+        if dfpar[p, F_KAHN] != 0 or np.any(dgeom[p, 5] != 0):
+            f |= T_POL
+        if dfpar[p, F_MU] != 0 or dfpar[p, F_THICKSTEP] != 0 or np.any(dgeom[p, 3] != 0):
+            f |= T_CAP
+        flags[p] = f
+    return flags
 
 
 @njit(cache=True, error_model="numpy")
@@ -144,7 +170,7 @@ def _rot_jvp(vx, vy, vz, ax, ay, az, phi, dvx, dvy, dvz, dax, day, daz, dphi):
 
 
 @njit(cache=True, error_model="numpy")
-def _position_jvp(fpixel, spixel, subF, subS, t, geom, fpar, ipar, dgeom, dfpar, dP):
+def _position_jvp(fpixel, spixel, subF, subS, t, geom, fpar, ipar, dgeom, dfpar, flags, dP):
     """Tangents of the sub-pixel position for every direction (written to dP (P, 3))."""
     os = ipar[I_OVERSAMPLE]
     sub = fpar[F_SUBPIXEL]
@@ -159,6 +185,8 @@ def _position_jvp(fpixel, spixel, subF, subS, t, geom, fpar, ipar, dgeom, dfpar,
     py = Fdet * geom[1, 1] + Sdet * geom[2, 1] + Odet * geom[3, 1] + geom[0, 1]
     pz = Fdet * geom[1, 2] + Sdet * geom[2, 2] + Odet * geom[3, 2] + geom[0, 2]
     for p in range(npar):
+        if (flags[p] & T_GEO) == 0:
+            continue
         dF = cF * dfpar[p, F_SUBPIXEL]
         dS = cS * dfpar[p, F_SUBPIXEL]
         dO = t * dfpar[p, F_THICKSTEP]
@@ -188,7 +216,7 @@ def _position_jvp(fpixel, spixel, subF, subS, t, geom, fpar, ipar, dgeom, dfpar,
 @njit(cache=True, error_model="numpy")
 def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
                   dgeom, dfpar, dsrc, dlam, dori, drec, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw,
-                  ori, fflat, dori_soa, has_dori, sc, ibuf):
+                  ori, fflat, dori_soa, has_dori, flags, sc, ibuf):
     """Value (unscaled) of one pixel; its tangents are left in dI (P)."""
     os = ipar[I_OVERSAMPLE]
     thicksteps = ipar[I_THICKSTEPS]
@@ -224,8 +252,10 @@ def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, r
         for subS in range(os):
             for subF in range(os):
                 px, py, pz, R, dx, dy, dz = _geometry(fpixel, spixel, subF, subS, t, geom, fpar, ipar)
-                _position_jvp(fpixel, spixel, subF, subS, t, geom, fpar, ipar, dgeom, dfpar, dP)
+                _position_jvp(fpixel, spixel, subF, subS, t, geom, fpar, ipar, dgeom, dfpar, flags, dP)
                 for p in range(npar):
+                    if (flags[p] & T_GEO) == 0:
+                        continue
                     dR = dx * dP[p, 0] + dy * dP[p, 1] + dz * dP[p, 2]
                     dd[p, 0] = (dP[p, 0] - dx * dR) / R
                     dd[p, 1] = (dP[p, 1] - dy * dR) / R
@@ -235,11 +265,14 @@ def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, r
                     omega = _omega(R, fpar, ipar)
                     oR, opix, oclose = omega_partials(R, fpar, ipar, omega)
                     for p in range(npar):
-                        dom[p] = oR * dd[p, 3] + opix * dfpar[p, F_PIXEL] + oclose * dfpar[p, F_CLOSE_DISTANCE]
+                        if (flags[p] & (T_GEO | T_OMEGA)) != 0:
+                            dom[p] = oR * dd[p, 3] + opix * dfpar[p, F_PIXEL] + oclose * dfpar[p, F_CLOSE_DISTANCE]
                 if capture == 0.0 or os_thick:
                     cap, cdx, cdy, cdz, cox, coy, coz, cts, cmu = capture_partials(t, dx, dy, dz, geom, fpar)
                     capture = cap
                     for p in range(npar):
+                        if (flags[p] & (T_GEO | T_CAP)) == 0:
+                            continue
                         dcap[p] = (cdx * dd[p, 0] + cdy * dd[p, 1] + cdz * dd[p, 2] + cox * dgeom[p, 3, 0]
                                    + coy * dgeom[p, 3, 1] + coz * dgeom[p, 3, 2] + cts * dfpar[p, F_THICKSTEP]
                                    + cmu * dfpar[p, F_MU])
@@ -256,12 +289,16 @@ def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, r
                         if stol > 0.0 and dmin > 0.5 / stol:
                             continue
                     for p in range(npar):
+                        if (flags[p] & (T_GEO | T_SRC | T_LAM)) == 0:
+                            continue
                         dq[p, 0] = (dd[p, 0] + dsrc[p, s, 0] - qx * dlam[p, s]) / lam
                         dq[p, 1] = (dd[p, 1] + dsrc[p, s, 1] - qy * dlam[p, s]) / lam
                         dq[p, 2] = (dd[p, 2] + dsrc[p, s, 2] - qz * dlam[p, s]) / lam
                     if polar == 0.0 or os_polar:
                         polar = polarization_grad(kahn, ix, iy, iz, dx, dy, dz, geom[5, 0], geom[5, 1], geom[5, 2], pbuf)
                         for p in range(npar):
+                            if (flags[p] & (T_GEO | T_SRC | T_POL)) == 0:
+                                continue
                             dpol[p] = (pbuf[0] * dfpar[p, F_KAHN] - pbuf[1] * dsrc[p, s, 0] - pbuf[2] * dsrc[p, s, 1]
                                        - pbuf[3] * dsrc[p, s, 2] + pbuf[4] * dd[p, 0] + pbuf[5] * dd[p, 1]
                                        + pbuf[6] * dd[p, 2] + pbuf[7] * dgeom[p, 5, 0] + pbuf[8] * dgeom[p, 5, 1]
@@ -337,7 +374,7 @@ def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, r
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def tangent(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, scale, dscale,
-            dgeom, dfpar, dsrc, dlam, dori, drec, dori_soa, has_dori, J, image):
+            dgeom, dfpar, dsrc, dlam, dori, drec, dori_soa, has_dori, flags, J, image):
     """J[s, f, p] = d(scaled image)/d(theta_p); ``image`` receives the scaled image."""
     spixels, fpixels = image.shape
     xmin = max(ipar[I_ROI], 0)
@@ -352,9 +389,9 @@ def tangent(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, sca
     for spixel in prange(ymin, ymax + 1):
         sc = np.empty((14, npad))
         ibuf = np.empty(npad, dtype=np.int64)
-        dP = np.empty((npar, 3))
-        dd = np.empty((npar, 4))
-        dq = np.empty((npar, 3))
+        dP = np.zeros((npar, 3))
+        dd = np.zeros((npar, 4))
+        dq = np.zeros((npar, 3))
         dI = np.empty(npar)
         dom = np.empty(npar)
         dcap = np.empty(npar)
@@ -369,7 +406,7 @@ def tangent(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, sca
                 continue
             v = pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
                               dgeom, dfpar, dsrc, dlam, dori, drec, dP, dd, dq, dI, dom, dcap, dpol, dm,
-                              lp, pbuf, fidx, fw, ori, fflat, dori_soa, has_dori, sc, ibuf)
+                              lp, pbuf, fidx, fw, ori, fflat, dori_soa, has_dori, flags, sc, ibuf)
             image[spixel, fpixel] = v * scale
             for p in range(npar):
                 J[spixel, fpixel, p] = scale * dI[p] + dscale[p] * v
@@ -392,12 +429,13 @@ def run_tangent(model, tangents, threads=None):
     dori_soa = np.zeros((P, 9, npad))
     dori_soa[:, :, :m] = dori.reshape(P, m, 9).transpose(0, 2, 1)
     has_dori = np.array([bool(np.any(t.orients != 0)) for t in tangents])
+    flags = tangent_flags(dgeom, dfpar, dsrc, dlam)
     J = np.zeros(model.shape + (P,))
     image = np.zeros(model.shape)
     prev = set_threads(threads)
     try:
         tangent(geom, fpar, ipar, src, lam, ori, rec, grid, mask, model.scale, dscale,
-                dgeom, dfpar, dsrc, dlam, dori, drec, dori_soa, has_dori, J, image)
+                dgeom, dfpar, dsrc, dlam, dori, drec, dori_soa, has_dori, flags, J, image)
     finally:
         if threads is not None:
             set_threads(prev)
