@@ -10,6 +10,7 @@ from .errors import ArgumentError, BackendError, InputFileError, NbraggError, Pa
 from .experiment import Beam, Crystal, Detector, Experiment, Sampling, Structure
 from .gradients import GradientCheck, check_gradients, gradient, jacobian
 from .params import get_params, set_params
+from .refine import Fit, refine
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,6 @@ __all__ = [
     "Experiment", "Beam", "Detector", "Crystal", "Structure", "Sampling",
     "simulate", "build_model", "Result", "Stats",
     "gradient", "jacobian", "check_gradients", "GradientCheck", "get_params", "set_params",
+    "refine", "Fit",
     "NbraggError", "ArgumentError", "InputFileError", "ParameterError", "BackendError",
 ]

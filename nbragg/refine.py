@@ -1,0 +1,413 @@
+"""Refinement of model parameters against an observed image with scipy.optimize.
+
+``refine`` fits named parameters (see :mod:`nbragg.params`) of an Experiment to an
+observed image in photons:
+
+* ``method="least_squares"``: scipy.optimize.least_squares (trust-region reflective)
+  on residuals, with the analytic Jacobian from the tangent kernel and
+  ``x_scale="jac"``;
+* ``method="lbfgs"``: scipy.optimize.minimize (L-BFGS-B) on the same objective, with
+  the exact gradient from one adjoint pass per evaluation, in parameters scaled by
+  the Gauss-Newton curvature at the start.
+
+Losses (both methods minimise the same function, so they find the same minimum):
+
+* ``"poisson"``: the Poisson deviance 2 sum(m - o - o log(m/o)); least squares uses the
+  signed deviance residuals, L-BFGS the negative log-likelihood (same minimum);
+* ``"gaussian"``: chi^2 with variance m + readout^2;
+* ``"l2"``: sum (m - o)^2.
+
+Robustness:
+
+* parameters are scaled (``x_scale="jac"``, or by the curvature for L-BFGS) and bounded
+  (physical limits by default, e.g. N >= 1, angles in (0, 180));
+* ``stages`` refines groups in turn (e.g. orientation and cell before N and mosaic), then
+  everything together;
+* starts outside the convergence basin of sharp spots: ``blur`` gives a coarse-to-fine
+  schedule -- both model and observed image are smoothed with Gaussians of the given
+  widths (pixels), largest first, which widens the basin (a spot 2 pixels off still
+  overlaps its blurred model); each level starts from the previous one's answer and the
+  last level (width 0) is the unsmoothed fit.
+
+Uncertainties are the square roots of the diagonal of (J^T W J)^-1 at the solution, with
+W = 1/m (Poisson) or 1/(m + readout^2) (Gaussian); J is dI/dtheta over the fitted pixels.
+For l2, which assumes nothing about the noise, the sandwich estimate
+(J^T J)^-1 J^T diag(r^2) J (J^T J)^-1 with the residuals r.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .engine import build_model, render
+from .errors import NbraggError, ParameterError
+from .gradients import check_gradients as _check_gradients
+from .gradients import raw_gradient
+from .params import SCALAR_PARAMS, check_names, get_params, input_tangent, set_params
+
+LOSSES = ("poisson", "gaussian", "l2")
+METHODS = ("least_squares", "lbfgs")
+
+# physical limits (user units); a bound given by the user replaces these
+DEFAULT_BOUNDS = {
+    "cell_a": (1e-3, np.inf), "cell_b": (1e-3, np.inf), "cell_c": (1e-3, np.inf),
+    "cell_alpha": (1.0, 179.0), "cell_beta": (1.0, 179.0), "cell_gamma": (1.0, 179.0),
+    "Na": (1.0, np.inf), "Nb": (1.0, np.inf), "Nc": (1.0, np.inf),
+    "wavelength": (1e-6, np.inf), "fluence": (0.0, np.inf), "distance": (1e-6, np.inf),
+    "mosaic_spread": (0.0, 90.0), "osc": (0.0, np.inf), "polar": (-1.0, 1.0), "water": (0.0, np.inf),
+}
+
+
+class RefinementError(NbraggError):
+    """A refinement cannot start (bad observed image, parameters, gradient check...)."""
+
+
+@dataclass
+class Fit:
+    """The result of :func:`refine`."""
+
+    experiment: object
+    values: Dict[str, float]
+    uncertainties: Dict[str, float]
+    success: bool
+    message: str
+    nfev: int
+    njev: int
+    history: List[float]
+    names: List[str]
+    loss: str
+    method: str
+    covariance: Optional[np.ndarray] = None
+    start: Dict[str, float] = field(default_factory=dict)
+    wall_time: float = 0.0
+    final_loss: float = float("nan")
+
+    def table(self):
+        """Parameter table: start, refined value, uncertainty, shift in uncertainties."""
+        lines = ["%-16s %16s %16s %14s %9s" % ("parameter", "start", "refined", "uncertainty", "shift/sd")]
+        for n in self.names:
+            s = self.start.get(n, float("nan"))
+            v = self.values[n]
+            u = self.uncertainties.get(n, float("nan"))
+            z = (v - s) / u if u and u > 0 and math.isfinite(u) else float("nan")
+            lines.append("%-16s %16.8g %16.8g %14.4g %9.2f" % (n, s, v, u, z))
+        lines.append(f"{self.method}, {self.loss} loss {self.final_loss:.8g}: {self.message} "
+                     f"(nfev {self.nfev}, njev {self.njev}, {self.wall_time:.2f} s)")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.table()
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _dev_term(m, o):
+    """Per-pixel Poisson deviance 2(m - o - o log(m/o)) >= 0, stable near m = o."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(o > 0, (m - o) / np.where(o > 0, o, 1.0), 0.0)
+        small = np.abs(u) < 1e-4
+        # u - log1p(u) without cancellation for small u
+        series = u * u * (0.5 - u / 3.0 + u * u / 4.0)
+        ul = np.where(small, series, u - np.log1p(np.where(small, 0.0, u)))
+        D = np.where(o > 0, 2.0 * o * ul, 2.0 * m)
+    return np.maximum(D, 0.0)
+
+
+class _Objective:
+    """Residuals, Jacobians and gradients of one loss over the selected pixels."""
+
+    def __init__(self, loss, obs, readout=0.0):
+        self.loss = loss
+        self.obs = obs
+        self.readout = float(readout)
+
+    def residuals(self, m):
+        o = self.obs
+        if self.loss == "l2":
+            return m - o
+        if self.loss == "gaussian":
+            return (m - o) / np.sqrt(np.maximum(m, 0.0) + self.readout ** 2)
+        D = _dev_term(np.maximum(m, 1e-300), o)
+        return np.sign(m - o) * np.sqrt(D)
+
+    def dres_dm(self, m, r):
+        """d(residual)/d(model), per pixel."""
+        o = self.obs
+        if self.loss == "l2":
+            return np.ones_like(m)
+        if self.loss == "gaussian":
+            var = np.maximum(m, 0.0) + self.readout ** 2
+            s = np.sqrt(var)
+            return 1.0 / s - (m - o) / (2.0 * var * s)
+        mm = np.maximum(m, 1e-300)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = (1.0 - o / mm) / r
+        # at r = 0 (m = o) the limit is 1/sqrt(m)
+        near = np.abs(r) < 1e-8 * np.sqrt(mm) + 1e-300
+        return np.where(near, 1.0 / np.sqrt(mm), d)
+
+    def value(self, m):
+        """The objective minimised by both methods, up to a constant: sum r^2 (LS) ==
+        2 (NLL - const) for Poisson."""
+        r = self.residuals(m)
+        return float(np.dot(r, r))
+
+    def dvalue_dm(self, m):
+        r = self.residuals(m)
+        return 2.0 * r * self.dres_dm(m, r)
+
+    def weights(self, m, nparams):
+        """W for the covariance (J^T W J)^-1 (Poisson and Gaussian losses)."""
+        if self.loss == "poisson":
+            return 1.0 / np.maximum(m, 1e-300)
+        return 1.0 / (np.maximum(m, 0.0) + self.readout ** 2)
+
+
+# ----------------------------------------------------------------------------- problem
+
+def _blur(img, sigma):
+    if sigma <= 0:
+        return img
+    from scipy.ndimage import gaussian_filter
+    return gaussian_filter(img, sigma, mode="nearest")
+
+
+class _Problem:
+    def __init__(self, exp, observed, names, loss, select, threads, readout, sigma):
+        self.exp0 = exp
+        self.names = names
+        self.threads = threads
+        self.sigma = sigma
+        self.select = select
+        self.shape = observed.shape
+        self.obj = _Objective(loss, _blur(observed, sigma)[select], readout)
+        self.start = get_params(exp, names)
+        self.nfev = 0
+        self.njev = 0
+        self.history = []
+        self._cache = None
+
+    def experiment(self, theta):
+        return set_params(self.exp0, dict(zip(self.names, (float(t) for t in theta))))
+
+    def _model(self, theta):
+        key = tuple(float(t) for t in theta)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        model = build_model(self.experiment(theta), warn=lambda m: None)
+        image, _ = render(model, threads=self.threads)
+        m = _blur(image, self.sigma)[self.select]
+        self._cache = (key, model, m)
+        return model, m
+
+    def fun(self, theta):
+        self.nfev += 1
+        _, m = self._model(theta)
+        r = self.obj.residuals(m)
+        self.history.append(float(np.dot(r, r)))
+        return r
+
+    def model_jacobian(self, theta):
+        """dm/dtheta over the selected pixels (blurred like the images)."""
+        from .kernels.tangent import run_tangent
+        model, m = self._model(theta)
+        tans = [input_tangent(model, n) for n in self.names]
+        J, _ = run_tangent(model, tans, threads=self.threads)
+        if self.sigma > 0:
+            J = np.stack([_blur(J[..., p], self.sigma) for p in range(J.shape[-1])], axis=-1)
+        return J[self.select]
+
+    def jac(self, theta):
+        self.njev += 1
+        _, m = self._model(theta)
+        r = self.obj.residuals(m)
+        return self.obj.dres_dm(m, r)[:, None] * self.model_jacobian(theta)
+
+    def value_and_grad(self, theta):
+        self.nfev += 1
+        self.njev += 1
+        model, m = self._model(theta)
+        val = self.obj.value(m)
+        self.history.append(val)
+        g = np.zeros(self.shape)
+        g[self.select] = self.obj.dvalue_dm(m)
+        if self.sigma > 0:
+            g = _blur(g, self.sigma)   # the Gaussian filter is symmetric: its adjoint is itself
+        raw = raw_gradient(model, g, threads=self.threads)
+        return val, np.array([raw.contract(input_tangent(model, n)) for n in self.names])
+
+
+# ----------------------------------------------------------------------------- refine
+
+def _bounds(names, bounds):
+    lo, hi = [], []
+    for n in names:
+        b = (bounds or {}).get(n, DEFAULT_BOUNDS.get(n, (-np.inf, np.inf)))
+        try:
+            a, c = float(b[0]), float(b[1])
+        except (TypeError, ValueError, IndexError):
+            raise ParameterError(f"bounds[{n!r}] = {b!r}: expected (lower, upper)") from None
+        if not a < c:
+            raise ParameterError(f"bounds[{n!r}] = {b!r}: lower must be below upper")
+        lo.append(a)
+        hi.append(c)
+    return np.array(lo), np.array(hi)
+
+
+def _selection(exp, observed, mask):
+    d = exp.detector
+    shape = (d.spixels, d.fpixels)
+    obs = np.asarray(observed, dtype=np.float64)
+    if obs.shape != shape:
+        raise RefinementError(f"observed image has shape {obs.shape}; the experiment's detector is "
+                              f"(spixels, fpixels) = {shape}")
+    sel = np.ones(shape, dtype=bool)
+    if mask is not None:
+        mk = np.asarray(mask)
+        if mk.shape != shape:
+            raise RefinementError(f"mask has shape {mk.shape}; expected {shape}")
+        sel &= mk.astype(bool)
+    if d.mask is not None:
+        sel &= np.asarray(d.mask) != 0
+    if d.roi is not None:
+        xmin, xmax, ymin, ymax = d.roi
+        roi = np.zeros(shape, dtype=bool)
+        roi[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
+        sel &= roi
+    sel &= np.isfinite(obs)
+    if not sel.any():
+        raise RefinementError("no pixels to fit (mask, ROI and the observed image leave none)")
+    if np.any(obs[sel] < 0):
+        raise RefinementError("the observed image has negative values (subtract the right ADC offset?)")
+    return obs, sel
+
+
+def _fit_once(exp, obs, sel, names, loss, method, bnds, threads, readout, sigma, options):
+    prob = _Problem(exp, obs, names, loss, sel, threads, readout, sigma)
+    # pixels with a zero model (cut by -dmin, outside the crystal's reach) carry no
+    # information for Poisson; drop them from this level's selection
+    _, m0 = prob._model(np.array([prob.start[n] for n in names]))
+    if loss == "poisson" and np.any(m0 <= 0):
+        keep = np.zeros(prob.shape, dtype=bool)
+        keep[sel] = m0 > 0
+        prob = _Problem(exp, obs, names, loss, keep, threads, readout, sigma)
+    x0 = np.array([prob.start[n] for n in names])
+    lo, hi = bnds
+    x0 = np.clip(x0, lo, hi)
+    from scipy import optimize
+    if method == "least_squares":
+        opts = dict(x_scale="jac", max_nfev=200, xtol=1e-10, ftol=1e-10, gtol=1e-10)
+        opts.update(options)
+        res = optimize.least_squares(prob.fun, x0, jac=prob.jac, bounds=(lo, hi), method="trf", **opts)
+        x, success, message = res.x, bool(res.success), str(res.message)
+    else:
+        # scale by the Gauss-Newton curvature at the start: unit curvature per parameter
+        Jr = prob.jac(x0)
+        prob.njev -= 1
+        curv = np.sqrt(np.maximum((Jr * Jr).sum(axis=0), 1e-300))
+        scale = 1.0 / curv
+        val0 = max(prob.obj.value(prob._model(x0)[1]), 1e-300)
+
+        def f(z):
+            v, g = prob.value_and_grad(x0 + z * scale)
+            return v / val0, g * scale / val0
+
+        zlo = np.where(np.isfinite(lo), (lo - x0) / scale, -np.inf)
+        zhi = np.where(np.isfinite(hi), (hi - x0) / scale, np.inf)
+        opts = dict(maxiter=500, ftol=1e-15, gtol=1e-10, maxcor=20)
+        opts.update(options)
+        res = optimize.minimize(f, np.zeros(len(names)), jac=True, method="L-BFGS-B",
+                                bounds=list(zip(zlo, zhi)), options=opts)
+        x, success, message = x0 + res.x * scale, bool(res.success), str(res.message)
+    return prob, x, success, message
+
+
+def refine(exp, observed, params, loss="poisson", method="least_squares", mask=None, bounds=None, *,
+           stages=None, blur=None, readout=0.0, check_gradients=False, gradient_tolerance=1e-4,
+           threads=None, **options):
+    """Refine named parameters of ``exp`` against ``observed`` (photons, image shape).
+
+    Parameters
+    ----------
+    exp : Experiment (the starting model)
+    observed : array (spixels, fpixels) of photons
+    params : names of scalar parameters to refine (see :mod:`nbragg.params`)
+    loss : "poisson", "gaussian" (variance model + readout^2) or "l2"
+    method : "least_squares" (analytic Jacobian) or "lbfgs" (adjoint gradient)
+    mask : optional boolean image, True where pixels are fitted (combined with the
+        detector's ROI and mask)
+    bounds : {name: (lower, upper)} in user units (defaults: physical limits)
+    stages : optional list of lists of names refined in turn before a final joint fit
+    blur : optional list of Gaussian widths in pixels, largest first, for a
+        coarse-to-fine schedule (a final unblurred fit is always run)
+    check_gradients : compare analytic and finite-difference derivatives at the start
+        and raise RefinementError if any relative error exceeds ``gradient_tolerance``
+    options : passed to scipy (e.g. max_nfev for least_squares, maxiter for lbfgs)
+
+    Returns
+    -------
+    Fit
+    """
+    if loss not in LOSSES:
+        raise ParameterError(f"loss = {loss!r}; choose one of {', '.join(LOSSES)}")
+    if method not in METHODS:
+        raise ParameterError(f"method = {method!r}; choose one of {', '.join(METHODS)}")
+    names = check_names(params, allow_arrays=False)
+    if not names:
+        raise ParameterError("no parameters to refine")
+    obs, sel = _selection(exp, observed, mask)
+    if stages is not None:
+        for st in stages:
+            for n in check_names(st, allow_arrays=False):
+                if n not in names:
+                    raise ParameterError(f"stage parameter {n!r} is not among the refined parameters {names}")
+    t0 = time.perf_counter()
+    if check_gradients:
+        chk = _check_gradients(exp, names, seed=0, threads=threads)
+        bad = [r for r in chk.rows if r[3] > gradient_tolerance and abs(r[1]) > 0]
+        if bad:
+            raise RefinementError("analytic and finite-difference derivatives disagree:\n" + chk.table())
+    levels = [float(s) for s in (blur or [])]
+    if not levels or levels[-1] != 0.0:
+        levels.append(0.0)
+    groups = [list(s) for s in (stages or [])] + [names]
+    current = exp
+    history, nfev, njev = [], 0, 0
+    prob = x = None
+    success, message = False, ""
+    for sigma in levels:
+        for group in groups:
+            bnds = _bounds(group, bounds)
+            prob, x, success, message = _fit_once(current, obs, sel, group, loss, method, bnds, threads, readout,
+                                                  sigma, options)
+            current = prob.experiment(x)
+            history.extend(prob.history)
+            nfev += prob.nfev
+            njev += prob.njev
+    # uncertainties from the last (unblurred, joint) level
+    Jm = prob.model_jacobian(x)
+    _, m = prob._model(x)
+    try:
+        if loss == "l2":
+            # unweighted least squares says nothing about the noise: the sandwich
+            # (heteroscedasticity-consistent) estimate with the residuals as variances
+            r = m - prob.obj.obs
+            A = np.linalg.inv(Jm.T @ Jm)
+            cov = A @ (Jm.T @ ((r * r)[:, None] * Jm)) @ A
+        else:
+            W = prob.obj.weights(m, len(names))
+            cov = np.linalg.inv(Jm.T @ (W[:, None] * Jm))
+        sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    except np.linalg.LinAlgError:
+        cov = None
+        sd = np.full(len(names), np.nan)
+    values = get_params(current, names)
+    return Fit(experiment=current, values=values, uncertainties=dict(zip(names, (float(s) for s in sd))),
+               success=success, message=message, nfev=nfev, njev=njev, history=history, names=names, loss=loss,
+               method=method, covariance=cov, start=get_params(exp, names),
+               wall_time=time.perf_counter() - t0, final_loss=prob.obj.value(m))

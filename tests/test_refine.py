@@ -1,0 +1,175 @@
+"""Refinement: recover known parameters from Poisson images, calibrated uncertainties,
+and the command line against nanoBragg.c's own noise images."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import GOLDEN
+
+import nbragg
+from nbragg import refine_cli
+from nbragg.nbargs import parse_nanobragg_args
+from nbragg.params import get_params, set_params
+from nbragg.refine import RefinementError, refine
+
+TRI = ("-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 5 -lambda 1.0 -distance 100 -pixel 0.2 "
+       "-detpixels 128 -oversample 1")
+PERTURB = {"cell_a": 0.7, "cell_b": -0.8, "cell_c": 0.9, "cell_alpha": 0.5, "cell_beta": -0.5, "cell_gamma": 0.5,
+           "misset_x": 0.2, "misset_y": -0.2, "misset_z": 0.2, "Na": 1, "Nb": -1, "Nc": 1, "distance": 1.0,
+           "beam_x": 0.4, "beam_y": -0.4}   # cell 1 %, angles 0.5 deg, misset 0.2 deg, N +-1, 1 mm, 2 pixels
+
+
+@pytest.fixture(scope="module")
+def truth_and_observed():
+    truth = parse_nanobragg_args(TRI.split(), warn=lambda m: None).experiment
+    img = nbragg.simulate(truth, warn=lambda m: None).image
+    obs = np.random.default_rng(1).poisson(img).astype(float)
+    return truth, obs
+
+
+@pytest.mark.slow
+def test_both_methods_recover_all_parameters_from_perturbed_start(truth_and_observed):
+    truth, obs = truth_and_observed
+    names = list(PERTURB)
+    tv = get_params(truth, names)
+    start = set_params(truth, {n: tv[n] + PERTURB[n] for n in names})
+    fits = {}
+    for method in ("least_squares", "lbfgs"):
+        fit = refine(start, obs, names, method=method, blur=[4, 2, 1])
+        for n in names:
+            z = (fit.values[n] - tv[n]) / fit.uncertainties[n]
+            assert abs(z) <= 3.0, (method, n, fit.values[n], tv[n], fit.uncertainties[n])
+        assert fit.nfev > 0 and fit.history and fit.history[-1] <= fit.history[0]
+        fits[method] = fit
+    a, b = fits["least_squares"], fits["lbfgs"]
+    assert a.final_loss == pytest.approx(b.final_loss, rel=1e-7)
+    for n in names:
+        assert abs(a.values[n] - b.values[n]) <= 0.05 * a.uncertainties[n], n
+    assert "cell_a" in a.table()
+
+
+def test_uncertainties_match_scatter_over_noise_seeds():
+    args = TRI.replace("-pixel 0.2 -detpixels 128", "-pixel 0.25 -detpixels 96") + " -fluence 2e28"
+    truth = parse_nanobragg_args(args.split(), warn=lambda m: None).experiment
+    img = nbragg.simulate(truth, warn=lambda m: None).image
+    names = ["cell_a", "cell_gamma", "misset_y", "Nb", "distance", "beam_x", "beam_y"]
+    tv = get_params(truth, names)
+    vals, sds = [], []
+    for seed in range(16):
+        obs = np.random.default_rng(200 + seed).poisson(img).astype(float)
+        fit = refine(truth, obs, names)
+        vals.append([fit.values[n] for n in names])
+        sds.append([fit.uncertainties[n] for n in names])
+    vals, sds = np.array(vals), np.array(sds)
+    for i, n in enumerate(names):
+        scatter = vals[:, i].std(ddof=1)
+        ratio = scatter / sds[:, i].mean()
+        assert 0.5 <= ratio <= 2.0, (n, scatter, sds[:, i].mean())
+        assert abs(vals[:, i].mean() - tv[n]) <= 3 * scatter / np.sqrt(len(vals)) + 1e-12, n
+        assert np.mean(np.abs((vals[:, i] - tv[n]) / sds[:, i]) <= 3.0) >= 0.9, n
+
+
+@pytest.mark.parametrize("loss", ["gaussian", "l2"])
+def test_other_losses_converge(truth_and_observed, loss):
+    truth, obs = truth_and_observed
+    names = ["misset_z", "Nb", "beam_x"]
+    tv = get_params(truth, names)
+    start = set_params(truth, {"misset_z": tv["misset_z"] + 0.05, "Nb": 5.3, "beam_x": tv["beam_x"] + 0.05})
+    fits = [refine(start, obs, names, loss=loss, method=m, readout=1.0) for m in ("least_squares", "lbfgs")]
+    # both methods find the same minimum of the same objective
+    assert fits[0].final_loss == pytest.approx(fits[1].final_loss, rel=1e-8)
+    # unweighted least squares on Poisson counts is a poorer estimator than the
+    # likelihood; its sandwich uncertainty still covers the truth within a few sd
+    limit = 3.0 if loss == "gaussian" else 5.0
+    for fit in fits:
+        for n in names:
+            assert abs(fit.values[n] - tv[n]) <= limit * fit.uncertainties[n], (loss, fit.method, n)
+
+
+def test_stages_and_gradient_check(truth_and_observed):
+    truth, obs = truth_and_observed
+    names = ["misset_z", "Nb"]
+    start = set_params(truth, {"misset_z": 3.05, "Nb": 5.4})
+    fit = refine(start, obs, names, stages=[["misset_z"], ["Nb"]], check_gradients=True)
+    assert fit.values["Nb"] == pytest.approx(5.0, abs=3 * fit.uncertainties["Nb"])
+    with pytest.raises(RefinementError, match="disagree"):
+        refine(start, obs, names, check_gradients=True, gradient_tolerance=0.0)
+
+
+def test_bad_inputs_raise_clear_errors(truth_and_observed):
+    truth, obs = truth_and_observed
+    with pytest.raises(RefinementError, match="shape"):
+        refine(truth, obs[:10], ["Nb"])
+    with pytest.raises(nbragg.ParameterError, match="unknown parameter"):
+        refine(truth, obs, ["Nbb"])
+    with pytest.raises(nbragg.ParameterError, match="loss"):
+        refine(truth, obs, ["Nb"], loss="cauchy")
+    with pytest.raises(RefinementError, match="negative"):
+        refine(truth, obs - 100, ["Nb"])
+
+
+def _cli(tmp_path, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    assert refine_cli.run(argv, stdout=out) == 0
+    return json.loads((tmp_path / "fit.json").read_text()), out.getvalue()
+
+
+def test_cli_refines_golden_cubic_noise_image(tmp_path, monkeypatch):
+    shutil.copy(GOLDEN / "cubic_default_F" / "noiseimage.img", tmp_path)
+    start = ("-cell 100 100 100 90 90 90 -misset 0.1 -0.1 0.15 -default_F 100 -Na 6 -Nb 4 -Nc 5 -lambda 6.2 "
+             "-distance 100 -Xbeam 6.55 -Ybeam 6.3 -pixel 0.1 -detpixels 128").split()
+    names = ["misset_x", "misset_y", "misset_z", "Na", "Nb", "Nc", "beam_x", "beam_y"]
+    rep, log = _cli(tmp_path, monkeypatch, ["noiseimage.img", "--refine", ",".join(names), "--report", "fit.json",
+                                            "--"] + start)
+    truth = {"misset_x": 0.0, "misset_y": 0.0, "misset_z": 0.0, "Na": 5.0, "Nb": 5.0, "Nc": 5.0,
+             "beam_x": 6.45, "beam_y": 6.45}
+    for n in names:
+        assert abs(rep["values"][n] - truth[n]) <= 3 * rep["uncertainties"][n], (n, rep["values"][n])
+    assert rep["nfev"] > 0 and len(rep["loss_history"]) >= rep["nfev"] // 2
+    # the refined command line (an A matrix for the crystal, whole N) gives the refined
+    # model's image
+    refined = parse_nanobragg_args(rep["nanobragg_args"], cwd=str(tmp_path), warn=lambda m: None).experiment
+    want = dict(rep["values"])
+    for n in ("Na", "Nb", "Nc"):
+        want[n] = round(want[n])
+    model = set_params(parse_nanobragg_args(start, warn=lambda m: None).experiment, want)
+    a = nbragg.simulate(refined, warn=lambda m: None).image
+    b = nbragg.simulate(model, warn=lambda m: None).image
+    assert np.allclose(a, b, rtol=1e-6, atol=1e-9 * b.max())
+
+
+@pytest.mark.slow
+def test_cli_refines_golden_mat_hkl_noise_image_with_mask_and_overloads(tmp_path, monkeypatch):
+    for f in ("noiseimage.img", "A.mat", "P1.hkl", "mask.img"):
+        shutil.copy(GOLDEN / "mat_hkl_nearest_nonsquare_mask" / f, tmp_path)
+    start = ("-mat A.mat -misset 0.1 -0.1 0.1 -hkl P1.hkl -lambda 6.2 -Na 9 -Nb 11 -Nc 10 -distance 100 "
+             "-Xbeam 8.2 -Ybeam 12.6 -pixel 0.1 -detpixels_f 256 -detpixels_s 160 -mask mask.img -fluence 4e29").split()
+    names = ["misset_x", "misset_y", "misset_z", "Na", "Nb", "beam_x", "beam_y"]
+    rep, _ = _cli(tmp_path, monkeypatch, ["noiseimage.img", "--adc", "10", "--refine", ",".join(names),
+                                          "--report", "fit.json", "--"] + start)
+    truth = {"misset_x": 0.0, "misset_y": 0.0, "misset_z": 0.0, "Na": 10.0, "Nb": 10.0, "beam_x": 8.05,
+             "beam_y": 12.85}
+    for n in names:
+        assert abs(rep["values"][n] - truth[n]) <= 3 * rep["uncertainties"][n], (n, rep["values"][n])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["missing.img", "--refine", "Nb", "--", "-cell", "100", "100", "100", "90", "90", "90", "-default_F", "1"],
+     "missing.img"),
+    (["obs.bin", "--refine", "Nb"], "after '--'"),
+    (["obs.bin", "--refine", "Nbb", "--", "-cell", "100", "100", "100", "90", "90", "90", "-default_F", "1",
+      "-detpixels", "4"], "Nbb"),
+    (["obs.bin", "--refine", "Nb", "--", "-cell", "100", "100", "100", "90", "90", "90", "-default_F", "1",
+      "-detpixels", "8"], "16 floats"),
+])
+def test_cli_errors(tmp_path, monkeypatch, capsys, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    np.zeros(16, dtype="<f4").tofile(tmp_path / "obs.bin")
+    assert refine_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
