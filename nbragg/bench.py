@@ -90,6 +90,23 @@ def memory_probe(name, what):
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
+def working_arrays(name):
+    """Bytes of the arrays a forward call and a gradient call allocate (beyond inputs)."""
+    from .engine import build_model
+    from .kernels import adjoint as A
+    from .kernels.derivs import NFIX
+    m = build_model(_experiment(name), warn=lambda m: None)
+    npix = m.shape[0] * m.shape[1]
+    forward = 8 * npix + 8 * m.shape[0]
+    xmin, xmax, ymin, ymax = m.roi_clipped
+    grid = m.structure.grid.size
+    nch = A.n_chunks(ymax - ymin + 1, grid, 8 * npix)
+    norient = m.crystal.orientations.shape[0]
+    nsrc = len(m.sources.wavelengths)
+    per_chunk = NFIX + 4 * nsrc + 9 * ((norient + 7) // 8 * 8) + 9 + grid
+    return forward, 8 * nch * per_chunk
+
+
 def peak_memory(name):
     """Peak resident memory (MB) of a process doing one forward, and one gradient."""
     out = {}
@@ -176,8 +193,10 @@ def main(argv=None):
                       f"{' + Fhkl' if v == 'B2hkl' else ''} parameters {tg:.3f} s = {tg / tf:.2f}x forward; "
                       f"Jacobian (15 parameters) {tj:.3f} s = {tj / tf:.2f}x forward (goal {1 + 15 / 2:.1f})")
             mem = peak_memory(name)
+            fw, gr = working_arrays(name)
             print(f"  peak resident memory: forward process {mem['forward']:.0f} MB, gradient process "
-                  f"{mem['gradient']:.0f} MB ({mem['gradient'] / mem['forward']:.2f}x)")
+                  f"{mem['gradient']:.0f} MB ({mem['gradient'] / mem['forward']:.2f}x); arrays the call allocates: "
+                  f"forward {fw / 2**20:.1f} MB, gradient {gr / 2**20:.1f} MB (plus the caller's upstream image)")
         if opts.nanobragg:
             binary = shutil.which(opts.nanobragg) or opts.nanobragg
             for t in threads:

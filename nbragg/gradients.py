@@ -62,7 +62,7 @@ def raw_gradient(model, upstream, threads=None, want_image=False):
     g = _check_upstream(model, upstream)
     geom, fpar, ipar, src, lam, ori, rec, grid, mask = kernel_args(model)
     xmin, xmax, ymin, ymax = model.roi_clipped
-    nchunks = A.n_chunks(ymax - ymin + 1, grid.size)
+    nchunks = A.n_chunks(ymax - ymin + 1, grid.size, 8 * g.size)
     gfix = np.zeros((nchunks, NFIX))
     gsrc = np.zeros((nchunks,) + src.shape)
     glam = np.zeros((nchunks, len(lam)))

@@ -29,12 +29,16 @@ from .derivs import (G_FPAR, G_GEOM, G_SCALE, LP_SIZE, F_grad, capture_partials,
 from .physics import SQUARE, polarization_factor, polarization_grad, axis_lattice_grad, sum_row
 
 NCHUNKS = 64   # row chunks; the number depends on the problem only, never on the thread count
-CHUNK_GRID_BYTES = 16 * 2 ** 20   # memory for per-chunk structure-factor partials
+CHUNK_GRID_BYTES = 4 * 2 ** 20   # memory for per-chunk structure-factor partials (at least)
 
 
-def n_chunks(nrows, grid_size):
-    """How many row chunks (each with its own partial gradients) the adjoint uses."""
-    by_memory = max(4, CHUNK_GRID_BYTES // max(8 * grid_size, 1))
+def n_chunks(nrows, grid_size, image_bytes=0):
+    """How many row chunks (each with its own partial gradients) the adjoint uses.
+
+    Enough for load balance, but the per-chunk structure-factor partials together stay
+    within max(4 MB, the image's size)."""
+    budget = max(CHUNK_GRID_BYTES, image_bytes)
+    by_memory = max(4, budget // max(8 * grid_size, 1))
     return int(max(1, min(NCHUNKS, nrows, by_memory)))
 
 # rows of the per-chunk scratch used by square_adjoint
