@@ -15,6 +15,13 @@ def check_output_path(path, flag):
         raise InputFileError(f"{flag}: output path {os.fspath(path)!r} is a directory")
 
 
+def default_mode():
+    """The mode a newly created file gets (0666 less the umask); mkstemp uses 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path, data):
     """Write ``data`` (bytes) to ``path`` so that readers never see a partial file."""
     path = os.fspath(path)
@@ -25,6 +32,7 @@ def atomic_write(path, data):
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         try:
