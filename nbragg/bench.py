@@ -158,6 +158,47 @@ def compare_nanobragg(binary, args, threads, repeat):
         return statistics.median(tc), statistics.median(tn)
 
 
+DATASET_BASE = CASES["B2"]   # 512x512 frames with the B2 workload
+
+
+def _dataset_spec(n):
+    return {"seed": 1, "images": n, "shard_size": 4, "base": DATASET_BASE,
+            "vary": {"orientation": "uniform", "Na": {"integers": [6, 10]}, "distance": {"normal": [100, 1]}},
+            "outputs": {"float": True, "counts": "uint16"}}
+
+
+def dataset_throughput(workers, nframes):
+    """Frames/s of the dataset path and of bare simulate() for 512x512 frames.
+
+    The dataset rate is the steady state: the frames reported after the first report,
+    over the time since (cluster start-up does not count; writing, assembly and
+    compression do).  Bare simulate() runs the same frames in a loop with ``workers``
+    Numba threads."""
+    from .dataset import base_experiment, frame_experiment, frame_parameters, generate, load_spec
+    from .engine import simulate
+    stamps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t_report = []
+
+        def on_frame(i):
+            if not t_report or time.perf_counter() - t_report[-1] > 1e-3:
+                t_report.append(time.perf_counter())
+            stamps.append(t_report[-1])
+        generate(_dataset_spec(nframes), os.path.join(tmp, "d.h5"), workers=workers, progress=False,
+                 on_frame=on_frame)
+    first = stamps.count(stamps[0])
+    ds_rate = (len(stamps) - first) / max(stamps[-1] - stamps[0], 1e-9)
+    spec = load_spec(_dataset_spec(nframes))
+    base = base_experiment(spec)
+    exps = [frame_experiment(base, *frame_parameters(spec, base, i)) for i in range(nframes)]
+    simulate(exps[0], threads=workers)
+    t0 = time.perf_counter()
+    for e in exps:
+        simulate(e, threads=workers, warn=lambda m: None)
+    bare_rate = nframes / (time.perf_counter() - t0)
+    return ds_rate, bare_rate
+
+
 def _scalar_names():
     from .params import SCALAR_PARAMS
     return SCALAR_PARAMS
@@ -170,6 +211,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     ap.add_argument("--nanobragg", metavar="PATH", help="a nanoBragg binary to compare against")
     ap.add_argument("--no-gradients", action="store_true", help="skip the gradient and Jacobian figures")
+    ap.add_argument("--dataset", action="store_true",
+                    help="also measure dataset generation (512x512 frames) against bare simulate()")
     opts = ap.parse_args(argv)
     import numba
     threads = [int(t) for t in opts.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
@@ -204,6 +247,16 @@ def main(argv=None):
                 kern = time_forward(model, t, opts.repeat)
                 print(f"  vs nanoBragg threads={t}: nanoBragg {tc:7.3f} s, nbragg command {tn:7.3f} s "
                       f"-> speed ratio {tc / tn:5.2f}x (whole process); kernel only {tc / kern:5.2f}x")
+    if opts.dataset:
+        print(f"\ndataset generation, 512x512 frames ({DATASET_BASE}):")
+        rates = {}
+        for w in threads:
+            ds, bare = dataset_throughput(w, 24)
+            rates[w] = ds
+            print(f"  {w} worker(s): dataset {ds:.2f} frames/s, bare simulate() with {w} thread(s) {bare:.2f} "
+                  f"frames/s -> {100 * ds / bare:.0f} %")
+        if 1 in rates and 2 in rates:
+            print(f"  2 workers / 1 worker: {rates[2] / rates[1]:.2f}x")
     return 0
 
 

@@ -350,6 +350,7 @@ class _Paths:
         stem, _ = os.path.splitext(self.master)
         self.stem = stem
         self.staging = stem + ".parts"
+        self.digest_key = hashlib.sha256(self.master.encode()).hexdigest()[:8]
 
     def shard(self, k):
         return f"{self.stem}_shard{k:05d}.h5"
@@ -387,14 +388,19 @@ def _atomic_npz(path, arrays):
         raise
 
 
-def stage_frame(spec, output, index, threads=None):
-    """Simulate frame ``index`` and commit it to the staging folder (atomic)."""
+def stage_frame(spec, output, index, threads=None, keep=None):
+    """Simulate frame ``index`` and commit it to the staging folder (atomic).
+
+    ``keep``, a dict, receives the frame's arrays too (so that assembling the shard in
+    the same process need not read them back)."""
     paths = _Paths(output)
     target = paths.frame(index)
     if os.path.exists(target):
         return index
     out = simulate_frame(spec, index, threads=threads)
     _atomic_npz(target, out)
+    if keep is not None:
+        keep[index] = out
     return index
 
 
@@ -418,8 +424,9 @@ def _shard_valid(spec, path):
         return False
 
 
-def assemble_shard(spec, output, k):
-    """Write shard ``k`` from its staged frames (temporary name, then rename)."""
+def assemble_shard(spec, output, k, kept=None):
+    """Write shard ``k`` from its staged frames (temporary name, then rename); frames
+    found in ``kept`` (index -> arrays) are not read back from disk."""
     import h5py
     from .engine import build_model
     paths = _Paths(output)
@@ -459,7 +466,7 @@ def assemble_shard(spec, output, k):
                        for nm in spec.jacobian}
             completed = nb.create_dataset("completed", (n,), dtype=np.uint8)
             for j, i in enumerate(frames):
-                with np.load(paths.frame(i)) as z:
+                with _frame_arrays(paths.frame(i), kept, i) as z:
                     if spec.counts:
                         dsets["data"][j] = z["counts"]
                         if spec.float_out:
@@ -489,6 +496,25 @@ def assemble_shard(spec, output, k):
         except OSError:
             pass
     return k
+
+
+class _frame_arrays:
+    """Context manager giving a staged frame's arrays, from memory or from its file."""
+
+    def __init__(self, path, kept, index):
+        self.path, self.kept, self.index = path, kept, index
+        self.z = None
+
+    def __enter__(self):
+        if self.kept is not None and self.index in self.kept:
+            return self.kept[self.index]
+        self.z = np.load(self.path)
+        return self.z
+
+    def __exit__(self, *exc):
+        if self.z is not None:
+            self.z.close()
+        return False
 
 
 def write_master(spec, output):
@@ -579,14 +605,7 @@ def _remove_partials(paths):
             pass
 
 
-def _set_worker_threads(n):
-    import numba
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-    os.environ["NUMBA_NUM_THREADS"] = str(n)
-    return numba.get_num_threads()
-
-
-def generate(spec, output, workers=None, scheduler=None, progress=True, threads_per_worker=1):
+def generate(spec, output, workers=None, scheduler=None, progress=True, threads_per_worker=1, on_frame=None):
     """Generate (or finish) the dataset ``spec`` into ``output`` (the master .h5 path).
 
     Parameters
@@ -594,11 +613,14 @@ def generate(spec, output, workers=None, scheduler=None, progress=True, threads_
     spec : DatasetSpec, a dict, or a path to a YAML/JSON spec
     output : master file path; shards and the staging folder go beside it
     workers : None -- a local Dask cluster with one worker per core (Dask installed), or
-        in this process otherwise; 0 -- in this process; n -- a local cluster of n workers
+        in this process otherwise; 0 -- in this process, with every core's Numba thread;
+        1 -- in this process with ``threads_per_worker`` threads (a cluster of one worker
+        would only add overhead); n > 1 -- a local cluster of n worker processes
     scheduler : address of an existing dask.distributed scheduler (its workers need
         nbragg and access to the output folder)
     progress : a tqdm bar over frames
     threads_per_worker : Numba threads in each worker
+    on_frame : optional callable(index), called as each frame is committed
 
     Returns the master file path.
     """
@@ -620,16 +642,20 @@ def generate(spec, output, workers=None, scheduler=None, progress=True, threads_
                 workers = os.cpu_count() or 1
             except ImportError:
                 workers = 0
-        if scheduler is None and workers == 0:
+        if scheduler is None and workers in (0, 1):
+            threads = None if workers == 0 else threads_per_worker
             for k in pending_shards:
+                kept = {}
                 for i in _shard_frames(spec, k):
                     if not os.path.exists(paths.frame(i)):
-                        stage_frame(spec, paths.master, i)
+                        stage_frame(spec, paths.master, i, threads=threads, keep=kept)
                         if bar is not None:
                             bar.update(1)
-                assemble_shard(spec, paths.master, k)
+                        if on_frame is not None:
+                            on_frame(i)
+                assemble_shard(spec, paths.master, k, kept=kept)
         else:
-            _generate_dask(spec, paths, pending_shards, todo, workers, scheduler, bar, threads_per_worker)
+            _generate_dask(spec, paths, pending_shards, todo, workers, scheduler, bar, threads_per_worker, on_frame)
     finally:
         if bar is not None:
             bar.close()
@@ -641,35 +667,41 @@ def generate(spec, output, workers=None, scheduler=None, progress=True, threads_
     return paths.master
 
 
-def _generate_dask(spec, paths, pending_shards, todo, workers, scheduler, bar, threads_per_worker):
+def make_shard(spec, output, k, threads=None):
+    """Stage every missing frame of shard ``k`` (each committed on its own), then
+    assemble the shard.  One Dask task."""
+    paths = _Paths(output)
+    if _shard_valid(spec, paths.shard(k)):
+        return k
+    kept = {}
+    for i in _shard_frames(spec, k):
+        stage_frame(spec, output, i, threads=threads, keep=kept)
+    return assemble_shard(spec, output, k, kept=kept)
+
+
+def _generate_dask(spec, paths, pending_shards, todo, workers, scheduler, bar, threads_per_worker, on_frame):
     from distributed import Client, LocalCluster, as_completed
     cluster = None
     if scheduler is None:
         cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, env={"NUMBA_NUM_THREADS": str(threads_per_worker),
-                                                            "OMP_NUM_THREADS": "1"})
+                               dashboard_address=None)
         client = Client(cluster)
     else:
         client = Client(scheduler)
     try:
-        client.run(_set_worker_threads, threads_per_worker)
-        remaining = {k: {i for i in _shard_frames(spec, k) if i in set(todo)} for k in pending_shards}
-        futures = [client.submit(stage_frame, spec, paths.master, i, pure=False, key=f"nbragg-frame-{i}")
-                   for i in todo]
-        shard_futures = []
-        for k in pending_shards:
-            if not remaining[k]:
-                shard_futures.append(client.submit(assemble_shard, spec, paths.master, k, pure=False))
+        # one task per shard: few scheduler round trips; frames still commit one by one.
+        # Numba's thread count is per calling thread, so each task sets it for itself.
+        staged = set(range(spec.images)) - set(todo)
+        futures = [client.submit(make_shard, spec, paths.master, k, threads=threads_per_worker, pure=False,
+                                 key=f"nbragg-shard-{paths.digest_key}-{k}") for k in pending_shards]
         for fut in as_completed(futures):
-            i = fut.result()
+            k = fut.result()
+            new = [i for i in _shard_frames(spec, k) if i not in staged]
             if bar is not None:
-                bar.update(1)
-            k = i // spec.shard_size
-            remaining[k].discard(i)
-            if not remaining[k]:
-                shard_futures.append(client.submit(assemble_shard, spec, paths.master, k, pure=False))
-        for fut in shard_futures:
-            fut.result()
+                bar.update(len(new))
+            if on_frame is not None:
+                for i in new:
+                    on_frame(i)
     finally:
         client.close()
         if cluster is not None:
