@@ -49,7 +49,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -680,7 +679,12 @@ def make_shard(spec, output, k, threads=None):
 
 
 def _generate_dask(spec, paths, pending_shards, todo, workers, scheduler, bar, threads_per_worker, on_frame):
-    from distributed import Client, LocalCluster, as_completed
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        what = f"--scheduler {scheduler}" if scheduler is not None else f"--workers {workers}"
+        raise DatasetError(f"{what} needs dask.distributed (pip install \"nbragg[dataset]\"); "
+                           "--workers 0 runs in this process without it") from None
     cluster = None
     if scheduler is None:
         cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,

@@ -48,7 +48,7 @@ from .engine import build_model, render
 from .errors import NbraggError, ParameterError
 from .gradients import check_gradients as _check_gradients
 from .gradients import raw_gradient
-from .params import SCALAR_PARAMS, check_names, get_params, input_tangent, set_params
+from .params import check_names, get_params, input_tangent, set_params
 
 LOSSES = ("poisson", "gaussian", "l2")
 METHODS = ("least_squares", "lbfgs")

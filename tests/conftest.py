@@ -1,6 +1,5 @@
 import gzip
 import json
-import os
 import shutil
 import sys
 from pathlib import Path

@@ -160,7 +160,7 @@ def test_dask_workers_give_the_same_frames(tmp_path, made):
 
 def test_jacobian_output(tmp_path):
     spec = dict(SPEC, images=2, outputs={"float": True, "counts": "none", "jacobian": ["Na", "distance"]})
-    out = generate(spec, tmp_path / "j.h5", workers=0, progress=False)
+    generate(spec, tmp_path / "j.h5", workers=0, progress=False)
     with h5py.File(tmp_path / "j_shard00000.h5", "r") as fh:
         J = fh["entry/nbragg/jacobian/Na"][()]
         assert J.shape == (2, 32, 32) and np.any(J != 0)

@@ -1,7 +1,6 @@
 """Every golden case, run through the nbragg command line, against nanoBragg.c's image."""
 
 import io
-import math
 import re
 
 import numpy as np

@@ -65,7 +65,6 @@ def test_gradient_matches_central_differences(name, inputs):
     exp = _exp(name, inputs)
     names = list(SCALAR_PARAMS) + (["Fhkl"] if exp.structure.Fhkl is not None else [])
     check = check_gradients(exp, names, seed=3)
-    scale = max(abs(r[1]) for r in check.rows)
     for label, a, num, err, h, sweep in check.rows:
         if label in INACTIVE[name]:
             # no mosaic spread (one domain) or no oscillation (one phi step): the

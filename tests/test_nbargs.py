@@ -1,6 +1,5 @@
 """nanoBragg command-line semantics that change images, and the warnings nbragg adds."""
 
-import math
 
 import numpy as np
 import pytest

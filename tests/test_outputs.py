@@ -11,7 +11,7 @@ from conftest import GOLDEN, copy_case_inputs, golden_case, golden_cases, golden
 from nbragg import cli
 from nbragg.engine import build_model
 from nbragg.io.pgm import pgm_bytes
-from nbragg.io.smv import header_value, read_smv, smv_header
+from nbragg.io.smv import read_smv, smv_header
 from nbragg.nbargs import parse_nanobragg_args
 from nbragg.noise import c_int_image, c_noise_image, c_pgm_image
 

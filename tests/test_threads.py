@@ -1,7 +1,6 @@
 """Images do not depend on the number of threads, bit for bit."""
 
 import numba
-import numpy as np
 import pytest
 
 import nbragg
