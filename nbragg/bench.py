@@ -2,7 +2,8 @@
 
 Prints inner evaluations per second (pixels * oversample^2 * sources * phi steps *
 mosaic domains * sensor layers, per second) of the forward kernel for the standard
-cases at 1 and 2 threads.  With ``--nanobragg PATH`` it also runs that nanoBragg
+cases at 1 and 2 threads, or on the GPU with ``--backend cuda`` (whole call, with the
+copies to and from the device, and the kernel alone).  With ``--nanobragg PATH`` it also runs that nanoBragg
 binary and ``nbragg`` (the command line, as a separate process) on the same arguments,
 alternately, and prints the ratio of their wall-clock times.  Timings are medians of
 ``--repeat`` runs; compare ratios from one run, not absolute times across machines.
@@ -21,6 +22,7 @@ import time
 
 CASES = {
     "B1": "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 1024 -pixel 0.1",
+    "B1L": "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 2048 -pixel 0.05",
     "B2": ("-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 8 -lambda 1.5 -distance 100 -detpixels 512 "
            "-pixel 0.1 -mosaic 0.5 -mosaic_dom 10 -phi 0.1 -osc 0.5 -phisteps 3 -oversample 2"),
 }
@@ -53,7 +55,7 @@ def _best(fn, repeat):
     return best
 
 
-def gradient_figures(name, threads, repeat, nparams=15):
+def gradient_figures(name, threads, repeat, nparams=15, backend="cpu"):
     """(forward s, gradient-of-everything s, Jacobian s for nparams parameters)."""
     import numpy as np
     from .engine import build_model, render
@@ -65,14 +67,14 @@ def gradient_figures(name, threads, repeat, nparams=15):
     names = list(SCALAR_PARAMS)
 
     def everything():
-        raw = raw_gradient(model, w, threads=threads)
+        raw = raw_gradient(model, w, threads=threads, backend=backend)
         for n in names:                      # the chain rule to every named parameter
             raw.contract(input_tangent(model, n))
 
     tans = [input_tangent(model, n) for n in names[:nparams]]
-    tf = _best(lambda: render(model, threads=threads), repeat)
+    tf = _best(lambda: render(model, backend=backend, threads=threads), repeat)
     tg = _best(everything, repeat)
-    tj = _best(lambda: run_tangent(model, tans, threads=threads), repeat)
+    tj = _best(lambda: run_tangent(model, tans, threads=threads, backend=backend), repeat)
     return tf, tg, tj
 
 
@@ -120,15 +122,35 @@ def peak_memory(name):
     return out
 
 
-def time_forward(model, threads, repeat):
+def time_forward(model, threads, repeat, backend="cpu"):
     from .engine import render
-    render(model, threads=threads)  # compile / load, first-touch
+    render(model, backend=backend, threads=threads)  # compile / load, first-touch
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        render(model, threads=threads)
+        render(model, backend=backend, threads=threads)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def gpu_figures(name, repeat, gradients=True):
+    """Lines of GPU figures for one case: forward (whole call and kernel alone), gradient
+    and Jacobian against the forward."""
+    from .kernels import cuda as C
+    model = _model(CASES[name])
+    n = model.inner_evaluations
+    whole = time_forward(model, None, repeat, backend="cuda")
+    kernel = C.forward_kernel_seconds(model, repeat)
+    lines = [f"  forward  cuda: {whole:8.3f} s   {n / whole:12.4g} evaluations/s (whole call); "
+             f"kernel {kernel:8.4f} s   {n / kernel:12.4g} evaluations/s"]
+    if gradients:
+        for v in [name] + (["B2hkl"] if name == "B2" else []):
+            tf, tg, tj = gradient_figures(v, None, repeat, backend="cuda")
+            label = v + (" (with a 41^3 Fhkl grid)" if v == "B2hkl" else "")
+            lines.append(f"  {label}, cuda: forward {tf:.3f} s; gradient of all {len(_scalar_names())}"
+                         f"{' + Fhkl' if v == 'B2hkl' else ''} parameters {tg:.3f} s = {tg / tf:.2f}x forward; "
+                         f"Jacobian (15 parameters) {tj:.3f} s = {tj / tf:.2f}x forward")
+    return lines
 
 
 def _run_process(cmd, env, cwd):
@@ -206,7 +228,10 @@ def _scalar_names():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nbragg.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default="B1,B2", help="comma-separated benchmark names (B1, B2)")
+    ap.add_argument("--cases", default="B1,B2",
+                    help="comma-separated benchmark names (B1, B2; B1L is B1 on a 2048x2048 detector)")
+    ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu (Numba threads) or cuda (an NVIDIA GPU through numba-cuda)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     ap.add_argument("--nanobragg", metavar="PATH", help="a nanoBragg binary to compare against")
@@ -217,7 +242,29 @@ def main(argv=None):
     import numba
     threads = [int(t) for t in opts.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
     print(f"nbragg benchmark  (numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} threads available)")
-    for name in opts.cases.split(","):
+    names = opts.cases.split(",")
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        ap.error(f"--cases: unknown benchmark {unknown[0]!r}; choose from {', '.join(CASES)}")
+    if opts.backend == "cuda":
+        from .engine import check_backend, cuda_kernels
+        from .errors import BackendError
+        try:
+            check_backend("cuda")
+            cuda_kernels().check_available()
+        except BackendError as exc:
+            print(f"nbragg.bench: {exc}", file=sys.stderr)
+            return 2
+        from numba import cuda
+        name = getattr(cuda.get_current_device(), "name", "the CUDA simulator")
+        print(f"nbragg benchmark on {name.decode() if isinstance(name, bytes) else name}")
+        for case in names:
+            print(f"\n{case}: {CASES[case]}")
+            print(f"  inner evaluations per image: {_model(CASES[case]).inner_evaluations:,}")
+            for line in gpu_figures(case, opts.repeat, gradients=not opts.no_gradients):
+                print(line, flush=True)
+        return 0
+    for name in names:
         args = CASES[name]
         model = _model(args)
         n = model.inner_evaluations

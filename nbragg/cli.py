@@ -1,7 +1,8 @@
 """``nbragg``: the nanoBragg command line.
 
 Takes nanoBragg.c's flags and writes the same files.  nbragg-only flags:
-``-threads N`` (CPU threads; default all cores) and ``-device cpu``.
+``-threads N`` (CPU threads; default all cores) and ``-device cpu|cuda`` (``cuda``: an
+NVIDIA GPU through numba-cuda).
 User errors print one line on stderr and exit with status 2, writing no image.
 """
 
@@ -73,8 +74,9 @@ def run(argv, stdout=None, stderr=None):
         except ValueError:
             raise ArgumentError(f"-threads: value {own['-threads']!r} is not an integer") from None
     device = own.get("-device", "cpu")
-    if device != "cpu":
-        raise ArgumentError(f"-device: {device!r} is not available (choose cpu)")
+    if device not in engine.BACKENDS:
+        raise ArgumentError(f"-device: {device!r} is not known (choose {' or '.join(engine.BACKENDS)})")
+    engine.check_backend(device)
 
     parsed = parse_nanobragg_args(argv, warn=warn)
     o = parsed.outputs
@@ -101,7 +103,8 @@ def run(argv, stdout=None, stderr=None):
     def progress(done, total):
         bar.update(done - bar.n)
     try:
-        image, omega_sum = engine.render(model, threads=threads, progress=progress if bar is not None else None)
+        image, omega_sum = engine.render(model, backend=device, threads=threads,
+                                         progress=progress if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()

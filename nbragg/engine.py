@@ -193,14 +193,37 @@ def set_threads(threads):
     return prev
 
 
+BACKENDS = ("cpu", "cuda")
+
+
+def check_backend(backend):
+    """Validate a backend name; for "cuda", also that numba-cuda and a device (or the
+    simulator) are there.  Raises BackendError naming what is missing."""
+    if backend not in BACKENDS:
+        raise BackendError(f"backend {backend!r} is not known (choose one of {', '.join(BACKENDS)})")
+    if backend == "cuda":
+        cuda_kernels().check_available()
+    return backend
+
+
+def cuda_kernels():
+    """The GPU kernel module (imported on first use: it needs numba-cuda)."""
+    try:
+        from .kernels import cuda as C
+    except ImportError as exc:
+        raise BackendError(f"backend 'cuda' needs numba-cuda, which cannot be imported ({exc}); "
+                           "install it with: pip install \"nbragg[cuda]\"") from None
+    return C
+
+
 def render(model, backend="cpu", threads=None, progress=None):
     """Run the forward kernel; returns (image in photons, omega sum over sub-pixels).
 
     ``progress(rows_done, rows_total)`` (optional) is called as blocks of detector rows
     finish; the image does not depend on it.
     """
-    if backend != "cpu":
-        raise BackendError(f"backend {backend!r} is not available (choose 'cpu')")
+    if check_backend(backend) == "cuda":
+        return cuda_kernels().render(model, progress=progress)
     image = np.zeros(model.shape, dtype=np.float64)
     omega_rows = np.zeros(model.shape[0], dtype=np.float64)
     prev = set_threads(threads)
@@ -319,8 +342,8 @@ def simulate(experiment, backend="cpu", threads=None, warn=None):
     Parameters
     ----------
     experiment : Experiment
-    backend : "cpu"
-    threads : number of CPU threads (None: Numba's default, all cores)
+    backend : "cpu" (Numba threads) or "cuda" (an NVIDIA GPU through numba-cuda)
+    threads : number of CPU threads (None: Numba's default, all cores; ignored by "cuda")
     warn : callable receiving warning messages (default: the ``nbragg`` logger)
 
     Returns

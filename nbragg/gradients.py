@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import build_model, kernel_args, render, set_threads
-from .errors import BackendError, ParameterError
+from .engine import build_model, check_backend, cuda_kernels, kernel_args, render, set_threads
+from .errors import ParameterError
 from .kernels import adjoint as A
 from .kernels.derivs import G_FPAR, G_GEOM, G_SCALE, NFIX
 from .params import check_names, get_params, input_tangent, set_params
@@ -40,11 +40,6 @@ class RawGradient:
                      + self.scale * tan.scale)
 
 
-def _check_backend(backend):
-    if backend != "cpu":
-        raise BackendError(f"backend {backend!r} is not available (choose 'cpu')")
-
-
 def _check_upstream(model, upstream):
     g = np.asarray(upstream, dtype=np.float64)
     if g.shape != model.shape:
@@ -54,13 +49,20 @@ def _check_upstream(model, upstream):
     return np.ascontiguousarray(g)
 
 
-def raw_gradient(model, upstream, threads=None, want_image=False):
+def raw_gradient(model, upstream, threads=None, want_image=False, backend="cpu", want_F=True):
     """Adjoint kernel: dL/du for every kernel input u, with L = sum(upstream * image).
 
     With ``want_image`` the (scaled) image is returned too, for the pixels where the
-    upstream is not zero."""
+    upstream is not zero.  ``want_F=False`` lets the GPU skip the structure-factor
+    partials (``Fgrid`` is then zero)."""
     g = _check_upstream(model, upstream)
     geom, fpar, ipar, src, lam, ori, rec, grid, mask = kernel_args(model)
+    if check_backend(backend) == "cuda":
+        fix, gsrc, glam, gor, grec, gF, image = cuda_kernels().raw_adjoint(model, g, want_F, want_image)
+        return RawGradient(
+            geom=fix[G_GEOM:G_GEOM + 18].reshape(6, 3), fpar=fix[G_FPAR:G_FPAR + len(fpar)], sources=gsrc,
+            lambdas=glam, orients=gor, recip=grec, Fgrid=gF if gF is not None else np.zeros(grid.shape),
+            scale=fix[G_SCALE] / model.scale if model.scale != 0 else 0.0, image=image)
     xmin, xmax, ymin, ymax = model.roi_clipped
     nchunks = A.n_chunks(ymax - ymin + 1, grid.size, 8 * g.size)
     gfix = np.zeros((nchunks, NFIX))
@@ -100,10 +102,10 @@ def gradient(exp, names, upstream, backend="cpu", threads=None):
     -------
     dict name -> float (an array of the grid's shape for ``Fhkl``)
     """
-    _check_backend(backend)
+    check_backend(backend)
     names = check_names(names)
     model = build_model(exp, warn=lambda m: None)
-    raw = raw_gradient(model, upstream, threads=threads)
+    raw = raw_gradient(model, upstream, threads=threads, backend=backend, want_F="Fhkl" in names)
     out = {}
     for n in names:
         if n == "Fhkl":
@@ -118,12 +120,12 @@ def gradient(exp, names, upstream, backend="cpu", threads=None):
 def jacobian(exp, names, backend="cpu", threads=None):
     """dI/dtheta for scalar parameters: an array (spixels * fpixels, n), rows in image
     order (fast index fastest), zero outside the ROI and mask."""
-    _check_backend(backend)
+    check_backend(backend)
     names = check_names(names, allow_arrays=False)
     model = build_model(exp, warn=lambda m: None)
     from .kernels import tangent as T
     tans = [input_tangent(model, n) for n in names]
-    J, _ = T.run_tangent(model, tans, threads=threads)
+    J, _ = T.run_tangent(model, tans, threads=threads, backend=backend)
     return J.reshape(-1, len(names))
 
 

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .engine import build_model, render
+from .engine import build_model, check_backend, render
 from .errors import NbraggError, ParameterError
 from .gradients import check_gradients as _check_gradients
 from .gradients import raw_gradient
@@ -178,10 +178,11 @@ def _blur(img, sigma):
 
 
 class _Problem:
-    def __init__(self, exp, observed, names, loss, select, threads, readout, sigma):
+    def __init__(self, exp, observed, names, loss, select, threads, readout, sigma, backend="cpu"):
         self.exp0 = exp
         self.names = names
         self.threads = threads
+        self.backend = backend
         self.sigma = sigma
         self.select = select
         self.shape = observed.shape
@@ -200,7 +201,7 @@ class _Problem:
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         model = build_model(self.experiment(theta), warn=lambda m: None)
-        image, _ = render(model, threads=self.threads)
+        image, _ = render(model, threads=self.threads, backend=self.backend)
         m = _blur(image, self.sigma)[self.select]
         self._cache = (key, model, m)
         return model, m
@@ -217,7 +218,7 @@ class _Problem:
         from .kernels.tangent import run_tangent
         model, m = self._model(theta)
         tans = [input_tangent(model, n) for n in self.names]
-        J, _ = run_tangent(model, tans, threads=self.threads)
+        J, _ = run_tangent(model, tans, threads=self.threads, backend=self.backend)
         if self.sigma > 0:
             J = np.stack([_blur(J[..., p], self.sigma) for p in range(J.shape[-1])], axis=-1)
         return J[self.select]
@@ -238,7 +239,7 @@ class _Problem:
         g[self.select] = self.obj.dvalue_dm(m)
         if self.sigma > 0:
             g = _blur(g, self.sigma)   # the Gaussian filter is symmetric: its adjoint is itself
-        raw = raw_gradient(model, g, threads=self.threads)
+        raw = raw_gradient(model, g, threads=self.threads, backend=self.backend, want_F=False)
         return val, np.array([raw.contract(input_tangent(model, n)) for n in self.names])
 
 
@@ -287,15 +288,16 @@ def _selection(exp, observed, mask):
     return obs, sel
 
 
-def _fit_once(exp, obs, sel, names, loss, method, bnds, threads, readout, sigma, options):
-    prob = _Problem(exp, obs, names, loss, sel, threads, readout, sigma)
+def _fit_once(exp, obs, sel, names, loss, method, bnds, compute, readout, sigma, options):
+    threads, backend = compute
+    prob = _Problem(exp, obs, names, loss, sel, threads, readout, sigma, backend)
     # pixels with a zero model (cut by -dmin, outside the crystal's reach) carry no
     # information for Poisson; drop them from this level's selection
     _, m0 = prob._model(np.array([prob.start[n] for n in names]))
     if loss == "poisson" and np.any(m0 <= 0):
         keep = np.zeros(prob.shape, dtype=bool)
         keep[sel] = m0 > 0
-        prob = _Problem(exp, obs, names, loss, keep, threads, readout, sigma)
+        prob = _Problem(exp, obs, names, loss, keep, threads, readout, sigma, backend)
     x0 = np.array([prob.start[n] for n in names])
     lo, hi = bnds
     x0 = np.clip(x0, lo, hi)
@@ -329,7 +331,7 @@ def _fit_once(exp, obs, sel, names, loss, method, bnds, threads, readout, sigma,
 
 def refine(exp, observed, params, loss="poisson", method="least_squares", mask=None, bounds=None, *,
            stages=None, blur=None, readout=0.0, check_gradients=False, gradient_tolerance=1e-4,
-           threads=None, **options):
+           threads=None, backend="cpu", **options):
     """Refine named parameters of ``exp`` against ``observed`` (photons, image shape).
 
     Parameters
@@ -347,12 +349,15 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
         coarse-to-fine schedule (a final unblurred fit is always run)
     check_gradients : compare analytic and finite-difference derivatives at the start
         and raise RefinementError if any relative error exceeds ``gradient_tolerance``
+    threads, backend : CPU threads, or backend="cuda" to compute images and derivatives
+        on a GPU
     options : passed to scipy (e.g. max_nfev for least_squares, maxiter for lbfgs)
 
     Returns
     -------
     Fit
     """
+    check_backend(backend)
     if loss not in LOSSES:
         raise ParameterError(f"loss = {loss!r}; choose one of {', '.join(LOSSES)}")
     if method not in METHODS:
@@ -383,7 +388,7 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
     for sigma in levels:
         for group in groups:
             bnds = _bounds(group, bounds)
-            prob, x, success, message = _fit_once(current, obs, sel, group, loss, method, bnds, threads, readout,
+            prob, x, success, message = _fit_once(current, obs, sel, group, loss, method, bnds, (threads, backend), readout,
                                                   sigma, options)
             current = prob.experiment(x)
             history.extend(prob.history)

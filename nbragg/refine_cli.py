@@ -176,6 +176,8 @@ def _parser():
     ap.add_argument("--blur", default="4,2,1", help="coarse-to-fine Gaussian widths in pixels ('' for none)")
     ap.add_argument("--check-gradients", action="store_true", help="check derivatives against finite differences")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where images and derivatives are computed (cuda: an NVIDIA GPU)")
     ap.add_argument("--report", default="refine.json", help="JSON report (default refine.json)")
     return ap
 
@@ -211,7 +213,8 @@ def run(argv, stdout=None):
     shape = (exp.detector.spixels, exp.detector.fpixels)
     obs, usable = read_observed(opts.observed, shape, adc=opts.adc, dataset=opts.dataset, frame=opts.frame)
     fit = refine(exp, obs, names, loss=opts.loss, method=opts.method, mask=usable, stages=stages, blur=blur,
-                 readout=opts.readout, check_gradients=opts.check_gradients, threads=opts.threads)
+                 readout=opts.readout, check_gradients=opts.check_gradients, threads=opts.threads,
+                 backend=opts.device)
     print(fit.table(), file=out)
     base = os.path.splitext(opts.report)[0]
     matfile = base + ".mat"

@@ -1,8 +1,13 @@
 import gzip
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
+
+# CUDA kernels are tested under Numba's CUDA simulator unless a run asks for the GPU
+# (NUMBA_ENABLE_CUDASIM=0); this must happen before numba is imported.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import numpy as np
 import pytest

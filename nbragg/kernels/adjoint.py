@@ -47,6 +47,12 @@ NSCRATCH = 14
 
 
 @njit(cache=True, error_model="numpy")
+def add_F(gF, gfix, j, value):
+    """dL/dF_j += value.  (The GPU kernels swap in a deterministic atomic version.)"""
+    gF[j] += value
+
+
+@njit(cache=True, error_model="numpy")
 def grid_indices(qx, qy, qz, ori, ipar, ibuf):
     """Flat structure-factor grid index of the nearest hkl for every orientation (-1
     outside the grid).  Kept out of the lattice loops so that those vectorise."""
@@ -57,9 +63,9 @@ def grid_indices(qx, qy, qz, ori, ipar, ibuf):
     nk = ipar[I_HKL_MAX + 1] - kmin + 1
     nl = ipar[I_HKL_MAX + 2] - lmin + 1
     for m in range(ori.shape[1]):
-        ih = math.ceil(ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz - 0.5) - hmin
-        ik = math.ceil(ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz - 0.5) - kmin
-        il = math.ceil(ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz - 0.5) - lmin
+        ih = int(math.ceil(ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz - 0.5)) - hmin
+        ik = int(math.ceil(ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz - 0.5)) - kmin
+        il = int(math.ceil(ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz - 0.5)) - lmin
         inside = (ih >= 0) & (ih < nh) & (ik >= 0) & (ik < nk) & (il >= 0) & (il < nl)
         ibuf[m] = (ih * nk + ik) * nl + il if inside else -1
 
@@ -186,9 +192,9 @@ def _lattice_grid_pass(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_
         h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
         k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
         l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
-        h0 = math.ceil(h - 0.5)
-        k0 = math.ceil(k - 0.5)
-        l0 = math.ceil(l - 0.5)
+        h0 = int(math.ceil(h - 0.5))
+        k0 = int(math.ceil(k - 0.5))
+        l0 = int(math.ceil(l - 0.5))
         ga, dga, nga = axis_lattice_grad(h - h0, Na)
         gb, dgb, ngb = axis_lattice_grad(k - k0, Nb)
         gc, dgc, ngc = axis_lattice_grad(l - l0, Nc)
@@ -365,9 +371,9 @@ def pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orient
                         h = orients[o, 0, 0] * qx + orients[o, 0, 1] * qy + orients[o, 0, 2] * qz
                         k = orients[o, 1, 0] * qx + orients[o, 1, 1] * qy + orients[o, 1, 2] * qz
                         l = orients[o, 2, 0] * qx + orients[o, 2, 1] * qy + orients[o, 2, 2] * qz
-                        h0 = math.ceil(h - 0.5)
-                        k0 = math.ceil(k - 0.5)
-                        l0 = math.ceil(l - 0.5)
+                        h0 = int(math.ceil(h - 0.5))
+                        k0 = int(math.ceil(k - 0.5))
+                        l0 = int(math.ceil(l - 0.5))
                         F_latt = lattice_factor(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip)
                         if F_latt == 0.0 and not water:
                             continue
@@ -414,9 +420,9 @@ def pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orient
             h = orients[o, 0, 0] * qx + orients[o, 0, 1] * qy + orients[o, 0, 2] * qz
             k = orients[o, 1, 0] * qx + orients[o, 1, 1] * qy + orients[o, 1, 2] * qz
             l = orients[o, 2, 0] * qx + orients[o, 2, 1] * qy + orients[o, 2, 2] * qz
-            h0 = math.ceil(h - 0.5)
-            k0 = math.ceil(k - 0.5)
-            l0 = math.ceil(l - 0.5)
+            h0 = int(math.ceil(h - 0.5))
+            k0 = int(math.ceil(k - 0.5))
+            l0 = int(math.ceil(l - 0.5))
             L = lattice_grad(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip, lp)
             if L == 0.0 and not water:
                 continue
@@ -440,7 +446,7 @@ def pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orient
                 for j in range(9):
                     grec[j] += gL * lp[7 + j]
             for j in range(nidx):
-                gF[fidx[j]] += gFc * fw[j]
+                add_F(gF, gfix, fidx[j], gFc * fw[j])
             gfix[G_FPAR + F_DEFAULT_F] += gFc * Fdef
             gor[0, o] += gh * qx
             gor[1, o] += gh * qy

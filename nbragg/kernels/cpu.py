@@ -185,9 +185,9 @@ def square_terms(qx, qy, qz, ori, Na, Nb, Nc, fflat, ipar, default_F, buf, ibuf)
         h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
         k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
         l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
-        h0 = math.ceil(h - 0.5)
-        k0 = math.ceil(k - 0.5)
-        l0 = math.ceil(l - 0.5)
+        h0 = int(math.ceil(h - 0.5))
+        k0 = int(math.ceil(k - 0.5))
+        l0 = int(math.ceil(l - 0.5))
         num = 1.0
         den = 1.0
         if Na > 1.0:
@@ -225,8 +225,13 @@ def square_terms(qx, qy, qz, ori, Na, Nb, Nc, fflat, ipar, default_F, buf, ibuf)
 
 
 @njit(cache=True, error_model="numpy")
-def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, ori, fflat, buf, ibuf):
-    """One pixel: returns (value before r_e^2*fluence/steps, sum of sub-pixel omegas)."""
+def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, fast, ori, fflat, buf,
+                ibuf):
+    """One pixel: returns (value before r_e^2*fluence/steps, sum of sub-pixel omegas).
+
+    ``fast`` (see :func:`fast_path`) sums each block's orientations in bulk with
+    :func:`square_terms` (CPU vector loops over ``ori``, ``buf``, ``ibuf``); otherwise
+    they are summed one by one, as the GPU does."""
     os = ipar[I_OVERSAMPLE]
     thicksteps = ipar[I_THICKSTEPS]
     os_omega = ipar[I_OS_OMEGA] != 0
@@ -253,8 +258,6 @@ def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, rec
     pvz = geom[5, 2]
     nsrc = sources.shape[0]
     norient = orients.shape[0]
-    # no -oversample_* flag: terms are only summed, so they can be computed in bulk
-    fast = (not os_omega) and (not os_polar) and (not os_thick) and shape == SQUARE and ipar[I_INTERPOLATE] == 0
 
     I = fpar[F_I_BG]
     polar = 1.0 if ipar[I_NOPOLAR] != 0 else 0.0
@@ -306,9 +309,9 @@ def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, rec
                         h = orients[m, 0, 0] * qx + orients[m, 0, 1] * qy + orients[m, 0, 2] * qz
                         k = orients[m, 1, 0] * qx + orients[m, 1, 1] * qy + orients[m, 1, 2] * qz
                         l = orients[m, 2, 0] * qx + orients[m, 2, 1] * qy + orients[m, 2, 2] * qz
-                        h0 = math.ceil(h - 0.5)
-                        k0 = math.ceil(k - 0.5)
-                        l0 = math.ceil(l - 0.5)
+                        h0 = int(math.ceil(h - 0.5))
+                        k0 = int(math.ceil(k - 0.5))
+                        l0 = int(math.ceil(l - 0.5))
                         F_latt = lattice_factor(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip)
                         if F_latt == 0.0 and not water:
                             continue
@@ -367,6 +370,7 @@ def forward(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ima
     ori = orientations_soa(orients)
     fflat = fgrid.ravel()
     npad = ori.shape[1]
+    fast = fast_path(ipar)
     for spixel in prange(ymin, ymax + 1):
         buf = np.empty(npad)
         ibuf = np.empty(npad, dtype=np.int64)
@@ -374,7 +378,8 @@ def forward(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ima
         for fpixel in range(xmin, xmax + 1):
             if use_mask and mask[spixel, fpixel] == 0:
                 continue
-            v, o = pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, ori, fflat, buf, ibuf)
+            v, o = pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, fast, ori, fflat,
+                               buf, ibuf)
             image[spixel, fpixel] = v
             osum += o
         omega_rows[spixel] = osum

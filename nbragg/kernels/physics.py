@@ -102,7 +102,7 @@ def cospi(x):
 @njit(cache=True, error_model="numpy")
 def nearest_index(h):
     """nanoBragg's rounding to the nearest Miller index: ceil(h - 0.5)."""
-    return math.ceil(h - 0.5)
+    return int(math.ceil(h - 0.5))
 
 
 @njit(cache=True, error_model="numpy")

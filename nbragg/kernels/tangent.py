@@ -42,9 +42,9 @@ def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, d
         h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
         k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
         l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
-        h0 = math.ceil(h - 0.5)
-        k0 = math.ceil(k - 0.5)
-        l0 = math.ceil(l - 0.5)
+        h0 = int(math.ceil(h - 0.5))
+        k0 = int(math.ceil(k - 0.5))
+        l0 = int(math.ceil(l - 0.5))
         ga, dga, nga = axis_lattice_grad(h - h0, Na)
         gb, dgb, ngb = axis_lattice_grad(k - k0, Nb)
         gc, dgc, ngc = axis_lattice_grad(l - l0, Nc)
@@ -216,8 +216,11 @@ def _position_jvp(fpixel, spixel, subF, subS, t, geom, fpar, ipar, dgeom, dfpar,
 @njit(cache=True, error_model="numpy")
 def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
                   dgeom, dfpar, dsrc, dlam, dori, drec, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw,
-                  ori, fflat, dori_soa, has_dori, flags, sc, ibuf):
-    """Value (unscaled) of one pixel; its tangents are left in dI (P)."""
+                  fast, ori, fflat, dori_soa, has_dori, flags, sc, ibuf):
+    """Value (unscaled) of one pixel; its tangents are left in dI (P).
+
+    ``fast``: blocks go through :func:`square_tangent` (CPU vector loops), as in
+    :func:`~nbragg.kernels.cpu.pixel_value`."""
     os = ipar[I_OVERSAMPLE]
     thicksteps = ipar[I_THICKSTEPS]
     os_omega = ipar[I_OS_OMEGA] != 0
@@ -235,7 +238,6 @@ def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, r
     nsrc = sources.shape[0]
     norient = orients.shape[0]
     npar = dI.shape[0]
-    fast = fast_path(ipar)
     I = fpar[F_I_BG]
     for p in range(npar):
         dI[p] = dfpar[p, F_I_BG]
@@ -327,9 +329,9 @@ def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, r
                         h = orients[o, 0, 0] * qx + orients[o, 0, 1] * qy + orients[o, 0, 2] * qz
                         k = orients[o, 1, 0] * qx + orients[o, 1, 1] * qy + orients[o, 1, 2] * qz
                         l = orients[o, 2, 0] * qx + orients[o, 2, 1] * qy + orients[o, 2, 2] * qz
-                        h0 = math.ceil(h - 0.5)
-                        k0 = math.ceil(k - 0.5)
-                        l0 = math.ceil(l - 0.5)
+                        h0 = int(math.ceil(h - 0.5))
+                        k0 = int(math.ceil(k - 0.5))
+                        l0 = int(math.ceil(l - 0.5))
                         L = lattice_grad(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip, lp)
                         if L == 0.0 and not water:
                             continue
@@ -386,6 +388,7 @@ def tangent(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, sca
     ori = orientations_soa(orients)
     fflat = fgrid.ravel()
     npad = ori.shape[1]
+    fast = fast_path(ipar)
     for spixel in prange(ymin, ymax + 1):
         sc = np.empty((14, npad))
         ibuf = np.empty(npad, dtype=np.int64)
@@ -406,15 +409,17 @@ def tangent(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, sca
                 continue
             v = pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
                               dgeom, dfpar, dsrc, dlam, dori, drec, dP, dd, dq, dI, dom, dcap, dpol, dm,
-                              lp, pbuf, fidx, fw, ori, fflat, dori_soa, has_dori, flags, sc, ibuf)
+                              lp, pbuf, fidx, fw, fast, ori, fflat, dori_soa, has_dori, flags, sc, ibuf)
             image[spixel, fpixel] = v * scale
             for p in range(npar):
                 J[spixel, fpixel, p] = scale * dI[p] + dscale[p] * v
 
 
-def run_tangent(model, tangents, threads=None):
+def run_tangent(model, tangents, threads=None, backend="cpu"):
     """Jacobian (spixels, fpixels, P) for a list of InputTangent; returns (J, image)."""
-    from ..engine import kernel_args, set_threads
+    from ..engine import check_backend, cuda_kernels, kernel_args, set_threads
+    if check_backend(backend) == "cuda":
+        return cuda_kernels().run_tangent(model, tangents)
     geom, fpar, ipar, src, lam, ori, rec, grid, mask = kernel_args(model)
     P = len(tangents)
     dgeom = np.ascontiguousarray(np.array([t.geom for t in tangents]).reshape(P, 6, 3))

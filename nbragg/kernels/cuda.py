@@ -1,0 +1,459 @@
+"""GPU kernels (numba.cuda): forward, tangent and adjoint, one thread per pixel.
+
+The per-pixel functions are the CPU's own (:func:`~nbragg.kernels.cpu.pixel_value`,
+:func:`~nbragg.kernels.tangent.pixel_tangent`,
+:func:`~nbragg.kernels.adjoint.pixel_adjoint`): :func:`device_function` recompiles a
+CPU function, and every compiled function it calls, as CUDA device functions, so the
+physics exists once.  On the GPU the orientations of a block are summed one by one
+(the CPU's bulk vector loops are a CPU optimisation) and the adjoint always takes the
+general replay path.
+
+Determinism of the adjoint: a fixed number W of threads (set by the problem size and a
+memory budget, never by the device) each accumulate private partial gradients over the
+pixels tid, tid + W, ...; the partials are then summed by a reduction kernel in a fixed
+order.  Structure-factor gradients, too many to keep per thread, are accumulated with
+atomic adds of 128-bit fixed-point integers: integer addition is exact, so the result
+does not depend on the order in which threads arrive.  The fixed-point scale comes from
+a first pass that bounds the sum of |contributions|.
+
+Importing this module needs numba-cuda (``pip install "nbragg[cuda]"``); the rest of
+nbragg never imports it unless a GPU backend is asked for.
+"""
+
+import math
+import time
+import types
+
+import numpy as np
+from numba import config, cuda, float64, int64
+from numba.core.registry import CPUDispatcher
+
+from ..errors import BackendError
+from . import adjoint as A
+from . import cpu as K
+from . import tangent as T
+from .derivs import LP_SIZE, NFIX
+
+MAXP = 32              # parameters per tangent launch (more are done in groups)
+SIMULATED = bool(getattr(config, "ENABLE_CUDASIM", 0))
+# the simulator runs a Python thread per GPU thread and its block loop competes with them
+# for the GIL: with long per-pixel loops one thread per block is 20-40x faster there than
+# eight; the GPU wants fuller blocks
+THREADS_PER_BLOCK = 1 if SIMULATED else 128
+REDUCE_THREADS = 128   # threads of the tree reduction (a compile-time size)
+SERIAL_REDUCE_MAX = 4096
+ADJOINT_BUDGET = 512 * 2 ** 20   # bytes of per-thread partial gradients, at most
+ADJOINT_MAX_THREADS = 65536
+
+# ----------------------------------------------------------------------------- device twins
+
+_twins = {}
+
+
+def device_function(fn):
+    """The CUDA device-function twin of a CPU-compiled (njit) function.
+
+    Its Python source is compiled again for the GPU, with every njit function it refers
+    to replaced by that function's own twin (or by an entry of ``_OVERRIDES``)."""
+    if fn in _OVERRIDES:
+        return _OVERRIDES[fn]
+    twin = _twins.get(fn)
+    if twin is not None:
+        return twin
+    py = fn.py_func
+    names = dict(py.__globals__)
+    for name in py.__code__.co_names:
+        value = names.get(name)
+        if isinstance(value, CPUDispatcher):
+            names[name] = device_function(value)
+    clone = types.FunctionType(py.__code__, names, py.__name__, py.__defaults__, py.__closure__)
+    clone.__qualname__ = py.__qualname__
+    twin = cuda.jit(device=True)(clone)
+    _twins[fn] = twin
+    return twin
+
+
+# 128-bit fixed-point accumulation of structure-factor gradients.  gF is uint64 (2, n + 1):
+# row 0 the low words, row 1 the high words; column n holds the mode (row 0: 0 off,
+# 1 bound -- add |value| to the thread's gfix[NFIX] --, 2 accumulate) and the binary
+# exponent of the scale (row 1).
+_U0 = np.uint64(0)
+_U1 = np.uint64(1)
+_TWO64 = 18446744073709551616.0
+_MODE_OFF = 0
+_MODE_BOUND = 1
+_MODE_SUM = 2
+
+
+@cuda.jit(device=True)
+def _add_F_device(gF, gfix, j, value):
+    n = gF.shape[1] - 1
+    mode = gF[0, n]
+    if mode == _MODE_BOUND:
+        gfix[NFIX] += abs(value)
+    elif mode == _MODE_SUM:
+        x = value * 2.0 ** (np.int64(gF[1, n]) - 1024)
+        a = abs(x)
+        hi_f = math.floor(a / _TWO64)
+        lo_f = math.floor(a - hi_f * _TWO64 + 0.5)
+        hi = np.uint64(hi_f)
+        lo = np.uint64(lo_f)
+        if x < 0.0:
+            lo = ~lo + _U1
+            hi = ~hi + (_U1 if lo == _U0 else _U0)
+        old = cuda.atomic.add(gF, (0, j), lo)
+        carry = _U1 if old + lo < old else _U0
+        cuda.atomic.add(gF, (1, j), hi + carry)
+
+
+_OVERRIDES = {A.add_F: _add_F_device}
+
+
+def fixed_to_float(gF, exponent):
+    """Values of the 128-bit fixed-point words (uint64 (2, n)) as float64."""
+    lo = gF[0]
+    hi = gF[1].view(np.int64)
+    out = hi.astype(np.float64) * _TWO64 + lo.astype(np.float64)
+    neg1 = hi == -1            # small negative numbers: avoid cancellation
+    out[neg1] = -((~lo[neg1]).astype(np.float64) + 1.0)
+    return np.ldexp(out, -exponent)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+_pixel_value = device_function(K.pixel_value)
+_pixel_tangent = device_function(T.pixel_tangent)
+_pixel_adjoint = device_function(A.pixel_adjoint)
+
+
+@cuda.jit(device=True)
+def _thread_pixel(i, xmin, ymin, nx, ny, ipar, mask):
+    """(slow, fast, active): the pixel of thread i of an nx x ny region, and whether it
+    is inside the region and not masked."""
+    if i >= nx * ny:
+        return 0, 0, False
+    spixel = ymin + i // nx
+    fpixel = xmin + i % nx
+    return spixel, fpixel, ipar[K.I_USE_MASK] == 0 or mask[spixel, fpixel] != 0
+
+
+@cuda.jit
+def _forward_kernel(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ori, fflat,
+                    xmin, ymin, nx, ny, image, omega_img):
+    spixel, fpixel, active = _thread_pixel(cuda.grid(1), xmin, ymin, nx, ny, ipar, mask)
+    if not active:
+        return
+    buf = cuda.local.array(1, float64)
+    ibuf = cuda.local.array(1, int64)
+    v, o = _pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, False, ori,
+                        fflat, buf, ibuf)
+    image[spixel, fpixel] = v
+    omega_img[spixel, fpixel] = o
+
+
+@cuda.jit
+def _tangent_kernel(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, scale, dscale,
+                    dgeom, dfpar, dsrc, dlam, dori, drec, flags, ori, fflat, dori_soa, has_dori,
+                    xmin, ymin, nx, ny, J, image):
+    spixel, fpixel, active = _thread_pixel(cuda.grid(1), xmin, ymin, nx, ny, ipar, mask)
+    if not active:
+        return
+    npar = dfpar.shape[0]
+    dP_ = cuda.local.array((MAXP, 3), float64)
+    dd_ = cuda.local.array((MAXP, 4), float64)
+    dq_ = cuda.local.array((MAXP, 3), float64)
+    dI_ = cuda.local.array(MAXP, float64)
+    dom_ = cuda.local.array(MAXP, float64)
+    dcap_ = cuda.local.array(MAXP, float64)
+    dpol_ = cuda.local.array(MAXP, float64)
+    dm_ = cuda.local.array(MAXP, float64)
+    for p in range(MAXP):
+        for j in range(3):
+            dP_[p, j] = 0.0
+            dq_[p, j] = 0.0
+        for j in range(4):
+            dd_[p, j] = 0.0
+    lp = cuda.local.array(LP_SIZE, float64)
+    pbuf = cuda.local.array(10, float64)
+    fidx = cuda.local.array(64, int64)
+    fw = cuda.local.array(64, float64)
+    sc = cuda.local.array((14, 1), float64)
+    ibuf = cuda.local.array(1, int64)
+    dI = dI_[:npar]
+    v = _pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
+                       dgeom, dfpar, dsrc, dlam, dori, drec, dP_[:npar], dd_[:npar], dq_[:npar], dI,
+                       dom_[:npar], dcap_[:npar], dpol_[:npar], dm_[:npar], lp, pbuf, fidx, fw,
+                       False, ori, fflat, dori_soa, has_dori, flags, sc, ibuf)
+    image[spixel, fpixel] = v * scale
+    for p in range(npar):
+        J[spixel, fpixel, p] = scale * dI[p] + dscale[p] * v
+
+
+@cuda.jit
+def _adjoint_kernel(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, upstream, scale,
+                    xmin, ymin, nx, ny, acc_fix, acc_src, acc_lam, acc_or, acc_rec, gF,
+                    blk_I, blk_m, blk_K, blk_id, image):
+    tid = cuda.grid(1)
+    W = acc_fix.shape[1]
+    if tid >= W:
+        return
+    gfix = acc_fix[:, tid]
+    gsrc = acc_src[:, :, tid]
+    glam = acc_lam[:, tid]
+    gor = acc_or[:, :, tid]
+    grec = acc_rec[:, tid]
+    for j in range(gfix.shape[0]):
+        gfix[j] = 0.0
+    for s in range(gsrc.shape[0]):
+        glam[s] = 0.0
+        for j in range(3):
+            gsrc[s, j] = 0.0
+    for j in range(9):
+        grec[j] = 0.0
+        for o in range(gor.shape[1]):
+            gor[j, o] = 0.0
+    lp = cuda.local.array(LP_SIZE, float64)
+    pbuf = cuda.local.array(10, float64)
+    fidx = cuda.local.array(64, int64)
+    fw = cuda.local.array(64, float64)
+    bI = blk_I[:, tid]
+    bm = blk_m[:, tid]
+    bK = blk_K[:, tid]
+    bid = blk_id[:, tid]
+    want_image = image.shape[0] > 1 or image.shape[1] > 1
+    use_mask = ipar[K.I_USE_MASK] != 0
+    for i in range(tid, nx * ny, W):
+        spixel = ymin + i // nx
+        fpixel = xmin + i % nx
+        if use_mask and mask[spixel, fpixel] == 0:
+            continue
+        gv = upstream[spixel, fpixel] * scale
+        if gv == 0.0:
+            continue
+        v = _pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
+                           bI, bm, bK, bid, lp, pbuf, fidx, fw, gfix, gsrc, glam, gor, grec, gF)
+        if want_image:
+            image[spixel, fpixel] = v * scale
+
+
+@cuda.jit
+def _reduce_rows_serial(acc, out):
+    """out[k] = sum over w of acc[k, w] in order, one thread per row (small W)."""
+    k = cuda.grid(1)
+    if k < acc.shape[0]:
+        s = 0.0
+        for w in range(acc.shape[1]):
+            s += acc[k, w]
+        out[k] = s
+
+
+@cuda.jit
+def _reduce_rows(acc, out):
+    """out[k] = sum over w of acc[k, w], in a fixed order (one block per row k)."""
+    k = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    part = cuda.shared.array(REDUCE_THREADS, float64)
+    s = 0.0
+    for w in range(t, acc.shape[1], REDUCE_THREADS):
+        s += acc[k, w]
+    part[t] = s
+    cuda.syncthreads()
+    step = REDUCE_THREADS // 2
+    while step > 0:
+        if t < step:
+            part[t] += part[t + step]
+        cuda.syncthreads()
+        step //= 2
+    if t == 0:
+        out[k] = part[0]
+
+
+# ----------------------------------------------------------------------------- host side
+
+def check_available():
+    """Raise BackendError unless a CUDA device (or the simulator) can be used."""
+    try:
+        ok = cuda.is_available()
+    except Exception as exc:  # pragma: no cover - driver trouble
+        raise BackendError(f"backend 'cuda': the CUDA driver cannot be used ({exc})") from None
+    if not ok:
+        raise BackendError("backend 'cuda': no CUDA GPU is visible to numba-cuda (check the driver and "
+                           "CUDA_VISIBLE_DEVICES), or use backend 'cpu'")
+
+
+def _blocks(n):
+    return max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+
+
+class _Inputs:
+    """The kernel inputs of a model, on the device."""
+
+    def __init__(self, model):
+        from ..engine import kernel_args
+        geom, fpar, ipar, src, lam, ori, rec, grid, mask = kernel_args(model)
+        self.host = (geom, fpar, ipar, src, lam, ori, rec, grid, mask)
+        self.dev = tuple(cuda.to_device(np.ascontiguousarray(a)) for a in self.host)
+        xmin, xmax, ymin, ymax = model.roi_clipped
+        self.xmin, self.ymin = xmin, ymin
+        self.nx = max(0, xmax - xmin + 1)
+        self.ny = max(0, ymax - ymin + 1)
+        self.ori_dummy = cuda.to_device(np.zeros((9, 1)))
+        self.fflat_dummy = cuda.to_device(np.zeros(1))
+
+
+def render(model, progress=None):
+    """Forward image (unscaled kernel values times model.scale) and the omega sum."""
+    check_available()
+    inp = _Inputs(model)
+    image = cuda.to_device(np.zeros(model.shape))
+    omega = cuda.to_device(np.zeros(model.shape))
+    n = inp.nx * inp.ny
+    if n > 0:
+        # launches of whole rows, so that progress can be reported between them
+        rows = inp.ny if progress is None else max(1, -(-inp.ny // 50))
+        for y0 in range(0, inp.ny, rows):
+            ny = min(rows, inp.ny - y0)
+            _forward_kernel[_blocks(inp.nx * ny), THREADS_PER_BLOCK](
+                *inp.dev, inp.ori_dummy, inp.fflat_dummy, inp.xmin, inp.ymin + y0, inp.nx, ny, image, omega)
+            if progress is not None:
+                cuda.synchronize()
+                progress(y0 + ny, inp.ny)
+    img = image.copy_to_host()
+    om = omega.copy_to_host()
+    img *= model.scale
+    return img, float(om.sum(axis=1).sum())
+
+
+def forward_kernel_seconds(model, repeat=3):
+    """Best time of the forward kernel alone (inputs already on the device, no copies)."""
+    check_available()
+    inp = _Inputs(model)
+    image = cuda.to_device(np.zeros(model.shape))
+    omega = cuda.to_device(np.zeros(model.shape))
+    n = inp.nx * inp.ny
+    times = []
+    for _ in range(repeat + 1):            # the first launch compiles or loads
+        cuda.synchronize()
+        t0 = time.perf_counter()
+        if n > 0:
+            _forward_kernel[_blocks(n), THREADS_PER_BLOCK](
+                *inp.dev, inp.ori_dummy, inp.fflat_dummy, inp.xmin, inp.ymin, inp.nx, inp.ny, image, omega)
+        cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def run_tangent(model, tangents):
+    """Jacobian (spixels, fpixels, P) and the scaled image, as the CPU's run_tangent."""
+    check_available()
+    inp = _Inputs(model)
+    geom, fpar, ipar, src, lam, ori, rec, grid, mask = inp.host
+    P = len(tangents)
+    J = np.zeros(model.shape + (P,))
+    image = np.zeros(model.shape)
+    dummy_soa = cuda.to_device(np.zeros((1, 9, 1)))
+    dummy_has = cuda.to_device(np.zeros(1, dtype=np.bool_))
+    n = inp.nx * inp.ny
+    for p0 in range(0, P, MAXP):
+        group = tangents[p0:p0 + MAXP]
+        Pg = len(group)
+        dgeom = np.ascontiguousarray(np.array([t.geom for t in group]).reshape(Pg, 6, 3))
+        dfpar = np.ascontiguousarray(np.array([t.fpar for t in group]).reshape(Pg, len(fpar)))
+        dsrc = np.ascontiguousarray(np.array([t.sources for t in group]).reshape((Pg,) + src.shape))
+        dlam = np.ascontiguousarray(np.array([t.lambdas for t in group]).reshape(Pg, len(lam)))
+        dori = np.ascontiguousarray(np.array([t.orients for t in group]).reshape((Pg,) + ori.shape))
+        drec = np.ascontiguousarray(np.array([t.recip for t in group]).reshape(Pg, 3, 3))
+        dscale = np.array([t.scale for t in group], dtype=np.float64)
+        flags = T.tangent_flags(dgeom, dfpar, dsrc, dlam)
+        Jd = cuda.to_device(np.zeros(model.shape + (Pg,)))
+        imd = cuda.to_device(np.zeros(model.shape))
+        if n > 0:
+            _tangent_kernel[_blocks(n), THREADS_PER_BLOCK](
+                *inp.dev, model.scale, cuda.to_device(dscale), cuda.to_device(dgeom), cuda.to_device(dfpar),
+                cuda.to_device(dsrc), cuda.to_device(dlam), cuda.to_device(dori), cuda.to_device(drec),
+                cuda.to_device(flags), inp.ori_dummy, inp.fflat_dummy, dummy_soa, dummy_has,
+                inp.xmin, inp.ymin, inp.nx, inp.ny, Jd, imd)
+        J[:, :, p0:p0 + Pg] = Jd.copy_to_host()
+        image = imd.copy_to_host()
+    return J, image
+
+
+def adjoint_threads(npixels, per_thread_bytes):
+    """W, the number of adjoint threads: a function of the problem only."""
+    by_memory = max(1, ADJOINT_BUDGET // max(per_thread_bytes, 1))
+    return int(max(1, min(npixels, ADJOINT_MAX_THREADS, by_memory)))
+
+
+def _reduce(acc):
+    """Sum a (K..., W) device array over its last axis, deterministically; host result."""
+    shape = tuple(acc.shape)
+    rows = int(np.prod(shape[:-1]))
+    if rows == 0:
+        return np.zeros(shape[:-1])
+    flat = acc.reshape(rows, shape[-1])
+    out = cuda.device_array(rows, dtype=np.float64)
+    if shape[-1] <= SERIAL_REDUCE_MAX:
+        _reduce_rows_serial[_blocks(rows), THREADS_PER_BLOCK](flat, out)
+    else:
+        _reduce_rows[rows, REDUCE_THREADS](flat, out)
+    return out.copy_to_host().reshape(shape[:-1])
+
+
+def raw_adjoint(model, upstream, want_F, want_image):
+    """Partial gradients dL/d(kernel input), summed over pixels in a fixed order.
+
+    Returns (gfix (NFIX,), gsrc, glam, gor (m, 3, 3), grec (3, 3), gF (grid shape) or None,
+    image or None)."""
+    check_available()
+    inp = _Inputs(model)
+    geom, fpar, ipar, src, lam, ori, rec, grid, mask = inp.host
+    nsrc = src.shape[0]
+    norient = ori.shape[0]
+    nblocks = int(ipar[K.I_THICKSTEPS] * ipar[K.I_OVERSAMPLE] ** 2 * nsrc)
+    per_thread = 8 * (NFIX + 1 + 4 * nsrc + 9 * norient + 9 + 4 * nblocks)
+    n = inp.nx * inp.ny
+    W = adjoint_threads(max(n, 1), per_thread)
+    acc_fix = cuda.device_array((NFIX + 1, W))
+    acc_src = cuda.device_array((nsrc, 3, W))
+    acc_lam = cuda.device_array((nsrc, W))
+    acc_or = cuda.device_array((9, norient, W))
+    acc_rec = cuda.device_array((9, W))
+    blk_I = cuda.device_array((nblocks, W))
+    blk_m = cuda.device_array((nblocks, W))
+    blk_K = cuda.device_array((nblocks, W), dtype=np.int64)
+    blk_id = cuda.device_array((nblocks, W), dtype=np.int64)
+    g = cuda.to_device(np.ascontiguousarray(upstream, dtype=np.float64))
+    image = cuda.to_device(np.zeros(model.shape) if want_image else np.zeros((1, 1)))
+    gF_words = np.zeros((2, grid.size + 1), dtype=np.uint64)
+    gF_words[0, -1] = _MODE_BOUND if want_F else _MODE_OFF
+    gF = cuda.to_device(gF_words)
+
+    def launch():
+        _adjoint_kernel[_blocks(W), THREADS_PER_BLOCK](
+            *inp.dev, g, model.scale, inp.xmin, inp.ymin, inp.nx, inp.ny, acc_fix, acc_src, acc_lam, acc_or,
+            acc_rec, gF, blk_I, blk_m, blk_K, blk_id, image)
+
+    launch()
+    fix = _reduce(acc_fix)
+    result_F = None
+    if want_F:
+        bound = fix[NFIX]
+        result_F = np.zeros(grid.shape)
+        if bound > 0.0 and np.isfinite(bound):
+            # scale so that every partial sum stays below 2^125 in magnitude
+            exponent = int(125 - math.ceil(math.log2(bound)))
+            exponent = max(-1000, min(1000, exponent))
+            gF_words[:] = 0
+            gF_words[0, -1] = _MODE_SUM
+            gF_words[1, -1] = exponent + 1024
+            gF = cuda.to_device(gF_words)
+            launch()
+            words = gF.copy_to_host()[:, :-1]
+            result_F = fixed_to_float(words, exponent).reshape(grid.shape)
+            fix = _reduce(acc_fix)
+    out_src = _reduce(acc_src)
+    out_lam = _reduce(acc_lam)
+    out_or = _reduce(acc_or)                   # (9, m): rows a_x ... c_z
+    out_rec = _reduce(acc_rec)
+    img = image.copy_to_host() if want_image else None
+    return (fix[:NFIX], out_src, out_lam, out_or.T.reshape(norient, 3, 3), out_rec.reshape(3, 3), result_F, img)
