@@ -122,13 +122,13 @@ def peak_memory(name):
     return out
 
 
-def time_forward(model, threads, repeat, backend="cpu"):
+def time_forward(model, threads, repeat, backend="cpu", precision="float64"):
     from .engine import render
-    render(model, backend=backend, threads=threads)  # compile / load, first-touch
+    render(model, backend=backend, threads=threads, precision=precision)  # compile / load, first-touch
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        render(model, backend=backend, threads=threads)
+        render(model, backend=backend, threads=threads, precision=precision)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -139,10 +139,12 @@ def gpu_figures(name, repeat, gradients=True):
     from .kernels import cuda as C
     model = _model(CASES[name])
     n = model.inner_evaluations
-    whole = time_forward(model, None, repeat, backend="cuda")
-    kernel = C.forward_kernel_seconds(model, repeat)
-    lines = [f"  forward  cuda: {whole:8.3f} s   {n / whole:12.4g} evaluations/s (whole call); "
-             f"kernel {kernel:8.4f} s   {n / kernel:12.4g} evaluations/s"]
+    lines = []
+    for precision in ("float64", "float32"):
+        whole = time_forward(model, None, repeat, backend="cuda", precision=precision)
+        kernel = C.forward_kernel_seconds(model, repeat, single=precision == "float32")
+        lines.append(f"  forward  cuda {precision}: {whole:8.3f} s   {n / whole:12.4g} evaluations/s (whole call); "
+                     f"kernel {kernel:8.4f} s   {n / kernel:12.4g} evaluations/s")
     if gradients:
         for v in [name] + (["B2hkl"] if name == "B2" else []):
             tf, tg, tj = gradient_figures(v, None, repeat, backend="cuda")
@@ -273,6 +275,9 @@ def main(argv=None):
         for t in threads:
             dt = time_forward(model, t, opts.repeat)
             print(f"  forward  threads={t}: {dt:8.3f} s   {n / dt:12.4g} evaluations/s")
+        t = max(threads)
+        dt = time_forward(model, t, opts.repeat, precision="float32")
+        print(f"  forward  threads={t} float32: {dt:8.3f} s   {n / dt:12.4g} evaluations/s")
         if not opts.no_gradients:
             t = max(threads)
             variants = [name] + (["B2hkl"] if name == "B2" else [])

@@ -1,8 +1,9 @@
 """``nbragg``: the nanoBragg command line.
 
 Takes nanoBragg.c's flags and writes the same files.  nbragg-only flags:
-``-threads N`` (CPU threads; default all cores) and ``-device cpu|cuda`` (``cuda``: an
-NVIDIA GPU through numba-cuda).
+``-threads N`` (CPU threads; default all cores), ``-device cpu|cuda`` (``cuda``: an
+NVIDIA GPU through numba-cuda) and ``-precision float64|float32`` (float32: the model
+computed in single precision, for speed on GPUs).
 User errors print one line on stderr and exit with status 2, writing no image.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from .errors import ArgumentError, NbraggError
 
-_OWN_FLAGS = {"-threads": 1, "-device": 1}
+_OWN_FLAGS = {"-threads": 1, "-device": 1, "-precision": 1}
 
 
 def _split_own_flags(argv):
@@ -77,6 +78,9 @@ def run(argv, stdout=None, stderr=None):
     if device not in engine.BACKENDS:
         raise ArgumentError(f"-device: {device!r} is not known (choose {' or '.join(engine.BACKENDS)})")
     engine.check_backend(device)
+    precision = own.get("-precision", "float64")
+    if precision not in engine.PRECISIONS:
+        raise ArgumentError(f"-precision: {precision!r} is not known (choose {' or '.join(engine.PRECISIONS)})")
 
     parsed = parse_nanobragg_args(argv, warn=warn)
     o = parsed.outputs
@@ -104,7 +108,7 @@ def run(argv, stdout=None, stderr=None):
         bar.update(done - bar.n)
     try:
         image, omega_sum = engine.render(model, backend=device, threads=threads,
-                                         progress=progress if bar is not None else None)
+                                         progress=progress if bar is not None else None, precision=precision)
     finally:
         if bar is not None:
             bar.close()

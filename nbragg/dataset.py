@@ -77,12 +77,16 @@ class DatasetSpec:
     counts: Optional[str] = "uint16"
     jacobian: List[str] = field(default_factory=list)
     compression: str = "bitshuffle"
+    precision: str = "float64"
 
     def canonical(self):
         """A JSON text that identifies the content the spec produces."""
-        return json.dumps({"seed": self.seed, "images": self.images, "shard_size": self.shard_size,
-                           "base": self.base, "vary": self.vary, "float": self.float_out, "counts": self.counts,
-                           "jacobian": self.jacobian, "compression": self.compression}, sort_keys=True)
+        content = {"seed": self.seed, "images": self.images, "shard_size": self.shard_size,
+                   "base": self.base, "vary": self.vary, "float": self.float_out, "counts": self.counts,
+                   "jacobian": self.jacobian, "compression": self.compression}
+        if self.precision != "float64":      # (datasets made before the field keep their identity)
+            content["precision"] = self.precision
+        return json.dumps(content, sort_keys=True)
 
     def digest(self):
         cached = self.__dict__.get("_digest")
@@ -139,7 +143,7 @@ def load_spec(source, base_dir=None):
         base_dir = base_dir or os.getcwd()
     if not isinstance(raw, dict):
         _spec_error("expected a mapping at the top level")
-    known = {"seed", "images", "shard_size", "base", "vary", "outputs", "compression"}
+    known = {"seed", "images", "shard_size", "base", "vary", "outputs", "compression", "precision"}
     for k in raw:
         if k not in known:
             _spec_error(f"unknown field {k!r} (known: {', '.join(sorted(known))})")
@@ -208,8 +212,12 @@ def load_spec(source, base_dir=None):
     compression = raw.get("compression", "bitshuffle")
     if compression not in ("bitshuffle", "gzip", "none"):
         _spec_error(f"compression = {compression!r}: choose bitshuffle, gzip or none")
+    precision = raw.get("precision", "float64")
+    if precision not in ("float64", "float32"):
+        _spec_error(f"precision = {precision!r}: choose float64 or float32")
     return DatasetSpec(seed=seed, images=images, shard_size=shard_size, base=base, base_dir=base_dir, vary=vary,
-                       float_out=float_out, counts=counts, jacobian=list(jac), compression=compression)
+                       float_out=float_out, counts=counts, jacobian=list(jac), compression=compression,
+                       precision=precision)
 
 
 def _number(v):
@@ -316,7 +324,7 @@ def frame_experiment(base, values, orientation):
     return exp
 
 
-def simulate_frame(spec, index, threads=None):
+def simulate_frame(spec, index, threads=None, backend="cpu"):
     """Simulate frame ``index``: a dict of arrays (images, parameters)."""
     from .engine import simulate
     base = base_experiment(spec)
@@ -325,7 +333,7 @@ def simulate_frame(spec, index, threads=None):
         exp = frame_experiment(base, values, orientation)
     except NbraggError as exc:
         raise DatasetError(f"frame {index}: the drawn parameters make no valid experiment: {exc}") from None
-    image = simulate(exp, threads=threads, warn=lambda m: None).image
+    image = simulate(exp, backend=backend, threads=threads, warn=lambda m: None, precision=spec.precision).image
     out = {"params": np.array([values[n] for n in spec.varied_names()], dtype=np.float64),
            "orientation": orientation}
     if spec.float_out:
@@ -336,7 +344,7 @@ def simulate_frame(spec, index, threads=None):
         out["counts"] = np.minimum(cnt, np.iinfo(COUNT_TYPES[spec.counts]).max).astype(COUNT_TYPES[spec.counts])
     if spec.jacobian:
         from .gradients import jacobian
-        J = jacobian(exp, spec.jacobian, threads=threads)
+        J = jacobian(exp, spec.jacobian, threads=threads, backend=backend)
         out["jacobian"] = J.reshape(image.shape + (len(spec.jacobian),)).transpose(2, 0, 1).astype(np.float32)
     return out
 
@@ -387,7 +395,7 @@ def _atomic_npz(path, arrays):
         raise
 
 
-def stage_frame(spec, output, index, threads=None, keep=None):
+def stage_frame(spec, output, index, threads=None, keep=None, backend="cpu"):
     """Simulate frame ``index`` and commit it to the staging folder (atomic).
 
     ``keep``, a dict, receives the frame's arrays too (so that assembling the shard in
@@ -396,7 +404,7 @@ def stage_frame(spec, output, index, threads=None, keep=None):
     target = paths.frame(index)
     if os.path.exists(target):
         return index
-    out = simulate_frame(spec, index, threads=threads)
+    out = simulate_frame(spec, index, threads=threads, backend=backend)
     _atomic_npz(target, out)
     if keep is not None:
         keep[index] = out
@@ -604,7 +612,8 @@ def _remove_partials(paths):
             pass
 
 
-def generate(spec, output, workers=None, scheduler=None, progress=True, threads_per_worker=1, on_frame=None):
+def generate(spec, output, workers=None, scheduler=None, progress=True, threads_per_worker=1, on_frame=None,
+             backend="cpu"):
     """Generate (or finish) the dataset ``spec`` into ``output`` (the master .h5 path).
 
     Parameters
@@ -620,9 +629,13 @@ def generate(spec, output, workers=None, scheduler=None, progress=True, threads_
     progress : a tqdm bar over frames
     threads_per_worker : Numba threads in each worker
     on_frame : optional callable(index), called as each frame is committed
+    backend : "cpu", or "cuda" to simulate on a GPU (with workers 0 or 1; each Dask
+        worker would need a GPU of its own)
 
     Returns the master file path.
     """
+    from .engine import check_backend
+    check_backend(backend)
     if not isinstance(spec, DatasetSpec):
         spec = load_spec(spec)
     base_experiment(spec)           # fail early on a bad base
@@ -635,6 +648,8 @@ def generate(spec, output, workers=None, scheduler=None, progress=True, threads_
         bar = tqdm(total=spec.images, initial=spec.images - len(todo), unit="frame", desc="nbragg-dataset",
                    file=sys.stderr)
     try:
+        if scheduler is None and workers is None and backend != "cpu":
+            workers = 0
         if scheduler is None and workers is None:
             try:
                 import distributed  # noqa: F401
@@ -647,13 +662,15 @@ def generate(spec, output, workers=None, scheduler=None, progress=True, threads_
                 kept = {}
                 for i in _shard_frames(spec, k):
                     if not os.path.exists(paths.frame(i)):
-                        stage_frame(spec, paths.master, i, threads=threads, keep=kept)
+                        stage_frame(spec, paths.master, i, threads=threads, keep=kept, backend=backend)
                         if bar is not None:
                             bar.update(1)
                         if on_frame is not None:
                             on_frame(i)
                 assemble_shard(spec, paths.master, k, kept=kept)
         else:
+            if backend != "cpu":
+                raise DatasetError(f"backend {backend!r} runs in this process: use --workers 0 or 1")
             _generate_dask(spec, paths, pending_shards, todo, workers, scheduler, bar, threads_per_worker, on_frame)
     finally:
         if bar is not None:
@@ -742,6 +759,8 @@ def main(argv=None):
                     help="local Dask workers (default: one per core; 0: in this process)")
     ap.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
     ap.add_argument("--threads-per-worker", type=int, default=1)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: simulate on an NVIDIA GPU (with --workers 0 or 1)")
     ap.add_argument("--noprogress", action="store_true")
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -750,7 +769,8 @@ def main(argv=None):
         return int(exc.code or 0)
     try:
         out = generate(opts.spec, opts.output, workers=opts.workers, scheduler=opts.scheduler,
-                       progress=not opts.noprogress, threads_per_worker=opts.threads_per_worker)
+                       progress=not opts.noprogress, threads_per_worker=opts.threads_per_worker,
+                       backend=opts.device)
     except NbraggError as exc:
         print("nbragg-dataset: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from numba import njit
 from .errors import BackendError, ParameterError
 from .experiment import Experiment
 from .kernels import cpu as K
+from .kernels.precision import cpu_single
 from .models.beam import Sources, resolve_sources
 from .models.crystal import CrystalModel, resolve_crystal
 from .models.detector import DetectorGeometry, resolve_detector
@@ -172,12 +173,25 @@ def build_model(exp, warn=None):
     )
 
 
-def kernel_args(model):
-    """The arrays the forward kernel takes, in order (after geom, fpar, ipar)."""
-    return (model.geom, model.fpar, model.ipar,
+def kernel_args(model, precision="float64"):
+    """The arrays the forward kernel takes, in order; with precision "float32" the float
+    arrays are float32 (for the single-precision twins)."""
+    args = (model.geom, model.fpar, model.ipar,
             np.ascontiguousarray(model.sources.directions), np.ascontiguousarray(model.sources.wavelengths),
             np.ascontiguousarray(model.crystal.orientations), np.ascontiguousarray(model.crystal.recip0),
             model.structure.grid, model.mask)
+    if precision == "float64":
+        return args
+    return tuple(a.astype(np.float32) if a.dtype == np.float64 else a for a in args)
+
+
+PRECISIONS = ("float64", "float32")
+
+
+def check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ParameterError(f"precision {precision!r} is not known (choose one of {', '.join(PRECISIONS)})")
+    return precision
 
 
 def set_threads(threads):
@@ -216,21 +230,25 @@ def cuda_kernels():
     return C
 
 
-def render(model, backend="cpu", threads=None, progress=None):
+def render(model, backend="cpu", threads=None, progress=None, precision="float64"):
     """Run the forward kernel; returns (image in photons, omega sum over sub-pixels).
 
     ``progress(rows_done, rows_total)`` (optional) is called as blocks of detector rows
-    finish; the image does not depend on it.
+    finish; the image does not depend on it.  ``precision="float32"`` runs the
+    single-precision twin of the kernel (the image is returned as float64).
     """
+    single = check_precision(precision) == "float32"
     if check_backend(backend) == "cuda":
-        return cuda_kernels().render(model, progress=progress)
-    image = np.zeros(model.shape, dtype=np.float64)
-    omega_rows = np.zeros(model.shape[0], dtype=np.float64)
+        return cuda_kernels().render(model, progress=progress, single=single)
+    dtype = np.float32 if single else np.float64
+    image = np.zeros(model.shape, dtype=dtype)
+    omega_rows = np.zeros(model.shape[0], dtype=dtype)
+    forward = cpu_single(K.forward) if single else K.forward
     prev = set_threads(threads)
     try:
-        args = kernel_args(model)
+        args = kernel_args(model, precision)
         if progress is None:
-            K.forward(*args, image, omega_rows)
+            forward(*args, image, omega_rows)
         else:
             xmin, xmax, ymin, ymax = model.roi_clipped
             nrows = ymax - ymin + 1
@@ -240,13 +258,14 @@ def render(model, backend="cpu", threads=None, progress=None):
                 y1 = min(y0 + block - 1, ymax)
                 ipar[K.I_ROI + 2] = y0
                 ipar[K.I_ROI + 3] = y1
-                K.forward(args[0], args[1], ipar, *args[3:], image, omega_rows)
+                forward(args[0], args[1], ipar, *args[3:], image, omega_rows)
                 progress(y1 - ymin + 1, nrows)
     finally:
         if threads is not None:
             set_threads(prev)
+    image = image.astype(np.float64, copy=False)
     image *= model.scale
-    return image, float(omega_rows.sum())
+    return image, float(omega_rows.astype(np.float64, copy=False).sum())
 
 
 @dataclass
@@ -336,7 +355,7 @@ def compute_stats(model, image, omega_sum):
                  mean=avg, rms=rms, rmsd=rmsd, solid_angle_sr=omega_sum / model.steps, pixels=n)
 
 
-def simulate(experiment, backend="cpu", threads=None, warn=None):
+def simulate(experiment, backend="cpu", threads=None, warn=None, precision="float64"):
     """Simulate one image.
 
     Parameters
@@ -345,12 +364,15 @@ def simulate(experiment, backend="cpu", threads=None, warn=None):
     backend : "cpu" (Numba threads) or "cuda" (an NVIDIA GPU through numba-cuda)
     threads : number of CPU threads (None: Numba's default, all cores; ignored by "cuda")
     warn : callable receiving warning messages (default: the ``nbragg`` logger)
+    precision : "float64" (nanoBragg's numbers) or "float32" (the same model computed in
+        single precision, for speed on GPUs; the image is still returned as float64)
 
     Returns
     -------
     Result
         ``.image`` float64 photons, shape (spixels, fpixels); ``.stats``; ``.settings``.
     """
+    check_precision(precision)
     model = build_model(experiment, warn=warn)
-    image, omega_sum = render(model, backend=backend, threads=threads)
+    image, omega_sum = render(model, backend=backend, threads=threads, precision=precision)
     return Result(image=image, stats=compute_stats(model, image, omega_sum), model=model)

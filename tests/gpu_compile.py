@@ -11,6 +11,7 @@ Run with NUMBA_ENABLE_CUDASIM=0 where the CUDA compiler libraries are installed
 """
 
 import os
+import re
 import sys
 import types
 
@@ -21,6 +22,9 @@ import numpy as np
 from numba import cuda, typeof
 
 CC = (9, 0)
+F64_ARITHMETIC = re.compile(r"\b(?:add|sub|mul|fma|div|sqrt|rcp|neg|abs|min|max)(?:\.[a-z]+)*\.f64\b")
+KERNELS = ("_forward_kernel", "_forward_kernel_single", "_tangent_kernel", "_adjoint_kernel", "_reduce_rows_serial",
+           "_reduce_rows")
 
 
 def toolkit_available():
@@ -50,7 +54,7 @@ class _Compiler:
     def __call__(self, *args):
         sig = tuple(typeof(a) for a in args)
         ptx, _ = cuda.compile_ptx(self.kernel.py_func, sig, cc=CC)
-        self.done[self.name] = len(ptx)
+        self.done[self.name] = (len(ptx), len(F64_ARITHMETIC.findall(ptx)))
         raise _Launched
 
 
@@ -70,7 +74,7 @@ def main():
     from nbragg.params import SCALAR_PARAMS, input_tangent
     C.check_available = lambda: None
     done = {}
-    for name in ("_forward_kernel", "_tangent_kernel", "_adjoint_kernel", "_reduce_rows_serial", "_reduce_rows"):
+    for name in KERNELS:
         setattr(C, name, _Compiler(name, getattr(C, name), done))
 
     args = ("-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 10 -N 5 -lambda 1 -distance 100 "
@@ -81,6 +85,7 @@ def main():
     model = build_model(exp, warn=lambda m: None)
     calls = [
         lambda: C.render(model),
+        lambda: C.render(model, single=True),
         lambda: C.run_tangent(model, [input_tangent(model, n) for n in SCALAR_PARAMS[:3]]),
         lambda: C.raw_adjoint(model, np.ones(model.shape), want_F=True, want_image=True),
         lambda: C._reduce(np.zeros((3, 10))),
@@ -91,9 +96,9 @@ def main():
             call()
         except _Launched:
             pass
-    for name, size in done.items():
-        print(f"{name}: {size} characters of PTX for sm_{CC[0]}{CC[1]}")
-    missing = {"_forward_kernel", "_tangent_kernel", "_adjoint_kernel", "_reduce_rows_serial", "_reduce_rows"} - set(done)
+    for name, (size, f64) in done.items():
+        print(f"{name}: {size} characters of PTX for sm_{CC[0]}{CC[1]}, {f64} float64 arithmetic instructions")
+    missing = set(KERNELS) - set(done)
     if missing:
         print("not compiled:", ", ".join(sorted(missing)))
         return 1

@@ -175,6 +175,7 @@ def test_jacobian_output(tmp_path):
     ({"outputs": {"counts": "int8"}}, "counts"),
     ({"colour": "blue"}, "colour"),
     ({"base": ""}, "base"),
+    ({"precision": "half"}, "precision"),
 ])
 def test_spec_errors_name_the_field(change, needle):
     with pytest.raises(DatasetError, match=needle):
@@ -189,6 +190,23 @@ def test_command_line_errors(tmp_path, capsys):
     sp.write_text(json.dumps(SPEC))
     assert main([str(sp), "-o", str(tmp_path / "nodir" / "x.h5"), "--workers", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_float32_frames_and_identity(tmp_path, made):
+    """precision: float32 makes frames close to the float64 ones, and is a different dataset."""
+    _, reference = made
+    spec = dict(SPEC, images=2, precision="float32")
+    out = generate(spec, tmp_path / "f32.h5", workers=0, progress=False)
+    a, b = read_frame(reference, 1, "photons"), read_frame(out, 1, "photons")
+    assert np.abs(a - b).max() <= 1e-4 * a.max() and not np.array_equal(a, b)
+    assert load_spec(spec).digest() != load_spec(dict(SPEC, images=2)).digest()
+    assert load_spec(dict(SPEC, precision="float64")).digest() == load_spec(SPEC).digest()
+
+
+def test_gpu_backend_runs_in_process(tmp_path):
+    pytest.importorskip("numba_cuda")
+    with pytest.raises(DatasetError, match="--workers 0 or 1"):
+        generate(dict(SPEC, images=2), tmp_path / "g.h5", workers=2, backend="cuda", progress=False)
 
 
 def test_shipped_example_spec_loads():

@@ -109,3 +109,16 @@ def test_python_api_errors_name_the_field():
         nbragg.Detector(fpixels=10, spixels=10, roi=(5, 2, 0, 3))
     with pytest.raises(nbragg.ParameterError, match="Detector.mask"):
         nbragg.Detector(fpixels=10, spixels=10, mask=np.ones((3, 3)))
+
+
+def test_import_and_cpu_work_need_no_cuda_packages():
+    """numba-cuda is an optional extra: importing nbragg and simulating on the CPU must not
+    import it (and asking for CUDA where it is missing is a clear error, see test_cuda)."""
+    import subprocess
+    import sys
+    code = ("import sys, nbragg\n"
+            "nbragg.simulate(nbragg.Experiment(detector=nbragg.Detector(fpixels=4, spixels=4)), precision='float32')\n"
+            "bad = [m for m in sys.modules if m.startswith(('numba_cuda', 'numba.cuda'))]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]

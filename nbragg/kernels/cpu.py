@@ -20,8 +20,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE,
-                      TOPHAT_RADIUS_SQR, lagrange4, polarization_factor, sinc3,
+from .physics import (GAUSS, GAUSS_WIDTH, PI, REAL, ROUND, ROUND_SCALE, SQUARE,
+                      TOPHAT_RADIUS_SQR, lagrange4, polarization_factor, real, sinc3,
                       sincg_frac, sinpi_sq_parts, sum_fixed)
 
 # fpar indices
@@ -75,14 +75,15 @@ def lookup_F(h, k, l, h0, k0, l0, fgrid, ipar, default_F):
         hr = hmax - hmin + 1
         kr = kmax - kmin + 1
         lr = lmax - lmin + 1
-        if not ((h - hmin + 3) > hr or (h - 2) < hmin or (k - kmin + 3) > kr or (k - 2) < kmin
-                or (l - lmin + 3) > lr or (l - 2) < lmin):
+        if not ((h - real(hmin) + 3.0) > real(hr) or (h - 2.0) < real(hmin)
+                or (k - real(kmin) + 3.0) > real(kr) or (k - 2.0) < real(kmin)
+                or (l - real(lmin) + 3.0) > real(lr) or (l - 2.0) < real(lmin)):
             hf = math.floor(h)
             kf = math.floor(k)
             lf = math.floor(l)
-            wh0, wh1, wh2, wh3 = lagrange4(h - hf)
-            wk0, wk1, wk2, wk3 = lagrange4(k - kf)
-            wl0, wl1, wl2, wl3 = lagrange4(l - lf)
+            wh0, wh1, wh2, wh3 = lagrange4(h - real(hf))
+            wk0, wk1, wk2, wk3 = lagrange4(k - real(kf))
+            wl0, wl1, wl2, wl3 = lagrange4(l - real(lf))
             ih = int(hf) - 1 - hmin
             ik = int(kf) - 1 - kmin
             il = int(lf) - 1 - lmin
@@ -107,18 +108,18 @@ def lattice_factor(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip):
     if shape == SQUARE:
         F = 1.0
         if Na > 1.0:
-            F *= sincg_frac(h - h0, Na)
+            F *= sincg_frac(h - real(h0), Na)
         if Nb > 1.0:
-            F *= sincg_frac(k - k0, Nb)
+            F *= sincg_frac(k - real(k0), Nb)
         if Nc > 1.0:
-            F *= sincg_frac(l - l0, Nc)
+            F *= sincg_frac(l - real(l0), Nc)
         return F
-    dh = h - h0
-    dk = k - k0
-    dl = l - l0
+    dh = h - real(h0)
+    dk = k - real(k0)
+    dl = l - real(l0)
     if shape == ROUND:
         hrad = dh * dh * Na * Na + dk * dk * Nb * Nb + dl * dl * Nc * Nc
-        return Na * Nb * Nc * ROUND_SCALE * sinc3(math.pi * math.sqrt(hrad * fudge))
+        return Na * Nb * Nc * ROUND_SCALE * sinc3(PI * math.sqrt(hrad * fudge))
     dx = dh * recip[0, 0] + dk * recip[1, 0] + dl * recip[2, 0]
     dy = dh * recip[0, 1] + dk * recip[1, 1] + dl * recip[2, 1]
     dz = dh * recip[0, 2] + dk * recip[1, 2] + dl * recip[2, 2]
@@ -135,9 +136,9 @@ def subpixel_position(fpixel, spixel, subF, subS, t, geom, fpar, ipar):
     """3-D position (x, y, z) of a sub-pixel in sensor layer t (metres)."""
     os = ipar[I_OVERSAMPLE]
     sub = fpar[F_SUBPIXEL]
-    Fdet = sub * (fpixel * os + subF) + sub / 2.0
-    Sdet = sub * (spixel * os + subS) + sub / 2.0
-    Odet = t * fpar[F_THICKSTEP]
+    Fdet = sub * real(fpixel * os + subF) + sub / 2.0
+    Sdet = sub * real(spixel * os + subS) + sub / 2.0
+    Odet = real(t) * fpar[F_THICKSTEP]
     px = Fdet * geom[1, 0] + Sdet * geom[2, 0] + Odet * geom[3, 0] + geom[0, 0]
     py = Fdet * geom[1, 1] + Sdet * geom[2, 1] + Odet * geom[3, 1] + geom[0, 1]
     pz = Fdet * geom[1, 2] + Sdet * geom[2, 2] + Odet * geom[3, 2] + geom[0, 2]
@@ -191,15 +192,15 @@ def square_terms(qx, qy, qz, ori, Na, Nb, Nc, fflat, ipar, default_F, buf, ibuf)
         num = 1.0
         den = 1.0
         if Na > 1.0:
-            a, b = sinpi_sq_parts(h - h0, Na)
+            a, b = sinpi_sq_parts(h - real(h0), Na)
             num *= a
             den *= b
         if Nb > 1.0:
-            a, b = sinpi_sq_parts(k - k0, Nb)
+            a, b = sinpi_sq_parts(k - real(k0), Nb)
             num *= a
             den *= b
         if Nc > 1.0:
-            a, b = sinpi_sq_parts(l - l0, Nc)
+            a, b = sinpi_sq_parts(l - real(l0), Nc)
             num *= a
             den *= b
         latt = num / den
@@ -285,8 +286,8 @@ def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, rec
                 omega_sum += omega
                 if capture == 0.0 or os_thick:
                     parallax = dx * ox + dy * oy + dz * oz
-                    capture = (math.exp(-t * thickstep * mu / parallax)
-                               - math.exp(-(t + 1) * thickstep * mu / parallax))
+                    capture = (math.exp(-real(t) * thickstep * mu / parallax)
+                               - math.exp(-real(t + 1) * thickstep * mu / parallax))
                 for s in range(nsrc):
                     ix = -sources[s, 0]
                     iy = -sources[s, 1]
@@ -342,7 +343,7 @@ def orientations_soa(orients):
     and ignored.
     """
     norient = orients.shape[0]
-    ori = np.zeros((9, (norient + 7) // 8 * 8))
+    ori = np.zeros((9, (norient + 7) // 8 * 8), dtype=REAL)
     for m in range(norient):
         for i in range(3):
             for j in range(3):
@@ -372,7 +373,7 @@ def forward(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ima
     npad = ori.shape[1]
     fast = fast_path(ipar)
     for spixel in prange(ymin, ymax + 1):
-        buf = np.empty(npad)
+        buf = np.empty(npad, dtype=REAL)
         ibuf = np.empty(npad, dtype=np.int64)
         osum = 0.0
         for fpixel in range(xmin, xmax + 1):

@@ -25,12 +25,13 @@ import time
 import types
 
 import numpy as np
-from numba import config, cuda, float64, int64
+from numba import config, cuda, float32, float64, int64
 from numba.core.registry import CPUDispatcher
 
 from ..errors import BackendError
 from . import adjoint as A
 from . import cpu as K
+from . import precision as P
 from . import tangent as T
 from .derivs import LP_SIZE, NFIX
 
@@ -50,26 +51,30 @@ ADJOINT_MAX_THREADS = 65536
 _twins = {}
 
 
-def device_function(fn):
+def device_function(fn, single=False):
     """The CUDA device-function twin of a CPU-compiled (njit) function.
 
     Its Python source is compiled again for the GPU, with every njit function it refers
-    to replaced by that function's own twin (or by an entry of ``_OVERRIDES``)."""
+    to replaced by that function's own twin (or by an entry of ``_OVERRIDES``); with
+    ``single``, the single-precision twin (see :mod:`.precision`)."""
     if fn in _OVERRIDES:
         return _OVERRIDES[fn]
-    twin = _twins.get(fn)
+    twin = _twins.get((fn, single))
     if twin is not None:
         return twin
-    py = fn.py_func
-    names = dict(py.__globals__)
-    for name in py.__code__.co_names:
-        value = names.get(name)
-        if isinstance(value, CPUDispatcher):
-            names[name] = device_function(value)
-    clone = types.FunctionType(py.__code__, names, py.__name__, py.__defaults__, py.__closure__)
-    clone.__qualname__ = py.__qualname__
+    if single:
+        clone = P.single_clone(fn, lambda f: device_function(f, single=True))
+    else:
+        py = fn.py_func
+        names = dict(py.__globals__)
+        for name in py.__code__.co_names:
+            value = names.get(name)
+            if isinstance(value, CPUDispatcher):
+                names[name] = device_function(value)
+        clone = types.FunctionType(py.__code__, names, py.__name__, py.__defaults__, py.__closure__)
+        clone.__qualname__ = py.__qualname__
     twin = cuda.jit(device=True)(clone)
-    _twins[fn] = twin
+    _twins[(fn, single)] = twin
     return twin
 
 
@@ -137,9 +142,16 @@ def _thread_pixel(i, xmin, ymin, nx, ny, ipar, mask):
     return spixel, fpixel, ipar[K.I_USE_MASK] == 0 or mask[spixel, fpixel] != 0
 
 
-@cuda.jit
-def _forward_kernel(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ori, fflat,
-                    xmin, ymin, nx, ny, image, omega_img):
+def _rebind(fn, **names):
+    """fn with some of its global names bound to other objects."""
+    scope = dict(fn.__globals__, **names)
+    clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = fn.__qualname__
+    return clone
+
+
+def _forward(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ori, fflat,
+             xmin, ymin, nx, ny, image, omega_img):
     spixel, fpixel, active = _thread_pixel(cuda.grid(1), xmin, ymin, nx, ny, ipar, mask)
     if not active:
         return
@@ -149,6 +161,11 @@ def _forward_kernel(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, m
                         fflat, buf, ibuf)
     image[spixel, fpixel] = v
     omega_img[spixel, fpixel] = o
+
+
+_forward_kernel = cuda.jit(_forward)
+_forward_kernel_single = cuda.jit(_rebind(_forward, _pixel_value=device_function(K.pixel_value, single=True),
+                                          float64=float32))
 
 
 @cuda.jit
@@ -286,57 +303,63 @@ def _blocks(n):
 
 
 class _Inputs:
-    """The kernel inputs of a model, on the device."""
+    """The kernel inputs of a model, on the device (float32 copies with ``single``)."""
 
-    def __init__(self, model):
+    def __init__(self, model, single=False):
         from ..engine import kernel_args
-        geom, fpar, ipar, src, lam, ori, rec, grid, mask = kernel_args(model)
+        geom, fpar, ipar, src, lam, ori, rec, grid, mask = kernel_args(model, "float32" if single else "float64")
         self.host = (geom, fpar, ipar, src, lam, ori, rec, grid, mask)
         self.dev = tuple(cuda.to_device(np.ascontiguousarray(a)) for a in self.host)
         xmin, xmax, ymin, ymax = model.roi_clipped
         self.xmin, self.ymin = xmin, ymin
         self.nx = max(0, xmax - xmin + 1)
         self.ny = max(0, ymax - ymin + 1)
-        self.ori_dummy = cuda.to_device(np.zeros((9, 1)))
-        self.fflat_dummy = cuda.to_device(np.zeros(1))
+        dtype = np.float32 if single else np.float64
+        self.ori_dummy = cuda.to_device(np.zeros((9, 1), dtype=dtype))
+        self.fflat_dummy = cuda.to_device(np.zeros(1, dtype=dtype))
 
 
-def render(model, progress=None):
-    """Forward image (unscaled kernel values times model.scale) and the omega sum."""
+def render(model, progress=None, single=False):
+    """Forward image (unscaled kernel values times model.scale) and the omega sum;
+    ``single``: computed in float32, returned as float64."""
     check_available()
-    inp = _Inputs(model)
-    image = cuda.to_device(np.zeros(model.shape))
-    omega = cuda.to_device(np.zeros(model.shape))
+    inp = _Inputs(model, single)
+    dtype = np.float32 if single else np.float64
+    kernel = _forward_kernel_single if single else _forward_kernel
+    image = cuda.to_device(np.zeros(model.shape, dtype=dtype))
+    omega = cuda.to_device(np.zeros(model.shape, dtype=dtype))
     n = inp.nx * inp.ny
     if n > 0:
         # launches of whole rows, so that progress can be reported between them
         rows = inp.ny if progress is None else max(1, -(-inp.ny // 50))
         for y0 in range(0, inp.ny, rows):
             ny = min(rows, inp.ny - y0)
-            _forward_kernel[_blocks(inp.nx * ny), THREADS_PER_BLOCK](
+            kernel[_blocks(inp.nx * ny), THREADS_PER_BLOCK](
                 *inp.dev, inp.ori_dummy, inp.fflat_dummy, inp.xmin, inp.ymin + y0, inp.nx, ny, image, omega)
             if progress is not None:
                 cuda.synchronize()
                 progress(y0 + ny, inp.ny)
-    img = image.copy_to_host()
-    om = omega.copy_to_host()
+    img = image.copy_to_host().astype(np.float64, copy=False)
+    om = omega.copy_to_host().astype(np.float64, copy=False)
     img *= model.scale
     return img, float(om.sum(axis=1).sum())
 
 
-def forward_kernel_seconds(model, repeat=3):
+def forward_kernel_seconds(model, repeat=3, single=False):
     """Best time of the forward kernel alone (inputs already on the device, no copies)."""
     check_available()
-    inp = _Inputs(model)
-    image = cuda.to_device(np.zeros(model.shape))
-    omega = cuda.to_device(np.zeros(model.shape))
+    inp = _Inputs(model, single)
+    dtype = np.float32 if single else np.float64
+    kernel = _forward_kernel_single if single else _forward_kernel
+    image = cuda.to_device(np.zeros(model.shape, dtype=dtype))
+    omega = cuda.to_device(np.zeros(model.shape, dtype=dtype))
     n = inp.nx * inp.ny
     times = []
     for _ in range(repeat + 1):            # the first launch compiles or loads
         cuda.synchronize()
         t0 = time.perf_counter()
         if n > 0:
-            _forward_kernel[_blocks(n), THREADS_PER_BLOCK](
+            kernel[_blocks(n), THREADS_PER_BLOCK](
                 *inp.dev, inp.ori_dummy, inp.fflat_dummy, inp.xmin, inp.ymin, inp.nx, inp.ny, image, omega)
         cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -8,6 +8,7 @@ pi*N*h is large, which is where plain ``sin`` loses digits.
 
 import math
 
+import numpy as np
 from numba import njit
 
 # sin(pi r) = r * P(r^2) and cos(pi r) = Q(r^2) for |r| <= 1/2; minimax fits with
@@ -34,6 +35,12 @@ _Q7 = -0.00010463803772763892
 _Q8 = 4.302907834841192e-06
 _Q9 = -1.3854731434980876e-07
 _Q10 = 3.398814699264509e-09
+
+# Precision hooks (see precision.py): ``real`` converts an integer where it meets floats,
+# ``REAL`` is the dtype of working arrays; single-precision twins rebind both to float32.
+real = float
+REAL = np.float64
+PI = math.pi
 
 # shape codes
 SQUARE = 0
@@ -82,20 +89,20 @@ def _cospi_reduced(r):
 @njit(cache=True, error_model="numpy")
 def _parity_sign(n):
     # (-1)^n for an integral float n
-    return 1.0 - 2.0 * (n - 2.0 * math.floor(0.5 * n))
+    return 1.0 - 2.0 * (n - 2.0 * real(math.floor(0.5 * n)))
 
 
 @njit(cache=True, error_model="numpy")
 def sinpi(x):
     """sin(pi*x)."""
-    n = math.floor(x + 0.5)
+    n = real(math.floor(x + 0.5))
     return _parity_sign(n) * _sinpi_reduced(x - n)
 
 
 @njit(cache=True, error_model="numpy")
 def cospi(x):
     """cos(pi*x)."""
-    n = math.floor(x + 0.5)
+    n = real(math.floor(x + 0.5))
     return _parity_sign(n) * _cospi_reduced(x - n)
 
 
@@ -114,7 +121,7 @@ def sinpi_sq_parts(delta, N):
     arithmetic in the innermost loop.
     """
     x = N * delta
-    num = _sinpi_reduced(x - math.floor(x + 0.5))
+    num = _sinpi_reduced(x - real(math.floor(x + 0.5)))
     den = _sinpi_reduced(delta)
     if den == 0.0:
         return N, 1.0

@@ -1,0 +1,76 @@
+"""The single-precision (float32) forward model: really float32, accurate, clear errors."""
+
+import numpy as np
+import pytest
+
+import nbragg
+from nbragg import cli
+from nbragg.engine import build_model, kernel_args
+from nbragg.errors import ParameterError
+from nbragg.kernels import cpu as K
+from nbragg.kernels.precision import cpu_single, float64_variables
+
+TRI = ("-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -lambda 1 -distance 100 -pixel 0.2 "
+       "-detpixels 64 -oversample 2")
+
+
+def _exp(extra=""):
+    return nbragg.Experiment.from_nanobragg_args((TRI + " " + extra).split(), warn=lambda m: None)
+
+
+def test_twin_computes_in_float32_only():
+    """No float64 value anywhere in the single-precision forward kernel and its callees."""
+    model = build_model(_exp("-N 5"), warn=lambda m: None)
+    twin = cpu_single(K.forward, cache=False)          # compiled here, so its types can be read
+    args = kernel_args(model, "float32")
+    twin(*args, np.zeros(model.shape, np.float32), np.zeros(model.shape[0], np.float32))
+    assert float64_variables(twin) == {}
+    # the checker does see float64: the same twin given float64 arrays
+    twin(*kernel_args(model), np.zeros(model.shape), np.zeros(model.shape[0]))
+    assert "pixel_value_single" in float64_variables(twin)
+
+
+@pytest.mark.parametrize("extra, tol", [
+    ("-N 5", 1e-4), ("-N 5 -round_xtal", 1e-4), ("-N 5 -gauss_xtal", 1e-4), ("-N 5 -tophat_xtal", 1e-4),
+    ("-N 5 -mosaic 0.5 -mosaic_dom 6 -phi 0 -osc 1 -phisteps 3 -divergence 0.2 -dispersion 0.5 -dispsteps 2", 1e-4),
+    ("-N 5 -water 100 -detector_thick 100 -detector_abs 500 -detector_thicksteps 2 -oversample_thick", 1e-4),
+    # large N h: h itself carries float32's 6e-8 relative error, which on a peak as
+    # narrow as 1/60 of an order moves a pixel by a few 1e-3; sincg on the fractional
+    # index keeps everything else (a phase pi N h would lose all digits)
+    ("-N 60 -lambda 0.5", 5e-3),
+])
+def test_float32_follows_float64(extra, tol):
+    exp = _exp(extra)
+    a = nbragg.simulate(exp).image
+    b = nbragg.simulate(exp, precision="float32").image
+    assert b.dtype == np.float64 and a.max() > 0
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99999
+    np.testing.assert_allclose(b, a, rtol=0, atol=tol * a.max())
+
+
+def test_float32_non_integer_N():
+    """Refined (non-integer) Ncells: the lattice factor is smooth in N in float32 too."""
+    exp = _exp("-N 5")
+    exp = exp.replace(crystal=exp.crystal.replace(Na=5.3, Nb=7.7, Nc=4.5))
+    a = nbragg.simulate(exp).image
+    b = nbragg.simulate(exp, precision="float32").image
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * a.max())
+    c = nbragg.simulate(exp.replace(crystal=exp.crystal.replace(Na=5.0, Nb=8.0, Nc=5.0)), precision="float32")
+    assert np.abs(c.image - b).max() > 1e-2 * a.max()     # N moved the image
+
+
+def test_float32_kernel_arguments_are_float32():
+    model = build_model(_exp("-N 5"), warn=lambda m: None)
+    args = kernel_args(model, "float32")
+    assert all(a.dtype in (np.float32, np.int64, np.uint8) for a in args)
+    assert args[2].dtype == np.int64
+
+
+def test_precision_errors_name_the_value(tmp_path, capsys):
+    with pytest.raises(ParameterError, match="'float16'"):
+        nbragg.simulate(_exp("-N 5"), precision="float16")
+    argv = (TRI + " -N 5").split() + ["-floatfile", str(tmp_path / "x.bin"), "-precision", "half"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "-precision" in err and "'half'" in err
+    assert not (tmp_path / "x.bin").exists()
