@@ -72,7 +72,7 @@ def raw_gradient(model, upstream, threads=None, want_image=False, backend="cpu",
     gor = np.zeros((nchunks, 9, npad))
     grec = np.zeros((nchunks, 9))
     gF = np.zeros((nchunks, grid.size))
-    image = np.zeros(model.shape) if want_image else np.zeros((1, 1))
+    image = np.zeros(model.shape) if want_image else np.zeros((0, 0))
     prev = set_threads(threads)
     try:
         A.adjoint(geom, fpar, ipar, src, lam, ori, rec, grid, mask, g, model.scale, nchunks,
@@ -178,8 +178,10 @@ def default_step(exp, name):
 
 
 def check_gradients(exp, names, upstream=None, steps=None, sweep=(1.0, 10 ** -0.5, 0.1, 10 ** -1.5, 0.01,
-                                                                   10 ** -2.5, 1e-3), seed=0, threads=None):
-    """Compare the adjoint gradient of L = sum(w * I) with central differences.
+                                                                   10 ** -2.5, 1e-3), seed=0, threads=None,
+                    backend="cpu"):
+    """Compare the adjoint gradient of L = sum(w * I) with central differences (both
+    computed on ``backend``).
 
     ``upstream`` defaults to random weights w in [0.5, 1.5); ``steps`` maps names to the
     largest finite-difference step (user units; see :func:`default_step`), which is
@@ -188,13 +190,14 @@ def check_gradients(exp, names, upstream=None, steps=None, sweep=(1.0, 10 ** -0.
     grid entries with the largest gradients.
     """
     names = check_names(names)
+    check_backend(backend)
     model = build_model(exp, warn=lambda m: None)
     w = np.random.default_rng(seed).uniform(0.5, 1.5, model.shape) if upstream is None else np.asarray(upstream)
-    grads = gradient(exp, names, w, threads=threads)
+    grads = gradient(exp, names, w, threads=threads, backend=backend)
     res = GradientCheck()
 
     def loss(e):
-        return float(np.sum(w * render(build_model(e, warn=lambda m: None), threads=threads)[0]))
+        return float(np.sum(w * render(build_model(e, warn=lambda m: None), backend=backend, threads=threads)[0]))
 
     def row(label, a, f_plus_minus, h0):
         trials = []

@@ -373,7 +373,7 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
                     raise ParameterError(f"stage parameter {n!r} is not among the refined parameters {names}")
     t0 = time.perf_counter()
     if check_gradients:
-        chk = _check_gradients(exp, names, seed=0, threads=threads)
+        chk = _check_gradients(exp, names, seed=0, threads=threads, backend=backend)
         bad = [r for r in chk.rows if r[3] > gradient_tolerance and abs(r[1]) > 0]
         if bad:
             raise RefinementError("analytic and finite-difference derivatives disagree:\n" + chk.table())

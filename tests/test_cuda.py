@@ -263,10 +263,11 @@ def test_kernels_compile_for_a_real_gpu():
         pytest.skip("the CUDA compiler libraries are not installed (pip install \"nbragg[cuda]\")")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("characters of PTX") == 6
-    # the single-precision kernel is float32 through and through (libdevice's sinf keeps
-    # a few float64 steps for huge arguments)
+    # the single-precision kernel is float32 but for the pixel's float64 sum of samples
+    # and libdevice's sinf, which keeps a few float64 steps for huge arguments (14 of the
+    # float64 kernel's 640 float64 instructions when this was written)
     f64 = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+): \d+ characters.*?, (\d+) float64", proc.stdout)}
-    assert f64["_forward_kernel_single"] <= 0.02 * f64["_forward_kernel"], f64
+    assert f64["_forward_kernel_single"] <= 0.05 * f64["_forward_kernel"], f64
 
 
 @pytest.mark.parametrize("method", ["least_squares", "lbfgs"])
@@ -297,3 +298,21 @@ def test_dataset_on_cuda_equals_cpu(tmp_path):
         a, b = read_frame(cpu, i, "photons"), read_frame(gpu, i, "photons")
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6 * a.max())
         assert a.max() > 0
+
+
+def test_adjoint_image_of_a_one_pixel_detector_and_non_finite_bound(monkeypatch):
+    exp = nbragg.Experiment.from_nanobragg_args(
+        "-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 5 -lambda 1 -distance 100 -detpixels 1 "
+        "-pixel 0.5 -oversample 2".split(), warn=lambda m: None)
+    model = build_model(exp, warn=lambda m: None)
+    raw = raw_gradient(model, np.ones(model.shape), want_image=True, backend="cuda")
+    _close(raw.image, nbragg.simulate(exp).image)
+    assert raw.image[0, 0] > 0
+    # a structure-factor gradient that overflows (huge upstream weights) is reported as
+    # NaN, not dropped; the CPU gives inf where it overflows
+    grid = np.full((11, 11, 11), 1e10)
+    exp = exp.replace(structure=exp.structure.replace(Fhkl=grid, hkl_origin=(-5, -5, -5), hkl_count=grid.size))
+    model = build_model(exp, warn=lambda m: None)
+    huge = np.full(model.shape, 1e305)
+    assert np.any(np.isinf(raw_gradient(model, huge).Fgrid))
+    assert np.all(np.isnan(raw_gradient(model, huge, backend="cuda").Fgrid))

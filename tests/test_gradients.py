@@ -136,3 +136,15 @@ def test_gradients_identical_for_one_and_two_threads(name, inputs):
     ja = jacobian(exp, list(SCALAR_PARAMS), threads=1)
     jb = jacobian(exp, list(SCALAR_PARAMS), threads=2)
     assert ja.tobytes() == jb.tobytes()
+
+
+def test_adjoint_returns_the_image_of_a_one_pixel_detector():
+    from nbragg.gradients import raw_gradient
+    exp = nbragg.Experiment.from_nanobragg_args(
+        "-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 5 -lambda 1 -distance 100 -detpixels 1 "
+        "-pixel 0.5 -oversample 2".split(), warn=lambda m: None)
+    model = build_model(exp, warn=lambda m: None)
+    raw = raw_gradient(model, np.ones(model.shape), want_image=True)
+    ref = nbragg.simulate(exp).image
+    assert ref.shape == (1, 1) and ref[0, 0] > 0
+    np.testing.assert_allclose(raw.image, ref, rtol=1e-12)

@@ -691,7 +691,7 @@ def adjoint(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ups
     norient = orients.shape[0]
     npad = ori.shape[1]
     fast = fast_path(ipar)
-    want_image = image.shape[0] == spixels and image.shape[1] == fpixels and spixels * fpixels > 1
+    want_image = image.shape[0] == spixels and image.shape[1] == fpixels   # (0, 0): no image
     for c in prange(nchunks):
         sc = np.empty((NSCRATCH, npad))
         ibuf = np.empty(npad, dtype=np.int64)

@@ -260,7 +260,9 @@ def pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, rec
     nsrc = sources.shape[0]
     norient = orients.shape[0]
 
-    I = fpar[F_I_BG]
+    # the pixel's sum of samples: np.float64(), which single-precision twins keep, holds it in
+    # float64 (one add per sample) so that long sums keep their digits there too
+    I = np.float64(fpar[F_I_BG])
     polar = 1.0 if ipar[I_NOPOLAR] != 0 else 0.0
     omega = 0.0
     omega_sum = 0.0

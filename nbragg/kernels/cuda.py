@@ -237,7 +237,7 @@ def _adjoint_kernel(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, m
     bm = blk_m[:, tid]
     bK = blk_K[:, tid]
     bid = blk_id[:, tid]
-    want_image = image.shape[0] > 1 or image.shape[1] > 1
+    want_image = image.shape[0] > 0
     use_mask = ipar[K.I_USE_MASK] != 0
     for i in range(tid, nx * ny, W):
         spixel = ymin + i // nx
@@ -446,7 +446,7 @@ def raw_adjoint(model, upstream, want_F, want_image):
     blk_K = cuda.device_array((nblocks, W), dtype=np.int64)
     blk_id = cuda.device_array((nblocks, W), dtype=np.int64)
     g = cuda.to_device(np.ascontiguousarray(upstream, dtype=np.float64))
-    image = cuda.to_device(np.zeros(model.shape) if want_image else np.zeros((1, 1)))
+    image = cuda.to_device(np.zeros(model.shape) if want_image else np.zeros((0, 0)))
     gF_words = np.zeros((2, grid.size + 1), dtype=np.uint64)
     gF_words[0, -1] = _MODE_BOUND if want_F else _MODE_OFF
     gF = cuda.to_device(gF_words)
@@ -462,7 +462,11 @@ def raw_adjoint(model, upstream, want_F, want_image):
     if want_F:
         bound = fix[NFIX]
         result_F = np.zeros(grid.shape)
-        if bound > 0.0 and np.isfinite(bound):
+        if not np.isfinite(bound):
+            # a non-finite contribution has no fixed-point form: say so, as NaN, rather
+            # than return a gradient without it
+            result_F[:] = np.nan
+        elif bound > 0.0:
             # scale so that every partial sum stays below 2^125 in magnitude
             exponent = int(125 - math.ceil(math.log2(bound)))
             exponent = max(-1000, min(1000, exponent))

@@ -38,6 +38,7 @@ _Q10 = 3.398814699264509e-09
 
 # Precision hooks (see precision.py): ``real`` converts an integer where it meets floats,
 # ``REAL`` is the dtype of working arrays; single-precision twins rebind both to float32.
+# ``np.float64(...)`` is left alone: it marks a float64 accumulator.
 real = float
 REAL = np.float64
 PI = math.pi

@@ -7,7 +7,7 @@ float: ``float`` in the originals) bound to ``numpy.float32``, ``REAL`` (the dty
 working arrays) bound to ``numpy.float32``, and every compiled function it calls replaced
 by that function's own twin.  With float32 inputs the whole computation then stays in
 float32; :func:`float64_variables` lists whatever did not, which the tests require to be
-nothing but the declared accumulators.
+nothing but the declared accumulators (``np.float64(...)``: the per-pixel sum of samples).
 
 The float64 originals are untouched: ``float(i)`` of a loop index and float64(x) of a
 float32-exact constant change no bits.
