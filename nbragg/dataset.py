@@ -48,14 +48,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 
 from .errors import InputFileError, NbraggError
-from .io.atomic import default_mode
+from .io.atomic import atomic_file, atomic_path, partial_name_pattern
 
 DIST_KINDS = ("uniform", "normal", "jitter", "loguniform", "integers", "choice")
 COUNT_TYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -379,20 +378,8 @@ def _compression_kwargs(spec):
 
 
 def _atomic_npz(path, arrays):
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".frame", suffix=".npz.part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path) as fh:
+        np.savez(fh, **arrays)
 
 
 def stage_frame(spec, output, index, threads=None, keep=None, backend="cpu"):
@@ -447,10 +434,7 @@ def assemble_shard(spec, output, k, kept=None):
     n = len(frames)
     comp = _compression_kwargs(spec)
     names = spec.varied_names()
-    folder = os.path.dirname(target)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".part", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         with h5py.File(tmp, "w", locking=False) as fh:
             entry = fh.create_group("entry")
             data = entry.create_group("data")
@@ -489,14 +473,6 @@ def assemble_shard(spec, output, k, kept=None):
                 completed[j] = 1      # after the frame's data
             from .io.nexus import write_nxmx
             write_nxmx(entry, model, n)
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     for i in frames:
         try:
             os.unlink(paths.frame(i))
@@ -544,10 +520,7 @@ def write_master(spec, output):
             layout[fr[0]:fr[-1] + 1] = src
         return layout
 
-    folder = os.path.dirname(paths.master)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(paths.master) + ".", suffix=".part", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(paths.master) as tmp:
         with h5py.File(tmp, "w", locking=False) as fh:
             entry = fh.create_group("entry")
             data = entry.create_group("data")
@@ -567,14 +540,6 @@ def write_master(spec, output):
             nb.create_virtual_dataset("completed", vds((N,), np.uint8, "entry/nbragg/completed"), fillvalue=0)
             from .io.nexus import write_nxmx
             write_nxmx(entry, model, N)
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, paths.master)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return paths.master
 
 
@@ -602,9 +567,9 @@ def _check_output(spec, output):
 def _remove_partials(paths):
     """Temporary files a killed run left behind (never a committed frame or shard)."""
     import glob
-    stale = glob.glob(os.path.join(paths.staging, ".frame*.part"))
-    stale += glob.glob(glob.escape(paths.stem) + "_shard*.h5.*.part")
-    stale += glob.glob(glob.escape(paths.master) + ".*.part")
+    stale = glob.glob(partial_name_pattern(os.path.join(glob.escape(paths.staging), "frame*.npz")))
+    stale += glob.glob(partial_name_pattern(glob.escape(paths.stem) + "_shard*.h5"))
+    stale += glob.glob(partial_name_pattern(glob.escape(paths.master)))
     for f in stale:
         try:
             os.unlink(f)

@@ -1,5 +1,6 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename."""
 
+import contextlib
 import os
 import tempfile
 
@@ -22,16 +23,22 @@ def default_mode():
     return 0o666 & ~mask
 
 
-def atomic_write(path, data):
-    """Write ``data`` (bytes) to ``path`` so that readers never see a partial file."""
+def partial_name_pattern(path):
+    """A glob for the temporary files :func:`atomic_path` makes for ``path``."""
+    path = os.fspath(path)
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".*.part")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside ``path`` to write to: renamed onto ``path`` when the block
+    ends, removed if it raises, so that readers never see a partial file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -40,3 +47,20 @@ def atomic_write(path, data):
         except OSError:
             pass
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """A binary file object whose content replaces ``path`` (synced to disk) when the
+    block ends without error."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_write(path, data):
+    """Write ``data`` (bytes) to ``path`` so that readers never see a partial file."""
+    with atomic_file(path) as fh:
+        fh.write(data)
