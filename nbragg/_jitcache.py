@@ -50,7 +50,8 @@ def install():
     if impl is None or any(getattr(c, "_nbragg", False) for c in impl._locator_classes):
         return impl is not None
 
-    class InTree(caching.InTreeCacheLocator):
+    class PackageStamped:
+        """Numba's locator, for nbragg's files only, with the package-wide stamp."""
         _nbragg = True
 
         @classmethod
@@ -62,17 +63,11 @@ def install():
         def get_source_stamp(self):
             return package_stamp()
 
-    class UserWide(caching.UserWideCacheLocator):
-        _nbragg = True
+    class InTree(PackageStamped, caching.InTreeCacheLocator):
+        pass
 
-        @classmethod
-        def from_function(cls, py_func, py_file):
-            if not _in_package(py_file):
-                return None
-            return super().from_function(py_func, py_file)
-
-        def get_source_stamp(self):
-            return package_stamp()
+    class UserWide(PackageStamped, caching.UserWideCacheLocator):
+        pass
 
     impl._locator_classes[:0] = [InTree, UserWide]
     return True

@@ -319,15 +319,20 @@ class _Inputs:
         self.fflat_dummy = cuda.to_device(np.zeros(1, dtype=dtype))
 
 
-def render(model, progress=None, single=False):
-    """Forward image (unscaled kernel values times model.scale) and the omega sum;
-    ``single``: computed in float32, returned as float64."""
+def _forward_setup(model, single):
+    """(inputs, kernel, image, omega) on the device for a forward launch."""
     check_available()
     inp = _Inputs(model, single)
     dtype = np.float32 if single else np.float64
     kernel = _forward_kernel_single if single else _forward_kernel
-    image = cuda.to_device(np.zeros(model.shape, dtype=dtype))
-    omega = cuda.to_device(np.zeros(model.shape, dtype=dtype))
+    return (inp, kernel, cuda.to_device(np.zeros(model.shape, dtype=dtype)),
+            cuda.to_device(np.zeros(model.shape, dtype=dtype)))
+
+
+def render(model, progress=None, single=False):
+    """Forward image (unscaled kernel values times model.scale) and the omega sum;
+    ``single``: computed in float32, returned as float64."""
+    inp, kernel, image, omega = _forward_setup(model, single)
     n = inp.nx * inp.ny
     if n > 0:
         # launches of whole rows, so that progress can be reported between them
@@ -347,12 +352,7 @@ def render(model, progress=None, single=False):
 
 def forward_kernel_seconds(model, repeat=3, single=False):
     """Best time of the forward kernel alone (inputs already on the device, no copies)."""
-    check_available()
-    inp = _Inputs(model, single)
-    dtype = np.float32 if single else np.float64
-    kernel = _forward_kernel_single if single else _forward_kernel
-    image = cuda.to_device(np.zeros(model.shape, dtype=dtype))
-    omega = cuda.to_device(np.zeros(model.shape, dtype=dtype))
+    inp, kernel, image, omega = _forward_setup(model, single)
     n = inp.nx * inp.ny
     times = []
     for _ in range(repeat + 1):            # the first launch compiles or loads
