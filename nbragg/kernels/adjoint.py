@@ -20,10 +20,10 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu import (F_CLOSE_DISTANCE, F_DEFAULT_F, F_DMIN, F_FUDGE, F_I_BG, F_KAHN, F_MU, F_NA, F_NB,
-                  F_NC, F_PIXEL, F_THICK, F_THICKSTEP, I_HAS_HKLS, I_HKL_MAX, I_HKL_MIN, I_NOPOLAR,
+                  F_NC, F_PIXEL, F_THICK, F_THICKSTEP, I_HAS_HKLS, I_NOPOLAR,
                   I_OS_OMEGA, I_OS_POLAR, I_OS_THICK, I_OVERSAMPLE, I_POINT_PIXEL, I_ROI, I_SHAPE,
-                  I_THICKSTEPS, I_USE_MASK, I_WATER, fast_path, lattice_factor, lookup_F,
-                  orientations_soa, subpixel_position)
+                  I_THICKSTEPS, I_USE_MASK, I_WATER, fast_path, flat_grid_index, grid_extent, lattice_factor,
+                  lookup_F, orientations_soa, soa_hkl, subpixel_position)
 from .derivs import (G_FPAR, G_GEOM, G_SCALE, LP_SIZE, F_grad, capture_partials, direction_vjp,
                      lattice_grad, omega_partials, position_vjp)
 from .physics import SQUARE, polarization_factor, polarization_grad, axis_lattice_grad, sum_row
@@ -56,18 +56,10 @@ def add_F(gF, gfix, j, value):
 def grid_indices(qx, qy, qz, ori, ipar, ibuf):
     """Flat structure-factor grid index of the nearest hkl for every orientation (-1
     outside the grid).  Kept out of the lattice loops so that those vectorise."""
-    hmin = ipar[I_HKL_MIN]
-    kmin = ipar[I_HKL_MIN + 1]
-    lmin = ipar[I_HKL_MIN + 2]
-    nh = ipar[I_HKL_MAX] - hmin + 1
-    nk = ipar[I_HKL_MAX + 1] - kmin + 1
-    nl = ipar[I_HKL_MAX + 2] - lmin + 1
+    extent = grid_extent(ipar)
     for m in range(ori.shape[1]):
-        ih = int(math.ceil(ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz - 0.5)) - hmin
-        ik = int(math.ceil(ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz - 0.5)) - kmin
-        il = int(math.ceil(ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz - 0.5)) - lmin
-        inside = (ih >= 0) & (ih < nh) & (ik >= 0) & (ik < nk) & (il >= 0) & (il < nl)
-        ibuf[m] = (ih * nk + ik) * nl + il if inside else -1
+        h, k, l = soa_hkl(ori, m, qx, qy, qz)
+        ibuf[m] = flat_grid_index(int(math.ceil(h - 0.5)), int(math.ceil(k - 0.5)), int(math.ceil(l - 0.5)), extent)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -93,9 +85,7 @@ def square_adjoint(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, G
         gD = 0.0
         F = default_F
         for m in range(nreal):
-            h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
-            k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
-            l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
+            h, k, l = soa_hkl(ori, m, qx, qy, qz)
             ga, dga, nga = axis_lattice_grad(h - math.ceil(h - 0.5), Na)
             gb, dgb, ngb = axis_lattice_grad(k - math.ceil(k - 0.5), Nb)
             gc, dgc, ngc = axis_lattice_grad(l - math.ceil(l - 0.5), Nc)
@@ -129,9 +119,7 @@ def square_adjoint(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, G
     if not use_grid:
         # F = default_F for every orientation: the partials come out already scaled
         for m in range(n):
-            h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
-            k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
-            l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
+            h, k, l = soa_hkl(ori, m, qx, qy, qz)
             ga, dga, nga = axis_lattice_grad(h - math.ceil(h - 0.5), Na)
             gb, dgb, ngb = axis_lattice_grad(k - math.ceil(k - 0.5), Nb)
             gc, dgc, ngc = axis_lattice_grad(l - math.ceil(l - 0.5), Nc)
@@ -189,9 +177,7 @@ def _lattice_grid_pass(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_
     """The lattice pass of :func:`square_adjoint` when F comes from a grid (a gather)."""
     n = ori.shape[1]
     for m in range(n):
-        h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
-        k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
-        l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
+        h, k, l = soa_hkl(ori, m, qx, qy, qz)
         h0 = int(math.ceil(h - 0.5))
         k0 = int(math.ceil(k - 0.5))
         l0 = int(math.ceil(l - 0.5))

@@ -165,6 +165,35 @@ def _rotate_axis(vx, vy, vz, ax, ay, az, phi):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def soa_hkl(ori, m, qx, qy, qz):
+    """Fractional (h, k, l) of orientation m of a (9, m8) orientation block."""
+    return (ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz,
+            ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz,
+            ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def grid_extent(ipar):
+    """(hmin, kmin, lmin, nh, nk, nl) of the structure-factor grid."""
+    hmin = ipar[I_HKL_MIN]
+    kmin = ipar[I_HKL_MIN + 1]
+    lmin = ipar[I_HKL_MIN + 2]
+    return (hmin, kmin, lmin,
+            ipar[I_HKL_MAX] - hmin + 1, ipar[I_HKL_MAX + 1] - kmin + 1, ipar[I_HKL_MAX + 2] - lmin + 1)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def flat_grid_index(h0, k0, l0, extent):
+    """Index of the integer (h0, k0, l0) in the flattened grid, or -1 outside it."""
+    hmin, kmin, lmin, nh, nk, nl = extent
+    ih = h0 - hmin
+    ik = k0 - kmin
+    il = l0 - lmin
+    inside = (ih >= 0) & (ih < nh) & (ik >= 0) & (ik < nk) & (il >= 0) & (il < nl)
+    return (ih * nk + ik) * nl + il if inside else -1
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def square_terms(qx, qy, qz, ori, Na, Nb, Nc, fflat, ipar, default_F, buf, ibuf):
     """F_cell^2 F_latt^2 for every orientation (parallelepiped shape, nearest F).
 
@@ -176,16 +205,9 @@ def square_terms(qx, qy, qz, ori, Na, Nb, Nc, fflat, ipar, default_F, buf, ibuf)
     """
     n = ori.shape[1]
     use_grid = ipar[I_HAS_HKLS] != 0
-    hmin = ipar[I_HKL_MIN]
-    kmin = ipar[I_HKL_MIN + 1]
-    lmin = ipar[I_HKL_MIN + 2]
-    nh = ipar[I_HKL_MAX] - hmin + 1
-    nk = ipar[I_HKL_MAX + 1] - kmin + 1
-    nl = ipar[I_HKL_MAX + 2] - lmin + 1
+    extent = grid_extent(ipar)
     for m in range(n):
-        h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
-        k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
-        l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
+        h, k, l = soa_hkl(ori, m, qx, qy, qz)
         h0 = int(math.ceil(h - 0.5))
         k0 = int(math.ceil(k - 0.5))
         l0 = int(math.ceil(l - 0.5))
@@ -206,11 +228,7 @@ def square_terms(qx, qy, qz, ori, Na, Nb, Nc, fflat, ipar, default_F, buf, ibuf)
         latt = num / den
         buf[m] = latt * latt
         if use_grid:
-            ih = h0 - hmin
-            ik = k0 - kmin
-            il = l0 - lmin
-            inside = (ih >= 0) & (ih < nh) & (ik >= 0) & (ik < nk) & (il >= 0) & (il < nl)
-            ibuf[m] = (ih * nk + ik) * nl + il if inside else -1
+            ibuf[m] = flat_grid_index(h0, k0, l0, extent)
     Fdef2 = default_F * default_F
     if use_grid:
         for m in range(n):

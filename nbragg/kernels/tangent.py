@@ -18,7 +18,7 @@ from .cpu import (F_CLOSE_DISTANCE, F_DEFAULT_F, F_DMIN, F_FUDGE, F_I_BG, F_KAHN
 from .derivs import LP_SIZE, F_grad, capture_partials, lattice_grad, omega_partials
 from .adjoint import _geometry, _omega
 from .physics import polarization_grad, axis_lattice_grad, sum_row
-from .cpu import I_HAS_HKLS, I_HKL_MAX, I_HKL_MIN, fast_path, orientations_soa
+from .cpu import I_HAS_HKLS, fast_path, flat_grid_index, grid_extent, orientations_soa, soa_hkl
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -32,16 +32,9 @@ def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, d
     """
     n = ori.shape[1]
     use_grid = ipar[I_HAS_HKLS] != 0
-    hmin = ipar[I_HKL_MIN]
-    kmin = ipar[I_HKL_MIN + 1]
-    lmin = ipar[I_HKL_MIN + 2]
-    nh = ipar[I_HKL_MAX] - hmin + 1
-    nk = ipar[I_HKL_MAX + 1] - kmin + 1
-    nl = ipar[I_HKL_MAX + 2] - lmin + 1
+    extent = grid_extent(ipar)
     for m in range(n):
-        h = ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz
-        k = ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz
-        l = ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz
+        h, k, l = soa_hkl(ori, m, qx, qy, qz)
         h0 = int(math.ceil(h - 0.5))
         k0 = int(math.ceil(k - 0.5))
         l0 = int(math.ceil(l - 0.5))
@@ -56,11 +49,7 @@ def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, d
         sc[5, m] = ga * ngb * gc
         sc[6, m] = ga * gb * ngc
         if use_grid:
-            ih = h0 - hmin
-            ik = k0 - kmin
-            il = l0 - lmin
-            inside = (ih >= 0) & (ih < nh) & (ik >= 0) & (ik < nk) & (il >= 0) & (il < nl)
-            ibuf[m] = (ih * nk + ik) * nl + il if inside else -1
+            ibuf[m] = flat_grid_index(h0, k0, l0, extent)
     if use_grid:
         for m in range(nreal):
             j = ibuf[m]
