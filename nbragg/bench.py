@@ -58,9 +58,8 @@ def _best(fn, repeat):
 def gradient_figures(name, threads, repeat, nparams=15, backend="cpu"):
     """(forward s, gradient-of-everything s, Jacobian s for nparams parameters)."""
     import numpy as np
-    from .engine import build_model, render
+    from .engine import build_model, render, tangent_image
     from .gradients import raw_gradient
-    from .kernels.tangent import run_tangent
     from .params import SCALAR_PARAMS, input_tangent
     model = build_model(_experiment(name), warn=lambda m: None)
     w = np.random.default_rng(0).uniform(0.5, 1.5, model.shape)
@@ -71,10 +70,10 @@ def gradient_figures(name, threads, repeat, nparams=15, backend="cpu"):
         for n in names:                      # the chain rule to every named parameter
             raw.contract(input_tangent(model, n))
 
-    tans = [input_tangent(model, n) for n in names[:nparams]]
+    tans = np.array([input_tangent(model, n) for n in names[:nparams]])
     tf = _best(lambda: render(model, backend=backend, threads=threads), repeat)
     tg = _best(everything, repeat)
-    tj = _best(lambda: run_tangent(model, tans, threads=threads, backend=backend), repeat)
+    tj = _best(lambda: tangent_image(model, tans, threads=threads, backend=backend), repeat)
     return tf, tg, tj
 
 
@@ -96,16 +95,13 @@ def working_arrays(name):
     """Bytes of the arrays a forward call and a gradient call allocate (beyond inputs)."""
     from .engine import build_model
     from .kernels import adjoint as A
-    from .kernels.derivs import NFIX
     m = build_model(_experiment(name), warn=lambda m: None)
     npix = m.shape[0] * m.shape[1]
     forward = 8 * npix + 8 * m.shape[0]
     xmin, xmax, ymin, ymax = m.roi_clipped
     grid = m.structure.grid.size
     nch = A.n_chunks(ymax - ymin + 1, grid, 8 * npix)
-    norient = m.crystal.orientations.shape[0]
-    nsrc = len(m.sources.wavelengths)
-    per_chunk = NFIX + 4 * nsrc + 9 * ((norient + 7) // 8 * 8) + 9 + grid
+    per_chunk = m.layout.size + grid
     return forward, 8 * nch * per_chunk
 
 
@@ -142,7 +138,7 @@ def gpu_figures(name, repeat, gradients=True):
     lines = []
     for precision in ("float64", "float32"):
         whole = time_forward(model, None, repeat, backend="cuda", precision=precision)
-        kernel = C.forward_kernel_seconds(model, repeat, single=precision == "float32")
+        kernel = C.forward_kernel_seconds(model.scene, repeat, single=precision == "float32")
         lines.append(f"  forward  cuda {precision}: {whole:8.3f} s   {n / whole:12.4g} evaluations/s (whole call); "
                      f"kernel {kernel:8.4f} s   {n / kernel:12.4g} evaluations/s")
     if gradients:

@@ -6,6 +6,7 @@ The command line, refinement and dataset generation all call :func:`simulate` (o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -15,8 +16,13 @@ from numba import njit
 
 from .errors import BackendError, ParameterError
 from .experiment import Experiment
+from .kernels import adjoint as A
 from .kernels import cpu as K
+from .kernels import physics
+from .kernels import tangent as T
 from .kernels.precision import cpu_single
+from .kernels.scene import (Beam, Crystal, Detector, Sampling, Scene, Structure, as_single, layout_of,
+                            roi_clipped)
 from .models.beam import Sources, resolve_sources
 from .models.crystal import CrystalModel, resolve_crystal
 from .models.detector import DetectorGeometry, resolve_detector
@@ -25,8 +31,7 @@ from .units import AVOGADRO, R_E_SQR, WATER_F, WATER_MW
 
 log = logging.getLogger("nbragg")
 
-_SHAPE_CODES = {"square": 0, "round": 1, "gauss": 2, "tophat": 3}
-_SHAPE_NAMES = {"square": "parallelpiped", "round": "ellipsoidal", "gauss": "gaussian", "tophat": "tophat-spot"}
+_SHAPE_CODES = {"square": physics.SQUARE, "round": physics.ROUND, "gauss": physics.GAUSS, "tophat": physics.TOPHAT}
 
 
 @dataclass
@@ -47,11 +52,13 @@ class Model:
     I_bg: float
     water: float                 # m
     dmin: float                  # m
-    geom: np.ndarray
-    fpar: np.ndarray
-    ipar: np.ndarray
-    mask: np.ndarray
+    scene: Scene                 # what the kernels read (kernels/scene.py)
     warnings: list = field(default_factory=list)
+
+    @property
+    def layout(self):
+        """Offsets of the scene's derivatives in a flat vector (kernels/scene.py)."""
+        return layout_of(self.scene)
 
     @property
     def shape(self):
@@ -66,8 +73,8 @@ class Model:
     def inner_evaluations(self):
         """pixels * oversample^2 * sources * phisteps * domains * thicksteps (ROI and mask)."""
         xmin, xmax, ymin, ymax = self.roi_clipped
-        if self.experiment.detector.mask is not None:
-            npix = int(self.mask[ymin:ymax + 1, xmin:xmax + 1].sum())
+        if self.scene.det.use_mask:
+            npix = int(self.scene.det.mask[ymin:ymax + 1, xmin:xmax + 1].sum())
         else:
             npix = (xmax - xmin + 1) * (ymax - ymin + 1)
         return (npix * self.oversample ** 2 * len(self.sources.wavelengths)
@@ -75,9 +82,7 @@ class Model:
 
     @property
     def roi_clipped(self):
-        xmin, xmax, ymin, ymax = self.detector.roi
-        return (max(xmin, 0), min(xmax, self.detector.fpixels - 1),
-                max(ymin, 0), min(ymax, self.detector.spixels - 1))
+        return roi_clipped(self.scene.det)
 
 
 def build_model(exp, warn=None):
@@ -121,44 +126,34 @@ def build_model(exp, warn=None):
     water = s.water / 1e6
     I_bg = WATER_F * WATER_F * R_E_SQR * fluence * water * water * water * 1e6 * AVOGADRO / WATER_MW
 
-    geom = np.array([det.pix0, det.fdet, det.sdet, det.odet, det.beam, det.polar], dtype=np.float64)
-    fpar = np.zeros(K.NF)
-    fpar[K.F_PIXEL] = det.pixel
-    fpar[K.F_SUBPIXEL] = det.pixel / oversample
-    fpar[K.F_DISTANCE] = det.distance
-    fpar[K.F_CLOSE_DISTANCE] = det.close_distance
-    fpar[K.F_THICKSTEP] = det.thickstep
-    fpar[K.F_MU] = det.mu
-    fpar[K.F_KAHN] = exp.beam.polarization
-    fpar[K.F_DMIN] = s.dmin * 1e-10
-    fpar[K.F_NA] = cry.Na
-    fpar[K.F_NB] = cry.Nb
-    fpar[K.F_NC] = cry.Nc
-    fpar[K.F_FUDGE] = cry.fudge
-    fpar[K.F_DEFAULT_F] = st.default_F
-    fpar[K.F_I_BG] = I_bg
-    fpar[K.F_THICK] = det.thick
-    ipar = np.zeros(K.NI, dtype=np.int64)
-    ipar[K.I_OVERSAMPLE] = oversample
-    ipar[K.I_THICKSTEPS] = det.thicksteps
-    ipar[K.I_CURVED] = int(det.curved)
-    ipar[K.I_POINT_PIXEL] = int(det.point_pixel)
-    ipar[K.I_OS_OMEGA] = int(s.oversample_omega)
-    ipar[K.I_OS_POLAR] = int(s.oversample_polar)
-    ipar[K.I_OS_THICK] = int(s.oversample_thick)
-    ipar[K.I_NOPOLAR] = int(exp.beam.nopolar)
-    ipar[K.I_SHAPE] = _SHAPE_CODES[cry.shape]
-    ipar[K.I_HAS_HKLS] = int(st.hkls > 0)
-    ipar[K.I_INTERPOLATE] = int(st.interpolate)
-    ipar[K.I_WATER] = int(water != 0.0)
-    ipar[K.I_ROI:K.I_ROI + 4] = det.roi
-    ipar[K.I_HKL_MIN:K.I_HKL_MIN + 3] = st.hkl_min
-    ipar[K.I_HKL_MAX:K.I_HKL_MAX + 3] = st.hkl_max
     if exp.detector.mask is not None:
         mask = np.ascontiguousarray(exp.detector.mask, dtype=np.uint8)
-        ipar[K.I_USE_MASK] = 1
     else:
         mask = np.ones((1, 1), dtype=np.uint8)
+    scene = Scene(
+        det=Detector(
+            pix0=_vec(det.pix0), fdet=_vec(det.fdet), sdet=_vec(det.sdet), odet=_vec(det.odet),
+            pixel=float(det.pixel), subpixel=float(det.pixel / oversample), distance=float(det.distance),
+            close_distance=float(det.close_distance), thick=float(det.thick), thickstep=float(det.thickstep),
+            mu=float(det.mu), thicksteps=int(det.thicksteps), oversample=int(oversample), curved=bool(det.curved),
+            point_pixel=bool(det.point_pixel), fpixels=int(det.fpixels), spixels=int(det.spixels),
+            roi=np.array(det.roi, dtype=np.int64), mask=mask, use_mask=exp.detector.mask is not None),
+        beam=Beam(
+            beam=_vec(det.beam), polar_axis=_vec(det.polar), kahn=float(exp.beam.polarization),
+            nopolar=bool(exp.beam.nopolar), sources=np.ascontiguousarray(src.directions, dtype=np.float64),
+            lambdas=np.ascontiguousarray(src.wavelengths, dtype=np.float64)),
+        xtal=Crystal(
+            orients=np.ascontiguousarray(cry.orientations, dtype=np.float64),
+            recip=np.ascontiguousarray(cry.recip0, dtype=np.float64), Na=float(cry.Na), Nb=float(cry.Nb),
+            Nc=float(cry.Nc), fudge=float(cry.fudge), shape=int(_SHAPE_CODES[cry.shape])),
+        fhkl=Structure(
+            grid=np.ascontiguousarray(st.grid, dtype=np.float64), hkl_min=np.array(st.hkl_min, dtype=np.int64),
+            hkl_max=np.array(st.hkl_max, dtype=np.int64), has_hkls=bool(st.hkls > 0),
+            interpolate=bool(st.interpolate), default_F=float(st.default_F)),
+        samp=Sampling(
+            os_omega=bool(s.oversample_omega), os_polar=bool(s.oversample_polar), os_thick=bool(s.oversample_thick),
+            dmin=float(s.dmin * 1e-10), I_bg=float(I_bg), water=bool(water != 0.0)),
+    )
     if s.oversample_thick and det.thick == 0.0:
         _warn("-oversample_thick without a sensor thickness: nanoBragg.c multiplies every term by a "
               "capture fraction of 0, so the image is 0; nbragg does the same")
@@ -169,20 +164,12 @@ def build_model(exp, warn=None):
         experiment=exp, detector=det, sources=src, crystal=cry, structure=st,
         oversample=oversample, oversample_auto=auto, recommended_oversample=rec, steps=steps,
         fluence=fluence, wavelength=lambda0, I_bg=I_bg, water=water, dmin=s.dmin * 1e-10,
-        geom=geom, fpar=fpar, ipar=ipar, mask=mask, warnings=warnings,
+        scene=scene, warnings=warnings,
     )
 
 
-def kernel_args(model, precision="float64"):
-    """The arrays the forward kernel takes, in order; with precision "float32" the float
-    arrays are float32 (for the single-precision twins)."""
-    args = (model.geom, model.fpar, model.ipar,
-            np.ascontiguousarray(model.sources.directions), np.ascontiguousarray(model.sources.wavelengths),
-            np.ascontiguousarray(model.crystal.orientations), np.ascontiguousarray(model.crystal.recip0),
-            model.structure.grid, model.mask)
-    if precision == "float64":
-        return args
-    return tuple(a.astype(np.float32) if a.dtype == np.float64 else a for a in args)
+def _vec(v):
+    return np.ascontiguousarray(v, dtype=np.float64).reshape(3)
 
 
 PRECISIONS = ("float64", "float32")
@@ -205,6 +192,17 @@ def set_threads(threads):
                 f"threads = {threads}: must be between 1 and {numba.config.NUMBA_NUM_THREADS}")
         numba.set_num_threads(threads)
     return prev
+
+
+@contextlib.contextmanager
+def _threads(threads):
+    """Run with that many Numba threads (None: as it is), then restore the count."""
+    prev = set_threads(threads)
+    try:
+        yield
+    finally:
+        if threads is not None:
+            set_threads(prev)
 
 
 BACKENDS = ("cpu", "cuda")
@@ -239,33 +237,78 @@ def render(model, backend="cpu", threads=None, progress=None, precision="float64
     """
     single = check_precision(precision) == "float32"
     if check_backend(backend) == "cuda":
-        return cuda_kernels().render(model, progress=progress, single=single)
+        image, omega_sum = cuda_kernels().render(model.scene, progress=progress, single=single)
+        image *= model.scale
+        return image, omega_sum
     dtype = np.float32 if single else np.float64
     image = np.zeros(model.shape, dtype=dtype)
     omega_rows = np.zeros(model.shape[0], dtype=dtype)
     forward = cpu_single(K.forward) if single else K.forward
-    prev = set_threads(threads)
-    try:
-        args = kernel_args(model, precision)
+    scene = as_single(model.scene) if single else model.scene
+    with _threads(threads):
+        xmin, xmax, ymin, ymax = model.roi_clipped
         if progress is None:
-            forward(*args, image, omega_rows)
+            forward(*scene, ymin, ymax, image, omega_rows)
         else:
-            xmin, xmax, ymin, ymax = model.roi_clipped
             nrows = ymax - ymin + 1
             block = max(1, -(-nrows // 50))
-            ipar = model.ipar.copy()
             for y0 in range(ymin, ymax + 1, block):
                 y1 = min(y0 + block - 1, ymax)
-                ipar[K.I_ROI + 2] = y0
-                ipar[K.I_ROI + 3] = y1
-                forward(args[0], args[1], ipar, *args[3:], image, omega_rows)
+                forward(*scene, y0, y1, image, omega_rows)
                 progress(y1 - ymin + 1, nrows)
-    finally:
-        if threads is not None:
-            set_threads(prev)
     image = image.astype(np.float64, copy=False)
     image *= model.scale
     return image, float(omega_rows.astype(np.float64, copy=False).sum())
+
+
+def tangent_image(model, d, backend="cpu", threads=None):
+    """The tangent kernel: (J, image) with J (spixels, fpixels, P) = d(image)/d(theta_p)
+    for the tangent directions d (P, layout.size) (see :mod:`nbragg.kernels.scene`), and
+    the image (photons) computed in the same pass."""
+    L = model.layout
+    d = np.ascontiguousarray(d, dtype=np.float64).reshape(-1, L.size)
+    if check_backend(backend) == "cuda":
+        return cuda_kernels().run_tangent(model.scene, L, d, model.scale)
+    P = d.shape[0]
+    m = model.scene.xtal.orients.shape[0]
+    ori = d[:, L.orients:L.orients + 9 * L.npad].reshape(P, 9, L.npad)
+    has_dori = np.array([bool(np.any(ori[p, :, :m] != 0)) for p in range(P)])
+    flags = T.tangent_flags(d, L)
+    J = np.zeros(model.shape + (P,))
+    image = np.zeros(model.shape)
+    with _threads(threads):
+        T.tangent(*model.scene, d, L, model.scale, has_dori, flags, J, image)
+    return J, image
+
+
+def adjoint_image(model, upstream, backend="cpu", threads=None, want_image=False, want_F=True):
+    """The adjoint kernel for L = sum(upstream * image): returns (g, gF, image) with g the
+    flat dL/d(scene inputs) in ``model.layout`` (the "scale" entry holds dL/d(scale) times
+    the scale, i.e. sum(upstream * image)), gF dL/d(structure-factor grid) (zero when not
+    ``want_F``), and with ``want_image`` the image of the pixels with non-zero upstream."""
+    L = model.layout
+    g = np.ascontiguousarray(upstream, dtype=np.float64)
+    grid = model.scene.fhkl.grid
+    if check_backend(backend) == "cuda":
+        flat, gF, image = cuda_kernels().raw_adjoint(model.scene, L, g, model.scale, want_F, want_image)
+        return _per_scale(model, flat), (gF if gF is not None else np.zeros(grid.shape)), image
+    xmin, xmax, ymin, ymax = model.roi_clipped
+    nchunks = A.n_chunks(ymax - ymin + 1, grid.size, 8 * g.size)
+    g_c = np.zeros((nchunks, L.size))
+    gF_c = np.zeros((nchunks, grid.size))
+    image = np.zeros(model.shape) if want_image else np.zeros((0, 0))
+    with _threads(threads):
+        A.adjoint(*model.scene, L, g, model.scale, nchunks, g_c, gF_c, image)
+    # fixed-order reduction over chunks: independent of the thread count
+    return _per_scale(model, g_c.sum(axis=0)), gF_c.sum(axis=0).reshape(grid.shape), (image if want_image else None)
+
+
+def _per_scale(model, flat):
+    """The kernels accumulate sum(upstream * image) in the "scale" entry; the cotangent
+    holds dL/d(scale) there."""
+    L = model.layout
+    flat[L.scale] = flat[L.scale] / model.scale if model.scale != 0 else 0.0
+    return flat
 
 
 @dataclass
@@ -344,9 +387,9 @@ def _c_stats(image, mask, use_mask, xmin, xmax, ymin, ymax):
 def compute_stats(model, image, omega_sum):
     """max_I (and where), mean, rms over ROI & mask; rmsd over the ROI (as nanoBragg.c)."""
     xmin, xmax, ymin, ymax = model.roi_clipped
-    use_mask = model.experiment.detector.mask is not None
-    max_I, mf, ms, avg, rms, rmsd, n = _c_stats(np.ascontiguousarray(image, dtype=np.float64), model.mask,
-                                                use_mask, xmin, xmax, ymin, ymax)
+    det = model.scene.det
+    max_I, mf, ms, avg, rms, rmsd, n = _c_stats(np.ascontiguousarray(image, dtype=np.float64), det.mask,
+                                                det.use_mask, xmin, xmax, ymin, ymax)
     os_ = model.oversample
     sub = model.detector.pixel / os_
     fm = sub * (mf * os_ + os_ - 1) + sub / 2.0

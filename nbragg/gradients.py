@@ -11,33 +11,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import build_model, check_backend, cuda_kernels, kernel_args, render, set_threads
+from .engine import adjoint_image, build_model, check_backend, render, tangent_image
 from .errors import ParameterError
-from .kernels import adjoint as A
-from .kernels.derivs import G_FPAR, G_GEOM, G_SCALE, NFIX
 from .params import check_names, get_params, input_tangent, set_params
 
 
 @dataclass
 class RawGradient:
-    """dL/d(kernel input) for every input, and the image the replay computed."""
+    """dL/d(scene inputs) for L = sum(upstream * image): ``flat`` in the model's layout
+    (see :mod:`nbragg.kernels.scene`), ``Fgrid`` for the structure-factor grid, and the
+    image the adjoint computed on its way (when asked for)."""
 
-    geom: np.ndarray
-    fpar: np.ndarray
-    sources: np.ndarray
-    lambdas: np.ndarray
-    orients: np.ndarray
-    recip: np.ndarray
+    flat: np.ndarray
     Fgrid: np.ndarray
-    scale: float
-    image: np.ndarray
+    image: np.ndarray = None
 
-    def contract(self, tan):
-        """sum_u dL/du . du/dtheta for one InputTangent."""
-        return float(np.sum(self.geom * tan.geom) + np.sum(self.fpar * tan.fpar)
-                     + np.sum(self.sources * tan.sources) + np.sum(self.lambdas * tan.lambdas)
-                     + np.sum(self.orients * tan.orients) + np.sum(self.recip * tan.recip)
-                     + self.scale * tan.scale)
+    def contract(self, tangent):
+        """sum_u dL/du . du/dtheta for one tangent (a flat vector in the same layout)."""
+        return float(self.flat @ tangent)
 
 
 def _check_upstream(model, upstream):
@@ -50,44 +41,15 @@ def _check_upstream(model, upstream):
 
 
 def raw_gradient(model, upstream, threads=None, want_image=False, backend="cpu", want_F=True):
-    """Adjoint kernel: dL/du for every kernel input u, with L = sum(upstream * image).
+    """Adjoint kernel: dL/du for every scene input u, with L = sum(upstream * image).
 
     With ``want_image`` the (scaled) image is returned too, for the pixels where the
     upstream is not zero.  ``want_F=False`` lets the GPU skip the structure-factor
     partials (``Fgrid`` is then zero)."""
     g = _check_upstream(model, upstream)
-    geom, fpar, ipar, src, lam, ori, rec, grid, mask = kernel_args(model)
-    if check_backend(backend) == "cuda":
-        fix, gsrc, glam, gor, grec, gF, image = cuda_kernels().raw_adjoint(model, g, want_F, want_image)
-        return RawGradient(
-            geom=fix[G_GEOM:G_GEOM + 18].reshape(6, 3), fpar=fix[G_FPAR:G_FPAR + len(fpar)], sources=gsrc,
-            lambdas=glam, orients=gor, recip=grec, Fgrid=gF if gF is not None else np.zeros(grid.shape),
-            scale=fix[G_SCALE] / model.scale if model.scale != 0 else 0.0, image=image)
-    xmin, xmax, ymin, ymax = model.roi_clipped
-    nchunks = A.n_chunks(ymax - ymin + 1, grid.size, 8 * g.size)
-    gfix = np.zeros((nchunks, NFIX))
-    gsrc = np.zeros((nchunks,) + src.shape)
-    glam = np.zeros((nchunks, len(lam)))
-    npad = (ori.shape[0] + 7) // 8 * 8
-    gor = np.zeros((nchunks, 9, npad))
-    grec = np.zeros((nchunks, 9))
-    gF = np.zeros((nchunks, grid.size))
-    image = np.zeros(model.shape) if want_image else np.zeros((0, 0))
-    prev = set_threads(threads)
-    try:
-        A.adjoint(geom, fpar, ipar, src, lam, ori, rec, grid, mask, g, model.scale, nchunks,
-                  gfix, gsrc, glam, gor, grec, gF, image)
-    finally:
-        if threads is not None:
-            set_threads(prev)
-    # fixed-order reduction over chunks: independent of the thread count
-    gfix = gfix.sum(axis=0)
-    return RawGradient(
-        geom=gfix[G_GEOM:G_GEOM + 18].reshape(6, 3), fpar=gfix[G_FPAR:G_FPAR + len(fpar)],
-        sources=gsrc.sum(axis=0), lambdas=glam.sum(axis=0), orients=gor.sum(axis=0)[:, :ori.shape[0]].T.reshape(ori.shape),
-        recip=grec.sum(axis=0).reshape(3, 3), Fgrid=gF.sum(axis=0).reshape(grid.shape),
-        scale=gfix[G_SCALE] / model.scale if model.scale != 0 else 0.0, image=image if want_image else None,
-    )
+    flat, gF, image = adjoint_image(model, g, backend=backend, threads=threads, want_image=want_image,
+                                    want_F=want_F)
+    return RawGradient(flat=flat, Fgrid=gF, image=image)
 
 
 def gradient(exp, names, upstream, backend="cpu", threads=None):
@@ -123,9 +85,8 @@ def jacobian(exp, names, backend="cpu", threads=None):
     check_backend(backend)
     names = check_names(names, allow_arrays=False)
     model = build_model(exp, warn=lambda m: None)
-    from .kernels import tangent as T
-    tans = [input_tangent(model, n) for n in names]
-    J, _ = T.run_tangent(model, tans, threads=threads, backend=backend)
+    d = np.array([input_tangent(model, n) for n in names]).reshape(len(names), model.layout.size)
+    J, _ = tangent_image(model, d, threads=threads, backend=backend)
     return J.reshape(-1, len(names))
 
 

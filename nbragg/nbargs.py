@@ -953,8 +953,9 @@ def _c_real_vectors(recip, lengths, V_c, misset):
 def _crystal_vectors(st, warn, notes, cwd):
     """Cell, misset and base orientation as nanoBragg.c derives them.
 
-    The C builds real-space vectors from ``-cell`` (see
-    :func:`~nbragg.models.crystal.nanobragg_cell_vectors`) or ``-mat``; nbragg stores
+    The C builds real-space vectors from ``-cell`` (through its reciprocal cell, whose
+    c*_z is right only for orthogonal cells, so a triclinic cell's angles come out slightly
+    different from the ones given) or ``-mat``; nbragg stores
     the cell those vectors actually have plus the rotation that carries nbragg's
     standard frame onto them, so the Experiment describes the same crystal.
     """

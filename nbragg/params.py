@@ -39,12 +39,10 @@ interpolation choices -- the derivative is that of the smooth piece.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 
 from .errors import ParameterError
-from .kernels import cpu as K
+from .kernels.scene import flatten
 from .models.crystal import cell_vectors_and_derivatives
 from .models.detector import DBL_MIN, _CONVENTION_VECTORS
 from .models.geometry import axis_rotation_matrix, rotation_xyz_matrix, unitize
@@ -207,25 +205,6 @@ def set_params(exp, values):
 
 # ----------------------------------------------------------------------------- tangents
 
-@dataclass
-class InputTangent:
-    """d(kernel inputs)/d(theta) for one scalar parameter (arrays shaped like the inputs)."""
-
-    geom: np.ndarray
-    fpar: np.ndarray
-    sources: np.ndarray
-    lambdas: np.ndarray
-    orients: np.ndarray
-    recip: np.ndarray
-    scale: float = 0.0
-
-    @classmethod
-    def zeros(cls, model):
-        return cls(geom=np.zeros((6, 3)), fpar=np.zeros(K.NF), sources=np.zeros_like(model.sources.directions),
-                   lambdas=np.zeros_like(model.sources.wavelengths),
-                   orients=np.zeros_like(model.crystal.orientations), recip=np.zeros((3, 3)))
-
-
 def _skew(v):
     return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
 
@@ -246,18 +225,21 @@ def _crystal_tangent(model, d_real_A, tan):
     """Fill orientation and reciprocal tangents from d(real vectors in Angstrom)."""
     c = model.crystal
     d_real0 = 1e-10 * d_real_A
+    orients = np.zeros_like(c.orientations)
     for m, (Rp, U, p, i) in enumerate(_orientation_parts(model)):
         M = U @ Rp
-        tan.orients[m] = d_real0 @ M.T
+        orients[m] = d_real0 @ M.T
+    tan["orients"] = orients
     if c.shape in ("gauss", "tophat"):
         rec = c.recip0
-        tan.recip = -rec @ d_real_A.T @ rec
+        tan["recip"] = -rec @ d_real_A.T @ rec
 
 
 def input_tangent(model, name):
-    """du/dtheta for every kernel input u and the named scalar parameter theta."""
+    """du/dtheta for every kernel input u and the named scalar parameter theta: a flat
+    vector in ``model.layout`` (see :mod:`nbragg.kernels.scene`)."""
     exp = model.experiment
-    tan = InputTangent.zeros(model)
+    tan = {}
     c = model.crystal
     if name in _CELL or name in _MISSET:
         R = c.base_rotation
@@ -285,6 +267,7 @@ def input_tangent(model, name):
         real0 = c.real0
         K_sp = _skew(unitize(c.spindle)[0])
         nphi = c.phisteps
+        orients = np.zeros_like(c.orientations)
         for m, (Rp, U, p, i) in enumerate(_orientation_parts(model)):
             if name == "mosaic_spread":
                 dU = c.mosaic_shrinks[i] * _skew(c.mosaic_axes[i]) @ U * DTR
@@ -295,30 +278,30 @@ def input_tangent(model, name):
                 else:   # phi_p = phi0 + p * osc / phisteps, unless a phi step was given
                     dphi = (p / nphi) * DTR if exp.crystal.phistep is None else 0.0
                 dM = U @ (K_sp @ Rp) * dphi
-            tan.orients[m] = real0 @ dM.T
+            orients[m] = real0 @ dM.T
+        tan["orients"] = orients
     elif name in ("Na", "Nb", "Nc"):
-        idx = {"Na": K.F_NA, "Nb": K.F_NB, "Nc": K.F_NC}[name]
-        tan.fpar[idx] = 1.0 if getattr(exp.crystal, name) >= 1.0 else 0.0
+        tan[name] = 1.0 if getattr(exp.crystal, name) >= 1.0 else 0.0
     elif name == "wavelength":
         lam0 = model.wavelength
         src = exp.beam.sources
         if src is None:
-            tan.lambdas = model.sources.wavelengths / lam0 * 1e-10
+            tan["lambdas"] = model.sources.wavelengths / lam0 * 1e-10
         else:
-            tan.lambdas = np.where(np.isnan(np.asarray(src)[:, 4]), 1e-10, 0.0)
+            tan["lambdas"] = np.where(np.isnan(np.asarray(src)[:, 4]), 1e-10, 0.0)
     elif name == "fluence":
-        tan.scale = model.scale / model.fluence
-        tan.fpar[K.F_I_BG] = model.I_bg / model.fluence
+        tan["scale"] = model.scale / model.fluence
+        tan["I_bg"] = model.I_bg / model.fluence
     elif name == "polar":
-        tan.fpar[K.F_KAHN] = 1.0
+        tan["kahn"] = 1.0
     elif name == "water":
         w = exp.sampling.water
-        tan.fpar[K.F_I_BG] = 3.0 * model.I_bg / w if w != 0.0 else 0.0
+        tan["I_bg"] = 3.0 * model.I_bg / w if w != 0.0 else 0.0
     elif name in ("distance", "beam_x", "beam_y") or name in _DET_ANGLE:
         _detector_tangent(model, name, tan)
     else:
         raise ParameterError(f"no tangent for parameter {name!r}")
-    return tan
+    return flatten(model.layout, tan)
 
 
 # ----------------------------------------------------------------------------- detector
@@ -452,12 +435,7 @@ def _detector_tangent(model, name, tan):
     close = float(pix0 @ o)
     d_close = float(dpix0 @ o + pix0 @ do)
     d_distance = d_close / ratio - close * d_ratio / ratio ** 2
-    tan.geom[0] = dpix0
-    tan.geom[1] = df
-    tan.geom[2] = ds
-    tan.geom[3] = do
-    tan.fpar[K.F_CLOSE_DISTANCE] = d_close
-    tan.fpar[K.F_DISTANCE] = d_distance
+    tan.update(pix0=dpix0, fdet=df, sdet=ds, odet=do, close_distance=d_close, distance=d_distance)
 
 
 def _initial_beam_spot(model):

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .engine import build_model, check_backend, render
+from .engine import build_model, check_backend, render, tangent_image
 from .errors import NbraggError, ParameterError
 from .gradients import check_gradients as _check_gradients
 from .gradients import raw_gradient
@@ -215,10 +215,9 @@ class _Problem:
 
     def model_jacobian(self, theta):
         """dm/dtheta over the selected pixels (blurred like the images)."""
-        from .kernels.tangent import run_tangent
         model, m = self._model(theta)
-        tans = [input_tangent(model, n) for n in self.names]
-        J, _ = run_tangent(model, tans, threads=self.threads, backend=self.backend)
+        d = np.array([input_tangent(model, n) for n in self.names]).reshape(len(self.names), -1)
+        J, _ = tangent_image(model, d, threads=self.threads, backend=self.backend)
         if self.sigma > 0:
             J = np.stack([_blur(J[..., p], self.sigma) for p in range(J.shape[-1])], axis=-1)
         return J[self.select]

@@ -12,56 +12,49 @@ import math
 
 import numpy as np
 
-from .kernels import cpu as K
+from .kernels import physics as K
 
 
 def trace_pixel(model, fpixel, spixel):
     """Return (value in photons, omega, polar, capture, list of sample dicts)."""
-    geom, fpar, ipar = model.geom, model.fpar, model.ipar
-    sources = model.sources.directions
-    lambdas = model.sources.wavelengths
-    orients = model.crystal.orientations
-    recip = model.crystal.recip0
-    grid = model.structure.grid
-    os_ = int(ipar[K.I_OVERSAMPLE])
-    os_omega, os_polar, os_thick = (bool(ipar[i]) for i in (K.I_OS_OMEGA, K.I_OS_POLAR, K.I_OS_THICK))
-    water = bool(ipar[K.I_WATER])
-    I = fpar[K.F_I_BG]
-    polar = 1.0 if ipar[K.I_NOPOLAR] else 0.0
+    S = model.scene
+    det, beam, xt, fs, samp = S
+    sources = beam.sources
+    lambdas = beam.lambdas
+    orients = xt.orients
+    os_ = det.oversample
+    os_omega, os_polar, os_thick = samp.os_omega, samp.os_polar, samp.os_thick
+    water = samp.water
+    I = samp.I_bg
+    polar = 1.0 if beam.nopolar else 0.0
     omega = 0.0
     capture = 0.0
     samples = []
     nmos = model.crystal.mosaic_domains
-    for t in range(int(ipar[K.I_THICKSTEPS])):
-        capture = 1.0 if fpar[K.F_THICK] == 0.0 else 0.0
+    for t in range(det.thicksteps):
+        capture = 1.0 if det.thick == 0.0 else 0.0
         for subS in range(os_):
             for subF in range(os_):
-                px, py, pz = K.subpixel_position(fpixel, spixel, subF, subS, t, geom, fpar, ipar)
-                R = math.sqrt(px * px + py * py + pz * pz)
-                d = np.array([px, py, pz]) / R
+                px, py, pz, R, dx, dy, dz = K.direction(fpixel, spixel, subF, subS, t, det, beam)
+                d = np.array([dx, dy, dz])
                 if omega == 0.0 or os_omega:
-                    omega = fpar[K.F_PIXEL] ** 2 / R / R * fpar[K.F_CLOSE_DISTANCE] / R
-                    if ipar[K.I_POINT_PIXEL]:
-                        omega = 1.0 / R / R
+                    omega = K.solid_angle(R, det)
                 if capture == 0.0 or os_thick:
-                    par = float(d @ geom[3])
-                    mu, ts = fpar[K.F_MU], fpar[K.F_THICKSTEP]
-                    capture = math.exp(-t * ts * mu / par) - math.exp(-(t + 1) * ts * mu / par)
+                    capture = K.capture_fraction(t, dx, dy, dz, det)
                 for s in range(len(lambdas)):
                     inc = -sources[s]
                     q = (d - inc) / lambdas[s]
                     stol = 0.5 * math.sqrt(float(q @ q))
-                    if fpar[K.F_DMIN] > 0 and stol > 0 and fpar[K.F_DMIN] > 0.5 / stol:
+                    if K.beyond_dmin(q[0], q[1], q[2], samp.dmin):
                         samples.append(dict(layer=t, subS=subS, subF=subF, source=s, skipped="dmin",
                                             position=(px, py, pz), q=q, stol=stol))
                         continue
                     if polar == 0.0 or os_polar:
-                        polar = K.polarization_factor(fpar[K.F_KAHN], *inc, *d, *geom[5])
+                        polar = K.polarization_factor(beam.kahn, *inc, *d, *beam.polar_axis)
                     for m in range(orients.shape[0]):
                         h, k, l = orients[m] @ q
                         h0, k0, l0 = (math.ceil(x - 0.5) for x in (h, k, l))
-                        F_latt = K.lattice_factor(h, k, l, h0, k0, l0, int(ipar[K.I_SHAPE]), fpar[K.F_NA],
-                                                  fpar[K.F_NB], fpar[K.F_NC], fpar[K.F_FUDGE], recip)
+                        F_latt = K.lattice_factor(h, k, l, h0, k0, l0, xt)
                         rec = dict(layer=t, subS=subS, subF=subF, source=s, phi_step=m // nmos, domain=m % nmos,
                                    position=(px, py, pz), q=q, stol=stol, hkl=(h, k, l), hkl0=(h0, k0, l0),
                                    F_latt=F_latt, omega=omega, polar=polar, capture=capture)
@@ -69,7 +62,7 @@ def trace_pixel(model, fpixel, spixel):
                             rec["F_cell"] = None
                             samples.append(rec)
                             continue
-                        F_cell = K.lookup_F(h, k, l, h0, k0, l0, grid, ipar, fpar[K.F_DEFAULT_F])
+                        F_cell = K.lookup_F(h, k, l, h0, k0, l0, fs)
                         rec["F_cell"] = F_cell
                         I += F_cell * F_cell * F_latt * F_latt
                         if os_thick:
@@ -130,10 +123,10 @@ def printout_lines(model, f32, pixel=None):
         return _block(model, f32, pixel[0], pixel[1], detail=True)
     xmin, xmax, ymin, ymax = model.roi_clipped
     lines = []
-    use_mask = model.experiment.detector.mask is not None
+    det = model.scene.det
     for s in range(ymin, ymax + 1):
         for f in range(xmin, xmax + 1):
-            if use_mask and model.mask[s, f] == 0:
+            if det.use_mask and det.mask[s, f] == 0:
                 continue
             lines.extend(_block(model, f32, f, s, detail=False))
     return lines

@@ -84,10 +84,12 @@ def main():
     exp = exp.replace(structure=exp.structure.replace(Fhkl=grid, hkl_origin=(-2, -2, -2), hkl_count=grid.size))
     model = build_model(exp, warn=lambda m: None)
     calls = [
-        lambda: C.render(model),
-        lambda: C.render(model, single=True),
-        lambda: C.run_tangent(model, [input_tangent(model, n) for n in SCALAR_PARAMS[:3]]),
-        lambda: C.raw_adjoint(model, np.ones(model.shape), want_F=True, want_image=True),
+        lambda: C.render(model.scene),
+        lambda: C.render(model.scene, single=True),
+        lambda: C.run_tangent(model.scene, model.layout, np.array([input_tangent(model, n) for n in SCALAR_PARAMS[:3]]),
+                              model.scale),
+        lambda: C.raw_adjoint(model.scene, model.layout, np.ones(model.shape), model.scale, want_F=True,
+                              want_image=True),
         lambda: C._reduce(np.zeros((3, 10))),
         lambda: C._reduce(np.zeros((3, C.SERIAL_REDUCE_MAX + 1))),
     ]

@@ -160,19 +160,17 @@ def test_gradient_matches_cpu(name, tmp_path):
     gpu = nbragg.gradient(exp, names, w, backend="cuda")
     # a gradient is a sum over pixels and samples that may cancel: its size for the
     # comparison is that of the terms summed, sum |w| |dI/dp| over the parameter's unit
-    # group, or, where the sum cancels inside pixels (symmetric sources), the disagreement
-    # of the CPU's own two exact routes (adjoint and w . Jacobian)
+    # group (a fixed relative tolerance on that size)
     scalars = _names(exp)
     jac = nbragg.jacobian(exp, scalars)
     terms = dict(zip(scalars, np.abs(w).ravel() @ np.abs(jac)))
-    tangent = dict(zip(scalars, w.ravel() @ jac))
     for n in names:
         if n == "Fhkl":
             _close(gpu[n], cpu[n])
             assert np.any(cpu[n] != 0)
         else:
             group = next((g for g in UNIT_GROUPS if n in g), (n,))
-            tol = max(RTOL * max(terms[m] for m in group), 2 * abs(cpu[n] - tangent[n]))
+            tol = RTOL * max(terms[m] for m in group)
             assert gpu[n] == pytest.approx(cpu[n], rel=RTOL, abs=tol + 1e-300), n
 
 
@@ -182,7 +180,7 @@ def test_adjoint_image_and_determinism(tmp_path):
     w = np.ones(model.shape)
     a = raw_gradient(model, w, want_image=True, backend="cuda")
     b = raw_gradient(model, w, want_image=True, backend="cuda")
-    assert np.array_equal(a.Fgrid, b.Fgrid) and np.array_equal(a.orients, b.orients)
+    assert np.array_equal(a.Fgrid, b.Fgrid) and np.array_equal(a.flat, b.flat)
     _close(a.image, nbragg.simulate(exp).image)
 
 

@@ -33,7 +33,8 @@ from . import adjoint as A
 from . import cpu as K
 from . import precision as P
 from . import tangent as T
-from .derivs import LP_SIZE, NFIX
+from .derivs import LP_SIZE
+from .scene import Scene, as_single, orients_to_soa
 
 MAXP = 32              # parameters per tangent launch (more are done in groups)
 SIMULATED = bool(getattr(config, "ENABLE_CUDASIM", 0))
@@ -80,8 +81,8 @@ def device_function(fn, single=False):
 
 # 128-bit fixed-point accumulation of structure-factor gradients.  gF is uint64 (2, n + 1):
 # row 0 the low words, row 1 the high words; column n holds the mode (row 0: 0 off,
-# 1 bound -- add |value| to the thread's gfix[NFIX] --, 2 accumulate) and the binary
-# exponent of the scale (row 1).
+# 1 bound -- add |value| to the thread's slot after its cotangent --, 2 accumulate) and
+# the binary exponent of the scale (row 1).
 _U0 = np.uint64(0)
 _U1 = np.uint64(1)
 _TWO64 = 18446744073709551616.0
@@ -91,11 +92,11 @@ _MODE_SUM = 2
 
 
 @cuda.jit(device=True)
-def _add_F_device(gF, gfix, j, value):
+def _add_F_device(gF, g, j, value):
     n = gF.shape[1] - 1
     mode = gF[0, n]
     if mode == _MODE_BOUND:
-        gfix[NFIX] += abs(value)
+        g[g.shape[0] - 1] += abs(value)     # the thread's bound slot, after the layout
     elif mode == _MODE_SUM:
         x = value * 2.0 ** (np.int64(gF[1, n]) - 1024)
         a = abs(x)
@@ -132,14 +133,14 @@ _pixel_adjoint = device_function(A.pixel_adjoint)
 
 
 @cuda.jit(device=True)
-def _thread_pixel(i, xmin, ymin, nx, ny, ipar, mask):
+def _thread_pixel(i, xmin, ymin, nx, ny, det):
     """(slow, fast, active): the pixel of thread i of an nx x ny region, and whether it
     is inside the region and not masked."""
     if i >= nx * ny:
         return 0, 0, False
     spixel = ymin + i // nx
     fpixel = xmin + i % nx
-    return spixel, fpixel, ipar[K.I_USE_MASK] == 0 or mask[spixel, fpixel] != 0
+    return spixel, fpixel, not det.use_mask or det.mask[spixel, fpixel] != 0
 
 
 def _rebind(fn, **names):
@@ -150,15 +151,13 @@ def _rebind(fn, **names):
     return clone
 
 
-def _forward(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, ori, fflat,
-             xmin, ymin, nx, ny, image, omega_img):
-    spixel, fpixel, active = _thread_pixel(cuda.grid(1), xmin, ymin, nx, ny, ipar, mask)
+def _forward(S, ori, fflat, xmin, ymin, nx, ny, image, omega_img):
+    spixel, fpixel, active = _thread_pixel(cuda.grid(1), xmin, ymin, nx, ny, S.det)
     if not active:
         return
     buf = cuda.local.array(1, float64)
     ibuf = cuda.local.array(1, int64)
-    v, o = _pixel_value(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, False, ori,
-                        fflat, buf, ibuf)
+    v, o = _pixel_value(fpixel, spixel, S, False, ori, fflat, buf, ibuf)
     image[spixel, fpixel] = v
     omega_img[spixel, fpixel] = o
 
@@ -169,13 +168,11 @@ _forward_kernel_single = cuda.jit(_rebind(_forward, _pixel_value=device_function
 
 
 @cuda.jit
-def _tangent_kernel(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, scale, dscale,
-                    dgeom, dfpar, dsrc, dlam, dori, drec, flags, ori, fflat, dori_soa, has_dori,
-                    xmin, ymin, nx, ny, J, image):
-    spixel, fpixel, active = _thread_pixel(cuda.grid(1), xmin, ymin, nx, ny, ipar, mask)
+def _tangent_kernel(S, d, L, scale, flags, ori, fflat, has_dori, xmin, ymin, nx, ny, J, image):
+    spixel, fpixel, active = _thread_pixel(cuda.grid(1), xmin, ymin, nx, ny, S.det)
     if not active:
         return
-    npar = dfpar.shape[0]
+    npar = d.shape[0]
     dP_ = cuda.local.array((MAXP, 3), float64)
     dd_ = cuda.local.array((MAXP, 4), float64)
     dq_ = cuda.local.array((MAXP, 3), float64)
@@ -197,48 +194,40 @@ def _tangent_kernel(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, m
     sc = cuda.local.array((14, 1), float64)
     ibuf = cuda.local.array(1, int64)
     dI = dI_[:npar]
-    v = _pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
-                       dgeom, dfpar, dsrc, dlam, dori, drec, dP_[:npar], dd_[:npar], dq_[:npar], dI,
-                       dom_[:npar], dcap_[:npar], dpol_[:npar], dm_[:npar], lp, pbuf, fidx, fw,
-                       False, ori, fflat, dori_soa, has_dori, flags, sc, ibuf)
+    v = _pixel_tangent(fpixel, spixel, S, d, L, dP_[:npar], dd_[:npar], dq_[:npar], dI, dom_[:npar],
+                       dcap_[:npar], dpol_[:npar], dm_[:npar], lp, pbuf, fidx, fw, False, ori, fflat, has_dori,
+                       flags, sc, ibuf)
     image[spixel, fpixel] = v * scale
     for p in range(npar):
-        J[spixel, fpixel, p] = scale * dI[p] + dscale[p] * v
+        J[spixel, fpixel, p] = scale * dI[p] + d[p, L.scale] * v
 
 
 @cuda.jit
-def _adjoint_kernel(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, upstream, scale,
-                    xmin, ymin, nx, ny, acc_fix, acc_src, acc_lam, acc_or, acc_rec, gF,
-                    blk_I, blk_m, blk_K, blk_id, image):
+def _adjoint_kernel(S, L, upstream, scale, xmin, ymin, nx, ny, acc, acc_or, gF, blk_I, blk_m, blk_K, blk_id, image):
     tid = cuda.grid(1)
-    W = acc_fix.shape[1]
+    W = acc.shape[1]
     if tid >= W:
         return
-    gfix = acc_fix[:, tid]
-    gsrc = acc_src[:, :, tid]
-    glam = acc_lam[:, tid]
+    g = acc[:, tid]           # the layout L, then the structure-factor bound slot
     gor = acc_or[:, :, tid]
-    grec = acc_rec[:, tid]
-    for j in range(gfix.shape[0]):
-        gfix[j] = 0.0
-    for s in range(gsrc.shape[0]):
-        glam[s] = 0.0
-        for j in range(3):
-            gsrc[s, j] = 0.0
+    for j in range(g.shape[0]):
+        g[j] = 0.0
     for j in range(9):
-        grec[j] = 0.0
         for o in range(gor.shape[1]):
             gor[j, o] = 0.0
     lp = cuda.local.array(LP_SIZE, float64)
     pbuf = cuda.local.array(10, float64)
     fidx = cuda.local.array(64, int64)
     fw = cuda.local.array(64, float64)
+    rec = cuda.local.array(4, int64)
+    fac = cuda.local.array(4, float64)
     bI = blk_I[:, tid]
     bm = blk_m[:, tid]
     bK = blk_K[:, tid]
     bid = blk_id[:, tid]
     want_image = image.shape[0] > 0
-    use_mask = ipar[K.I_USE_MASK] != 0
+    use_mask = S.det.use_mask
+    mask = S.det.mask
     for i in range(tid, nx * ny, W):
         spixel = ymin + i // nx
         fpixel = xmin + i % nx
@@ -247,8 +236,7 @@ def _adjoint_kernel(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, m
         gv = upstream[spixel, fpixel] * scale
         if gv == 0.0:
             continue
-        v = _pixel_adjoint(fpixel, spixel, gv, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
-                           bI, bm, bK, bid, lp, pbuf, fidx, fw, gfix, gsrc, glam, gor, grec, gF)
+        v = _pixel_adjoint(fpixel, spixel, gv, S, L, bI, bm, bK, bid, rec, fac, lp, pbuf, fidx, fw, g, gor, gF)
         if want_image:
             image[spixel, fpixel] = v * scale
 
@@ -302,15 +290,20 @@ def _blocks(n):
     return max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
 
 
-class _Inputs:
-    """The kernel inputs of a model, on the device (float32 copies with ``single``)."""
+def _on_device(block):
+    return type(block)(*(cuda.to_device(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                         for v in block))
 
-    def __init__(self, model, single=False):
-        from ..engine import kernel_args
-        geom, fpar, ipar, src, lam, ori, rec, grid, mask = kernel_args(model, "float32" if single else "float64")
-        self.host = (geom, fpar, ipar, src, lam, ori, rec, grid, mask)
-        self.dev = tuple(cuda.to_device(np.ascontiguousarray(a)) for a in self.host)
-        xmin, xmax, ymin, ymax = model.roi_clipped
+
+class _Inputs:
+    """A scene on the device (float32 copies with ``single``)."""
+
+    def __init__(self, scene, single=False):
+        from .scene import roi_clipped
+        self.host = as_single(scene) if single else scene
+        self.dev = Scene(*(_on_device(b) for b in self.host))
+        self.shape = (scene.det.spixels, scene.det.fpixels)
+        xmin, xmax, ymin, ymax = roi_clipped(scene.det)
         self.xmin, self.ymin = xmin, ymin
         self.nx = max(0, xmax - xmin + 1)
         self.ny = max(0, ymax - ymin + 1)
@@ -319,20 +312,20 @@ class _Inputs:
         self.fflat_dummy = cuda.to_device(np.zeros(1, dtype=dtype))
 
 
-def _forward_setup(model, single):
+def _forward_setup(scene, single):
     """(inputs, kernel, image, omega) on the device for a forward launch."""
     check_available()
-    inp = _Inputs(model, single)
+    inp = _Inputs(scene, single)
     dtype = np.float32 if single else np.float64
     kernel = _forward_kernel_single if single else _forward_kernel
-    return (inp, kernel, cuda.to_device(np.zeros(model.shape, dtype=dtype)),
-            cuda.to_device(np.zeros(model.shape, dtype=dtype)))
+    return (inp, kernel, cuda.to_device(np.zeros(inp.shape, dtype=dtype)),
+            cuda.to_device(np.zeros(inp.shape, dtype=dtype)))
 
 
-def render(model, progress=None, single=False):
-    """Forward image (unscaled kernel values times model.scale) and the omega sum;
-    ``single``: computed in float32, returned as float64."""
-    inp, kernel, image, omega = _forward_setup(model, single)
+def render(scene, progress=None, single=False):
+    """Forward image (unscaled kernel values, float64) and the omega sum; ``single``:
+    computed in float32."""
+    inp, kernel, image, omega = _forward_setup(scene, single)
     n = inp.nx * inp.ny
     if n > 0:
         # launches of whole rows, so that progress can be reported between them
@@ -340,19 +333,18 @@ def render(model, progress=None, single=False):
         for y0 in range(0, inp.ny, rows):
             ny = min(rows, inp.ny - y0)
             kernel[_blocks(inp.nx * ny), THREADS_PER_BLOCK](
-                *inp.dev, inp.ori_dummy, inp.fflat_dummy, inp.xmin, inp.ymin + y0, inp.nx, ny, image, omega)
+                inp.dev, inp.ori_dummy, inp.fflat_dummy, inp.xmin, inp.ymin + y0, inp.nx, ny, image, omega)
             if progress is not None:
                 cuda.synchronize()
                 progress(y0 + ny, inp.ny)
     img = image.copy_to_host().astype(np.float64, copy=False)
     om = omega.copy_to_host().astype(np.float64, copy=False)
-    img *= model.scale
     return img, float(om.sum(axis=1).sum())
 
 
-def forward_kernel_seconds(model, repeat=3, single=False):
+def forward_kernel_seconds(scene, repeat=3, single=False):
     """Best time of the forward kernel alone (inputs already on the device, no copies)."""
-    inp, kernel, image, omega = _forward_setup(model, single)
+    inp, kernel, image, omega = _forward_setup(scene, single)
     n = inp.nx * inp.ny
     times = []
     for _ in range(repeat + 1):            # the first launch compiles or loads
@@ -360,42 +352,32 @@ def forward_kernel_seconds(model, repeat=3, single=False):
         t0 = time.perf_counter()
         if n > 0:
             kernel[_blocks(n), THREADS_PER_BLOCK](
-                *inp.dev, inp.ori_dummy, inp.fflat_dummy, inp.xmin, inp.ymin, inp.nx, inp.ny, image, omega)
+                inp.dev, inp.ori_dummy, inp.fflat_dummy, inp.xmin, inp.ymin, inp.nx, inp.ny, image, omega)
         cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return min(times[1:])
 
 
-def run_tangent(model, tangents):
-    """Jacobian (spixels, fpixels, P) and the scaled image, as the CPU's run_tangent."""
+def run_tangent(scene, L, d, scale):
+    """Jacobian (spixels, fpixels, P) of the scaled image along the directions d (P, L.size),
+    and the scaled image."""
     check_available()
-    inp = _Inputs(model)
-    geom, fpar, ipar, src, lam, ori, rec, grid, mask = inp.host
-    P = len(tangents)
-    J = np.zeros(model.shape + (P,))
-    image = np.zeros(model.shape)
-    dummy_soa = cuda.to_device(np.zeros((1, 9, 1)))
+    inp = _Inputs(scene)
+    P = d.shape[0]
+    J = np.zeros(inp.shape + (P,))
+    image = np.zeros(inp.shape)
     dummy_has = cuda.to_device(np.zeros(1, dtype=np.bool_))
     n = inp.nx * inp.ny
     for p0 in range(0, P, MAXP):
-        group = tangents[p0:p0 + MAXP]
-        Pg = len(group)
-        dgeom = np.ascontiguousarray(np.array([t.geom for t in group]).reshape(Pg, 6, 3))
-        dfpar = np.ascontiguousarray(np.array([t.fpar for t in group]).reshape(Pg, len(fpar)))
-        dsrc = np.ascontiguousarray(np.array([t.sources for t in group]).reshape((Pg,) + src.shape))
-        dlam = np.ascontiguousarray(np.array([t.lambdas for t in group]).reshape(Pg, len(lam)))
-        dori = np.ascontiguousarray(np.array([t.orients for t in group]).reshape((Pg,) + ori.shape))
-        drec = np.ascontiguousarray(np.array([t.recip for t in group]).reshape(Pg, 3, 3))
-        dscale = np.array([t.scale for t in group], dtype=np.float64)
-        flags = T.tangent_flags(dgeom, dfpar, dsrc, dlam)
-        Jd = cuda.to_device(np.zeros(model.shape + (Pg,)))
-        imd = cuda.to_device(np.zeros(model.shape))
+        group = np.ascontiguousarray(d[p0:p0 + MAXP])
+        Pg = group.shape[0]
+        flags = T.tangent_flags(group, L)
+        Jd = cuda.to_device(np.zeros(inp.shape + (Pg,)))
+        imd = cuda.to_device(np.zeros(inp.shape))
         if n > 0:
             _tangent_kernel[_blocks(n), THREADS_PER_BLOCK](
-                *inp.dev, model.scale, cuda.to_device(dscale), cuda.to_device(dgeom), cuda.to_device(dfpar),
-                cuda.to_device(dsrc), cuda.to_device(dlam), cuda.to_device(dori), cuda.to_device(drec),
-                cuda.to_device(flags), inp.ori_dummy, inp.fflat_dummy, dummy_soa, dummy_has,
-                inp.xmin, inp.ymin, inp.nx, inp.ny, Jd, imd)
+                inp.dev, cuda.to_device(group), L, scale, cuda.to_device(flags), inp.ori_dummy, inp.fflat_dummy,
+                dummy_has, inp.xmin, inp.ymin, inp.nx, inp.ny, Jd, imd)
         J[:, :, p0:p0 + Pg] = Jd.copy_to_host()
         image = imd.copy_to_host()
     return J, image
@@ -422,45 +404,42 @@ def _reduce(acc):
     return out.copy_to_host().reshape(shape[:-1])
 
 
-def raw_adjoint(model, upstream, want_F, want_image):
-    """Partial gradients dL/d(kernel input), summed over pixels in a fixed order.
+def raw_adjoint(scene, L, upstream, scale, want_F, want_image):
+    """dL/d(scene inputs) in the layout L, summed over pixels in a fixed order.
 
-    Returns (gfix (NFIX,), gsrc, glam, gor (m, 3, 3), grec (3, 3), gF (grid shape) or None,
-    image or None)."""
+    Returns (g (L.size,), gF (grid shape) or None, scaled image or None)."""
     check_available()
-    inp = _Inputs(model)
-    geom, fpar, ipar, src, lam, ori, rec, grid, mask = inp.host
-    nsrc = src.shape[0]
-    norient = ori.shape[0]
-    nblocks = int(ipar[K.I_THICKSTEPS] * ipar[K.I_OVERSAMPLE] ** 2 * nsrc)
-    per_thread = 8 * (NFIX + 1 + 4 * nsrc + 9 * norient + 9 + 4 * nblocks)
+    inp = _Inputs(scene)
+    det = scene.det
+    grid = scene.fhkl.grid
+    nsrc = scene.beam.sources.shape[0]
+    norient = scene.xtal.orients.shape[0]
+    nblocks = int(det.thicksteps * det.oversample ** 2 * nsrc)
+    per_thread = 8 * (L.size + 1 + 9 * norient + 4 * nblocks)
     n = inp.nx * inp.ny
     W = adjoint_threads(max(n, 1), per_thread)
-    acc_fix = cuda.device_array((NFIX + 1, W))
-    acc_src = cuda.device_array((nsrc, 3, W))
-    acc_lam = cuda.device_array((nsrc, W))
+    acc = cuda.device_array((L.size + 1, W))
     acc_or = cuda.device_array((9, norient, W))
-    acc_rec = cuda.device_array((9, W))
     blk_I = cuda.device_array((nblocks, W))
     blk_m = cuda.device_array((nblocks, W))
     blk_K = cuda.device_array((nblocks, W), dtype=np.int64)
     blk_id = cuda.device_array((nblocks, W), dtype=np.int64)
     g = cuda.to_device(np.ascontiguousarray(upstream, dtype=np.float64))
-    image = cuda.to_device(np.zeros(model.shape) if want_image else np.zeros((0, 0)))
+    image = cuda.to_device(np.zeros(inp.shape) if want_image else np.zeros((0, 0)))
     gF_words = np.zeros((2, grid.size + 1), dtype=np.uint64)
     gF_words[0, -1] = _MODE_BOUND if want_F else _MODE_OFF
     gF = cuda.to_device(gF_words)
 
     def launch():
         _adjoint_kernel[_blocks(W), THREADS_PER_BLOCK](
-            *inp.dev, g, model.scale, inp.xmin, inp.ymin, inp.nx, inp.ny, acc_fix, acc_src, acc_lam, acc_or,
-            acc_rec, gF, blk_I, blk_m, blk_K, blk_id, image)
+            inp.dev, L, g, scale, inp.xmin, inp.ymin, inp.nx, inp.ny, acc, acc_or, gF, blk_I, blk_m, blk_K,
+            blk_id, image)
 
     launch()
-    fix = _reduce(acc_fix)
+    total = _reduce(acc)
     result_F = None
     if want_F:
-        bound = fix[NFIX]
+        bound = total[L.size]
         result_F = np.zeros(grid.shape)
         if not np.isfinite(bound):
             # a non-finite contribution has no fixed-point form: say so, as NaN, rather
@@ -477,10 +456,9 @@ def raw_adjoint(model, upstream, want_F, want_image):
             launch()
             words = gF.copy_to_host()[:, :-1]
             result_F = fixed_to_float(words, exponent).reshape(grid.shape)
-            fix = _reduce(acc_fix)
-    out_src = _reduce(acc_src)
-    out_lam = _reduce(acc_lam)
-    out_or = _reduce(acc_or)                   # (9, m): rows a_x ... c_z
-    out_rec = _reduce(acc_rec)
+            total = _reduce(acc)
+    out = total[:L.size].copy()
+    gor = _reduce(acc_or)                      # (9, m): rows a_x ... c_z
+    out[L.orients:L.orients + 9 * L.npad] = orients_to_soa(gor.T.reshape(norient, 3, 3), L.npad)
     img = image.copy_to_host() if want_image else None
-    return (fix[:NFIX], out_src, out_lam, out_or.T.reshape(norient, 3, 3), out_rec.reshape(3, 3), result_F, img)
+    return out, result_F, img

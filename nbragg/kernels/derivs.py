@@ -10,25 +10,23 @@ import math
 
 from numba import njit
 
-from .cpu import (F_CLOSE_DISTANCE, F_DISTANCE, F_MU, F_PIXEL, F_SUBPIXEL,
-                  F_THICKSTEP, I_CURVED, I_HAS_HKLS, I_HKL_MAX, I_HKL_MIN, I_INTERPOLATE,
-                  I_OVERSAMPLE, I_POINT_PIXEL)
 from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR,
                       lagrange4, lagrange4_grad, sinc3_grad, sincg_grad)
-
-# layout of the fixed-size gradient vector: geom (6x3 flattened), then fpar, then extras
-G_GEOM = 0
-G_FPAR = 18
-G_SCALE = 18 + 15      # sum of upstream * (value before r_e^2 fluence / steps)
-NFIX = G_SCALE + 1
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9)
 LP_SIZE = 16
 
 
 @njit(cache=True, error_model="numpy")
-def lattice_grad(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip, out):
-    """F_latt and its partials (written to ``out``, see LP_SIZE)."""
+def lattice_grad(h, k, l, h0, k0, l0, xt, out):
+    """F_latt and its partials (written to ``out``, see LP_SIZE); ``xt`` is the scene's
+    Crystal block."""
+    shape = xt.shape
+    Na = xt.Na
+    Nb = xt.Nb
+    Nc = xt.Nc
+    fudge = xt.fudge
+    recip = xt.recip
     for j in range(LP_SIZE):
         out[j] = 0.0
     dh = h - h0
@@ -97,21 +95,22 @@ def lattice_grad(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip, out):
 
 
 @njit(cache=True, error_model="numpy")
-def F_grad(h, k, l, h0, k0, l0, fgrid, ipar, default_F, fidx, fw):
+def F_grad(h, k, l, h0, k0, l0, fs, fidx, fw):
     """Structure factor, its derivatives in h, k, l, and the grid entries it used.
 
     Returns (F, dF/dh, dF/dk, dF/dl, n, dF/d(default_F)); the first n entries of
     ``fidx``/``fw`` are the flat grid indices and their weights dF/dgrid.
     """
-    hmin = ipar[I_HKL_MIN]
-    kmin = ipar[I_HKL_MIN + 1]
-    lmin = ipar[I_HKL_MIN + 2]
-    hmax = ipar[I_HKL_MAX]
-    kmax = ipar[I_HKL_MAX + 1]
-    lmax = ipar[I_HKL_MAX + 2]
+    fgrid = fs.grid
+    hmin = fs.hkl_min[0]
+    kmin = fs.hkl_min[1]
+    lmin = fs.hkl_min[2]
+    hmax = fs.hkl_max[0]
+    kmax = fs.hkl_max[1]
+    lmax = fs.hkl_max[2]
     nk = kmax - kmin + 1
     nl = lmax - lmin + 1
-    if ipar[I_INTERPOLATE] != 0:
+    if fs.interpolate:
         hr = hmax - hmin + 1
         kr = nk
         lr = nl
@@ -147,11 +146,11 @@ def F_grad(h, k, l, h0, k0, l0, fgrid, ipar, default_F, fidx, fw):
                         fw[n] = w
                         n += 1
             return F, Fh, Fk, Fl, n, 0.0
-    if ipar[I_HAS_HKLS] != 0 and hmin <= h0 <= hmax and kmin <= k0 <= kmax and lmin <= l0 <= lmax:
+    if fs.has_hkls and hmin <= h0 <= hmax and kmin <= k0 <= kmax and lmin <= l0 <= lmax:
         fidx[0] = ((h0 - hmin) * nk + (k0 - kmin)) * nl + (l0 - lmin)
         fw[0] = 1.0
         return fgrid[h0 - hmin, k0 - kmin, l0 - lmin], 0.0, 0.0, 0.0, 1, 0.0
-    return default_F, 0.0, 0.0, 0.0, 0, 1.0
+    return fs.default_F, 0.0, 0.0, 0.0, 0, 1.0
 
 
 @njit(cache=True, error_model="numpy")
@@ -177,64 +176,67 @@ def rotate_axis_vjp(vx, vy, vz, ax, ay, az, phi, gx, gy, gz):
 
 
 @njit(cache=True, error_model="numpy")
-def position_vjp(gx, gy, gz, fpixel, spixel, subF, subS, t, geom, fpar, ipar, gfix):
+def position_vjp(gx, gy, gz, fpixel, spixel, subF, subS, t, det, beam, L, g):
     """Push the gradient of a sub-pixel position back to pix0/fdet/sdet/odet (and the
-    beam and distance for a curved detector); accumulates into ``gfix``."""
-    os = ipar[I_OVERSAMPLE]
-    sub = fpar[F_SUBPIXEL]
+    beam and distance for a curved detector); accumulates into ``g`` (layout ``L``)."""
+    os = det.oversample
+    sub = det.subpixel
+    f = det.fdet
+    s = det.sdet
+    o = det.odet
     cF = fpixel * os + subF + 0.5
     cS = spixel * os + subS + 0.5
     Fdet = sub * (fpixel * os + subF) + sub / 2.0
     Sdet = sub * (spixel * os + subS) + sub / 2.0
-    Odet = t * fpar[F_THICKSTEP]
-    if ipar[I_CURVED] != 0:
-        D = fpar[F_DISTANCE]
-        py = Fdet * geom[1, 1] + Sdet * geom[2, 1] + Odet * geom[3, 1] + geom[0, 1]
-        pz = Fdet * geom[1, 2] + Sdet * geom[2, 2] + Odet * geom[3, 2] + geom[0, 2]
-        v0x = D * geom[4, 0]
-        v0y = D * geom[4, 1]
-        v0z = D * geom[4, 2]
+    Odet = t * det.thickstep
+    if det.curved:
+        D = det.distance
+        b = beam.beam
+        py = Fdet * f[1] + Sdet * s[1] + Odet * o[1] + det.pix0[1]
+        pz = Fdet * f[2] + Sdet * s[2] + Odet * o[2] + det.pix0[2]
+        v0x = D * b[0]
+        v0y = D * b[1]
+        v0z = D * b[2]
         # v1 = rotate(v0, sdet, py/D)
         s1 = math.sin(py / D)
         c1 = math.cos(py / D)
-        sx, sy, sz = geom[2, 0], geom[2, 1], geom[2, 2]
+        sx, sy, sz = s[0], s[1], s[2]
         d1 = (sx * v0x + sy * v0y + sz * v0z) * (1.0 - c1)
         v1x = sx * d1 + v0x * c1 + (-sz * v0y + sy * v0z) * s1
         v1y = sy * d1 + v0y * c1 + (sz * v0x - sx * v0z) * s1
         v1z = sz * d1 + v0z * c1 + (-sy * v0x + sx * v0y) * s1
         gv1x, gv1y, gv1z, gfx, gfy, gfz, gphi2 = rotate_axis_vjp(
-            v1x, v1y, v1z, geom[1, 0], geom[1, 1], geom[1, 2], pz / D, gx, gy, gz)
+            v1x, v1y, v1z, f[0], f[1], f[2], pz / D, gx, gy, gz)
         gv0x, gv0y, gv0z, gsx, gsy, gsz, gphi1 = rotate_axis_vjp(
             v0x, v0y, v0z, sx, sy, sz, py / D, gv1x, gv1y, gv1z)
-        gfix[G_GEOM + 3 + 0] += gfx
-        gfix[G_GEOM + 3 + 1] += gfy
-        gfix[G_GEOM + 3 + 2] += gfz
-        gfix[G_GEOM + 6 + 0] += gsx
-        gfix[G_GEOM + 6 + 1] += gsy
-        gfix[G_GEOM + 6 + 2] += gsz
-        gfix[G_GEOM + 12 + 0] += D * gv0x
-        gfix[G_GEOM + 12 + 1] += D * gv0y
-        gfix[G_GEOM + 12 + 2] += D * gv0z
-        gfix[G_FPAR + F_DISTANCE] += (geom[4, 0] * gv0x + geom[4, 1] * gv0y + geom[4, 2] * gv0z
-                                      - gphi2 * pz / (D * D) - gphi1 * py / (D * D))
+        g[L.fdet] += gfx
+        g[L.fdet + 1] += gfy
+        g[L.fdet + 2] += gfz
+        g[L.sdet] += gsx
+        g[L.sdet + 1] += gsy
+        g[L.sdet + 2] += gsz
+        g[L.beam] += D * gv0x
+        g[L.beam + 1] += D * gv0y
+        g[L.beam + 2] += D * gv0z
+        g[L.distance] += (b[0] * gv0x + b[1] * gv0y + b[2] * gv0z
+                          - gphi2 * pz / (D * D) - gphi1 * py / (D * D))
         gx = 0.0
         gy = gphi1 / D
         gz = gphi2 / D
-    gfix[G_GEOM + 0] += gx
-    gfix[G_GEOM + 1] += gy
-    gfix[G_GEOM + 2] += gz
-    gfix[G_GEOM + 3] += Fdet * gx
-    gfix[G_GEOM + 4] += Fdet * gy
-    gfix[G_GEOM + 5] += Fdet * gz
-    gfix[G_GEOM + 6] += Sdet * gx
-    gfix[G_GEOM + 7] += Sdet * gy
-    gfix[G_GEOM + 8] += Sdet * gz
-    gfix[G_GEOM + 9] += Odet * gx
-    gfix[G_GEOM + 10] += Odet * gy
-    gfix[G_GEOM + 11] += Odet * gz
-    gfix[G_FPAR + F_SUBPIXEL] += cF * (geom[1, 0] * gx + geom[1, 1] * gy + geom[1, 2] * gz) + \
-        cS * (geom[2, 0] * gx + geom[2, 1] * gy + geom[2, 2] * gz)
-    gfix[G_FPAR + F_THICKSTEP] += t * (geom[3, 0] * gx + geom[3, 1] * gy + geom[3, 2] * gz)
+    g[L.pix0] += gx
+    g[L.pix0 + 1] += gy
+    g[L.pix0 + 2] += gz
+    g[L.fdet] += Fdet * gx
+    g[L.fdet + 1] += Fdet * gy
+    g[L.fdet + 2] += Fdet * gz
+    g[L.sdet] += Sdet * gx
+    g[L.sdet + 1] += Sdet * gy
+    g[L.sdet + 2] += Sdet * gz
+    g[L.odet] += Odet * gx
+    g[L.odet + 1] += Odet * gy
+    g[L.odet + 2] += Odet * gz
+    g[L.subpixel] += cF * (f[0] * gx + f[1] * gy + f[2] * gz) + cS * (s[0] * gx + s[1] * gy + s[2] * gz)
+    g[L.thickstep] += t * (o[0] * gx + o[1] * gy + o[2] * gz)
 
 
 @njit(cache=True, error_model="numpy")
@@ -245,20 +247,20 @@ def direction_vjp(gdx, gdy, gdz, gR, px, py, pz, R, dx, dy, dz):
 
 
 @njit(cache=True, error_model="numpy")
-def omega_partials(R, fpar, ipar, omega):
+def omega_partials(R, det, omega):
     """(domega/dR, domega/dpixel, domega/dclose_distance) at the given omega."""
-    if ipar[I_POINT_PIXEL] != 0:
+    if det.point_pixel:
         return -2.0 * omega / R, 0.0, 0.0
-    return -3.0 * omega / R, 2.0 * omega / fpar[F_PIXEL], omega / fpar[F_CLOSE_DISTANCE]
+    return -3.0 * omega / R, 2.0 * omega / det.pixel, omega / det.close_distance
 
 
 @njit(cache=True, error_model="numpy")
-def capture_partials(t, dx, dy, dz, geom, fpar):
+def capture_partials(t, dx, dy, dz, det):
     """(capture, dcap/dd (3), dcap/dodet (3), dcap/dthickstep, dcap/dmu)."""
-    ox, oy, oz = geom[3, 0], geom[3, 1], geom[3, 2]
+    ox, oy, oz = det.odet[0], det.odet[1], det.odet[2]
     rho = dx * ox + dy * oy + dz * oz
-    ts = fpar[F_THICKSTEP]
-    mu = fpar[F_MU]
+    ts = det.thickstep
+    mu = det.mu
     A = ts * mu / rho
     e0 = math.exp(-t * A)
     e1 = math.exp(-(t + 1) * A)

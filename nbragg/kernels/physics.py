@@ -108,12 +108,6 @@ def cospi(x):
 
 
 @njit(cache=True, error_model="numpy")
-def nearest_index(h):
-    """nanoBragg's rounding to the nearest Miller index: ceil(h - 0.5)."""
-    return int(math.ceil(h - 0.5))
-
-
-@njit(cache=True, error_model="numpy")
 def sinpi_sq_parts(delta, N):
     """(sin(pi N delta)^2-ready numerator, denominator) for |delta| <= 1/2, N > 1.
 
@@ -422,3 +416,225 @@ def sum_fixed(buf, n):
         a0 += buf[m]
         m += 1
     return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+# --------------------------------------------------------------------------- per-sample geometry and lookups
+# (the kernels read the scene's blocks: det, beam, xtal (xt), fhkl (fs); see scene.py)
+
+
+@njit(cache=True, error_model="numpy")
+def lookup_F(h, k, l, h0, k0, l0, fs):
+    """Structure factor at fractional (h, k, l): tricubic or nearest, nanoBragg rules
+    (``fs``: the scene's Structure block)."""
+    fgrid = fs.grid
+    hmin = fs.hkl_min[0]
+    kmin = fs.hkl_min[1]
+    lmin = fs.hkl_min[2]
+    hmax = fs.hkl_max[0]
+    kmax = fs.hkl_max[1]
+    lmax = fs.hkl_max[2]
+    if fs.interpolate:
+        hr = hmax - hmin + 1
+        kr = kmax - kmin + 1
+        lr = lmax - lmin + 1
+        if not ((h - real(hmin) + 3.0) > real(hr) or (h - 2.0) < real(hmin)
+                or (k - real(kmin) + 3.0) > real(kr) or (k - 2.0) < real(kmin)
+                or (l - real(lmin) + 3.0) > real(lr) or (l - 2.0) < real(lmin)):
+            hf = math.floor(h)
+            kf = math.floor(k)
+            lf = math.floor(l)
+            wh0, wh1, wh2, wh3 = lagrange4(h - real(hf))
+            wk0, wk1, wk2, wk3 = lagrange4(k - real(kf))
+            wl0, wl1, wl2, wl3 = lagrange4(l - real(lf))
+            ih = int(hf) - 1 - hmin
+            ik = int(kf) - 1 - kmin
+            il = int(lf) - 1 - lmin
+            F = 0.0
+            for i in range(4):
+                wh = wh0 if i == 0 else (wh1 if i == 1 else (wh2 if i == 2 else wh3))
+                Fk = 0.0
+                for j in range(4):
+                    wk = wk0 if j == 0 else (wk1 if j == 1 else (wk2 if j == 2 else wk3))
+                    row = fgrid[ih + i, ik + j]
+                    Fk += wk * (wl0 * row[il] + wl1 * row[il + 1] + wl2 * row[il + 2] + wl3 * row[il + 3])
+                F += wh * Fk
+            return F
+    if fs.has_hkls and hmin <= h0 <= hmax and kmin <= k0 <= kmax and lmin <= l0 <= lmax:
+        return fgrid[h0 - hmin, k0 - kmin, l0 - lmin]
+    return fs.default_F
+
+
+@njit(cache=True, error_model="numpy")
+def lattice_factor(h, k, l, h0, k0, l0, xt):
+    """F_latt for one orientation sample (``xt``: the scene's Crystal block)."""
+    shape = xt.shape
+    Na = xt.Na
+    Nb = xt.Nb
+    Nc = xt.Nc
+    if shape == SQUARE:
+        F = 1.0
+        if Na > 1.0:
+            F *= sincg_frac(h - real(h0), Na)
+        if Nb > 1.0:
+            F *= sincg_frac(k - real(k0), Nb)
+        if Nc > 1.0:
+            F *= sincg_frac(l - real(l0), Nc)
+        return F
+    dh = h - real(h0)
+    dk = k - real(k0)
+    dl = l - real(l0)
+    if shape == ROUND:
+        hrad = dh * dh * Na * Na + dk * dk * Nb * Nb + dl * dl * Nc * Nc
+        return Na * Nb * Nc * ROUND_SCALE * sinc3(PI * math.sqrt(hrad * xt.fudge))
+    recip = xt.recip
+    fudge = xt.fudge
+    dx = dh * recip[0, 0] + dk * recip[1, 0] + dl * recip[2, 0]
+    dy = dh * recip[0, 1] + dk * recip[1, 1] + dl * recip[2, 1]
+    dz = dh * recip[0, 2] + dk * recip[1, 2] + dl * recip[2, 2]
+    rad = (dx * dx + dy * dy + dz * dz) * Na * Na * Nb * Nb * Nc * Nc
+    if shape == GAUSS:
+        return Na * Nb * Nc * math.exp(-(rad / GAUSS_WIDTH * fudge))
+    if rad * fudge < TOPHAT_RADIUS_SQR:
+        return Na * Nb * Nc
+    return 0.0
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def subpixel_position(fpixel, spixel, subF, subS, t, det, beam):
+    """3-D position (x, y, z) of a sub-pixel in sensor layer t (metres)."""
+    os = det.oversample
+    sub = det.subpixel
+    f = det.fdet
+    s = det.sdet
+    o = det.odet
+    p0 = det.pix0
+    Fdet = sub * real(fpixel * os + subF) + sub / 2.0
+    Sdet = sub * real(spixel * os + subS) + sub / 2.0
+    Odet = real(t) * det.thickstep
+    px = Fdet * f[0] + Sdet * s[0] + Odet * o[0] + p0[0]
+    py = Fdet * f[1] + Sdet * s[1] + Odet * o[1] + p0[1]
+    pz = Fdet * f[2] + Sdet * s[2] + Odet * o[2] + p0[2]
+    if det.curved:
+        # a point at "distance" along the beam, swung about sdet by y/distance and then
+        # about fdet by z/distance (nanoBragg's curved detector)
+        dist = det.distance
+        b = beam.beam
+        vx = dist * b[0]
+        vy = dist * b[1]
+        vz = dist * b[2]
+        vx, vy, vz = _rotate_axis(vx, vy, vz, s[0], s[1], s[2], py / dist)
+        px, py, pz = _rotate_axis(vx, vy, vz, f[0], f[1], f[2], pz / dist)
+    return px, py, pz
+
+
+@njit(cache=True, error_model="numpy")
+def _rotate_axis(vx, vy, vz, ax, ay, az, phi):
+    s = math.sin(phi)
+    c = math.cos(phi)
+    d = (ax * vx + ay * vy + az * vz) * (1.0 - c)
+    return (ax * d + vx * c + (-az * vy + ay * vz) * s,
+            ay * d + vy * c + (az * vx - ax * vz) * s,
+            az * d + vz * c + (-ay * vx + ax * vy) * s)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def miller(orients, o, qx, qy, qz):
+    """(h, k, l, h0, k0, l0): fractional Miller indices of q for orientation o, and the
+    nearest integers as nanoBragg rounds them (ceil(h - 0.5))."""
+    h = orients[o, 0, 0] * qx + orients[o, 0, 1] * qy + orients[o, 0, 2] * qz
+    k = orients[o, 1, 0] * qx + orients[o, 1, 1] * qy + orients[o, 1, 2] * qz
+    l = orients[o, 2, 0] * qx + orients[o, 2, 1] * qy + orients[o, 2, 2] * qz
+    return h, k, l, int(math.ceil(h - 0.5)), int(math.ceil(k - 0.5)), int(math.ceil(l - 0.5))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def scattering(sources, lambdas, s, dx, dy, dz):
+    """(ix, iy, iz, lambda, qx, qy, qz): the incident direction from source s, its
+    wavelength, and the scattering vector q = (d - i) / lambda toward direction d."""
+    ix = -sources[s, 0]
+    iy = -sources[s, 1]
+    iz = -sources[s, 2]
+    lam = lambdas[s]
+    return ix, iy, iz, lam, (dx - ix) / lam, (dy - iy) / lam, (dz - iz) / lam
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def soa_hkl(ori, m, qx, qy, qz):
+    """Fractional (h, k, l) of orientation m of a (9, m8) orientation block."""
+    return (ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz,
+            ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz,
+            ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def grid_extent(fs):
+    """(hmin, kmin, lmin, nh, nk, nl) of the structure-factor grid."""
+    hmin = fs.hkl_min[0]
+    kmin = fs.hkl_min[1]
+    lmin = fs.hkl_min[2]
+    return (hmin, kmin, lmin,
+            fs.hkl_max[0] - hmin + 1, fs.hkl_max[1] - kmin + 1, fs.hkl_max[2] - lmin + 1)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def flat_grid_index(h0, k0, l0, extent):
+    """Index of the integer (h0, k0, l0) in the flattened grid, or -1 outside it."""
+    hmin, kmin, lmin, nh, nk, nl = extent
+    ih = h0 - hmin
+    ik = k0 - kmin
+    il = l0 - lmin
+    inside = (ih >= 0) & (ih < nh) & (ik >= 0) & (ik < nk) & (il >= 0) & (il < nl)
+    return (ih * nk + ik) * nl + il if inside else -1
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def solid_angle(R, det):
+    """Solid angle of a pixel (nanoBragg's, with -point_pixel: 1/R^2)."""
+    if det.point_pixel:
+        return 1.0 / R / R
+    return det.pixel * det.pixel / R / R * det.close_distance / R
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def capture_fraction(t, dx, dy, dz, det):
+    """Fraction of the photons along d absorbed in sensor layer t."""
+    o = det.odet
+    parallax = dx * o[0] + dy * o[1] + dz * o[2]
+    return (math.exp(-real(t) * det.thickstep * det.mu / parallax)
+            - math.exp(-real(t + 1) * det.thickstep * det.mu / parallax))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def beyond_dmin(qx, qy, qz, dmin):
+    """True when -dmin cuts the scattering vector q (1/m): its resolution is finer."""
+    if dmin > 0.0:
+        stol = 0.5 * math.sqrt(qx * qx + qy * qy + qz * qz)
+        return stol > 0.0 and dmin > 0.5 / stol
+    return False
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def direction(fpixel, spixel, subF, subS, t, det, beam):
+    """(px, py, pz, R, dx, dy, dz): a sub-pixel's position, distance and unit direction."""
+    px, py, pz = subpixel_position(fpixel, spixel, subF, subS, t, det, beam)
+    R = math.sqrt(px * px + py * py + pz * pz)
+    if R != 0.0:
+        return px, py, pz, R, px / R, py / R, pz / R
+    return px, py, pz, R, 0.0, 0.0, 0.0
+
+
+@njit(cache=True, error_model="numpy")
+def orientations_soa(orients):
+    """(m, 3, 3) rows a, b, c -> (9, m8) so loops over orientations read contiguously.
+
+    m8 is m rounded up to a multiple of 8 (the padding is zeros): the bulk loops then run
+    entirely in vector registers, with no scalar remainder; padded entries are computed
+    and ignored.
+    """
+    norient = orients.shape[0]
+    ori = np.zeros((9, (norient + 7) // 8 * 8), dtype=REAL)
+    for m in range(norient):
+        for i in range(3):
+            for j in range(3):
+                ori[3 * i + j, m] = orients[m, i, j]
+    return ori

@@ -7,23 +7,21 @@ pixel is computed by one thread, so the result does not depend on the thread cou
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
-from .cpu import (F_CLOSE_DISTANCE, F_DEFAULT_F, F_DMIN, F_FUDGE, F_I_BG, F_KAHN, F_MU, F_NA,
-                  F_NB, F_NC, F_PIXEL, F_SUBPIXEL, F_THICK, F_THICKSTEP, F_DISTANCE, I_CURVED,
-                  I_NOPOLAR, I_OS_OMEGA, I_OS_POLAR, I_OS_THICK, I_OVERSAMPLE, I_ROI,
-                  I_SHAPE, I_THICKSTEPS, I_USE_MASK, I_WATER, NF)
+from .cpu import clipped_roi, fast_path
+from .physics import flat_grid_index, grid_extent, miller, orientations_soa, soa_hkl
 from .derivs import LP_SIZE, F_grad, capture_partials, lattice_grad, omega_partials
-from .adjoint import _geometry, _omega
-from .physics import polarization_grad, axis_lattice_grad, sum_row
-from .cpu import I_HAS_HKLS, fast_path, flat_grid_index, grid_extent, orientations_soa, soa_hkl
+from .physics import SQUARE, axis_lattice_grad, polarization_grad, sum_row
+from .pixel import final_factor, oversampled_factor, specialise
+from .scene import Layout, Scene, field_slice
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, dq, dfpar, dori, has_dori,
-                   dI, sc, ibuf):
+def square_tangent(qx, qy, qz, ori, nreal, xt, fs, fflat, dq, d, L, has_dori, dI, sc, ibuf):
     """Tangents of one block's terms (parallelepiped, nearest F, no -oversample_* flags).
 
     Adds d(sum of terms)/dtheta_p to dI[p] and returns the sum of terms.  The per-
@@ -31,8 +29,12 @@ def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, d
     products, plus one vectorised pass when it moves the orientations.
     """
     n = ori.shape[1]
-    use_grid = ipar[I_HAS_HKLS] != 0
-    extent = grid_extent(ipar)
+    use_grid = fs.has_hkls
+    extent = grid_extent(fs)
+    Na = xt.Na
+    Nb = xt.Nb
+    Nc = xt.Nc
+    default_F = fs.default_F
     for m in range(n):
         h, k, l = soa_hkl(ori, m, qx, qy, qz)
         h0 = int(math.ceil(h - 0.5))
@@ -64,8 +66,8 @@ def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, d
         sc[8, m] = 0.0
     for m in range(n):
         F = sc[7, m]
-        L = sc[0, m]
-        c = 2.0 * F * F * L
+        Lt = sc[0, m]
+        c = 2.0 * F * F * Lt
         cA = c * sc[1, m]
         cB = c * sc[2, m]
         cC = c * sc[3, m]
@@ -75,8 +77,8 @@ def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, d
         sc[4, m] = c * sc[4, m]
         sc[5, m] = c * sc[5, m]
         sc[6, m] = c * sc[6, m]
-        sc[8, m] = sc[8, m] * 2.0 * F * L * L
-        sc[12, m] = F * F * L * L
+        sc[8, m] = sc[8, m] * 2.0 * F * Lt * Lt
+        sc[12, m] = F * F * Lt * Lt
         sc[1, m] = cA
         sc[2, m] = cB
         sc[3, m] = cC
@@ -89,19 +91,30 @@ def square_tangent(qx, qy, qz, ori, nreal, Na, Nb, Nc, fflat, ipar, default_F, d
     SD = sum_row(sc, 8, n)
     npar = dI.shape[0]
     for p in range(npar):
-        v = (dq[p, 0] * Wx + dq[p, 1] * Wy + dq[p, 2] * Wz + dfpar[p, F_NA] * SNa + dfpar[p, F_NB] * SNb
-             + dfpar[p, F_NC] * SNc + dfpar[p, F_DEFAULT_F] * SD)
+        v = (dq[p, 0] * Wx + dq[p, 1] * Wy + dq[p, 2] * Wz + d[p, L.Na] * SNa + d[p, L.Nb] * SNb
+             + d[p, L.Nc] * SNc + d[p, L.default_F] * SD)
         if has_dori[p]:
+            # rows 3 i + j of d(orientations), each a contiguous run of n (scene.py's layout)
+            o0 = L.orients
+            a0 = d[p, o0:o0 + n]
+            a1 = d[p, o0 + n:o0 + 2 * n]
+            a2 = d[p, o0 + 2 * n:o0 + 3 * n]
+            b0 = d[p, o0 + 3 * n:o0 + 4 * n]
+            b1 = d[p, o0 + 4 * n:o0 + 5 * n]
+            b2 = d[p, o0 + 5 * n:o0 + 6 * n]
+            c0 = d[p, o0 + 6 * n:o0 + 7 * n]
+            c1 = d[p, o0 + 7 * n:o0 + 8 * n]
+            c2 = d[p, o0 + 8 * n:o0 + 9 * n]
             if nreal < 8:   # a few orientations: a plain loop beats a padded vector pass
                 for m in range(nreal):
-                    v += (sc[1, m] * (dori[p, 0, m] * qx + dori[p, 1, m] * qy + dori[p, 2, m] * qz)
-                          + sc[2, m] * (dori[p, 3, m] * qx + dori[p, 4, m] * qy + dori[p, 5, m] * qz)
-                          + sc[3, m] * (dori[p, 6, m] * qx + dori[p, 7, m] * qy + dori[p, 8, m] * qz))
+                    v += (sc[1, m] * (a0[m] * qx + a1[m] * qy + a2[m] * qz)
+                          + sc[2, m] * (b0[m] * qx + b1[m] * qy + b2[m] * qz)
+                          + sc[3, m] * (c0[m] * qx + c1[m] * qy + c2[m] * qz))
             else:
                 for m in range(n):
-                    sc[13, m] = (sc[1, m] * (dori[p, 0, m] * qx + dori[p, 1, m] * qy + dori[p, 2, m] * qz)
-                                 + sc[2, m] * (dori[p, 3, m] * qx + dori[p, 4, m] * qy + dori[p, 5, m] * qz)
-                                 + sc[3, m] * (dori[p, 6, m] * qx + dori[p, 7, m] * qy + dori[p, 8, m] * qz))
+                    sc[13, m] = (sc[1, m] * (a0[m] * qx + a1[m] * qy + a2[m] * qz)
+                                 + sc[2, m] * (b0[m] * qx + b1[m] * qy + b2[m] * qz)
+                                 + sc[3, m] * (c0[m] * qx + c1[m] * qy + c2[m] * qz))
                 v += sum_row(sc, 13, n)
         dI[p] += v
     return sum_row(sc, 12, nreal)
@@ -116,24 +129,25 @@ T_POL = 16     # Kahn factor or polarization axis
 T_CAP = 32     # absorption (mu, layer spacing, odet)
 
 
-def tangent_flags(dgeom, dfpar, dsrc, dlam):
-    """Bit flags per direction (see T_GEO ...)."""
-    P = dfpar.shape[0]
+def tangent_flags(d, L):
+    """Bit flags per direction of a tangent (P, L.size) (see T_GEO ...)."""
+    def moves(p, *names):
+        return any(np.any(d[p, field_slice(L, n)] != 0) for n in names)
+    P = d.shape[0]
     flags = np.zeros(P, dtype=np.int64)
     for p in range(P):
         f = 0
-        if (np.any(dgeom[p, :5] != 0) or dfpar[p, F_SUBPIXEL] != 0 or dfpar[p, F_THICKSTEP] != 0
-                or dfpar[p, F_DISTANCE] != 0):
+        if moves(p, "pix0", "fdet", "sdet", "odet", "beam", "subpixel", "thickstep", "distance"):
             f |= T_GEO
-        if np.any(dsrc[p] != 0):
+        if moves(p, "sources"):
             f |= T_SRC
-        if np.any(dlam[p] != 0):
+        if moves(p, "lambdas"):
             f |= T_LAM
-        if dfpar[p, F_PIXEL] != 0 or dfpar[p, F_CLOSE_DISTANCE] != 0:
+        if moves(p, "pixel", "close_distance"):
             f |= T_OMEGA
-        if dfpar[p, F_KAHN] != 0 or np.any(dgeom[p, 5] != 0):
+        if moves(p, "kahn", "polar_axis"):
             f |= T_POL
-        if dfpar[p, F_MU] != 0 or dfpar[p, F_THICKSTEP] != 0 or np.any(dgeom[p, 3] != 0):
+        if moves(p, "mu", "thickstep", "odet"):
             f |= T_CAP
         flags[p] = f
     return flags
@@ -159,278 +173,318 @@ def _rot_jvp(vx, vy, vz, ax, ay, az, phi, dvx, dvy, dvz, dax, day, daz, dphi):
 
 
 @njit(cache=True, error_model="numpy")
-def _position_jvp(fpixel, spixel, subF, subS, t, geom, fpar, ipar, dgeom, dfpar, flags, dP):
+def _position_jvp(fpixel, spixel, subF, subS, t, det, beam, d, L, flags, dP):
     """Tangents of the sub-pixel position for every direction (written to dP (P, 3))."""
-    os = ipar[I_OVERSAMPLE]
-    sub = fpar[F_SUBPIXEL]
+    os = det.oversample
+    sub = det.subpixel
+    f = det.fdet
+    sv = det.sdet
+    o = det.odet
     cF = fpixel * os + subF + 0.5
     cS = spixel * os + subS + 0.5
     Fdet = sub * (fpixel * os + subF) + sub / 2.0
     Sdet = sub * (spixel * os + subS) + sub / 2.0
-    Odet = t * fpar[F_THICKSTEP]
+    Odet = t * det.thickstep
     npar = dP.shape[0]
-    curved = ipar[I_CURVED] != 0
-    D = fpar[F_DISTANCE]
-    py = Fdet * geom[1, 1] + Sdet * geom[2, 1] + Odet * geom[3, 1] + geom[0, 1]
-    pz = Fdet * geom[1, 2] + Sdet * geom[2, 2] + Odet * geom[3, 2] + geom[0, 2]
+    curved = det.curved
+    D = det.distance
+    b = beam.beam
+    py = Fdet * f[1] + Sdet * sv[1] + Odet * o[1] + det.pix0[1]
+    pz = Fdet * f[2] + Sdet * sv[2] + Odet * o[2] + det.pix0[2]
     for p in range(npar):
         if (flags[p] & T_GEO) == 0:
             continue
-        dF = cF * dfpar[p, F_SUBPIXEL]
-        dS = cS * dfpar[p, F_SUBPIXEL]
-        dO = t * dfpar[p, F_THICKSTEP]
+        dF = cF * d[p, L.subpixel]
+        dS = cS * d[p, L.subpixel]
+        dO = t * d[p, L.thickstep]
         for j in range(3):
-            dP[p, j] = (dgeom[p, 0, j] + Fdet * dgeom[p, 1, j] + dF * geom[1, j] + Sdet * dgeom[p, 2, j]
-                        + dS * geom[2, j] + Odet * dgeom[p, 3, j] + dO * geom[3, j])
+            dP[p, j] = (d[p, L.pix0 + j] + Fdet * d[p, L.fdet + j] + dF * f[j] + Sdet * d[p, L.sdet + j]
+                        + dS * sv[j] + Odet * d[p, L.odet + j] + dO * o[j])
         if curved:
-            dD = dfpar[p, F_DISTANCE]
-            v0x = D * geom[4, 0]
-            v0y = D * geom[4, 1]
-            v0z = D * geom[4, 2]
-            dv0x = dD * geom[4, 0] + D * dgeom[p, 4, 0]
-            dv0y = dD * geom[4, 1] + D * dgeom[p, 4, 1]
-            dv0z = dD * geom[4, 2] + D * dgeom[p, 4, 2]
+            dD = d[p, L.distance]
+            v0x = D * b[0]
+            v0y = D * b[1]
+            v0z = D * b[2]
+            dv0x = dD * b[0] + D * d[p, L.beam]
+            dv0y = dD * b[1] + D * d[p, L.beam + 1]
+            dv0z = dD * b[2] + D * d[p, L.beam + 2]
             dphi1 = dP[p, 1] / D - py * dD / (D * D)
             dphi2 = dP[p, 2] / D - pz * dD / (D * D)
-            v1x, v1y, v1z, dv1x, dv1y, dv1z = _rot_jvp(v0x, v0y, v0z, geom[2, 0], geom[2, 1], geom[2, 2], py / D,
-                                                        dv0x, dv0y, dv0z, dgeom[p, 2, 0], dgeom[p, 2, 1],
-                                                        dgeom[p, 2, 2], dphi1)
-            _, _, _, tx, ty, tz = _rot_jvp(v1x, v1y, v1z, geom[1, 0], geom[1, 1], geom[1, 2], pz / D,
-                                           dv1x, dv1y, dv1z, dgeom[p, 1, 0], dgeom[p, 1, 1], dgeom[p, 1, 2], dphi2)
+            v1x, v1y, v1z, dv1x, dv1y, dv1z = _rot_jvp(v0x, v0y, v0z, sv[0], sv[1], sv[2], py / D,
+                                                        dv0x, dv0y, dv0z, d[p, L.sdet], d[p, L.sdet + 1],
+                                                        d[p, L.sdet + 2], dphi1)
+            _, _, _, tx, ty, tz = _rot_jvp(v1x, v1y, v1z, f[0], f[1], f[2], pz / D,
+                                           dv1x, dv1y, dv1z, d[p, L.fdet], d[p, L.fdet + 1], d[p, L.fdet + 2], dphi2)
             dP[p, 0] = tx
             dP[p, 1] = ty
             dP[p, 2] = tz
 
 
-@njit(cache=True, error_model="numpy")
-def pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
-                  dgeom, dfpar, dsrc, dlam, dori, drec, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw,
-                  fast, ori, fflat, dori_soa, has_dori, flags, sc, ibuf):
-    """Value (unscaled) of one pixel; its tangents are left in dI (P).
+class TangentWork(NamedTuple):
+    """The tangent mode's state for one pixel: the directions d (P, L.size) and their
+    tangents at each step of the walk (dP positions, dd directions and distance, dq
+    scattering vectors, dI the sum, dom/dcap/dpol the factors, dm the multiplier).
 
-    ``fast``: blocks go through :func:`square_tangent` (CPU vector loops), as in
-    :func:`~nbragg.kernels.cpu.pixel_value`."""
-    os = ipar[I_OVERSAMPLE]
-    thicksteps = ipar[I_THICKSTEPS]
-    os_omega = ipar[I_OS_OMEGA] != 0
-    os_polar = ipar[I_OS_POLAR] != 0
-    os_thick = ipar[I_OS_THICK] != 0
-    shape = ipar[I_SHAPE]
-    water = ipar[I_WATER] != 0
-    kahn = fpar[F_KAHN]
-    dmin = fpar[F_DMIN]
-    Na = fpar[F_NA]
-    Nb = fpar[F_NB]
-    Nc = fpar[F_NC]
-    fudge = fpar[F_FUDGE]
-    default_F = fpar[F_DEFAULT_F]
-    nsrc = sources.shape[0]
+    The hooks get it as a plain tuple and read it by the W_* indices below: Numba's
+    parallel loops, into which the tangent pixel is inlined, lose writes made through a
+    named tuple's fields."""
+    d: np.ndarray
+    L: Layout
+    flags: np.ndarray
+    dP: np.ndarray
+    dd: np.ndarray
+    dq: np.ndarray
+    dI: np.ndarray
+    dom: np.ndarray
+    dcap: np.ndarray
+    dpol: np.ndarray
+    dm: np.ndarray
+    lp: np.ndarray
+    pbuf: np.ndarray
+    fidx: np.ndarray
+    fw: np.ndarray
+    fast: bool
+    ori: np.ndarray
+    fflat: np.ndarray
+    has_dori: np.ndarray
+    sc: np.ndarray
+    ibuf: np.ndarray
+
+
+(W_d, W_L, W_flags, W_dP, W_dd, W_dq, W_dI, W_dom, W_dcap, W_dpol, W_dm, W_lp, W_pbuf, W_fidx, W_fw, W_fast,
+ W_ori, W_fflat, W_has_dori, W_sc, W_ibuf) = range(len(TangentWork._fields))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_begin(W, S, fpixel, spixel):
+    d = W[W_d]
+    for p in range(W[W_dI].shape[0]):
+        W[W_dI][p] = d[p, W[W_L].I_bg]
+        W[W_dom][p] = 0.0
+        W[W_dcap][p] = 0.0
+        W[W_dpol][p] = 0.0
+    return S.samp.I_bg, True
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_layer(W, S, t):
+    for p in range(W[W_dcap].shape[0]):
+        W[W_dcap][p] = 0.0
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_subpixel(W, S, fpixel, spixel, subF, subS, t, px, py, pz, R, dx, dy, dz):
+    dP = W[W_dP]
+    dd = W[W_dd]
+    flags = W[W_flags]
+    _position_jvp(fpixel, spixel, subF, subS, t, S.det, S.beam, W[W_d], W[W_L], flags, dP)
+    for p in range(dP.shape[0]):
+        if (flags[p] & T_GEO) == 0:
+            continue
+        dR = dx * dP[p, 0] + dy * dP[p, 1] + dz * dP[p, 2]
+        dd[p, 0] = (dP[p, 0] - dx * dR) / R
+        dd[p, 1] = (dP[p, 1] - dy * dR) / R
+        dd[p, 2] = (dP[p, 2] - dz * dR) / R
+        dd[p, 3] = dR
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_omega(W, S, R, omega, sub):
+    d = W[W_d]
+    L = W[W_L]
+    oR, opix, oclose = omega_partials(R, S.det, omega)
+    for p in range(W[W_dom].shape[0]):
+        if (W[W_flags][p] & (T_GEO | T_OMEGA)) != 0:
+            W[W_dom][p] = oR * W[W_dd][p, 3] + opix * d[p, L.pixel] + oclose * d[p, L.close_distance]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_capture(W, S, t, dx, dy, dz, capture, sub):
+    d = W[W_d]
+    L = W[W_L]
+    dd = W[W_dd]
+    cap, cdx, cdy, cdz, cox, coy, coz, cts, cmu = capture_partials(t, dx, dy, dz, S.det)
+    for p in range(W[W_dcap].shape[0]):
+        if (W[W_flags][p] & (T_GEO | T_CAP)) == 0:
+            continue
+        W[W_dcap][p] = (cdx * dd[p, 0] + cdy * dd[p, 1] + cdz * dd[p, 2] + cox * d[p, L.odet]
+                     + coy * d[p, L.odet + 1] + coz * d[p, L.odet + 2] + cts * d[p, L.thickstep]
+                     + cmu * d[p, L.mu])
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_source(W, S, s, dx, dy, dz, qx, qy, qz, lam):
+    d = W[W_d]
+    L = W[W_L]
+    dd = W[W_dd]
+    dq = W[W_dq]
+    for p in range(dq.shape[0]):
+        if (W[W_flags][p] & (T_GEO | T_SRC | T_LAM)) == 0:
+            continue
+        dlam = d[p, L.lambdas + s]
+        dq[p, 0] = (dd[p, 0] + d[p, L.sources + 3 * s] - qx * dlam) / lam
+        dq[p, 1] = (dd[p, 1] + d[p, L.sources + 3 * s + 1] - qy * dlam) / lam
+        dq[p, 2] = (dd[p, 2] + d[p, L.sources + 3 * s + 2] - qz * dlam) / lam
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_polar(W, S, s, ix, iy, iz, dx, dy, dz, polar, sub):
+    d = W[W_d]
+    L = W[W_L]
+    dd = W[W_dd]
+    pb = W[W_pbuf]
+    pv = S.beam.polar_axis
+    polarization_grad(S.beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2], pb)
+    so = L.sources + 3 * s
+    for p in range(W[W_dpol].shape[0]):
+        if (W[W_flags][p] & (T_GEO | T_SRC | T_POL)) == 0:
+            continue
+        W[W_dpol][p] = (pb[0] * d[p, L.kahn] - pb[1] * d[p, so] - pb[2] * d[p, so + 1] - pb[3] * d[p, so + 2]
+                     + pb[4] * dd[p, 0] + pb[5] * dd[p, 1] + pb[6] * dd[p, 2] + pb[7] * d[p, L.polar_axis]
+                     + pb[8] * d[p, L.polar_axis + 1] + pb[9] * d[p, L.polar_axis + 2])
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
+    """Terms and their tangents; with -oversample_* flags I = (I + T) m after each term,
+    m the product of the oversampled factors."""
+    xt = S.xtal
+    fs = S.fhkl
+    orients = xt.orients
     norient = orients.shape[0]
+    d = W[W_d]
+    L = W[W_L]
+    dq = W[W_dq]
+    dI = W[W_dI]
+    lp = W[W_lp]
     npar = dI.shape[0]
-    I = fpar[F_I_BG]
+    if W[W_fast]:
+        return I + square_tangent(qx, qy, qz, W[W_ori], norient, xt, fs, W[W_fflat], dq, d, L, W[W_has_dori], dI, W[W_sc],
+                                  W[W_ibuf])
+    samp = S.samp
+    os_thick = samp.os_thick
+    os_polar = samp.os_polar
+    os_omega = samp.os_omega
+    m = oversampled_factor(S.samp, capture, polar, omega)
+    dm = W[W_dm]
     for p in range(npar):
-        dI[p] = dfpar[p, F_I_BG]
-        dom[p] = 0.0
-        dcap[p] = 0.0
-        dpol[p] = 0.0
-    polar = 1.0 if ipar[I_NOPOLAR] != 0 else 0.0
-    omega = 0.0
-    capture = 0.0
-    for t in range(thicksteps):
-        capture = 1.0 if fpar[F_THICK] == 0.0 else 0.0
+        v = 0.0
+        if os_thick:
+            v += W[W_dcap][p] * (polar if os_polar else 1.0) * (omega if os_omega else 1.0)
+        if os_polar:
+            v += W[W_dpol][p] * (capture if os_thick else 1.0) * (omega if os_omega else 1.0)
+        if os_omega:
+            v += W[W_dom][p] * (capture if os_thick else 1.0) * (polar if os_polar else 1.0)
+        dm[p] = v
+    npad = L.npad
+    for o in range(norient):
+        h, k, l, h0, k0, l0 = miller(orients, o, qx, qy, qz)
+        Lt = lattice_grad(h, k, l, h0, k0, l0, xt, lp)
+        if Lt == 0.0 and not samp.water:
+            continue
+        F, Fh, Fk, Fl, nidx, Fdef = F_grad(h, k, l, h0, k0, l0, fs, W[W_fidx], W[W_fw])
+        T = F * F * Lt * Lt
+        aL = 2.0 * F * F * Lt
+        aF = 2.0 * F * Lt * Lt
+        oo = L.orients + o
         for p in range(npar):
-            dcap[p] = 0.0
-        for subS in range(os):
-            for subF in range(os):
-                px, py, pz, R, dx, dy, dz = _geometry(fpixel, spixel, subF, subS, t, geom, fpar, ipar)
-                _position_jvp(fpixel, spixel, subF, subS, t, geom, fpar, ipar, dgeom, dfpar, flags, dP)
-                for p in range(npar):
-                    if (flags[p] & T_GEO) == 0:
-                        continue
-                    dR = dx * dP[p, 0] + dy * dP[p, 1] + dz * dP[p, 2]
-                    dd[p, 0] = (dP[p, 0] - dx * dR) / R
-                    dd[p, 1] = (dP[p, 1] - dy * dR) / R
-                    dd[p, 2] = (dP[p, 2] - dz * dR) / R
-                    dd[p, 3] = dR
-                if omega == 0.0 or os_omega:
-                    omega = _omega(R, fpar, ipar)
-                    oR, opix, oclose = omega_partials(R, fpar, ipar, omega)
-                    for p in range(npar):
-                        if (flags[p] & (T_GEO | T_OMEGA)) != 0:
-                            dom[p] = oR * dd[p, 3] + opix * dfpar[p, F_PIXEL] + oclose * dfpar[p, F_CLOSE_DISTANCE]
-                if capture == 0.0 or os_thick:
-                    cap, cdx, cdy, cdz, cox, coy, coz, cts, cmu = capture_partials(t, dx, dy, dz, geom, fpar)
-                    capture = cap
-                    for p in range(npar):
-                        if (flags[p] & (T_GEO | T_CAP)) == 0:
-                            continue
-                        dcap[p] = (cdx * dd[p, 0] + cdy * dd[p, 1] + cdz * dd[p, 2] + cox * dgeom[p, 3, 0]
-                                   + coy * dgeom[p, 3, 1] + coz * dgeom[p, 3, 2] + cts * dfpar[p, F_THICKSTEP]
-                                   + cmu * dfpar[p, F_MU])
-                for s in range(nsrc):
-                    ix = -sources[s, 0]
-                    iy = -sources[s, 1]
-                    iz = -sources[s, 2]
-                    lam = lambdas[s]
-                    qx = (dx - ix) / lam
-                    qy = (dy - iy) / lam
-                    qz = (dz - iz) / lam
-                    if dmin > 0.0:
-                        stol = 0.5 * math.sqrt(qx * qx + qy * qy + qz * qz)
-                        if stol > 0.0 and dmin > 0.5 / stol:
-                            continue
-                    for p in range(npar):
-                        if (flags[p] & (T_GEO | T_SRC | T_LAM)) == 0:
-                            continue
-                        dq[p, 0] = (dd[p, 0] + dsrc[p, s, 0] - qx * dlam[p, s]) / lam
-                        dq[p, 1] = (dd[p, 1] + dsrc[p, s, 1] - qy * dlam[p, s]) / lam
-                        dq[p, 2] = (dd[p, 2] + dsrc[p, s, 2] - qz * dlam[p, s]) / lam
-                    if polar == 0.0 or os_polar:
-                        polar = polarization_grad(kahn, ix, iy, iz, dx, dy, dz, geom[5, 0], geom[5, 1], geom[5, 2], pbuf)
-                        for p in range(npar):
-                            if (flags[p] & (T_GEO | T_SRC | T_POL)) == 0:
-                                continue
-                            dpol[p] = (pbuf[0] * dfpar[p, F_KAHN] - pbuf[1] * dsrc[p, s, 0] - pbuf[2] * dsrc[p, s, 1]
-                                       - pbuf[3] * dsrc[p, s, 2] + pbuf[4] * dd[p, 0] + pbuf[5] * dd[p, 1]
-                                       + pbuf[6] * dd[p, 2] + pbuf[7] * dgeom[p, 5, 0] + pbuf[8] * dgeom[p, 5, 1]
-                                       + pbuf[9] * dgeom[p, 5, 2])
-                    m = 1.0
-                    if os_thick:
-                        m *= capture
-                    if os_polar:
-                        m *= polar
-                    if os_omega:
-                        m *= omega
-                    if fast:
-                        I += square_tangent(qx, qy, qz, ori, norient, Na, Nb, Nc, fflat, ipar, default_F, dq, dfpar,
-                                            dori_soa, has_dori, dI, sc, ibuf)
-                        continue
-                    for p in range(npar):
-                        v = 0.0
-                        if os_thick:
-                            v += dcap[p] * (polar if os_polar else 1.0) * (omega if os_omega else 1.0)
-                        if os_polar:
-                            v += dpol[p] * (capture if os_thick else 1.0) * (omega if os_omega else 1.0)
-                        if os_omega:
-                            v += dom[p] * (capture if os_thick else 1.0) * (polar if os_polar else 1.0)
-                        dm[p] = v
-                    for o in range(norient):
-                        h = orients[o, 0, 0] * qx + orients[o, 0, 1] * qy + orients[o, 0, 2] * qz
-                        k = orients[o, 1, 0] * qx + orients[o, 1, 1] * qy + orients[o, 1, 2] * qz
-                        l = orients[o, 2, 0] * qx + orients[o, 2, 1] * qy + orients[o, 2, 2] * qz
-                        h0 = int(math.ceil(h - 0.5))
-                        k0 = int(math.ceil(k - 0.5))
-                        l0 = int(math.ceil(l - 0.5))
-                        L = lattice_grad(h, k, l, h0, k0, l0, shape, Na, Nb, Nc, fudge, recip, lp)
-                        if L == 0.0 and not water:
-                            continue
-                        F, Fh, Fk, Fl, nidx, Fdef = F_grad(h, k, l, h0, k0, l0, fgrid, ipar, default_F, fidx, fw)
-                        T = F * F * L * L
-                        aL = 2.0 * F * F * L
-                        aF = 2.0 * F * L * L
-                        for p in range(npar):
-                            dh = (dori[p, o, 0, 0] * qx + dori[p, o, 0, 1] * qy + dori[p, o, 0, 2] * qz
-                                  + orients[o, 0, 0] * dq[p, 0] + orients[o, 0, 1] * dq[p, 1] + orients[o, 0, 2] * dq[p, 2])
-                            dk = (dori[p, o, 1, 0] * qx + dori[p, o, 1, 1] * qy + dori[p, o, 1, 2] * qz
-                                  + orients[o, 1, 0] * dq[p, 0] + orients[o, 1, 1] * dq[p, 1] + orients[o, 1, 2] * dq[p, 2])
-                            dl = (dori[p, o, 2, 0] * qx + dori[p, o, 2, 1] * qy + dori[p, o, 2, 2] * qz
-                                  + orients[o, 2, 0] * dq[p, 0] + orients[o, 2, 1] * dq[p, 1] + orients[o, 2, 2] * dq[p, 2])
-                            dL = (lp[0] * dh + lp[1] * dk + lp[2] * dl + lp[3] * dfpar[p, F_NA] + lp[4] * dfpar[p, F_NB]
-                                  + lp[5] * dfpar[p, F_NC] + lp[6] * dfpar[p, F_FUDGE])
-                            if shape != 0:
-                                for j in range(9):
-                                    dL += lp[7 + j] * drec[p, j // 3, j % 3]
-                            dF = Fh * dh + Fk * dk + Fl * dl + Fdef * dfpar[p, F_DEFAULT_F]
-                            dT = aL * dL + aF * dF
-                            dI[p] = (dI[p] + dT) * m + (I + T) * dm[p]
-                        I = (I + T) * m
-    post = 1.0
-    if not os_thick:
-        post *= capture
-    if not os_polar:
-        post *= polar
-    if not os_omega:
-        post *= omega
-    for p in range(npar):
+            dh = (d[p, oo] * qx + d[p, oo + npad] * qy + d[p, oo + 2 * npad] * qz
+                  + orients[o, 0, 0] * dq[p, 0] + orients[o, 0, 1] * dq[p, 1] + orients[o, 0, 2] * dq[p, 2])
+            dk = (d[p, oo + 3 * npad] * qx + d[p, oo + 4 * npad] * qy + d[p, oo + 5 * npad] * qz
+                  + orients[o, 1, 0] * dq[p, 0] + orients[o, 1, 1] * dq[p, 1] + orients[o, 1, 2] * dq[p, 2])
+            dl = (d[p, oo + 6 * npad] * qx + d[p, oo + 7 * npad] * qy + d[p, oo + 8 * npad] * qz
+                  + orients[o, 2, 0] * dq[p, 0] + orients[o, 2, 1] * dq[p, 1] + orients[o, 2, 2] * dq[p, 2])
+            dL = (lp[0] * dh + lp[1] * dk + lp[2] * dl + lp[3] * d[p, L.Na] + lp[4] * d[p, L.Nb]
+                  + lp[5] * d[p, L.Nc] + lp[6] * d[p, L.fudge])
+            if xt.shape != SQUARE:
+                for j in range(9):
+                    dL += lp[7 + j] * d[p, L.recip + j]
+            dF = Fh * dh + Fk * dk + Fl * dl + Fdef * d[p, L.default_F]
+            dT = aL * dL + aF * dF
+            dI[p] = (dI[p] + dT) * m + (I + T) * dm[p]
+        I = (I + T) * m
+    return I
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_finish(W, S, I, capture, polar, omega, omega_sum):
+    """The factors applied once at the end, and their tangents."""
+    samp = S.samp
+    os_thick = samp.os_thick
+    os_polar = samp.os_polar
+    os_omega = samp.os_omega
+    post = final_factor(S.samp, capture, polar, omega)
+    dI = W[W_dI]
+    for p in range(dI.shape[0]):
         v = dI[p] * post
         if not os_thick:
-            v += I * dcap[p] * (1.0 if os_polar else polar) * (1.0 if os_omega else omega)
+            v += I * W[W_dcap][p] * (1.0 if os_polar else polar) * (1.0 if os_omega else omega)
         if not os_polar:
-            v += I * dpol[p] * (1.0 if os_thick else capture) * (1.0 if os_omega else omega)
+            v += I * W[W_dpol][p] * (1.0 if os_thick else capture) * (1.0 if os_omega else omega)
         if not os_omega:
-            v += I * dom[p] * (1.0 if os_thick else capture) * (1.0 if os_polar else polar)
+            v += I * W[W_dom][p] * (1.0 if os_thick else capture) * (1.0 if os_polar else polar)
         dI[p] = v
     return I * post
 
 
+walk_tangent = specialise("tangent", begin=_t_begin, layer=_t_layer, subpixel=_t_subpixel, omega_taken=_t_omega,
+                          capture_taken=_t_capture, source=_t_source, polar_taken=_t_polar, block=_t_block,
+                          finish=_t_finish)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def pixel_tangent(fpixel, spixel, S, d, L, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw,
+                  fast, ori, fflat, has_dori, flags, sc, ibuf):
+    """Value (unscaled) of one pixel; its tangents along the directions d (P, L.size)
+    are left in dI (P).  The walk of :mod:`.pixel` with the tangent hooks above.
+
+    ``fast``: blocks go through :func:`square_tangent` (CPU vector loops), as in
+    :func:`~nbragg.kernels.cpu.pixel_value`."""
+    W = (d, L, flags, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw, fast, ori, fflat, has_dori, sc, ibuf)
+    return walk_tangent(fpixel, spixel, S, W)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
-def tangent(geom, fpar, ipar, sources, lambdas, orients, recip, fgrid, mask, scale, dscale,
-            dgeom, dfpar, dsrc, dlam, dori, drec, dori_soa, has_dori, flags, J, image):
-    """J[s, f, p] = d(scaled image)/d(theta_p); ``image`` receives the scaled image."""
+def tangent(det, beam, xtal, fhkl, samp, d, L, scale, has_dori, flags, J, image):
+    """J[s, f, p] = d(scaled image)/d(theta_p) for the directions d (P, L.size) in the
+    layout L; ``image`` receives the scaled image.  (The scene comes block by block, as
+    in :func:`~nbragg.kernels.cpu.forward`.)"""
     spixels, fpixels = image.shape
-    xmin = max(ipar[I_ROI], 0)
-    xmax = min(ipar[I_ROI + 1], fpixels - 1)
-    ymin = max(ipar[I_ROI + 2], 0)
-    ymax = min(ipar[I_ROI + 3], spixels - 1)
-    use_mask = ipar[I_USE_MASK] != 0
-    npar = dfpar.shape[0]
-    ori = orientations_soa(orients)
-    fflat = fgrid.ravel()
-    npad = ori.shape[1]
-    fast = fast_path(ipar)
+    xmin, xmax, ymin, ymax = clipped_roi(det, spixels, fpixels)
+    ori = orientations_soa(xtal.orients)
+    fflat = fhkl.grid.ravel()
+    fast = fast_path(Scene(det, beam, xtal, fhkl, samp))
     for spixel in prange(ymin, ymax + 1):
-        sc = np.empty((14, npad))
-        ibuf = np.empty(npad, dtype=np.int64)
-        dP = np.zeros((npar, 3))
-        dd = np.zeros((npar, 4))
-        dq = np.zeros((npar, 3))
-        dI = np.empty(npar)
-        dom = np.empty(npar)
-        dcap = np.empty(npar)
-        dpol = np.empty(npar)
-        dm = np.empty(npar)
-        lp = np.empty(LP_SIZE)
-        pbuf = np.empty(10)
-        fidx = np.empty(64, dtype=np.int64)
-        fw = np.empty(64)
-        for fpixel in range(xmin, xmax + 1):
-            if use_mask and mask[spixel, fpixel] == 0:
-                continue
-            v = pixel_tangent(fpixel, spixel, geom, fpar, ipar, sources, lambdas, orients, recip, fgrid,
-                              dgeom, dfpar, dsrc, dlam, dori, drec, dP, dd, dq, dI, dom, dcap, dpol, dm,
-                              lp, pbuf, fidx, fw, fast, ori, fflat, dori_soa, has_dori, flags, sc, ibuf)
-            image[spixel, fpixel] = v * scale
-            for p in range(npar):
-                J[spixel, fpixel, p] = scale * dI[p] + dscale[p] * v
+        _tangent_row(Scene(det, beam, xtal, fhkl, samp), spixel, xmin, xmax, d, L, scale, has_dori, flags, fast, ori,
+                     fflat, J, image)
 
 
-def run_tangent(model, tangents, threads=None, backend="cpu"):
-    """Jacobian (spixels, fpixels, P) for a list of InputTangent; returns (J, image)."""
-    from ..engine import check_backend, cuda_kernels, kernel_args, set_threads
-    if check_backend(backend) == "cuda":
-        return cuda_kernels().run_tangent(model, tangents)
-    geom, fpar, ipar, src, lam, ori, rec, grid, mask = kernel_args(model)
-    P = len(tangents)
-    dgeom = np.ascontiguousarray(np.array([t.geom for t in tangents]).reshape(P, 6, 3))
-    dfpar = np.ascontiguousarray(np.array([t.fpar for t in tangents]).reshape(P, NF))
-    dsrc = np.ascontiguousarray(np.array([t.sources for t in tangents]).reshape((P,) + src.shape))
-    dlam = np.ascontiguousarray(np.array([t.lambdas for t in tangents]).reshape(P, len(lam)))
-    dori = np.ascontiguousarray(np.array([t.orients for t in tangents]).reshape((P,) + ori.shape))
-    drec = np.ascontiguousarray(np.array([t.recip for t in tangents]).reshape(P, 3, 3))
-    dscale = np.array([t.scale for t in tangents], dtype=np.float64)
-    m = ori.shape[0]
-    npad = (m + 7) // 8 * 8
-    dori_soa = np.zeros((P, 9, npad))
-    dori_soa[:, :, :m] = dori.reshape(P, m, 9).transpose(0, 2, 1)
-    has_dori = np.array([bool(np.any(t.orients != 0)) for t in tangents])
-    flags = tangent_flags(dgeom, dfpar, dsrc, dlam)
-    J = np.zeros(model.shape + (P,))
-    image = np.zeros(model.shape)
-    prev = set_threads(threads)
-    try:
-        tangent(geom, fpar, ipar, src, lam, ori, rec, grid, mask, model.scale, dscale,
-                dgeom, dfpar, dsrc, dlam, dori, drec, dori_soa, has_dori, flags, J, image)
-    finally:
-        if threads is not None:
-            set_threads(prev)
-    return J, image
+@njit(cache=True, error_model="numpy", inline="always")
+def _tangent_row(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, fast, ori, fflat, J, image):
+    """One row of the tangent kernel (a call per row: see cpu._forward_row)."""
+    use_mask = S.det.use_mask
+    mask = S.det.mask
+    npar = d.shape[0]
+    npad = ori.shape[1]
+    sc = np.empty((14, npad))
+    ibuf = np.empty(npad, dtype=np.int64)
+    dP = np.zeros((npar, 3))
+    dd = np.zeros((npar, 4))
+    dq = np.zeros((npar, 3))
+    dI = np.empty(npar)
+    dom = np.empty(npar)
+    dcap = np.empty(npar)
+    dpol = np.empty(npar)
+    dm = np.empty(npar)
+    lp = np.empty(LP_SIZE)
+    pbuf = np.empty(10)
+    fidx = np.empty(64, dtype=np.int64)
+    fw = np.empty(64)
+    for fpixel in range(xmin, xmax + 1):
+        if use_mask and mask[spixel, fpixel] == 0:
+            continue
+        v = pixel_tangent(fpixel, spixel, S, d, L, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw,
+                          fast, ori, fflat, has_dori, flags, sc, ibuf)
+        image[spixel, fpixel] = v * scale
+        for p in range(npar):
+            J[spixel, fpixel, p] = scale * dI[p] + d[p, L.scale] * v

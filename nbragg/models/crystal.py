@@ -82,24 +82,6 @@ def cell_vectors_and_derivatives(cell):
     return B, dB
 
 
-def nanobragg_cell_vectors(cell):
-    """The real vectors nanoBragg.c builds for ``-cell``: the edge lengths are exact, but
-    its reciprocal c*_z is only right for orthogonal cells, so the angles of a triclinic
-    cell come out slightly different from the ones given (70 80 90 75 85 95 gives
-    alpha = 75.0391)."""
-    recip = _reciprocal_standard(cell, c_star_z_exact=False)
-    a, b, c = recip
-    dirs = (cross(b, c), cross(c, a), cross(a, b))
-    return np.array([d / math.sqrt(dot(d, d)) * L for d, L in zip(dirs, cell[:3])])
-
-
-def real_from_reciprocal(recip):
-    """Rows a, b, c from rows a*, b*, c*."""
-    a, b, c = recip
-    V = dot(a, cross(b, c))
-    return np.array([cross(b, c), cross(c, a), cross(a, b)]) / V
-
-
 def reciprocal_from_real(real):
     """Rows a*, b*, c* from rows a, b, c (same length unit, inverted)."""
     a, b, c = real

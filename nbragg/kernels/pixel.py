@@ -1,0 +1,218 @@
+"""The one pixel walk: nanoBragg's loops over sensor layers, sub-pixels and sources, with
+every quirk of the C, written once.
+
+* the solid angle is taken at the first sub-pixel (at every one with ``-oversample_omega``),
+  the capture fraction at the first sub-pixel of each sensor layer (every one with
+  ``-oversample_thick``), the polarization at the first sample that ``-dmin`` keeps (every
+  one with ``-oversample_polar``); the factors not oversampled multiply the pixel's sum
+  once, at the end, with the values last taken;
+* ``-dmin`` drops a (sub-pixel, source) sample before anything else is computed for it;
+* each (sub-pixel, source) sample is a *block*: the sum over orientations (phi steps x
+  mosaic domains) of F_cell^2 F_latt^2, which with ``-oversample_*`` flags multiplies the
+  running sum after every term.
+
+What a kernel does at each step is a *mode*: a set of hooks, small compiled functions
+bound into a copy of :func:`walk` (:func:`specialise`, the same recompilation that makes
+the float32 and CUDA twins).  Forward (the image), tangent (forward-mode derivatives),
+adjoint replay (the record the backward sweep reads), the fast adjoint and the ``-printout``
+tracer are modes.  A hook receives the mode's work state ``W`` (a tuple of arrays it owns)
+and the scene ``S``; the ones a mode does not bind do nothing.
+
+Hooks, in the order the walk calls them:
+
+``begin(W, S, fpixel, spixel) -> (I0, go)``   the sum's start; ``go=False`` goes straight to
+                                              ``finish`` (with zero factors), for modes that
+                                              can tell from the start that they cannot go on
+``layer(W, S, t)``                            a sensor layer starts
+``subpixel(W, S, f, s, subF, subS, t, px, py, pz, R, dx, dy, dz)``
+``omega_taken(W, S, R, omega, sub)``          the solid angle was (re)computed
+``capture_taken(W, S, t, dx, dy, dz, capture, sub)``
+``cut(W, S, t, subS, subF, src, px, py, pz, qx, qy, qz)``    -dmin dropped this sample
+``source(W, S, src, dx, dy, dz, qx, qy, qz, lam)``
+``polar_taken(W, S, src, ix, iy, iz, dx, dy, dz, polar, sub)``
+``block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, src, sub) -> I``
+``subpixel_done(W, S, f, s, subF, subS, t, px, py, pz, R, dx, dy, dz)``
+``finish(W, S, I, capture, polar, omega, omega_sum) -> result``
+
+``sub`` numbers the sub-pixels in walk order: (t * oversample + subS) * oversample + subF.
+"""
+
+import types
+
+import numpy as np
+from numba import njit
+
+from .physics import beyond_dmin, capture_fraction, direction, polarization_factor, scattering, solid_angle
+
+
+@njit(cache=True, error_model="numpy")
+def walk(fpixel, spixel, S, W):
+    """One pixel, in nanoBragg's order, calling the mode's hooks (see the module)."""
+    det = S.det
+    beam = S.beam
+    samp = S.samp
+    os = det.oversample
+    os_omega = samp.os_omega
+    os_polar = samp.os_polar
+    os_thick = samp.os_thick
+    sources = beam.sources
+    lambdas = beam.lambdas
+    pv = beam.polar_axis
+    nsrc = sources.shape[0]
+    I, go = begin(W, S, fpixel, spixel)
+    if not go:
+        return finish(W, S, I, 0.0, 0.0, 0.0, 0.0)
+    polar = 1.0 if beam.nopolar else 0.0
+    omega = 0.0
+    omega_sum = 0.0
+    capture = 0.0
+    for t in range(det.thicksteps):
+        capture = 1.0 if det.thick == 0.0 else 0.0
+        layer(W, S, t)
+        for subS in range(os):
+            for subF in range(os):
+                sub = (t * os + subS) * os + subF
+                px, py, pz, R, dx, dy, dz = direction(fpixel, spixel, subF, subS, t, det, beam)
+                subpixel(W, S, fpixel, spixel, subF, subS, t, px, py, pz, R, dx, dy, dz)
+                if omega == 0.0 or os_omega:
+                    omega = solid_angle(R, det)
+                    omega_taken(W, S, R, omega, sub)
+                omega_sum += omega
+                if capture == 0.0 or os_thick:
+                    capture = capture_fraction(t, dx, dy, dz, det)
+                    capture_taken(W, S, t, dx, dy, dz, capture, sub)
+                for s in range(nsrc):
+                    ix, iy, iz, lam, qx, qy, qz = scattering(sources, lambdas, s, dx, dy, dz)
+                    if beyond_dmin(qx, qy, qz, samp.dmin):
+                        cut(W, S, t, subS, subF, s, px, py, pz, qx, qy, qz)
+                        continue
+                    source(W, S, s, dx, dy, dz, qx, qy, qz, lam)
+                    if polar == 0.0 or os_polar:
+                        polar = polarization_factor(beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2])
+                        polar_taken(W, S, s, ix, iy, iz, dx, dy, dz, polar, sub)
+                    I = block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub)
+                subpixel_done(W, S, fpixel, spixel, subF, subS, t, px, py, pz, R, dx, dy, dz)
+    return finish(W, S, I, capture, polar, omega, omega_sum)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def oversampled_factor(samp, capture, polar, omega):
+    """m, the product of the factors that -oversample_* flags apply after every term
+    (1 without them); modes with derivatives use it as I = (I + T) m."""
+    m = 1.0
+    if samp.os_thick:
+        m *= capture
+    if samp.os_polar:
+        m *= polar
+    if samp.os_omega:
+        m *= omega
+    return m
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def final_factor(samp, capture, polar, omega):
+    """The product of the factors applied once, at the end (those not oversampled)."""
+    post = 1.0
+    if not samp.os_thick:
+        post *= capture
+    if not samp.os_polar:
+        post *= polar
+    if not samp.os_omega:
+        post *= omega
+    return post
+
+
+# ----------------------------------------------------------------------------- defaults
+# (one per hook, with its arity: GPU device functions take no *args)
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _begin(W, S, fpixel, spixel):
+    # the pixel's sum of samples: np.float64(), which single-precision twins keep, holds it
+    # in float64 (one add per sample) so that long sums keep their digits there too
+    return np.float64(S.samp.I_bg), True
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _layer(W, S, t):
+    pass
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _subpixel(W, S, fpixel, spixel, subF, subS, t, px, py, pz, R, dx, dy, dz):
+    pass
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _omega_taken(W, S, R, omega, sub):
+    pass
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _capture_taken(W, S, t, dx, dy, dz, capture, sub):
+    pass
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _cut(W, S, t, subS, subF, s, px, py, pz, qx, qy, qz):
+    pass
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _source(W, S, s, dx, dy, dz, qx, qy, qz, lam):
+    pass
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _polar_taken(W, S, s, ix, iy, iz, dx, dy, dz, polar, sub):
+    pass
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
+    return I
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _finish(W, S, I, capture, polar, omega, omega_sum):
+    return I
+
+
+# the names walk() calls, bound here to the defaults (the bare walk sums nothing); every
+# mode binds its own in a copy (specialise)
+begin = _begin
+layer = _layer
+subpixel = subpixel_done = _subpixel
+omega_taken = _omega_taken
+capture_taken = _capture_taken
+cut = _cut
+source = _source
+polar_taken = _polar_taken
+block = _block
+finish = _finish
+
+HOOKS = ("begin", "layer", "subpixel", "omega_taken", "capture_taken", "cut", "source", "polar_taken",
+         "block", "subpixel_done", "finish")
+_DEFAULTS = {"begin": _begin, "layer": _layer, "subpixel": _subpixel,
+             "omega_taken": _omega_taken, "capture_taken": _capture_taken, "cut": _cut, "source": _source,
+             "polar_taken": _polar_taken, "subpixel_done": _subpixel}
+
+
+def specialise(name, **hooks):
+    """A compiled copy of :func:`walk` with the given hooks bound (the others do nothing);
+    ``block`` and ``finish`` are required.  ``name`` tells the copies apart (it is part of
+    the on-disk cache key)."""
+    unknown = set(hooks) - set(HOOKS)
+    if unknown:
+        raise TypeError(f"unknown hooks: {sorted(unknown)}")
+    if "block" not in hooks or "finish" not in hooks:
+        raise TypeError("a mode needs at least the block and finish hooks")
+    py = walk.py_func
+    scope = dict(py.__globals__)
+    for h in HOOKS:
+        scope[h] = hooks.get(h, _DEFAULTS.get(h))
+    clone = types.FunctionType(py.__code__, scope, py.__name__, py.__defaults__, py.__closure__)
+    clone.__qualname__ = f"{py.__qualname__}_{name}"
+    options = {k: v for k, v in walk.targetoptions.items() if k != "nopython"}
+    # inlined into the mode's pixel function: a call would copy the scene (a tuple of
+    # arrays, passed by value) once more per pixel
+    return njit(inline="always", **options)(clone)
