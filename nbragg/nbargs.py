@@ -276,12 +276,18 @@ def _pix0(st, v, rd):
 
 
 def _detector_abs(st, v, rd):
-    val = rd.raw(0)
-    if "inf" in val or c_atof(val) == 0.0:
+    # nanoBragg.c: a value containing "inf" (its documented default) or reading as 0
+    # means no absorption, and also drops the sensor thickness given so far; any other
+    # infinite value (1e400, INF) gives mu = 1/inf = 0, keeping the thickness
+    if "inf" in rd.raw(0):
+        depth = 0.0
+    else:
+        depth = rd.f(0, allow_inf=True)
+    if depth == 0.0:
         st.detector_thick = 0.0
         st.detector_mu = 0.0
     else:
-        st.detector_mu = 1.0 / (rd.f(0) * 1e-6)
+        st.detector_mu = 1.0 / (depth * 1e-6)
 
 
 def _detsize(st, v, rd):
@@ -567,7 +573,7 @@ class _Reader:
     def bad(self, j, why):
         raise ArgumentError(f"{self.flag}: bad value {self.raw(j)!r}: {why}")
 
-    def f(self, j):
+    def f(self, j, allow_inf=False):
         text = self.raw(j)
         if not self.strict:
             return c_atof(text)
@@ -575,7 +581,7 @@ class _Reader:
             x = float(text)
         except ValueError:
             raise ArgumentError(f"{self.flag}: value {text!r} is not a number") from None
-        if not math.isfinite(x):
+        if not math.isfinite(x) and not (allow_inf and math.isinf(x)):
             raise ArgumentError(f"{self.flag}: value {text!r} is not a finite number")
         return x
 

@@ -62,6 +62,8 @@ CASES = {
     "printout pixel outside": (GOOD + ["-printout_pixel", "40", "2"], "-printout_pixel"),
     "bad pivot": (GOOD + ["-pivot", "middle"], "-pivot"),
     "bad threads": (GOOD + ["-threads", "many"], "-threads"),
+    "detector_abs not a number": (GOOD + ["-detector_abs", "abc"], "-detector_abs"),
+    "detector_abs nan": (GOOD + ["-detector_abs", "nan"], "-detector_abs"),
 }
 
 
