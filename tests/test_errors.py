@@ -64,6 +64,9 @@ CASES = {
     "bad threads": (GOOD + ["-threads", "many"], "-threads"),
     "detector_abs not a number": (GOOD + ["-detector_abs", "abc"], "-detector_abs"),
     "detector_abs nan": (GOOD + ["-detector_abs", "nan"], "-detector_abs"),
+    "round divergence cut leaves no source": (GOOD + "-hdivrange 1 -vdivrange 1 -hdivstep 1 -vdivstep 1".split(),
+                                              "-square_div"),
+    "osc 0 with a phistep gives no phi step": (GOOD + ["-osc", "0", "-phistep", "0.1"], "-phisteps"),
 }
 
 

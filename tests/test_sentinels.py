@@ -1,7 +1,11 @@
 """Values that mean "unset" or "none" on nanoBragg's command line: nbragg runs them as
-nanoBragg.c does."""
+nanoBragg.c does, and settings that leave nothing to simulate stop with a clear error."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from nbragg.engine import build_model
 from nbragg.nbargs import parse_nanobragg_args
 
 BASE = "-cell 100 100 100 90 90 90 -default_F 100 -N 3 -detpixels 32".split()
+NO_SOURCE = "-hdivrange 1 -vdivrange 1 -hdivstep 1 -vdivstep 1".split()
 
 
 def cli_image(tmp_path, name, extra, base=BASE):
@@ -54,3 +59,35 @@ def test_api_absorption_depth_inf_or_0_means_no_absorption():
         nbragg.Detector(**det, absorption_depth=math.nan)
     with pytest.raises(nbragg.ParameterError, match="absorption_depth"):
         nbragg.Detector(**det, absorption_depth=-math.inf)
+
+
+def test_no_source_left_from_the_command_line_process(tmp_path):
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, "-m", "nbragg"] + BASE + NO_SOURCE,
+                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("nbragg: error: no source is left")
+    assert "round-divergence cut" in lines[0] and "-square_div" in lines[0] and "-hdivsteps" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_source_left_from_python():
+    exp = nbragg.Experiment(beam=nbragg.Beam(hdiv_range=1, vdiv_range=1, hdiv_step=1, vdiv_step=1),
+                            detector=nbragg.Detector(fpixels=8, spixels=8),
+                            structure=nbragg.Structure(default_F=100))
+    with pytest.raises(nbragg.ParameterError, match="no source is left.*Beam.round_div=False"):
+        nbragg.simulate(exp)
+    square = exp.replace(beam=exp.beam.replace(round_div=False))
+    assert np.isfinite(nbragg.simulate(square).image).all()
+
+
+def test_no_phi_step_from_python():
+    exp = nbragg.Experiment(crystal=nbragg.Crystal(osc=0, phistep=0.1),
+                            detector=nbragg.Detector(fpixels=8, spixels=8),
+                            structure=nbragg.Structure(default_F=100))
+    with pytest.raises(nbragg.ParameterError, match="no phi step.*Crystal.phisteps"):
+        nbragg.simulate(exp)
