@@ -394,7 +394,8 @@ class Structure(_Record):
 class Sampling(_Record):
     """How finely the pixel is sampled and a few model switches.
 
-    oversample : sub-pixels per pixel edge (None = nanoBragg's automatic choice).
+    oversample : sub-pixels per pixel edge (None, 0 or negative = nanoBragg's automatic
+        choice).
     oversample_omega, oversample_polar, oversample_thick : recompute solid angle,
         polarization, absorption for every sub-pixel (nanoBragg semantics: they
         multiply the running sum; see the README).

@@ -772,9 +772,7 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
     for name, n in (("-Na", st.Na), ("-Nb", st.Nb), ("-Nc", st.Nc)):
         if n < 0:
             raise ArgumentError(f"{name}: {n:g} unit cells; the number of cells must not be negative")
-    if st.oversample == 0 or st.oversample < -1:
-        if st.oversample != -1:
-            raise ArgumentError(f"-oversample: {st.oversample} must be a positive number of sub-pixels")
+    # -oversample 0 (or any value <= 0) selects the automatic oversampling, as in nanoBragg.c
     if st.mosaic_domains < -1 or (st.mosaic_domains == 0):
         pass
     if st.out.printout_pixel is not None:
@@ -829,12 +827,19 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
         read_text(_path(st.stolfile, cwd), "stol")
 
     if st.roi is not None:
+        given = " ".join(str(x) for x in st.roi)
+        # nanoBragg.c: a negative limit is unset -- a negative min is the first pixel, a
+        # negative max the far edge of the detector
         xmin, xmax, ymin, ymax = st.roi
+        xmin, ymin = max(xmin, 0), max(ymin, 0)
+        xmax = fpixels if xmax < 0 else xmax
+        ymax = spixels if ymax < 0 else ymax
+        st.roi = [xmin, xmax, ymin, ymax]
         if xmin > xmax or ymin > ymax:
-            raise ArgumentError(f"-roi {xmin} {xmax} {ymin} {ymax}: min is larger than max")
-        if min(st.roi) < 0 or xmin > fpixels - 1 or ymin > spixels - 1:
+            raise ArgumentError(f"-roi {given}: min is larger than max")
+        if xmin > fpixels - 1 or ymin > spixels - 1:
             raise ArgumentError(
-                f"-roi {xmin} {xmax} {ymin} {ymax}: outside the {fpixels}x{spixels} detector "
+                f"-roi {given}: outside the {fpixels}x{spixels} detector "
                 f"(pixel indices run from 0 to {fpixels - 1} and {spixels - 1})")
 
     conv = st.convention
@@ -924,6 +929,10 @@ _FIELD_FLAGS = {
     "Detector.distance": "-distance", "Detector.close_distance": "-close_distance", "Detector.roi": "-roi",
     "Beam.wavelength": "-lambda", "Beam.fluence": "-fluence", "Crystal.cell": "-cell",
     "Crystal.fudge": "-fudge", "Crystal.misset": "-misset",
+    "Detector.thickness": "-detector_thick", "Detector.absorption_depth": "-detector_abs",
+    "Sampling.dmin": "-dmin",
+    **{f"Detector.{v}": f"-{v}" for v in ("fdet_vector", "sdet_vector", "odet_vector", "beam_vector",
+                                          "polar_vector", "spindle_axis", "twotheta_axis")},
 }
 
 

@@ -67,6 +67,9 @@ CASES = {
     "round divergence cut leaves no source": (GOOD + "-hdivrange 1 -vdivrange 1 -hdivstep 1 -vdivstep 1".split(),
                                               "-square_div"),
     "osc 0 with a phistep gives no phi step": (GOOD + ["-osc", "0", "-phistep", "0.1"], "-phisteps"),
+    "negative sensor thickness": (GOOD + ["-detector_thick", "-1"], "-detector_thick"),
+    "negative dmin": (GOOD + ["-dmin", "-1"], "-dmin"),
+    "zero detector vector": (GOOD + ["-fdet_vector", "0", "0", "0"], "-fdet_vector"),
 }
 
 

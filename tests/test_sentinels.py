@@ -61,6 +61,28 @@ def test_api_absorption_depth_inf_or_0_means_no_absorption():
         nbragg.Detector(**det, absorption_depth=-math.inf)
 
 
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_oversample_0_or_negative_is_automatic(value):
+    p = parse_nanobragg_args(BASE + ["-oversample", value], warn=lambda m: None)
+    auto = parse_nanobragg_args(BASE, warn=lambda m: None)
+    m, ma = build_model(p.experiment), build_model(auto.experiment)
+    assert m.oversample_auto and m.oversample == ma.oversample
+    assert np.array_equal(image(["-oversample", value]), image([]))
+
+
+@pytest.mark.parametrize("roi, same_as", [
+    ("-1 -1 -1 -1", None),
+    ("-1 20 -5 9", "0 20 0 9"),
+    ("5 -1 3 -1", "5 32 3 32"),
+])
+def test_negative_roi_limits_are_unset(roi, same_as):
+    got = image(["-roi", *roi.split()])
+    want = image([] if same_as is None else ["-roi", *same_as.split()])
+    assert np.array_equal(got, want)
+    if same_as is not None:
+        assert (got == 0).any() and (got > 0).any()
+
+
 def test_no_source_left_from_the_command_line_process(tmp_path):
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
