@@ -177,7 +177,8 @@ class Detector(_Record):
     *_vector, spindle_axis, twotheta_axis : for the custom convention.
     curved : pixels on a sphere of radius ``distance``; point_pixel : omega = 1/R^2.
     thickness : sensor thickness in microns, thicksteps layers (or thickstep microns);
-        absorption_depth : microns (``-detector_abs``; None = the thickness).
+        absorption_depth : microns (``-detector_abs``; None = the thickness; 0 or inf =
+        no absorption).
     roi : (xmin, xmax, ymin, ymax) pixel limits, inclusive; mask : (spixels, fpixels)
         array, zero pixels are skipped.
     """
@@ -234,8 +235,11 @@ class Detector(_Record):
         _finite(n, "distance", self.distance)
         for name in ("detsize_f", "detsize_s", "close_distance"):
             _finite(n, name, getattr(self, name), positive=True, allow_none=True)
-        for name in ("beam_x", "beam_y", "xclose", "yclose", "orgx", "orgy", "thickstep", "absorption_depth"):
+        for name in ("beam_x", "beam_y", "xclose", "yclose", "orgx", "orgy", "thickstep"):
             _finite(n, name, getattr(self, name), allow_none=True)
+        if self.absorption_depth is not None and self.absorption_depth != math.inf:
+            # an infinite depth is allowed: it means no absorption, like 0 (nanoBragg's "inf")
+            _finite(n, "absorption_depth", self.absorption_depth)
         for name in ("rotx", "roty", "rotz", "twotheta"):
             _finite(n, name, getattr(self, name))
         _finite(n, "thickness", self.thickness, nonneg=True)
@@ -390,7 +394,8 @@ class Structure(_Record):
 class Sampling(_Record):
     """How finely the pixel is sampled and a few model switches.
 
-    oversample : sub-pixels per pixel edge (None = nanoBragg's automatic choice).
+    oversample : sub-pixels per pixel edge (None, 0 or negative = nanoBragg's automatic
+        choice).
     oversample_omega, oversample_polar, oversample_thick : recompute solid angle,
         polarization, absorption for every sub-pixel (nanoBragg semantics: they
         multiply the running sum; see the README).

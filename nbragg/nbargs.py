@@ -276,12 +276,18 @@ def _pix0(st, v, rd):
 
 
 def _detector_abs(st, v, rd):
-    val = rd.raw(0)
-    if "inf" in val or c_atof(val) == 0.0:
+    # nanoBragg.c: a value containing "inf" (its documented default) or reading as 0
+    # means no absorption, and also drops the sensor thickness given so far; any other
+    # infinite value (1e400, INF) gives mu = 1/inf = 0, keeping the thickness
+    if "inf" in rd.raw(0):
+        depth = 0.0
+    else:
+        depth = rd.f(0, allow_inf=True)
+    if depth == 0.0:
         st.detector_thick = 0.0
         st.detector_mu = 0.0
     else:
-        st.detector_mu = 1.0 / (rd.f(0) * 1e-6)
+        st.detector_mu = 1.0 / (depth * 1e-6)
 
 
 def _detsize(st, v, rd):
@@ -567,7 +573,7 @@ class _Reader:
     def bad(self, j, why):
         raise ArgumentError(f"{self.flag}: bad value {self.raw(j)!r}: {why}")
 
-    def f(self, j):
+    def f(self, j, allow_inf=False):
         text = self.raw(j)
         if not self.strict:
             return c_atof(text)
@@ -575,7 +581,7 @@ class _Reader:
             x = float(text)
         except ValueError:
             raise ArgumentError(f"{self.flag}: value {text!r} is not a number") from None
-        if not math.isfinite(x):
+        if not math.isfinite(x) and not (allow_inf and math.isinf(x)):
             raise ArgumentError(f"{self.flag}: value {text!r} is not a finite number")
         return x
 
@@ -766,9 +772,7 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
     for name, n in (("-Na", st.Na), ("-Nb", st.Nb), ("-Nc", st.Nc)):
         if n < 0:
             raise ArgumentError(f"{name}: {n:g} unit cells; the number of cells must not be negative")
-    if st.oversample == 0 or st.oversample < -1:
-        if st.oversample != -1:
-            raise ArgumentError(f"-oversample: {st.oversample} must be a positive number of sub-pixels")
+    # -oversample 0 (or any value <= 0) selects the automatic oversampling, as in nanoBragg.c
     if st.mosaic_domains < -1 or (st.mosaic_domains == 0):
         pass
     if st.out.printout_pixel is not None:
@@ -823,12 +827,19 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
         read_text(_path(st.stolfile, cwd), "stol")
 
     if st.roi is not None:
+        given = " ".join(str(x) for x in st.roi)
+        # nanoBragg.c: a negative limit is unset -- a negative min is the first pixel, a
+        # negative max the far edge of the detector
         xmin, xmax, ymin, ymax = st.roi
+        xmin, ymin = max(xmin, 0), max(ymin, 0)
+        xmax = fpixels if xmax < 0 else xmax
+        ymax = spixels if ymax < 0 else ymax
+        st.roi = [xmin, xmax, ymin, ymax]
         if xmin > xmax or ymin > ymax:
-            raise ArgumentError(f"-roi {xmin} {xmax} {ymin} {ymax}: min is larger than max")
-        if min(st.roi) < 0 or xmin > fpixels - 1 or ymin > spixels - 1:
+            raise ArgumentError(f"-roi {given}: min is larger than max")
+        if xmin > fpixels - 1 or ymin > spixels - 1:
             raise ArgumentError(
-                f"-roi {xmin} {xmax} {ymin} {ymax}: outside the {fpixels}x{spixels} detector "
+                f"-roi {given}: outside the {fpixels}x{spixels} detector "
                 f"(pixel indices run from 0 to {fpixels - 1} and {spixels - 1})")
 
     conv = st.convention
@@ -918,6 +929,10 @@ _FIELD_FLAGS = {
     "Detector.distance": "-distance", "Detector.close_distance": "-close_distance", "Detector.roi": "-roi",
     "Beam.wavelength": "-lambda", "Beam.fluence": "-fluence", "Crystal.cell": "-cell",
     "Crystal.fudge": "-fudge", "Crystal.misset": "-misset",
+    "Detector.thickness": "-detector_thick", "Detector.absorption_depth": "-detector_abs",
+    "Sampling.dmin": "-dmin",
+    **{f"Detector.{v}": f"-{v}" for v in ("fdet_vector", "sdet_vector", "odet_vector", "beam_vector",
+                                          "polar_vector", "spindle_axis", "twotheta_axis")},
 }
 
 

@@ -62,6 +62,14 @@ CASES = {
     "printout pixel outside": (GOOD + ["-printout_pixel", "40", "2"], "-printout_pixel"),
     "bad pivot": (GOOD + ["-pivot", "middle"], "-pivot"),
     "bad threads": (GOOD + ["-threads", "many"], "-threads"),
+    "detector_abs not a number": (GOOD + ["-detector_abs", "abc"], "-detector_abs"),
+    "detector_abs nan": (GOOD + ["-detector_abs", "nan"], "-detector_abs"),
+    "round divergence cut leaves no source": (GOOD + "-hdivrange 1 -vdivrange 1 -hdivstep 1 -vdivstep 1".split(),
+                                              "-square_div"),
+    "osc 0 with a phistep gives no phi step": (GOOD + ["-osc", "0", "-phistep", "0.1"], "-phisteps"),
+    "negative sensor thickness": (GOOD + ["-detector_thick", "-1"], "-detector_thick"),
+    "negative dmin": (GOOD + ["-dmin", "-1"], "-dmin"),
+    "zero detector vector": (GOOD + ["-fdet_vector", "0", "0", "0"], "-fdet_vector"),
 }
 
 

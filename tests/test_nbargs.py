@@ -194,6 +194,31 @@ def test_phi_zero_step_uses_phi_zero_orientation():
     assert a.max() > 0
 
 
+def test_round_crystal_at_the_direct_beam_is_not_zeroed_like_nanobragg():
+    # nanoBragg.c evaluates the sphere transform 3 (sin x / x - cos x) / x^2 as written; at the
+    # pixel centred on the direct beam rounding leaves a tiny x > 0, where that formula gives
+    # exactly 0 (so the C's pixel is 0); nbragg's series gives about 1 (a README difference)
+    import math
+    from nbragg.kernels.physics import sinc3
+    from nbragg.trace import trace_pixel
+    p, _ = parse("-detpixels 81 -cell 100 100 100 90 90 90 -default_F 100 -round_xtal".split(), base=[])
+    result = nbragg.simulate(p.experiment, warn=lambda m: None)
+    m = result.model
+    assert (m.oversample, len(m.sources.wavelengths), m.crystal.orientations.shape[0]) == (1, 1, 1)
+    assert (m.crystal.Na, m.crystal.Nb, m.crystal.Nc, m.crystal.fudge) == (1.0, 1.0, 1.0, 1.0)
+    _, _, _, _, samples, _ = trace_pixel(m, 41, 41)
+    (h, k, l), hkl0 = samples[0]["hkl"], samples[0]["hkl0"]
+    assert hkl0 == (0, 0, 0)
+    x = math.pi * math.sqrt(h * h + k * k + l * l)       # the C's argument for this pixel
+    assert 0.0 < x < 1e-8
+    assert 3.0 * (np.sin(x) / x - np.cos(x)) / (x * x) == 0.0      # the C's formula
+    assert sinc3(x) == pytest.approx(1.0, abs=1e-15)                # nbragg's
+    assert samples[0]["F_latt"] == pytest.approx(0.723601254558268, rel=1e-15)
+    img = result.image
+    assert np.unravel_index(img.argmax(), img.shape) == (41, 41)
+    assert img[41, 41] == pytest.approx(0.0052359877, rel=1e-7)
+
+
 def test_random_misset_is_reproducible_and_printed():
     p1, _ = parse(["-misset", "random", "-misset_seed", "7"], base=BASE[:7] + BASE[10:])
     p2, _ = parse(["-misset", "random", "-misset_seed", "7"], base=BASE[:7] + BASE[10:])

@@ -128,6 +128,15 @@ def resolve_sources(beam, beam_vector, polar_vector):
                         listing.append((vec[0], vec[1], vec[2], 0.0, lam_t))
                         pos.append(tuple(vec))
                         lam.append(lam_t)
+        if not listing:
+            # nanoBragg.c goes on with 0 sources, divides by 0 and writes an all-NaN image
+            raise ParameterError(
+                f"no source is left: the round-divergence cut (-round_div, Beam.round_div) removes every point "
+                f"of the {hdivsteps}x{vdivsteps} divergence grid (horizontal {hdivrange * 1000:g} mrad in steps "
+                f"of {hdivstep * 1000:g} mrad, vertical {vdivrange * 1000:g} mrad in steps of "
+                f"{vdivstep * 1000:g} mrad), so there is nothing to simulate; use a square grid "
+                f"(-square_div, Beam.round_div=False) or more divergence steps, for example 2 or more "
+                f"(-hdivsteps/-vdivsteps, Beam.hdiv_steps/vdiv_steps), or a step smaller than the range")
         n = len(listing)
         listing = [(x, y, z, 1.0 / n, l) for (x, y, z, _, l) in listing]
     dirs = np.empty((len(pos), 3))

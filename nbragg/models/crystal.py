@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ParameterError
 from ..rng import NRGenerator, mosaic_rotation_umat
 from ..units import ANGSTROM, RTD, deg2rad
 from .geometry import cross, dot, rotate_axis, rotation_xyz_matrix
@@ -193,6 +194,13 @@ def resolve_crystal(crystal, spindle, warn=None):
         -1.0 if crystal.phistep is None else deg2rad(crystal.phistep),
         -1 if crystal.phisteps is None else crystal.phisteps,
     )
+    if phisteps <= 0:
+        # nanoBragg.c makes ceil(osc / phistep) = 0 steps here and divides by 0
+        raise ParameterError(
+            f"no phi step: an oscillation of {osc * RTD:g} degrees (-osc, Crystal.osc) in steps of "
+            f"{phistep * RTD:g} degrees (-phistep, Crystal.phistep) gives {phisteps} phi steps, so there is "
+            f"nothing to simulate; give an oscillation larger than 0, a number of steps "
+            f"(-phisteps, Crystal.phisteps), or no phi step")
     spread, domains = resolve_mosaic(
         -1.0 if crystal.mosaic_spread is None else deg2rad(crystal.mosaic_spread),
         -1 if crystal.mosaic_domains is None else crystal.mosaic_domains, warn=warn)
