@@ -1,9 +1,9 @@
 """Trace one pixel: every intermediate quantity of nanoBragg's model (``-printout``).
 
-This walks the same loops as the kernel, in Python, calling the kernel's own per-sample
-functions, and records each sample: sub-pixel, source, phi step and mosaic domain,
-the scattering vector q, fractional and nearest Miller indices, F_cell, F_latt, and the
-solid angle, polarization and capture fraction in force.
+The tracing mode of the kernels' pixel walk (:mod:`nbragg.kernels.trace`) runs the forward
+model of the pixel and records each sample: sub-pixel, source, phi step and mosaic
+domain, the scattering vector q, fractional and nearest Miller indices, F_cell, F_latt,
+and the solid angle, polarization and capture fraction in force.
 """
 
 from __future__ import annotations
@@ -12,74 +12,30 @@ import math
 
 import numpy as np
 
-from .kernels import physics as K
+from .kernels import trace as KT
 
 
 def trace_pixel(model, fpixel, spixel):
-    """Return (value in photons, omega, polar, capture, list of sample dicts)."""
-    S = model.scene
-    det, beam, xt, fs, samp = S
-    sources = beam.sources
-    lambdas = beam.lambdas
-    orients = xt.orients
-    os_ = det.oversample
-    os_omega, os_polar, os_thick = samp.os_omega, samp.os_polar, samp.os_thick
-    water = samp.water
-    I = samp.I_bg
-    polar = 1.0 if beam.nopolar else 0.0
-    omega = 0.0
-    capture = 0.0
-    samples = []
+    """Return (value in photons, omega, polar, capture, list of sample dicts, the sum I)."""
+    value, I, capture, polar, omega, rows = KT.trace_samples(model.scene, fpixel, spixel)
     nmos = model.crystal.mosaic_domains
-    for t in range(det.thicksteps):
-        capture = 1.0 if det.thick == 0.0 else 0.0
-        for subS in range(os_):
-            for subF in range(os_):
-                px, py, pz, R, dx, dy, dz = K.direction(fpixel, spixel, subF, subS, t, det, beam)
-                d = np.array([dx, dy, dz])
-                if omega == 0.0 or os_omega:
-                    omega = K.solid_angle(R, det)
-                if capture == 0.0 or os_thick:
-                    capture = K.capture_fraction(t, dx, dy, dz, det)
-                for s in range(len(lambdas)):
-                    inc = -sources[s]
-                    q = (d - inc) / lambdas[s]
-                    stol = 0.5 * math.sqrt(float(q @ q))
-                    if K.beyond_dmin(q[0], q[1], q[2], samp.dmin):
-                        samples.append(dict(layer=t, subS=subS, subF=subF, source=s, skipped="dmin",
-                                            position=(px, py, pz), q=q, stol=stol))
-                        continue
-                    if polar == 0.0 or os_polar:
-                        polar = K.polarization_factor(beam.kahn, *inc, *d, *beam.polar_axis)
-                    for m in range(orients.shape[0]):
-                        h, k, l = orients[m] @ q
-                        h0, k0, l0 = (math.ceil(x - 0.5) for x in (h, k, l))
-                        F_latt = K.lattice_factor(h, k, l, h0, k0, l0, xt)
-                        rec = dict(layer=t, subS=subS, subF=subF, source=s, phi_step=m // nmos, domain=m % nmos,
-                                   position=(px, py, pz), q=q, stol=stol, hkl=(h, k, l), hkl0=(h0, k0, l0),
-                                   F_latt=F_latt, omega=omega, polar=polar, capture=capture)
-                        if F_latt == 0.0 and not water:
-                            rec["F_cell"] = None
-                            samples.append(rec)
-                            continue
-                        F_cell = K.lookup_F(h, k, l, h0, k0, l0, fs)
-                        rec["F_cell"] = F_cell
-                        I += F_cell * F_cell * F_latt * F_latt
-                        if os_thick:
-                            I *= capture
-                        if os_polar:
-                            I *= polar
-                        if os_omega:
-                            I *= omega
-                        rec["I"] = I
-                        samples.append(rec)
-    value = I
-    if not os_thick:
-        value *= capture
-    if not os_polar:
-        value *= polar
-    if not os_omega:
-        value *= omega
+    samples = []
+    for r in rows:
+        rec = dict(layer=int(r[KT.C_LAYER]), subS=int(r[KT.C_SUBS]), subF=int(r[KT.C_SUBF]),
+                   source=int(r[KT.C_SOURCE]), position=tuple(float(x) for x in r[KT.C_PX:KT.C_PZ + 1]),
+                   q=np.array(r[KT.C_QX:KT.C_QZ + 1]), stol=float(r[KT.C_STOL]))
+        if r[KT.C_SKIPPED] == 1:
+            rec["skipped"] = "dmin"
+            samples.append(rec)
+            continue
+        m = int(r[KT.C_ORIENT])
+        rec.update(phi_step=m // nmos, domain=m % nmos, hkl=tuple(float(x) for x in r[KT.C_H:KT.C_L + 1]),
+                   hkl0=tuple(int(x) for x in r[KT.C_H0:KT.C_L0 + 1]), F_latt=float(r[KT.C_FLATT]),
+                   omega=float(r[KT.C_OMEGA]), polar=float(r[KT.C_POLAR]), capture=float(r[KT.C_CAPTURE]),
+                   F_cell=None if r[KT.C_SKIPPED] == 2 else float(r[KT.C_FCELL]))
+        if rec["F_cell"] is not None:
+            rec["I"] = float(r[KT.C_I])
+        samples.append(rec)
     return value * model.scale, omega, polar, capture, samples, I
 
 

@@ -72,6 +72,32 @@ def square_terms(qx, qy, qz, ori, xt, fs, fflat, buf, ibuf):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def term(orients, o, qx, qy, qz, S):
+    """One orientation's sample: (h, k, l, h0, k0, l0, F_latt, F_cell, counted); nanoBragg
+    skips the structure-factor lookup, and the term, where F_latt is 0 (unless there is
+    water background), and then F_cell is returned as 0 with counted False."""
+    h, k, l, h0, k0, l0 = miller(orients, o, qx, qy, qz)
+    F_latt = lattice_factor(h, k, l, h0, k0, l0, S.xtal)
+    if F_latt == 0.0 and not S.samp.water:
+        return h, k, l, h0, k0, l0, F_latt, 0.0, False
+    return h, k, l, h0, k0, l0, F_latt, lookup_F(h, k, l, h0, k0, l0, S.fhkl), True
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def add_term(I, T, samp, capture, polar, omega):
+    """The running sum after a term: I + T, then with -oversample_* flags multiplied by
+    each oversampled factor in turn (nanoBragg's order)."""
+    I += T
+    if samp.os_thick:
+        I *= capture
+    if samp.os_polar:
+        I *= polar
+    if samp.os_omega:
+        I *= omega
+    return I
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _forward_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
     """The sum of one block's terms, added to I; with -oversample_* flags each term's
     running sum is multiplied by the factors, one by one, as the C does."""
@@ -82,20 +108,10 @@ def _forward_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s,
     if fast:
         square_terms(qx, qy, qz, ori, xt, S.fhkl, fflat, buf, ibuf)
         return I + sum_fixed(buf, norient)
-    samp = S.samp
     for m in range(norient):
-        h, k, l, h0, k0, l0 = miller(orients, m, qx, qy, qz)
-        F_latt = lattice_factor(h, k, l, h0, k0, l0, xt)
-        if F_latt == 0.0 and not samp.water:
-            continue
-        F_cell = lookup_F(h, k, l, h0, k0, l0, S.fhkl)
-        I += F_cell * F_cell * F_latt * F_latt
-        if samp.os_thick:
-            I *= capture
-        if samp.os_polar:
-            I *= polar
-        if samp.os_omega:
-            I *= omega
+        h, k, l, h0, k0, l0, F_latt, F_cell, counted = term(orients, m, qx, qy, qz, S)
+        if counted:
+            I = add_term(I, F_cell * F_cell * F_latt * F_latt, S.samp, capture, polar, omega)
     return I
 
 
