@@ -726,8 +726,40 @@ def parse_nanobragg_args(args, warn=None, cwd=None):
 
 
 def _finish(st, args, warnings, notes, warn, mask_img, cwd):
+    """The parsed flags -> ParsedArgs: validation, nanoBragg's derived settings, the
+    records in user units."""
+    fpixels, spixels = _detector_pixels(st, mask_img)
+    _beam_and_sample(st, warn)
+    _validate(st, fpixels, spixels)
+    crystal_kw, Na, Nb, Nc, fudge, interpolate_choice = _crystal_size(st, warn, notes, cwd)
+    structure = _structure(st, st.out, warn, cwd, interpolate_choice)
+    sources = None
+    if st.sourcefile is not None:
+        from .io.sourcefile import read_sourcefile
+        sources = read_sourcefile(_path(st.sourcefile, cwd))
+    if st.stolfile is not None:
+        from .io._text import read_text
+        read_text(_path(st.stolfile, cwd), "stol")
+    _resolve_roi(st, fpixels, spixels)
+    _convention_warnings(st, args, warn)
+    try:
+        exp = Experiment(beam=_beam_record(st, sources), detector=_detector_record(st, fpixels, spixels, mask_img),
+                         crystal=_crystal_record(st, crystal_kw, Na, Nb, Nc, fudge), structure=structure,
+                         sampling=_sampling_record(st))
+    except ParameterError as exc:
+        raise ArgumentError(_flagify(str(exc))) from None
     out = st.out
-    # detector size in pixels
+    for name in ("floatfile", "intfile", "pgmfile", "noisefile"):
+        setattr(out, name, _path(getattr(out, name), cwd))
+    if out.dumpfile is not None:
+        out.dumpfile = _path(out.dumpfile, cwd)
+    return ParsedArgs(experiment=exp, outputs=out, warnings=warnings, notes=notes,
+                      hklfile=st.hklfile, matfile=st.matfile, sourcefile=st.sourcefile,
+                      maskfile=st.maskfile, imgfile=st.imgfile)
+
+
+def _detector_pixels(st, mask_img):
+    """(fpixels, spixels) from -detpixels / -detsize / -pixel, as nanoBragg.c rounds them."""
     if st.pixel <= 0:
         raise ArgumentError(f"-pixel: pixel size {st.pixel * 1000:g} mm must be positive")
     if st.fpixels < 0 or st.spixels < 0:
@@ -746,7 +778,11 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
         raise ArgumentError(
             f"-mask: the mask is {mask_img.data.shape[1]}x{mask_img.data.shape[0]} pixels but the detector is "
             f"{fpixels}x{spixels}")
-    # fluence from flux
+    return fpixels, spixels
+
+
+def _beam_and_sample(st, warn):
+    """-flux/-exposure/-beamsize make the fluence; the beam clips the sample."""
     if st.flux != 0.0 and st.exposure > 0.0 and st.beamsize >= 0:
         if st.beamsize == 0:
             raise ArgumentError("-beamsize: a beam size of 0 with -flux gives an infinite fluence")
@@ -758,6 +794,10 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
         if st.beamsize < st.sample[2]:
             warn(f"clipping sample ({st.sample[2]:g} m wide) with beam ({st.beamsize:g} m)")
             st.sample[2] = st.beamsize
+
+
+def _validate(st, fpixels, spixels):
+    """Values no simulation can use: one error naming the flag."""
     for name, v in (("-lambda", st.lambda0), ("-fluence", st.fluence)):
         if not math.isfinite(v):
             raise ArgumentError(f"{name}: value {v:g} is not finite")
@@ -772,33 +812,26 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
     for name, n in (("-Na", st.Na), ("-Nb", st.Nb), ("-Nc", st.Nc)):
         if n < 0:
             raise ArgumentError(f"{name}: {n:g} unit cells; the number of cells must not be negative")
-    # -oversample 0 (or any value <= 0) selects the automatic oversampling, as in nanoBragg.c
-    if st.mosaic_domains < -1 or (st.mosaic_domains == 0):
-        pass
     if st.out.printout_pixel is not None:
         pf, ps = st.out.printout_pixel
         if not (0 <= pf < fpixels and 0 <= ps < spixels):
             raise ArgumentError(f"-printout_pixel: pixel ({pf}, {ps}) is outside the {fpixels}x{spixels} detector")
-
-    # structure factors present?
-    if st.hklfile is None and out.dumpfile is None and st.default_F == 0.0:
+    if st.hklfile is None and st.out.dumpfile is None and st.default_F == 0.0:
         raise ArgumentError("no structure factors: give -hkl FILE or -default_F F > 0 "
                             "(usage: nbragg -mat auto.mat -hkl Fs.hkl ...)")
     if st.matfile is None and st.cell[0] == 0.0:
         raise ArgumentError("no unit cell: give -cell a b c alpha beta gamma or -mat FILE "
                             "(usage: nbragg -mat auto.mat -hkl Fs.hkl ...)")
 
-    # interpolation: decided before the cell (and before the -xtalsize N)
+
+def _crystal_size(st, warn, notes, cwd):
+    """The crystal's vectors, its number of cells (from -N or the sample size), the spot
+    metric's fudge, and the automatic interpolation choice (made on the -N flags, before
+    the sample size changes N, as in nanoBragg.c)."""
     Na_flag, Nb_flag, Nc_flag = st.Na, st.Nb, st.Nc
     interp_auto = st.interpolate > 1
-    if interp_auto:
-        interpolate_choice = None
-    else:
-        interpolate_choice = bool(st.interpolate)
-
+    interpolate_choice = None if interp_auto else bool(st.interpolate)
     crystal_kw = _crystal_vectors(st, warn, notes, cwd)
-
-    # number of cells from the sample size
     lengths = crystal_kw.pop("_lengths_m")
     metric_scale = crystal_kw.pop("_shape_metric_scale")
     fudge = st.fudge * metric_scale if st.shape in ("gauss", "tophat") else st.fudge
@@ -812,20 +845,11 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
     if interp_auto and (Na, Nb, Nc) != (Na_flag, Nb_flag, Nc_flag):
         interpolate_choice = Na_flag <= 2 or Nb_flag <= 2 or Nc_flag <= 2
     Na, Nb, Nc = (max(float(n), 1.0) for n in (Na, Nb, Nc))
-    if interp_auto and interpolate_choice is None and min(Na_flag, Nb_flag, Nc_flag) < 1:
-        pass  # the automatic rule sees N <= 2 either way
+    return crystal_kw, Na, Nb, Nc, fudge, interpolate_choice
 
-    structure = _structure(st, out, warn, cwd, interpolate_choice)
 
-    sources = None
-    if st.sourcefile is not None:
-        from .io.sourcefile import read_sourcefile
-        sources = read_sourcefile(_path(st.sourcefile, cwd))
-
-    if st.stolfile is not None:
-        from .io._text import read_text
-        read_text(_path(st.stolfile, cwd), "stol")
-
+def _resolve_roi(st, fpixels, spixels):
+    """-roi limits inside the detector; negative limits are unset (nanoBragg.c)."""
     if st.roi is not None:
         given = " ".join(str(x) for x in st.roi)
         # nanoBragg.c: a negative limit is unset -- a negative min is the first pixel, a
@@ -842,86 +866,90 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
                 f"-roi {given}: outside the {fpixels}x{spixels} detector "
                 f"(pixel indices run from 0 to {fpixels - 1} and {spixels - 1})")
 
+
+def _convention_warnings(st, args, warn):
+    """Flags that the detector convention makes have no effect (nanoBragg.c's rules)."""
     conv = st.convention
-    cv = st.custom_vectors
     if conv in ("xds", "dials") and (not math.isnan(st.Xbeam) or not math.isnan(st.Ybeam)):
         if any(a in ("-Xbeam", "-Ybeam") for a in args):
             warn(f"-Xbeam/-Ybeam do not move the detector under the {conv.upper()} convention "
                  "(sample pivot); they only go into the SMV header, as in nanoBragg.c")
     if conv != "custom" and any(a == "-pivot" for a in args):
         warn(f"-pivot has no effect under the {conv.upper()} convention, which fixes the pivot (as in nanoBragg.c)")
-    if "twotheta_axis" in cv and abs(np.linalg.norm(cv["twotheta_axis"]) - 1.0) > 1e-12:
+    if "twotheta_axis" in st.custom_vectors and abs(np.linalg.norm(st.custom_vectors["twotheta_axis"]) - 1.0) > 1e-12:
         warn("-twotheta_axis is not a unit vector; nanoBragg.c uses it as given (the detector is scaled)")
 
-    mask = None
-    if mask_img is not None:
-        mask = (mask_img.data != 0).astype(np.uint8)
 
-    try:
-        detector = Detector(
-            convention=conv,
-            pivot=st.pivot if conv == "custom" else None,
-            fpixels=fpixels, spixels=spixels, pixel_size=st.pixel * 1000.0,
-            detsize_f=None if st.detsize_f == st.pixel * fpixels else st.detsize_f * 1000.0,
-            detsize_s=None if st.detsize_s == st.pixel * spixels else st.detsize_s * 1000.0,
-            distance=st.distance * 1000.0,
-            close_distance=None if math.isnan(st.close_distance) else st.close_distance * 1000.0,
-            beam_x=None if math.isnan(st.Xbeam) else st.Xbeam * 1000.0,
-            beam_y=None if math.isnan(st.Ybeam) else st.Ybeam * 1000.0,
-            xclose=None if math.isnan(st.Xclose) else st.Xclose * 1000.0,
-            yclose=None if math.isnan(st.Yclose) else st.Yclose * 1000.0,
-            orgx=None if math.isnan(st.ORGX) else st.ORGX,
-            orgy=None if math.isnan(st.ORGY) else st.ORGY,
-            rotx=st.rot[0] * RTD, roty=st.rot[1] * RTD, rotz=st.rot[2] * RTD,
-            twotheta=st.twotheta * RTD,
-            curved=st.curved, point_pixel=st.point_pixel,
-            thickness=st.detector_thick * 1e6,
-            thicksteps=None if st.detector_thicksteps <= 0 else st.detector_thicksteps,
-            absorption_depth=None if st.detector_mu < 0 else (math.inf if st.detector_mu == 0 else 1e6 / st.detector_mu),
-            roi=None if st.roi is None else tuple(st.roi),
-            mask=mask,
-            **{k: v for k, v in cv.items()},
-        )
-        beam = Beam(
-            wavelength=st.lambda0 * 1e10, fluence=st.fluence, polarization=st.polarization,
-            nopolar=st.nopolar,
-            hdiv_range=None if st.hdivrange < 0 else st.hdivrange * 1000.0,
-            hdiv_step=None if st.hdivstep < 0 else st.hdivstep * 1000.0,
-            hdiv_steps=None if st.hdivsteps <= 0 else st.hdivsteps,
-            vdiv_range=None if st.vdivrange < 0 else st.vdivrange * 1000.0,
-            vdiv_step=None if st.vdivstep < 0 else st.vdivstep * 1000.0,
-            vdiv_steps=None if st.vdivsteps <= 0 else st.vdivsteps,
-            round_div=st.round_div,
-            dispersion=st.dispersion * 100.0,
-            disp_steps=None if st.dispsteps <= 0 else st.dispsteps,
-            sources=sources,
-        )
-        crystal = Crystal(
-            Na=Na, Nb=Nb, Nc=Nc, shape=st.shape, fudge=fudge,
-            mosaic_spread=None if st.mosaic_spread < 0 else st.mosaic_spread * RTD,
-            mosaic_domains=None if st.mosaic_domains <= 0 else st.mosaic_domains,
-            mosaic_seed=-st.mosaic_seed,
-            phi0=st.phi0 * RTD,
-            osc=None if st.osc < 0 else st.osc * RTD,
-            phistep=None if st.phistep < 0 else st.phistep * RTD,
-            phisteps=None if st.phisteps < 0 else st.phisteps,
-            **crystal_kw,
-        )
-        sampling = Sampling(
-            oversample=None if st.oversample <= 0 else st.oversample,
-            oversample_omega=st.os_omega, oversample_polar=st.os_polar, oversample_thick=st.os_thick,
-            dmin=st.dmin * 1e10, water=st.water * 1e6,
-        )
-        exp = Experiment(beam=beam, detector=detector, crystal=crystal, structure=structure, sampling=sampling)
-    except ParameterError as exc:
-        raise ArgumentError(_flagify(str(exc))) from None
-    for name in ("floatfile", "intfile", "pgmfile", "noisefile"):
-        setattr(out, name, _path(getattr(out, name), cwd))
-    if out.dumpfile is not None:
-        out.dumpfile = _path(out.dumpfile, cwd)
-    return ParsedArgs(experiment=exp, outputs=out, warnings=warnings, notes=notes,
-                      hklfile=st.hklfile, matfile=st.matfile, sourcefile=st.sourcefile,
-                      maskfile=st.maskfile, imgfile=st.imgfile)
+def _detector_record(st, fpixels, spixels, mask_img):
+    """The Detector record (mm, degrees, microns) of the parsed SI values."""
+    conv = st.convention
+    mask = None if mask_img is None else (mask_img.data != 0).astype(np.uint8)
+    return Detector(
+        convention=conv,
+        pivot=st.pivot if conv == "custom" else None,
+        fpixels=fpixels, spixels=spixels, pixel_size=st.pixel * 1000.0,
+        detsize_f=None if st.detsize_f == st.pixel * fpixels else st.detsize_f * 1000.0,
+        detsize_s=None if st.detsize_s == st.pixel * spixels else st.detsize_s * 1000.0,
+        distance=st.distance * 1000.0,
+        close_distance=None if math.isnan(st.close_distance) else st.close_distance * 1000.0,
+        beam_x=None if math.isnan(st.Xbeam) else st.Xbeam * 1000.0,
+        beam_y=None if math.isnan(st.Ybeam) else st.Ybeam * 1000.0,
+        xclose=None if math.isnan(st.Xclose) else st.Xclose * 1000.0,
+        yclose=None if math.isnan(st.Yclose) else st.Yclose * 1000.0,
+        orgx=None if math.isnan(st.ORGX) else st.ORGX,
+        orgy=None if math.isnan(st.ORGY) else st.ORGY,
+        rotx=st.rot[0] * RTD, roty=st.rot[1] * RTD, rotz=st.rot[2] * RTD,
+        twotheta=st.twotheta * RTD,
+        curved=st.curved, point_pixel=st.point_pixel,
+        thickness=st.detector_thick * 1e6,
+        thicksteps=None if st.detector_thicksteps <= 0 else st.detector_thicksteps,
+        absorption_depth=None if st.detector_mu < 0 else (math.inf if st.detector_mu == 0 else 1e6 / st.detector_mu),
+        roi=None if st.roi is None else tuple(st.roi),
+        mask=mask,
+        **{k: v for k, v in st.custom_vectors.items()},
+    )
+
+
+def _beam_record(st, sources):
+    """The Beam record (A, photons/m^2, mrad, percent) of the parsed SI values."""
+    return Beam(
+        wavelength=st.lambda0 * 1e10, fluence=st.fluence, polarization=st.polarization,
+        nopolar=st.nopolar,
+        hdiv_range=None if st.hdivrange < 0 else st.hdivrange * 1000.0,
+        hdiv_step=None if st.hdivstep < 0 else st.hdivstep * 1000.0,
+        hdiv_steps=None if st.hdivsteps <= 0 else st.hdivsteps,
+        vdiv_range=None if st.vdivrange < 0 else st.vdivrange * 1000.0,
+        vdiv_step=None if st.vdivstep < 0 else st.vdivstep * 1000.0,
+        vdiv_steps=None if st.vdivsteps <= 0 else st.vdivsteps,
+        round_div=st.round_div,
+        dispersion=st.dispersion * 100.0,
+        disp_steps=None if st.dispsteps <= 0 else st.dispsteps,
+        sources=sources,
+    )
+
+
+def _crystal_record(st, crystal_kw, Na, Nb, Nc, fudge):
+    """The Crystal record (degrees) of the parsed SI values."""
+    return Crystal(
+        Na=Na, Nb=Nb, Nc=Nc, shape=st.shape, fudge=fudge,
+        mosaic_spread=None if st.mosaic_spread < 0 else st.mosaic_spread * RTD,
+        mosaic_domains=None if st.mosaic_domains <= 0 else st.mosaic_domains,
+        mosaic_seed=-st.mosaic_seed,
+        phi0=st.phi0 * RTD,
+        osc=None if st.osc < 0 else st.osc * RTD,
+        phistep=None if st.phistep < 0 else st.phistep * RTD,
+        phisteps=None if st.phisteps < 0 else st.phisteps,
+        **crystal_kw,
+    )
+
+
+def _sampling_record(st):
+    """The Sampling record (A, microns) of the parsed SI values."""
+    return Sampling(
+        oversample=None if st.oversample <= 0 else st.oversample,
+        oversample_omega=st.os_omega, oversample_polar=st.os_polar, oversample_thick=st.os_thick,
+        dmin=st.dmin * 1e10, water=st.water * 1e6,
+    )
 
 
 _FIELD_FLAGS = {

@@ -1,0 +1,223 @@
+"""The dataset spec: its schema, validation and loading (YAML, JSON or a dict)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+from ..errors import InputFileError, NbraggError
+
+
+DIST_KINDS = ("uniform", "normal", "jitter", "loguniform", "integers", "choice")
+COUNT_TYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+class DatasetError(NbraggError):
+    """A dataset spec or output that cannot be used."""
+
+
+@dataclass
+class DatasetSpec:
+    seed: int
+    images: int
+    shard_size: int
+    base: List[str]
+    base_dir: str
+    vary: dict = field(default_factory=dict)
+    float_out: bool = True
+    counts: Optional[str] = "uint16"
+    jacobian: List[str] = field(default_factory=list)
+    compression: str = "bitshuffle"
+    precision: str = "float64"
+
+    def canonical(self):
+        """A JSON text that identifies the content the spec produces."""
+        content = {"seed": self.seed, "images": self.images, "shard_size": self.shard_size,
+                   "base": self.base, "vary": self.vary, "float": self.float_out, "counts": self.counts,
+                   "jacobian": self.jacobian, "compression": self.compression}
+        if self.precision != "float64":      # (datasets made before the field keep their identity)
+            content["precision"] = self.precision
+        return json.dumps(content, sort_keys=True)
+
+    def digest(self):
+        cached = self.__dict__.get("_digest")
+        if cached is not None:
+            return cached
+        h = hashlib.sha256(self.canonical().encode())
+        for tok in self.base:   # the content of input files the base names
+            p = os.path.join(self.base_dir, tok)
+            if os.path.isfile(p) and not tok.startswith("-"):
+                with open(p, "rb") as fh:
+                    h.update(fh.read())
+        self.__dict__["_digest"] = h.hexdigest()[:16]
+        return self.__dict__["_digest"]
+
+    @property
+    def nshards(self):
+        return -(-self.images // self.shard_size)
+
+    def varied_names(self):
+        from ..params import SCALAR_PARAMS
+        return [n for n in SCALAR_PARAMS if n in self.vary]
+
+
+def _spec_error(msg):
+    raise DatasetError(f"dataset spec: {msg}")
+
+
+def load_spec(source, base_dir=None):
+    """A :class:`DatasetSpec` from a YAML/JSON file path or a dict."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        try:
+            with open(path) as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise InputFileError(f"dataset spec {path!r} cannot be read: {exc.strerror}") from None
+        if path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError:  # pragma: no cover - yaml comes with the dataset extra
+                raise DatasetError("reading a YAML spec needs PyYAML (pip install pyyaml), or use JSON") from None
+            try:
+                raw = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise InputFileError(f"dataset spec {path!r} is not valid YAML: {exc}") from None
+        else:
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputFileError(f"dataset spec {path!r} is not valid JSON: {exc}") from None
+        base_dir = base_dir or os.path.dirname(os.path.abspath(path))
+    else:
+        raw = source
+        base_dir = base_dir or os.getcwd()
+    if not isinstance(raw, dict):
+        _spec_error("expected a mapping at the top level")
+    known = {"seed", "images", "shard_size", "base", "vary", "outputs", "compression", "precision"}
+    for k in raw:
+        if k not in known:
+            _spec_error(f"unknown field {k!r} (known: {', '.join(sorted(known))})")
+
+    def integer(name, default=None, minimum=None):
+        v = raw.get(name, default)
+        if v is None:
+            _spec_error(f"field {name!r} is required")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+            _spec_error(f"{name} = {v!r} is not an integer")
+        if minimum is not None and v < minimum:
+            _spec_error(f"{name} = {v!r} must be at least {minimum}")
+        return int(v)
+
+    seed = integer("seed", 0, 0)
+    images = integer("images", None, 1)
+    shard_size = integer("shard_size", min(images, 100), 1)
+    base = raw.get("base")
+    if isinstance(base, str):
+        base = base.split()
+    if not isinstance(base, list) or not base or not all(isinstance(t, (str, int, float)) for t in base):
+        _spec_error("base must be a nanoBragg command line (a string or a list of arguments)")
+    base = [str(t) for t in base]
+    vary = raw.get("vary") or {}
+    if not isinstance(vary, dict):
+        _spec_error("vary must be a mapping of parameter: distribution")
+    vary = dict(vary)
+    if "cell_jitter" in vary:
+        try:
+            r = _number(vary.pop("cell_jitter"))
+        except ValueError:
+            _spec_error("vary.cell_jitter must be a number")
+        for n in ("cell_a", "cell_b", "cell_c"):
+            vary.setdefault(n, {"jitter": r})
+    from ..params import SCALAR_PARAMS
+    for name, dist in vary.items():
+        if name == "orientation":
+            if dist not in ("uniform", None, False):
+                _spec_error(f"vary.orientation = {dist!r}: only 'uniform' is known")
+            continue
+        if name not in SCALAR_PARAMS:
+            _spec_error(f"vary.{name}: unknown parameter (choose from orientation, cell_jitter, "
+                        f"{', '.join(SCALAR_PARAMS)})")
+        vary[name] = dist = _normalise_dist(name, dist)
+        _check_dist(name, dist)
+    outputs = raw.get("outputs") or {}
+    if not isinstance(outputs, dict):
+        _spec_error("outputs must be a mapping")
+    for k in outputs:
+        if k not in ("float", "counts", "jacobian"):
+            _spec_error(f"outputs.{k}: unknown (known: float, counts, jacobian)")
+    float_out = bool(outputs.get("float", True))
+    counts = outputs.get("counts", "uint16")
+    if counts in (None, False, "none"):
+        counts = None
+    elif counts not in COUNT_TYPES:
+        _spec_error(f"outputs.counts = {counts!r}: choose uint16, uint32 or none")
+    if not float_out and counts is None:
+        _spec_error("outputs: ask for float photons, counts, or both")
+    jac = outputs.get("jacobian") or []
+    if isinstance(jac, str):
+        jac = [jac]
+    for n in jac:
+        if n not in SCALAR_PARAMS:
+            _spec_error(f"outputs.jacobian: unknown parameter {n!r}")
+    compression = raw.get("compression", "bitshuffle")
+    if compression not in ("bitshuffle", "gzip", "none"):
+        _spec_error(f"compression = {compression!r}: choose bitshuffle, gzip or none")
+    precision = raw.get("precision", "float64")
+    if precision not in ("float64", "float32"):
+        _spec_error(f"precision = {precision!r}: choose float64 or float32")
+    return DatasetSpec(seed=seed, images=images, shard_size=shard_size, base=base, base_dir=base_dir, vary=vary,
+                       float_out=float_out, counts=counts, jacobian=list(jac), compression=compression,
+                       precision=precision)
+
+
+def _number(v):
+    """A float from a number or a numeric string (YAML reads 1e28 as a string)."""
+    if isinstance(v, bool):
+        raise ValueError(v)
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        return float(v)
+    raise ValueError(v)
+
+
+def _normalise_dist(name, dist):
+    """Numbers in a distribution as floats; clear errors otherwise."""
+    try:
+        if not isinstance(dist, dict):
+            return _number(dist)
+        return {k: ([_number(x) for x in v] if isinstance(v, list) else _number(v)) for k, v in dist.items()}
+    except ValueError:
+        _spec_error(f"vary.{name} = {dist!r}: values must be numbers")
+
+
+def _check_dist(name, dist):
+    if isinstance(dist, (int, float)) and not isinstance(dist, bool):
+        return
+    if not isinstance(dist, dict) or len(dist) != 1:
+        _spec_error(f"vary.{name} = {dist!r}: expected a number or one of "
+                    + ", ".join("{%s: ...}" % k for k in DIST_KINDS))
+    kind, arg = next(iter(dist.items()))
+    if kind not in DIST_KINDS:
+        _spec_error(f"vary.{name}: unknown distribution {kind!r} (choose from {', '.join(DIST_KINDS)})")
+    if kind == "jitter":
+        if not isinstance(arg, (int, float)) or arg < 0:
+            _spec_error(f"vary.{name}.jitter = {arg!r} must be a non-negative number")
+    elif kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            _spec_error(f"vary.{name}.choice must be a non-empty list")
+    else:
+        if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg)):
+            _spec_error(f"vary.{name}.{kind} = {arg!r}: expected two numbers")
+        if kind in ("uniform", "loguniform", "integers") and not arg[0] <= arg[1]:
+            _spec_error(f"vary.{name}.{kind} = {arg!r}: the lower bound is above the upper")
+        if kind == "loguniform" and arg[0] <= 0:
+            _spec_error(f"vary.{name}.loguniform needs positive bounds")
+        if kind == "normal" and arg[1] < 0:
+            _spec_error(f"vary.{name}.normal: negative sd")
