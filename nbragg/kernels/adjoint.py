@@ -310,8 +310,10 @@ def _r_capture(W, S, t, dx, dy, dz, capture, sub):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _r_polar(W, S, s, ix, iy, iz, dx, dy, dz, polar, sub):
+def _r_polar(W, S, s, ix, iy, iz, dx, dy, dz, sub):
     W.rec[3] = sub * S.beam.sources.shape[0] + s
+    pv = S.beam.polar_axis
+    return polarization_factor(S.beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2])
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -351,7 +353,7 @@ def _r_finish(W, S, I, capture, polar, omega, omega_sum):
 
 
 walk_replay = specialise("replay", begin=_r_begin, omega_taken=_r_omega, capture_taken=_r_capture,
-                         polar_taken=_r_polar, block=_r_block, finish=_r_finish)
+                         polarization=_r_polar, block=_r_block, finish=_r_finish)
 
 
 @njit(cache=True, error_model="numpy")

@@ -101,12 +101,12 @@ def add_term(I, T, samp, capture, polar, omega):
 def _forward_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
     """The sum of one block's terms, added to I; with -oversample_* flags each term's
     running sum is multiplied by the factors, one by one, as the C does."""
-    fast, ori, fflat, buf, ibuf = W
     xt = S.xtal
     orients = xt.orients
     norient = orients.shape[0]
-    if fast:
-        square_terms(qx, qy, qz, ori, xt, S.fhkl, fflat, buf, ibuf)
+    if W[0]:      # W = (fast, ori, fflat, buf, ibuf), read by index (see pixel.py)
+        buf = W[3]
+        square_terms(qx, qy, qz, W[1], xt, S.fhkl, W[2], buf, W[4])
         return I + sum_fixed(buf, norient)
     for m in range(norient):
         h, k, l, h0, k0, l0, F_latt, F_cell, counted = term(orients, m, qx, qy, qz, S)

@@ -16,7 +16,9 @@ bound into a copy of :func:`walk` (:func:`specialise`, the same recompilation th
 the float32 and CUDA twins).  Forward (the image), tangent (forward-mode derivatives),
 adjoint replay (the record the backward sweep reads), the fast adjoint and the ``-printout``
 tracer are modes.  A hook receives the mode's work state ``W`` (a tuple of arrays it owns)
-and the scene ``S``; the ones a mode does not bind do nothing.
+and the scene ``S``; the ones a mode does not bind do nothing.  Hooks read ``W`` by index
+(``W[i]``), never by unpacking it or by a named tuple's fields: inlined into a parallel
+loop, Numba keeps the writes made through indexed reads only (the tests catch the others).
 
 Hooks, in the order the walk calls them:
 
@@ -29,7 +31,8 @@ Hooks, in the order the walk calls them:
 ``capture_taken(W, S, t, dx, dy, dz, capture, sub)``
 ``cut(W, S, t, subS, subF, src, px, py, pz, qx, qy, qz)``    -dmin dropped this sample
 ``source(W, S, src, dx, dy, dz, qx, qy, qz, lam)``
-``polar_taken(W, S, src, ix, iy, iz, dx, dy, dz, polar, sub)``
+``polarization(W, S, src, ix, iy, iz, dx, dy, dz, sub) -> polar``   takes the polarization
+                                              factor (default: its value alone)
 ``block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, src, sub) -> I``
 ``subpixel_done(W, S, f, s, subF, subS, t, px, py, pz, R, dx, dy, dz)``
 ``finish(W, S, I, capture, polar, omega, omega_sum) -> result``
@@ -57,7 +60,6 @@ def walk(fpixel, spixel, S, W):
     os_thick = samp.os_thick
     sources = beam.sources
     lambdas = beam.lambdas
-    pv = beam.polar_axis
     nsrc = sources.shape[0]
     I, go = begin(W, S, fpixel, spixel)
     if not go:
@@ -88,8 +90,7 @@ def walk(fpixel, spixel, S, W):
                         continue
                     source(W, S, s, dx, dy, dz, qx, qy, qz, lam)
                     if polar == 0.0 or os_polar:
-                        polar = polarization_factor(beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2])
-                        polar_taken(W, S, s, ix, iy, iz, dx, dy, dz, polar, sub)
+                        polar = polarization(W, S, s, ix, iy, iz, dx, dy, dz, sub)
                     I = block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub)
                 subpixel_done(W, S, fpixel, spixel, subF, subS, t, px, py, pz, R, dx, dy, dz)
     return finish(W, S, I, capture, polar, omega, omega_sum)
@@ -163,8 +164,9 @@ def _source(W, S, s, dx, dy, dz, qx, qy, qz, lam):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _polar_taken(W, S, s, ix, iy, iz, dx, dy, dz, polar, sub):
-    pass
+def _polarization(W, S, s, ix, iy, iz, dx, dy, dz, sub):
+    pv = S.beam.polar_axis
+    return polarization_factor(S.beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2])
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -186,15 +188,15 @@ omega_taken = _omega_taken
 capture_taken = _capture_taken
 cut = _cut
 source = _source
-polar_taken = _polar_taken
+polarization = _polarization
 block = _block
 finish = _finish
 
-HOOKS = ("begin", "layer", "subpixel", "omega_taken", "capture_taken", "cut", "source", "polar_taken",
+HOOKS = ("begin", "layer", "subpixel", "omega_taken", "capture_taken", "cut", "source", "polarization",
          "block", "subpixel_done", "finish")
 _DEFAULTS = {"begin": _begin, "layer": _layer, "subpixel": _subpixel,
              "omega_taken": _omega_taken, "capture_taken": _capture_taken, "cut": _cut, "source": _source,
-             "polar_taken": _polar_taken, "subpixel_done": _subpixel}
+             "polarization": _polarization, "subpixel_done": _subpixel}
 
 
 def specialise(name, **hooks):

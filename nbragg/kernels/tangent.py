@@ -328,13 +328,13 @@ def _t_source(W, S, s, dx, dy, dz, qx, qy, qz, lam):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _t_polar(W, S, s, ix, iy, iz, dx, dy, dz, polar, sub):
+def _t_polar(W, S, s, ix, iy, iz, dx, dy, dz, sub):
     d = W[W_d]
     L = W[W_L]
     dd = W[W_dd]
     pb = W[W_pbuf]
     pv = S.beam.polar_axis
-    polarization_grad(S.beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2], pb)
+    polar = polarization_grad(S.beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2], pb)
     so = L.sources + 3 * s
     for p in range(W[W_dpol].shape[0]):
         if (W[W_flags][p] & (T_GEO | T_SRC | T_POL)) == 0:
@@ -342,6 +342,7 @@ def _t_polar(W, S, s, ix, iy, iz, dx, dy, dz, polar, sub):
         W[W_dpol][p] = (pb[0] * d[p, L.kahn] - pb[1] * d[p, so] - pb[2] * d[p, so + 1] - pb[3] * d[p, so + 2]
                      + pb[4] * dd[p, 0] + pb[5] * dd[p, 1] + pb[6] * dd[p, 2] + pb[7] * d[p, L.polar_axis]
                      + pb[8] * d[p, L.polar_axis + 1] + pb[9] * d[p, L.polar_axis + 2])
+    return polar
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -428,7 +429,7 @@ def _t_finish(W, S, I, capture, polar, omega, omega_sum):
 
 
 walk_tangent = specialise("tangent", begin=_t_begin, layer=_t_layer, subpixel=_t_subpixel, omega_taken=_t_omega,
-                          capture_taken=_t_capture, source=_t_source, polar_taken=_t_polar, block=_t_block,
+                          capture_taken=_t_capture, source=_t_source, polarization=_t_polar, block=_t_block,
                           finish=_t_finish)
 
 

@@ -22,8 +22,9 @@ COLUMNS = ("layer", "subS", "subF", "source", "orientation", "skipped", "px", "p
 
 @njit(cache=True, error_model="numpy")
 def _row(W, t, subS, subF, s, qx, qy, qz):
-    rows, count, pos = W
-    r = rows[count[0]]
+    count = W[1]           # W = (rows, count, pos), read by index (see pixel.py)
+    pos = W[2]
+    r = W[0][count[0]]
     count[0] += 1
     r[C_LAYER] = t
     r[C_SUBS] = subS
