@@ -743,9 +743,12 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
     _resolve_roi(st, fpixels, spixels)
     _convention_warnings(st, args, warn)
     try:
-        exp = Experiment(beam=_beam_record(st, sources), detector=_detector_record(st, fpixels, spixels, mask_img),
-                         crystal=_crystal_record(st, crystal_kw, Na, Nb, Nc, fudge), structure=structure,
-                         sampling=_sampling_record(st))
+        # records built in this order, so that the first bad value reported is the same
+        detector = _detector_record(st, fpixels, spixels, mask_img)
+        beam = _beam_record(st, sources)
+        crystal = _crystal_record(st, crystal_kw, Na, Nb, Nc, fudge)
+        sampling = _sampling_record(st)
+        exp = Experiment(beam=beam, detector=detector, crystal=crystal, structure=structure, sampling=sampling)
     except ParameterError as exc:
         raise ArgumentError(_flagify(str(exc))) from None
     out = st.out

@@ -214,26 +214,21 @@ class _Problem:
         return r
 
     def model_jacobian(self, theta):
-        """dm/dtheta over the selected pixels (blurred like the images).  The tangent pass
-        computes the image too: where this theta has no image yet, it is kept, so that
-        fun() at the same theta renders nothing more."""
-        key = tuple(float(t) for t in theta)
-        hit = self._cache is not None and self._cache[0] == key
-        model = self._cache[1] if hit else build_model(self.experiment(theta), warn=lambda m: None)
+        """dm/dtheta over the selected pixels (blurred like the images).  (The tangent pass
+        computes the image too, but the model image stays the forward kernel's, whose
+        last bits differ: the objective at a theta must not depend on the call order.)"""
+        model, m = self._model(theta)
         d = np.array([input_tangent(model, n) for n in self.names]).reshape(len(self.names), -1)
-        J, image = tangent_image(model, d, threads=self.threads, backend=self.backend)
-        if not hit:
-            self._cache = (key, model, _blur(image, self.sigma)[self.select])
+        J, _ = tangent_image(model, d, threads=self.threads, backend=self.backend)
         if self.sigma > 0:
             J = np.stack([_blur(J[..., p], self.sigma) for p in range(J.shape[-1])], axis=-1)
         return J[self.select]
 
     def jac(self, theta):
         self.njev += 1
-        J = self.model_jacobian(theta)
         _, m = self._model(theta)
         r = self.obj.residuals(m)
-        return self.obj.dres_dm(m, r)[:, None] * J
+        return self.obj.dres_dm(m, r)[:, None] * self.model_jacobian(theta)
 
     def value_and_grad(self, theta):
         self.nfev += 1
