@@ -52,3 +52,16 @@ def copy_case_inputs(case, dest):
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_working_directory_alone():
+    """Tests write only into their temporary folders: fail one that leaves a new file in
+    the directory the suite runs from (where the command line's default outputs land)."""
+    cwd = Path.cwd()
+    before = set(os.listdir(cwd))
+    yield
+    if Path.cwd() != cwd:
+        return
+    new = sorted(n for n in set(os.listdir(cwd)) - before if not n.startswith("."))
+    assert not new, f"the test wrote {new} into {cwd}; write into tmp_path instead"

@@ -218,7 +218,7 @@ def test_backend_errors_name_the_value():
         nbragg.jacobian(exp, ["cell_a"], backend="tpu")
 
 
-def test_command_line_device(tmp_path, capsys):
+def test_command_line_device(in_tmp, tmp_path, capsys):
     from nbragg import cli
     out = tmp_path / "gpu.bin"
     ref = tmp_path / "cpu.bin"
