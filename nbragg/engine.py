@@ -7,6 +7,7 @@ The command line, refinement and dataset generation all call :func:`simulate` (o
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class Model:
     scene: Scene                 # what the kernels read (kernels/scene.py)
     warnings: list = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def layout(self):
         """Offsets of the scene's derivatives in a flat vector (kernels/scene.py)."""
         return layout_of(self.scene)

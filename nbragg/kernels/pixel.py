@@ -194,9 +194,7 @@ finish = _finish
 
 HOOKS = ("begin", "layer", "subpixel", "omega_taken", "capture_taken", "cut", "source", "polarization",
          "block", "subpixel_done", "finish")
-_DEFAULTS = {"begin": _begin, "layer": _layer, "subpixel": _subpixel,
-             "omega_taken": _omega_taken, "capture_taken": _capture_taken, "cut": _cut, "source": _source,
-             "polarization": _polarization, "subpixel_done": _subpixel}
+_DEFAULTS = {h: globals()[h] for h in HOOKS}    # the module-level bindings above
 
 
 def specialise(name, **hooks):
@@ -211,7 +209,7 @@ def specialise(name, **hooks):
     py = walk.py_func
     scope = dict(py.__globals__)
     for h in HOOKS:
-        scope[h] = hooks.get(h, _DEFAULTS.get(h))
+        scope[h] = hooks.get(h, _DEFAULTS[h])
     clone = types.FunctionType(py.__code__, scope, py.__name__, py.__defaults__, py.__closure__)
     clone.__qualname__ = f"{py.__qualname__}_{name}"
     options = {k: v for k, v in walk.targetoptions.items() if k != "nopython"}
