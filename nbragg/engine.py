@@ -53,6 +53,7 @@ class Model:
     I_bg: float
     water: float                 # m
     dmin: float                  # m
+    scale: float                 # r_e^2 * fluence / steps, applied after the kernel
     scene: Scene                 # what the kernels read (kernels/scene.py)
     warnings: list = field(default_factory=list)
 
@@ -64,11 +65,6 @@ class Model:
     @property
     def shape(self):
         return (self.detector.spixels, self.detector.fpixels)
-
-    @property
-    def scale(self):
-        """r_e^2 * fluence / steps, applied after the kernel."""
-        return R_E_SQR * self.fluence / self.steps
 
     @property
     def inner_evaluations(self):
@@ -86,6 +82,35 @@ class Model:
         return roi_clipped(self.scene.det)
 
 
+def resolve(exp, warn=None):
+    """The set-up: detector, sources, crystal and structure resolved from an Experiment
+    the way nanoBragg.c does.  Runs on real values, and on complex ones for the
+    complex-step derivatives of the kernel inputs (params.py)."""
+    det = resolve_detector(exp.detector, warn=warn)
+    src = resolve_sources(exp.beam, det.beam, det.polar)
+    cry = resolve_crystal(exp.crystal, det.spindle, warn=warn)
+    return det, src, cry
+
+
+def kernel_inputs(exp, det, src, cry, oversample, steps):
+    """The differentiable kernel inputs (every field of ``kernels.scene.FIELDS``), from
+    the resolved set-up.  The one place each is computed: the Scene is built from these
+    values, and their derivatives are these values' complex steps."""
+    fluence = exp.beam.fluence
+    water = exp.sampling.water / 1e6
+    return dict(
+        pix0=det.pix0, fdet=det.fdet, sdet=det.sdet, odet=det.odet, pixel=det.pixel,
+        subpixel=det.pixel / oversample, distance=det.distance, close_distance=det.close_distance,
+        thickstep=det.thickstep, mu=det.mu,
+        beam=det.beam, polar_axis=det.polar, kahn=exp.beam.polarization, sources=src.directions,
+        lambdas=src.wavelengths,
+        orients=cry.orientations, recip=cry.recip0, Na=cry.Na, Nb=cry.Nb, Nc=cry.Nc, fudge=cry.fudge,
+        default_F=exp.structure.default_F,
+        I_bg=WATER_F * WATER_F * R_E_SQR * fluence * water * water * water * 1e6 * AVOGADRO / WATER_MW,
+        scale=R_E_SQR * fluence / steps,
+    )
+
+
 def build_model(exp, warn=None):
     """Resolve an :class:`Experiment` into a :class:`Model` (pure numpy, no kernel call)."""
     if not isinstance(exp, Experiment):
@@ -99,9 +124,7 @@ def build_model(exp, warn=None):
         else:
             log.warning(msg)
 
-    det = resolve_detector(exp.detector, warn=_warn)
-    src = resolve_sources(exp.beam, det.beam, det.polar)
-    cry = resolve_crystal(exp.crystal, det.spindle, warn=_warn)
+    det, src, cry = resolve(exp, warn=_warn)
     st = resolve_structure(exp.structure, exp.crystal.Na, exp.crystal.Nb, exp.crystal.Nc)
 
     lambda0 = exp.beam.wavelength / 1e10
@@ -122,10 +145,7 @@ def build_model(exp, warn=None):
                   f"(nanoBragg recommends -oversample {rec})")
     nsrc = len(src.wavelengths)
     steps = nsrc * cry.mosaic_domains * cry.phisteps * oversample * oversample
-
-    fluence = exp.beam.fluence
-    water = s.water / 1e6
-    I_bg = WATER_F * WATER_F * R_E_SQR * fluence * water * water * water * 1e6 * AVOGADRO / WATER_MW
+    u = kernel_inputs(exp, det, src, cry, oversample, steps)
 
     if exp.detector.mask is not None:
         mask = np.ascontiguousarray(exp.detector.mask, dtype=np.uint8)
@@ -133,27 +153,27 @@ def build_model(exp, warn=None):
         mask = np.ones((1, 1), dtype=np.uint8)
     scene = Scene(
         det=Detector(
-            pix0=_vec(det.pix0), fdet=_vec(det.fdet), sdet=_vec(det.sdet), odet=_vec(det.odet),
-            pixel=float(det.pixel), subpixel=float(det.pixel / oversample), distance=float(det.distance),
-            close_distance=float(det.close_distance), thick=float(det.thick), thickstep=float(det.thickstep),
-            mu=float(det.mu), thicksteps=int(det.thicksteps), oversample=int(oversample), curved=bool(det.curved),
+            pix0=_vec(u["pix0"]), fdet=_vec(u["fdet"]), sdet=_vec(u["sdet"]), odet=_vec(u["odet"]),
+            pixel=float(u["pixel"]), subpixel=float(u["subpixel"]), distance=float(u["distance"]),
+            close_distance=float(u["close_distance"]), thick=float(det.thick), thickstep=float(u["thickstep"]),
+            mu=float(u["mu"]), thicksteps=int(det.thicksteps), oversample=int(oversample), curved=bool(det.curved),
             point_pixel=bool(det.point_pixel), fpixels=int(det.fpixels), spixels=int(det.spixels),
             roi=np.array(det.roi, dtype=np.int64), mask=mask, use_mask=exp.detector.mask is not None),
         beam=Beam(
-            beam=_vec(det.beam), polar_axis=_vec(det.polar), kahn=float(exp.beam.polarization),
-            nopolar=bool(exp.beam.nopolar), sources=np.ascontiguousarray(src.directions, dtype=np.float64),
-            lambdas=np.ascontiguousarray(src.wavelengths, dtype=np.float64)),
+            beam=_vec(u["beam"]), polar_axis=_vec(u["polar_axis"]), kahn=float(u["kahn"]),
+            nopolar=bool(exp.beam.nopolar), sources=np.ascontiguousarray(u["sources"], dtype=np.float64),
+            lambdas=np.ascontiguousarray(u["lambdas"], dtype=np.float64)),
         xtal=Crystal(
-            orients=np.ascontiguousarray(cry.orientations, dtype=np.float64),
-            recip=np.ascontiguousarray(cry.recip0, dtype=np.float64), Na=float(cry.Na), Nb=float(cry.Nb),
-            Nc=float(cry.Nc), fudge=float(cry.fudge), shape=int(_SHAPE_CODES[cry.shape])),
+            orients=np.ascontiguousarray(u["orients"], dtype=np.float64),
+            recip=np.ascontiguousarray(u["recip"], dtype=np.float64), Na=float(u["Na"]), Nb=float(u["Nb"]),
+            Nc=float(u["Nc"]), fudge=float(u["fudge"]), shape=int(_SHAPE_CODES[cry.shape])),
         fhkl=Structure(
             grid=np.ascontiguousarray(st.grid, dtype=np.float64), hkl_min=np.array(st.hkl_min, dtype=np.int64),
             hkl_max=np.array(st.hkl_max, dtype=np.int64), has_hkls=bool(st.hkls > 0),
-            interpolate=bool(st.interpolate), default_F=float(st.default_F)),
+            interpolate=bool(st.interpolate), default_F=float(u["default_F"])),
         samp=Sampling(
             os_omega=bool(s.oversample_omega), os_polar=bool(s.oversample_polar), os_thick=bool(s.oversample_thick),
-            dmin=float(s.dmin * 1e-10), I_bg=float(I_bg), water=bool(water != 0.0)),
+            dmin=float(s.dmin * 1e-10), I_bg=float(u["I_bg"]), water=bool(s.water != 0.0)),
     )
     if s.oversample_thick and det.thick == 0.0:
         _warn("-oversample_thick without a sensor thickness: nanoBragg.c multiplies every term by a "
@@ -164,8 +184,8 @@ def build_model(exp, warn=None):
     return Model(
         experiment=exp, detector=det, sources=src, crystal=cry, structure=st,
         oversample=oversample, oversample_auto=auto, recommended_oversample=rec, steps=steps,
-        fluence=fluence, wavelength=lambda0, I_bg=I_bg, water=water, dmin=s.dmin * 1e-10,
-        scene=scene, warnings=warnings,
+        fluence=exp.beam.fluence, wavelength=lambda0, I_bg=u["I_bg"], water=s.water / 1e6, dmin=s.dmin * 1e-10,
+        scale=u["scale"], scene=scene, warnings=warnings,
     )
 
 

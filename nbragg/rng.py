@@ -14,6 +14,8 @@ import math
 import numpy as np
 from numba import njit
 
+from .models.geometry import cos, sin
+
 _IA = 16807
 _IM = 2147483647
 _AM = 1.0 / _IM
@@ -201,9 +203,9 @@ def mosaic_rotation_umat(mosaicity, idum, gen, single_precision=False):
 def axis_angle_matrix(v, rot):
     """Rotation matrix by ``rot`` radians about the unit vector ``v`` (nanoBragg's form)."""
     v1, v2, v3 = v
-    t1 = math.cos(rot)
+    t1 = cos(rot)
     t2 = 1.0 - t1
-    t8 = math.sin(rot)
+    t8 = sin(rot)
     t6 = t2 * v1
     t7 = t6 * v2
     t9 = t8 * v3

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ParameterError
-from .geometry import cross, rotate_axis, unitize
+from .geometry import cross, re, rotate_axis, unitize
 
 
 def resolve_steps(rng, step, steps, unset_range_default=1.0):
@@ -98,7 +98,7 @@ def resolve_sources(beam, beam_vector, polar_vector):
                 w = 1.0
             if math.isnan(l):
                 l = lambda0
-            if not l > 0:
+            if not re(l) > 0:
                 raise ParameterError(f"source {i + 1}: wavelength {l:g} m is not positive")
             listing.append((x, y, z, w, l))
             pos.append((x, y, z))
@@ -139,14 +139,14 @@ def resolve_sources(beam, beam_vector, polar_vector):
                 f"(-hdivsteps/-vdivsteps, Beam.hdiv_steps/vdiv_steps), or a step smaller than the range")
         n = len(listing)
         listing = [(x, y, z, 1.0 / n, l) for (x, y, z, _, l) in listing]
-    dirs = np.empty((len(pos), 3))
+    dirs = np.empty((len(pos), 3), dtype=np.result_type(np.asarray(pos), float))
     for i, p in enumerate(pos):
         u, mag = unitize(np.array(p))
         if mag == 0.0:
             raise ParameterError(f"source {i + 1} lies at the sample (X Y Z = 0 0 0): its direction is undefined")
         dirs[i] = u
     return Sources(
-        directions=dirs, wavelengths=np.array(lam, dtype=float), divsteps=divsteps,
+        directions=dirs, wavelengths=np.array(lam), divsteps=divsteps,
         dispsteps=dispsteps, hdiv=hdiv, vdiv=vdiv, disp=disp, from_file=beam.sources is not None,
         listing=listing, divergence_offsets=offsets, lambdas=lambdas,
     )

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import ParameterError
 from ..rng import NRGenerator, mosaic_rotation_umat
 from ..units import ANGSTROM, RTD, deg2rad
-from .geometry import cross, dot, rotate_axis, rotation_xyz_matrix
+from .geometry import cos, cross, dot, re, rotate_axis, rotation_xyz_matrix, scalar, sin, sqrt
 
 
 def _reciprocal_standard(cell, c_star_z_exact=True):
@@ -48,39 +48,14 @@ def cell_vectors(cell):
 
     with S = sqrt(1 - cos^2 alpha - cos^2 beta - cos^2 gamma + 2 cos alpha cos beta cos gamma).
     """
-    return cell_vectors_and_derivatives(cell)[0]
-
-
-def cell_vectors_and_derivatives(cell):
-    """(B, dB) with B as in :func:`cell_vectors` and dB[p] = dB/dcell[p] (angles per degree)."""
-    a, b, c = (float(x) for x in cell[:3])
+    a, b, c = (scalar(x) for x in cell[:3])
     al, be, ga = (deg2rad(x) for x in cell[3:])
-    ca, cb, cg = math.cos(al), math.cos(be), math.cos(ga)
-    sa, sb, sg = math.sin(al), math.sin(be), math.sin(ga)
-    D = 1.0 - ca * ca - cb * cb - cg * cg + 2.0 * ca * cb * cg
-    S = math.sqrt(D)
-    B = np.array([[a * S / sa, a * (cg - ca * cb) / sa, a * cb],
-                  [0.0, b * sa, b * ca],
-                  [0.0, 0.0, c]])
-    dB = np.zeros((6, 3, 3))
-    dB[0, 0] = B[0] / a
-    dB[1, 1] = B[1] / b
-    dB[2, 2] = B[2] / c
-    dS = np.array([sa * (ca - cb * cg), sb * (cb - ca * cg), sg * (cg - ca * cb)]) / S  # dS/d(angle)
-    # alpha
-    dB[3, 0, 0] = a * (dS[0] / sa - S * ca / (sa * sa))
-    dB[3, 0, 1] = a * (sa * cb / sa - (cg - ca * cb) * ca / (sa * sa))
-    dB[3, 1, 1] = b * ca
-    dB[3, 1, 2] = -b * sa
-    # beta
-    dB[4, 0, 0] = a * dS[1] / sa
-    dB[4, 0, 1] = a * ca * sb / sa
-    dB[4, 0, 2] = -a * sb
-    # gamma
-    dB[5, 0, 0] = a * dS[2] / sa
-    dB[5, 0, 1] = -a * sg / sa
-    dB[3:] *= math.pi / 180.0
-    return B, dB
+    ca, cb, cg = cos(al), cos(be), cos(ga)
+    sa = sin(al)
+    S = sqrt(1.0 - ca * ca - cb * cb - cg * cg + 2.0 * ca * cb * cg)
+    return np.array([[a * S / sa, a * (cg - ca * cb) / sa, a * cb],
+                     [0.0, b * sa, b * ca],
+                     [0.0, 0.0, c]])
 
 
 def reciprocal_from_real(real):
@@ -102,28 +77,28 @@ def cell_from_vectors(real):
 def resolve_phi(phi0, osc, phistep, phisteps):
     """nanoBragg's phi rules (radians; -1 = unset).  Returns (phi0, osc, phistep, phisteps)."""
     if phisteps < 0:
-        if osc < 0.0:
-            if phistep <= 0.0:
+        if re(osc) < 0.0:
+            if re(phistep) <= 0.0:
                 phisteps, osc, phistep = 1, 0.0, 0.0
             else:
                 osc, phisteps = phistep, 2
         else:
-            if phistep <= 0.0:
+            if re(phistep) <= 0.0:
                 phisteps = 2
                 phistep = osc / 2.0
             else:
-                phisteps = math.ceil(osc / phistep)
+                phisteps = math.ceil(re(osc / phistep))
     else:
         if phisteps == 0:
             phisteps = 1
-        if osc < 0.0:
-            if phistep <= 0.0:
+        if re(osc) < 0.0:
+            if re(phistep) <= 0.0:
                 osc = 1.0 / RTD
                 phistep = osc / phisteps
             else:
                 osc, phisteps = phistep, 2
         else:
-            if phistep < 0.0:
+            if re(phistep) < 0.0:
                 phistep = osc / phisteps
     return phi0, osc, phistep, phisteps
 
@@ -131,18 +106,18 @@ def resolve_phi(phi0, osc, phistep, phisteps):
 def resolve_mosaic(spread, domains, warn=None):
     """nanoBragg's mosaic rules (spread in radians, -1 = unset).  Returns (spread, domains)."""
     if domains <= 0:
-        if spread < 0.0:
+        if re(spread) < 0.0:
             return 0.0, 1
-        if spread == 0.0:
+        if re(spread) == 0.0:
             return spread, 1
         if warn is not None:
             warn("finite mosaicity with only one domain! upping to 10 mosaic domains")
         return spread, 10
-    if spread < 0.0:
+    if re(spread) < 0.0:
         if warn is not None:
             warn("no mosaic spread specified.  setting mosaic_domains = 1")
         return 0.0, 1
-    if spread == 0.0:
+    if re(spread) == 0.0:
         if warn is not None:
             warn("zero mosaic spread specified.  setting mosaic_domains = 1")
         return spread, 1
@@ -207,9 +182,9 @@ def resolve_crystal(crystal, spindle, warn=None):
 
     gen = NRGenerator()
     idum = gen.seed_cell(-crystal.mosaic_seed)
-    umats = np.empty((domains, 3, 3))
+    umats = np.empty((domains, 3, 3), dtype=np.result_type(spread, float))
     axes = np.zeros((domains, 3))
-    angles = np.zeros(domains)
+    angles = np.zeros(domains, dtype=umats.dtype)
     shrinks = np.zeros(domains)
     for i in range(domains):
         u, axis, rot, shrink = mosaic_rotation_umat(spread, idum, gen)
@@ -218,7 +193,7 @@ def resolve_crystal(crystal, spindle, warn=None):
         umats[i], axes[i], angles[i], shrinks[i] = u, axis, rot, shrink
 
     phis = np.array([phi0 + phistep * t for t in range(phisteps)])
-    orient = np.empty((phisteps * domains, 3, 3))
+    orient = np.empty((phisteps * domains, 3, 3), dtype=np.result_type(real0, umats, phis))
     for p, phi in enumerate(phis):
         if phi != 0.0:
             rotated = np.array([rotate_axis(v, spindle, phi) for v in real0])
@@ -226,13 +201,13 @@ def resolve_crystal(crystal, spindle, warn=None):
             rotated = real0.copy()
         for m in range(domains):
             orient[p * domains + m] = rotated @ umats[m].T
-    Na, Nb, Nc = (max(1.0, n) for n in (crystal.Na, crystal.Nb, crystal.Nc))
+    Na, Nb, Nc = (n if re(n) >= 1.0 else 1.0 for n in (crystal.Na, crystal.Nb, crystal.Nc))
     return CrystalModel(
         real0=real0, recip0=recip, base_rotation=R, B_real=B, orientations=orient, phis=phis,
         phi0=phi0, osc=osc, phistep=phistep, phisteps=phisteps, mosaic_spread=spread,
         mosaic_domains=domains, mosaic_umats=umats, mosaic_axes=axes, mosaic_angles=angles,
         mosaic_shrinks=shrinks,
         spindle=np.asarray(spindle, dtype=float), Na=Na, Nb=Nb, Nc=Nc, shape=crystal.shape,
-        fudge=float(crystal.fudge), cell=cell_from_vectors(real_A),
-        volume=abs(dot(real_A[0], cross(real_A[1], real_A[2]))),
+        fudge=float(crystal.fudge), cell=cell_from_vectors(np.real(real_A)),
+        volume=abs(dot(np.real(real_A[0]), cross(np.real(real_A[1]), np.real(real_A[2])))),
     )
