@@ -22,11 +22,11 @@ from .kernels import cpu as K
 from .kernels import physics
 from .kernels import tangent as T
 from .kernels.precision import cpu_single
-from .kernels.scene import (Beam, Crystal, Detector, Sampling, Scene, Structure, as_single, layout_of,
-                            roi_clipped)
+from .kernels.scene import (Beam, Crystal, Detector, Sampling, Scene, Structure, as_single, kernel_layout,
+                            layout_of, panel_index, roi_clipped)
 from .models.beam import Sources, resolve_sources
 from .models.crystal import CrystalModel, resolve_crystal
-from .models.detector import DetectorGeometry, resolve_detector
+from .models.detector import DetectorGeometry, nanobragg_panels, resolve_detector
 from .models.structure import StructureModel, resolve_structure
 from .units import AVOGADRO, R_E_SQR, WATER_F, WATER_MW
 
@@ -54,26 +54,43 @@ class Model:
     water: float                 # m
     dmin: float                  # m
     scale: float                 # r_e^2 * fluence / steps, applied after the kernel
-    scene: Scene                 # what the kernels read (kernels/scene.py)
+    scenes: tuple                # what the kernels read (kernels/scene.py), one Scene per
+                                 # detector panel; the blocks other than det are shared
+    panels: list                 # the detector's panels (models.detector.Panel)
+    panel_maker: object = None   # resolved geometry -> panels (None: nanoBragg's one panel)
     warnings: list = field(default_factory=list)
+
+    @property
+    def scene(self):
+        """The Scene of a one-panel model (of the first panel of any other)."""
+        return self.scenes[0]
 
     @functools.cached_property
     def layout(self):
-        """Offsets of the scene's derivatives in a flat vector (kernels/scene.py)."""
-        return layout_of(self.scene)
+        """Offsets of the inputs' derivatives in a flat vector (kernels/scene.py)."""
+        return layout_of(self.scenes[0], len(self.scenes))
+
+    @functools.cached_property
+    def kernel_layout(self):
+        """The one-panel layout the kernels read."""
+        return kernel_layout(self.layout)
 
     @property
     def shape(self):
-        return (self.detector.spixels, self.detector.fpixels)
+        """The image's shape: (spixels, fpixels), or (panels, spixels, fpixels)."""
+        one = (self.scene.det.spixels, self.scene.det.fpixels)
+        return one if len(self.scenes) == 1 else (len(self.scenes),) + one
 
     @property
     def inner_evaluations(self):
         """pixels * oversample^2 * sources * phisteps * domains * thicksteps (ROI and mask)."""
-        xmin, xmax, ymin, ymax = self.roi_clipped
-        if self.scene.det.use_mask:
-            npix = int(self.scene.det.mask[ymin:ymax + 1, xmin:xmax + 1].sum())
-        else:
-            npix = (xmax - xmin + 1) * (ymax - ymin + 1)
+        npix = 0
+        for S in self.scenes:
+            xmin, xmax, ymin, ymax = roi_clipped(S.det)
+            if S.det.use_mask:
+                npix += int(S.det.mask[ymin:ymax + 1, xmin:xmax + 1].sum())
+            else:
+                npix += max(0, xmax - xmin + 1) * max(0, ymax - ymin + 1)
         return (npix * self.oversample ** 2 * len(self.sources.wavelengths)
                 * self.crystal.orientations.shape[0] * self.detector.thicksteps)
 
@@ -92,18 +109,30 @@ def resolve(exp, warn=None):
     return det, src, cry
 
 
-def kernel_inputs(exp, det, src, cry, oversample, steps):
-    """The differentiable kernel inputs (every field of ``kernels.scene.FIELDS``), from
-    the resolved set-up.  The one place each is computed: the Scene is built from these
-    values, and their derivatives are these values' complex steps."""
+def detector_panels(model_or_maker, exp, det):
+    """The detector's panels for the resolved geometry ``det``."""
+    maker = model_or_maker.panel_maker if isinstance(model_or_maker, Model) else model_or_maker
+    if maker is None:
+        return nanobragg_panels(det, exp.detector.mask)
+    return list(maker(det))
+
+
+def kernel_inputs(exp, det, panels, src, cry, oversample, steps):
+    """The differentiable kernel inputs (every field of ``kernels.scene.FIELDS``; the det
+    fields with a leading panel axis), from the resolved set-up.  The one place each is
+    computed: the Scenes are built from these values, and their derivatives are these
+    values' complex steps."""
     fluence = exp.beam.fluence
     water = exp.sampling.water / 1e6
+
+    def per_panel(name):
+        return np.array([getattr(p, name) for p in panels])
     return dict(
-        pix0=det.pix0, fdet=det.fdet, sdet=det.sdet, odet=det.odet, pixel=det.pixel,
-        subpixel=det.pixel / oversample, distance=det.distance, close_distance=det.close_distance,
-        thickstep=det.thickstep, mu=det.mu,
+        pix0=per_panel("pix0"), fdet=per_panel("fdet"), sdet=per_panel("sdet"), odet=per_panel("odet"),
+        pixel=per_panel("pixel"), subpixel=per_panel("pixel") / oversample, distance=per_panel("distance"),
+        close_distance=per_panel("close_distance"), thickstep=per_panel("thickstep"), mu=per_panel("mu"),
         beam=det.beam, polar_axis=det.polar, kahn=exp.beam.polarization, sources=src.directions,
-        lambdas=src.wavelengths,
+        lambdas=src.wavelengths, weights=src.weights,
         orients=cry.orientations, recip=cry.recip0, Na=cry.Na, Nb=cry.Nb, Nc=cry.Nc, fudge=cry.fudge,
         default_F=exp.structure.default_F,
         I_bg=WATER_F * WATER_F * R_E_SQR * fluence * water * water * water * 1e6 * AVOGADRO / WATER_MW,
@@ -111,8 +140,12 @@ def kernel_inputs(exp, det, src, cry, oversample, steps):
     )
 
 
-def build_model(exp, warn=None):
-    """Resolve an :class:`Experiment` into a :class:`Model` (pure numpy, no kernel call)."""
+def build_model(exp, warn=None, panels=None):
+    """Resolve an :class:`Experiment` into a :class:`Model` (pure numpy, no kernel call).
+
+    ``panels(geometry) -> list of models.detector.Panel`` replaces the one panel that
+    nanoBragg's conventions place (it must be written with arithmetic only: the
+    derivatives run it on complex numbers)."""
     if not isinstance(exp, Experiment):
         raise ParameterError(f"expected an nbragg.Experiment, got {type(exp).__name__}")
     warnings = []
@@ -145,24 +178,17 @@ def build_model(exp, warn=None):
                   f"(nanoBragg recommends -oversample {rec})")
     nsrc = len(src.wavelengths)
     steps = nsrc * cry.mosaic_domains * cry.phisteps * oversample * oversample
-    u = kernel_inputs(exp, det, src, cry, oversample, steps)
+    panel_list = detector_panels(panels, exp, det)
+    if not panel_list:
+        raise ParameterError("the detector has no panels")
+    u = kernel_inputs(exp, det, panel_list, src, cry, oversample, steps)
 
-    if exp.detector.mask is not None:
-        mask = np.ascontiguousarray(exp.detector.mask, dtype=np.uint8)
-    else:
-        mask = np.ones((1, 1), dtype=np.uint8)
-    scene = Scene(
-        det=Detector(
-            pix0=_vec(u["pix0"]), fdet=_vec(u["fdet"]), sdet=_vec(u["sdet"]), odet=_vec(u["odet"]),
-            pixel=float(u["pixel"]), subpixel=float(u["subpixel"]), distance=float(u["distance"]),
-            close_distance=float(u["close_distance"]), thick=float(det.thick), thickstep=float(u["thickstep"]),
-            mu=float(u["mu"]), thicksteps=int(det.thicksteps), oversample=int(oversample), curved=bool(det.curved),
-            point_pixel=bool(det.point_pixel), fpixels=int(det.fpixels), spixels=int(det.spixels),
-            roi=np.array(det.roi, dtype=np.int64), mask=mask, use_mask=exp.detector.mask is not None),
+    shared = dict(
         beam=Beam(
             beam=_vec(u["beam"]), polar_axis=_vec(u["polar_axis"]), kahn=float(u["kahn"]),
             nopolar=bool(exp.beam.nopolar), sources=np.ascontiguousarray(u["sources"], dtype=np.float64),
-            lambdas=np.ascontiguousarray(u["lambdas"], dtype=np.float64)),
+            lambdas=np.ascontiguousarray(u["lambdas"], dtype=np.float64),
+            weights=np.ascontiguousarray(u["weights"], dtype=np.float64)),
         xtal=Crystal(
             orients=np.ascontiguousarray(u["orients"], dtype=np.float64),
             recip=np.ascontiguousarray(u["recip"], dtype=np.float64), Na=float(u["Na"]), Nb=float(u["Nb"]),
@@ -175,6 +201,11 @@ def build_model(exp, warn=None):
             os_omega=bool(s.oversample_omega), os_polar=bool(s.oversample_polar), os_thick=bool(s.oversample_thick),
             dmin=float(s.dmin * 1e-10), I_bg=float(u["I_bg"]), water=bool(s.water != 0.0)),
     )
+    scenes = tuple(Scene(det=_detector_block(u, p, panel, oversample), **shared)
+                   for p, panel in enumerate(panel_list))
+    if len({(S.det.spixels, S.det.fpixels) for S in scenes}) > 1:
+        raise ParameterError("the detector's panels differ in size: "
+                             + ", ".join(f"{S.det.fpixels}x{S.det.spixels}" for S in scenes))
     if s.oversample_thick and det.thick == 0.0:
         _warn("-oversample_thick without a sensor thickness: nanoBragg.c multiplies every term by a "
               "capture fraction of 0, so the image is 0; nbragg does the same")
@@ -185,12 +216,28 @@ def build_model(exp, warn=None):
         experiment=exp, detector=det, sources=src, crystal=cry, structure=st,
         oversample=oversample, oversample_auto=auto, recommended_oversample=rec, steps=steps,
         fluence=exp.beam.fluence, wavelength=lambda0, I_bg=u["I_bg"], water=s.water / 1e6, dmin=s.dmin * 1e-10,
-        scale=u["scale"], scene=scene, warnings=warnings,
+        scale=u["scale"], scenes=scenes, panels=panel_list, panel_maker=panels, warnings=warnings,
     )
 
 
 def _vec(v):
     return np.ascontiguousarray(v, dtype=np.float64).reshape(3)
+
+
+def _detector_block(u, p, panel, oversample):
+    """The det block of panel ``p`` (kernels/scene.py), from the inputs ``u``."""
+    if panel.mask is not None:
+        mask = np.ascontiguousarray(panel.mask, dtype=np.uint8)
+    else:
+        mask = np.ones((1, 1), dtype=np.uint8)
+    return Detector(
+        pix0=_vec(u["pix0"][p]), fdet=_vec(u["fdet"][p]), sdet=_vec(u["sdet"][p]), odet=_vec(u["odet"][p]),
+        pixel=float(u["pixel"][p]), subpixel=float(u["subpixel"][p]), distance=float(u["distance"][p]),
+        close_distance=float(u["close_distance"][p]), thick=float(panel.thick), thickstep=float(u["thickstep"][p]),
+        mu=float(u["mu"][p]), thicksteps=int(panel.thicksteps), oversample=int(oversample),
+        curved=bool(panel.curved), point_pixel=bool(panel.point_pixel), fpixels=int(panel.fpixels),
+        spixels=int(panel.spixels), roi=np.array(panel.roi, dtype=np.int64), mask=mask,
+        use_mask=panel.mask is not None)
 
 
 PRECISIONS = ("float64", "float32")
@@ -252,22 +299,44 @@ def cuda_kernels():
 def render(model, backend="cpu", threads=None, progress=None, precision="float64"):
     """Run the forward kernel; returns (image in photons, omega sum over sub-pixels).
 
+    The image has the model's shape: (spixels, fpixels), or (panels, spixels, fpixels).
     ``progress(rows_done, rows_total)`` (optional) is called as blocks of detector rows
     finish; the image does not depend on it.  ``precision="float32"`` runs the
     single-precision twin of the kernel (the image is returned as float64).
     """
     single = check_precision(precision) == "float32"
-    if check_backend(backend) == "cuda":
-        image, omega_sum = cuda_kernels().render(model.scene, progress=progress, single=single)
-        image *= model.scale
-        return image, omega_sum
+    cuda = check_backend(backend) == "cuda"
+    scenes = model.scenes
+    P = len(scenes)
+    spans = [max(0, ymax - ymin + 1) for xmin, xmax, ymin, ymax in (roi_clipped(S.det) for S in scenes)]
+    total = sum(spans)
+    image = np.zeros((P,) + model.shape[-2:])
+    omega_sum = 0.0
+    done = 0
+    for p, S in enumerate(scenes):
+        if cuda:
+            img, om = cuda_kernels().render(S, progress=None if progress is None else
+                                            (lambda r, n, d=done: progress(d + r, total)), single=single)
+        else:
+            img, om = _render_cpu(S, single, threads, progress, done, total)
+        image[p] = img
+        omega_sum += om
+        done += spans[p]
+    image *= model.scale
+    return (image[0] if P == 1 else image), omega_sum
+
+
+def _render_cpu(scene, single, threads, progress, done, total):
+    """One panel on the CPU: (unscaled image, omega sum)."""
     dtype = np.float32 if single else np.float64
-    image = np.zeros(model.shape, dtype=dtype)
-    omega_rows = np.zeros(model.shape[0], dtype=dtype)
+    shape = (scene.det.spixels, scene.det.fpixels)
+    image = np.zeros(shape, dtype=dtype)
+    omega_rows = np.zeros(shape[0], dtype=dtype)
     forward = cpu_single(K.forward) if single else K.forward
-    scene = as_single(model.scene) if single else model.scene
+    if single:
+        scene = as_single(scene)
     with _threads(threads):
-        xmin, xmax, ymin, ymax = model.roi_clipped
+        xmin, xmax, ymin, ymax = roi_clipped(scene.det)
         if progress is None:
             forward(*scene, ymin, ymax, image, omega_rows)
         else:
@@ -276,30 +345,33 @@ def render(model, backend="cpu", threads=None, progress=None, precision="float64
             for y0 in range(ymin, ymax + 1, block):
                 y1 = min(y0 + block - 1, ymax)
                 forward(*scene, y0, y1, image, omega_rows)
-                progress(y1 - ymin + 1, nrows)
-    image = image.astype(np.float64, copy=False)
-    image *= model.scale
-    return image, float(omega_rows.astype(np.float64, copy=False).sum())
+                progress(done + y1 - ymin + 1, total)
+    return image.astype(np.float64, copy=False), float(omega_rows.astype(np.float64, copy=False).sum())
 
 
 def tangent_image(model, d, backend="cpu", threads=None):
-    """The tangent kernel: (J, image) with J (spixels, fpixels, P) = d(image)/d(theta_p)
-    for the tangent directions d (P, layout.size) (see :mod:`nbragg.kernels.scene`), and
-    the image (photons) computed in the same pass."""
+    """The tangent kernel: (J, image) with J (*shape, P) = d(image)/d(theta_p) for the
+    tangent directions d (P, layout.size) (see :mod:`nbragg.kernels.scene`), and the
+    image (photons) computed in the same pass."""
     L = model.layout
     d = np.ascontiguousarray(d, dtype=np.float64).reshape(-1, L.size)
-    if check_backend(backend) == "cuda":
-        return cuda_kernels().run_tangent(model.scene, L, d, model.scale)
     P = d.shape[0]
-    m = model.scene.xtal.orients.shape[0]
-    ori = d[:, L.orients:L.orients + 9 * L.npad].reshape(P, 9, L.npad)
-    has_dori = np.array([bool(np.any(ori[p, :, :m] != 0)) for p in range(P)])
-    flags = T.tangent_flags(d, L)
-    J = np.zeros(model.shape + (P,))
-    image = np.zeros(model.shape)
-    with _threads(threads):
-        T.tangent(*model.scene, d, L, model.scale, has_dori, flags, J, image)
-    return J, image
+    scenes = model.scenes
+    kL = model.kernel_layout
+    J = np.zeros((len(scenes),) + model.shape[-2:] + (P,))
+    image = np.zeros((len(scenes),) + model.shape[-2:])
+    for p, S in enumerate(scenes):
+        dp = d if len(scenes) == 1 else np.ascontiguousarray(d[:, panel_index(L, p)])
+        if check_backend(backend) == "cuda":
+            J[p], image[p] = cuda_kernels().run_tangent(S, kL, dp, model.scale)
+            continue
+        m = S.xtal.orients.shape[0]
+        ori = dp[:, kL.orients:kL.orients + 9 * kL.npad].reshape(P, 9, kL.npad)
+        has_dori = np.array([bool(np.any(ori[q, :, :m] != 0)) for q in range(P)])
+        flags = T.tangent_flags(dp, kL)
+        with _threads(threads):
+            T.tangent(*S, dp, kL, model.scale, has_dori, flags, J[p], image[p])
+    return (J[0], image[0]) if len(scenes) == 1 else (J, image)
 
 
 def adjoint_image(model, upstream, backend="cpu", threads=None, want_image=False, want_F=True):
@@ -308,20 +380,36 @@ def adjoint_image(model, upstream, backend="cpu", threads=None, want_image=False
     the scale, i.e. sum(upstream * image)), gF dL/d(structure-factor grid) (zero when not
     ``want_F``), and with ``want_image`` the image of the pixels with non-zero upstream."""
     L = model.layout
-    g = np.ascontiguousarray(upstream, dtype=np.float64)
+    kL = model.kernel_layout
+    scenes = model.scenes
+    ups = np.ascontiguousarray(upstream, dtype=np.float64).reshape((len(scenes),) + model.shape[-2:])
     grid = model.scene.fhkl.grid
-    if check_backend(backend) == "cuda":
-        flat, gF, image = cuda_kernels().raw_adjoint(model.scene, L, g, model.scale, want_F, want_image)
-        return _per_scale(model, flat), (gF if gF is not None else np.zeros(grid.shape)), image
-    xmin, xmax, ymin, ymax = model.roi_clipped
-    nchunks = A.n_chunks(ymax - ymin + 1, grid.size, 8 * g.size)
-    g_c = np.zeros((nchunks, L.size))
-    gF_c = np.zeros((nchunks, grid.size))
-    image = np.zeros(model.shape) if want_image else np.zeros((0, 0))
-    with _threads(threads):
-        A.adjoint(*model.scene, L, g, model.scale, nchunks, g_c, gF_c, image)
-    # fixed-order reduction over chunks: independent of the thread count
-    return _per_scale(model, g_c.sum(axis=0)), gF_c.sum(axis=0).reshape(grid.shape), (image if want_image else None)
+    flat = np.zeros(L.size)
+    gF = np.zeros(grid.shape)
+    image = np.zeros((len(scenes),) + model.shape[-2:]) if want_image else None
+    for p, S in enumerate(scenes):
+        idx = panel_index(L, p)
+        if check_backend(backend) == "cuda":
+            g_p, gF_p, img = cuda_kernels().raw_adjoint(S, kL, ups[p], model.scale, want_F, want_image)
+            flat[idx] += g_p
+            if gF_p is not None:
+                gF += gF_p
+            if want_image:
+                image[p] = img
+            continue
+        xmin, xmax, ymin, ymax = roi_clipped(S.det)
+        nchunks = A.n_chunks(ymax - ymin + 1, grid.size, 8 * ups[p].size)
+        g_c = np.zeros((nchunks, kL.size))
+        gF_c = np.zeros((nchunks, grid.size))
+        img = image[p] if want_image else np.zeros((0, 0))
+        with _threads(threads):
+            A.adjoint(*S, kL, ups[p], model.scale, nchunks, g_c, gF_c, img)
+        # fixed-order reductions, over chunks and then panels: independent of the thread count
+        flat[idx] += g_c.sum(axis=0)
+        gF += gF_c.sum(axis=0).reshape(grid.shape)
+    if image is not None and len(scenes) == 1:
+        image = image[0]
+    return _per_scale(model, flat), gF, image
 
 
 def _per_scale(model, flat):
@@ -346,6 +434,7 @@ class Stats:
     rmsd: float
     solid_angle_sr: float
     pixels: int
+    max_I_panel: int = 0     # the maximum's panel (multi-panel detectors)
 
 
 @dataclass
@@ -406,17 +495,51 @@ def _c_stats(image, mask, use_mask, xmin, xmax, ymin, ymax):
 
 
 def compute_stats(model, image, omega_sum):
-    """max_I (and where), mean, rms over ROI & mask; rmsd over the ROI (as nanoBragg.c)."""
+    """max_I (and where), mean, rms over ROI & mask; rmsd over the ROI (as nanoBragg.c).
+    Over all panels of a multi-panel detector, the maximum's panel in ``max_I_panel``."""
+    if len(model.scenes) > 1:
+        return _panel_stats(model, image, omega_sum)
     xmin, xmax, ymin, ymax = model.roi_clipped
     det = model.scene.det
     max_I, mf, ms, avg, rms, rmsd, n = _c_stats(np.ascontiguousarray(image, dtype=np.float64), det.mask,
                                                 det.use_mask, xmin, xmax, ymin, ymax)
+    return _stats(model, max_I, 0, mf, ms, avg, rms, rmsd, n, omega_sum)
+
+
+def _stats(model, max_I, mp, mf, ms, avg, rms, rmsd, n, omega_sum):
     os_ = model.oversample
-    sub = model.detector.pixel / os_
+    sub = model.scenes[mp].det.pixel / os_
     fm = sub * (mf * os_ + os_ - 1) + sub / 2.0
     sm = sub * (ms * os_ + os_ - 1) + sub / 2.0
     return Stats(max_I=max_I, max_I_fast=mf, max_I_slow=ms, max_I_fast_m=fm, max_I_slow_m=sm,
-                 mean=avg, rms=rms, rmsd=rmsd, solid_angle_sr=omega_sum / model.steps, pixels=n)
+                 mean=avg, rms=rms, rmsd=rmsd, solid_angle_sr=omega_sum / model.steps, pixels=n,
+                 max_I_panel=mp)
+
+
+def _panel_stats(model, image, omega_sum):
+    """compute_stats over several panels: the same sums, over every panel's pixels."""
+    counted = []        # ROI and mask: max, mean, rms
+    in_roi = []         # ROI: rmsd
+    max_I, mp, mf, ms = 0.0, 0, 0, 0
+    for p, S in enumerate(model.scenes):
+        xmin, xmax, ymin, ymax = roi_clipped(S.det)
+        if xmax < xmin or ymax < ymin:
+            continue
+        roi = image[p, ymin:ymax + 1, xmin:xmax + 1]
+        keep = S.det.mask[ymin:ymax + 1, xmin:xmax + 1] != 0 if S.det.use_mask else np.ones(roi.shape, bool)
+        in_roi.append(roi.ravel())
+        v = np.where(keep, roi, 0.0)
+        if keep.any() and v.max() > max_I:
+            s, f = np.unravel_index(int(np.argmax(v)), v.shape)
+            max_I, mp, mf, ms = float(v[s, f]), p, xmin + int(f), ymin + int(s)
+        counted.append(roi[keep])
+    vals = np.concatenate(counted) if counted else np.zeros(0)
+    n = vals.size
+    avg = float(vals.sum()) / max(n, 1)
+    rms = math.sqrt(float((vals * vals).sum()) / (max(n, 2) - 1))
+    r = np.concatenate(in_roi) if in_roi else np.zeros(0)
+    rmsd = math.sqrt(float(((r - avg) ** 2).sum()) / (max(r.size, 2) - 1))
+    return _stats(model, max_I, mp, mf, ms, avg, rms, rmsd, n, omega_sum)
 
 
 def simulate(experiment, backend="cpu", threads=None, warn=None, precision="float64"):
@@ -434,7 +557,8 @@ def simulate(experiment, backend="cpu", threads=None, warn=None, precision="floa
     Returns
     -------
     Result
-        ``.image`` float64 photons, shape (spixels, fpixels); ``.stats``; ``.settings``.
+        ``.image`` float64 photons, shape (spixels, fpixels) (or (panels, spixels, fpixels)
+        for a detector of several panels); ``.stats``; ``.settings``.
     """
     check_precision(precision)
     model = build_model(experiment, warn=warn)

@@ -34,7 +34,7 @@ class RawGradient:
 def _check_upstream(model, upstream):
     g = np.asarray(upstream, dtype=np.float64)
     if g.shape != model.shape:
-        raise ParameterError(f"upstream has shape {g.shape}; the image is (spixels, fpixels) = {model.shape}")
+        raise ParameterError(f"upstream has shape {g.shape}; the image has shape {model.shape}")
     if not np.all(np.isfinite(g)):
         raise ParameterError("upstream holds NaN or infinite values")
     return np.ascontiguousarray(g)

@@ -185,14 +185,15 @@ def input_tangent(model, name):
     """du/dtheta for every kernel input u and the named scalar parameter theta: a flat
     vector in ``model.layout`` (see :mod:`nbragg.kernels.scene`), from one complex-step
     pass through the set-up code."""
-    from .engine import kernel_inputs, resolve
+    from .engine import detector_panels, kernel_inputs, resolve
     check_names([name], allow_arrays=False)
     exp = _stepped(model.experiment, name, _STEP)
     with warnings.catch_warnings():
         # a complex value written into a real array would lose its step silently
         warnings.simplefilter("error", np.exceptions.ComplexWarning)
         det, src, cry = resolve(exp, warn=lambda msg: None)
-        u = kernel_inputs(exp, det, src, cry, model.oversample, model.steps)
+        panels = detector_panels(model, exp, det)
+        u = kernel_inputs(exp, det, panels, src, cry, model.oversample, model.steps)
     if cry.orientations.shape != model.crystal.orientations.shape:
         # only an unset field does this (osc without -osc: setting it switches nanoBragg's
         # phi rules to another number of steps); the model does not read it, so nothing moves

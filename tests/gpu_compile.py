@@ -86,9 +86,9 @@ def main():
     calls = [
         lambda: C.render(model.scene),
         lambda: C.render(model.scene, single=True),
-        lambda: C.run_tangent(model.scene, model.layout, np.array([input_tangent(model, n) for n in SCALAR_PARAMS[:3]]),
+        lambda: C.run_tangent(model.scene, model.kernel_layout, np.array([input_tangent(model, n) for n in SCALAR_PARAMS[:3]]),
                               model.scale),
-        lambda: C.raw_adjoint(model.scene, model.layout, np.ones(model.shape), model.scale, want_F=True,
+        lambda: C.raw_adjoint(model.scene, model.kernel_layout, np.ones(model.shape), model.scale, want_F=True,
                               want_image=True),
         lambda: C._reduce(np.zeros((3, 10))),
         lambda: C._reduce(np.zeros((3, C.SERIAL_REDUCE_MAX + 1))),

@@ -20,9 +20,9 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .cpu import clipped_roi, fast_path
-from .physics import (beyond_dmin, capture_fraction, direction, flat_grid_index, grid_extent, lattice_factor,
-                      lookup_F, miller, orientations_soa, scattering, soa_hkl, solid_angle)
+from .cpu import clipped_roi, fast_path, term
+from .physics import (beyond_dmin, capture_fraction, direction, flat_grid_index, grid_extent, miller,
+                      orientations_soa, scattering, soa_hkl, solid_angle)
 from .derivs import (LP_SIZE, F_grad, capture_partials, direction_vjp, lattice_grad, omega_partials,
                      position_vjp)
 from .pixel import final_factor, oversampled_factor, specialise
@@ -320,9 +320,7 @@ def _r_polar(W, S, s, ix, iy, iz, dx, dy, dz, sub):
 def _r_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
     """The block's terms, I = (I + T) m after each (m: the product of the oversampled
     factors, 1 without -oversample_* flags), recorded for the sweep."""
-    samp = S.samp
-    xt = S.xtal
-    orients = xt.orients
+    orients = S.xtal.orients
     m = oversampled_factor(S.samp, capture, polar, omega)
     nb = W.rec[0]
     W.blk_I[nb] = I
@@ -330,13 +328,10 @@ def _r_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
     W.blk_id[nb] = sub * S.beam.sources.shape[0] + s
     K = 0
     for o in range(orients.shape[0]):
-        h, k, l, h0, k0, l0 = miller(orients, o, qx, qy, qz)
-        F_latt = lattice_factor(h, k, l, h0, k0, l0, xt)
-        if F_latt == 0.0 and not samp.water:
-            continue
-        F_cell = lookup_F(h, k, l, h0, k0, l0, S.fhkl)
-        I = (I + F_cell * F_cell * F_latt * F_latt) * m
-        K += 1
+        h, k, l, h0, k0, l0, F_latt, F_cell, counted, T = term(orients, o, qx, qy, qz, S, s)
+        if counted:
+            I = (I + T) * m
+            K += 1
     W.blk_K[nb] = K
     W.rec[0] = nb + 1
     return I
@@ -406,6 +401,7 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
         t = su // nsub
         px, py, pz, R, dx, dy, dz = direction(fpixel, spixel, subF, subS, t, det, beam)
         ix, iy, iz, lam, qx, qy, qz = scattering(sources, lambdas, s, dx, dy, dz)
+        w = beam.weights[s]
         gqx = 0.0
         gqy = 0.0
         gqz = 0.0
@@ -419,8 +415,10 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
             if Lt == 0.0 and not water:
                 continue
             F, Fh, Fk, Fl, nidx, Fdef = F_grad(h, k, l, h0, k0, l0, fs, fidx, fw)
-            T = F * F * Lt * Lt
-            gT = G * mpow
+            T0 = F * F * Lt * Lt
+            T = w * T0
+            g[L.weights + s] += G * mpow * T0
+            gT = G * mpow * w
             S_dm += (e + 1) * T * mpow_e
             mpow *= m
             mpow_e *= m
@@ -597,9 +595,11 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
                     qz = (dz + sources[s, 2]) / lam
                     if beyond_dmin(qx, qy, qz, dmin):
                         continue
-                    gqx, gqy, gqz, terms = square_adjoint(qx, qy, qz, ori, norient, S.xtal, S.fhkl, fflat, G, gor, sc,
-                                                          ibuf, g, L, gF)
-                    I += terms
+                    w = beam.weights[s]
+                    gqx, gqy, gqz, terms = square_adjoint(qx, qy, qz, ori, norient, S.xtal, S.fhkl, fflat, G * w, gor,
+                                                          sc, ibuf, g, L, gF)
+                    I += w * terms
+                    g[L.weights + s] += G * terms
                     gdx += gqx / lam
                     gdy += gqy / lam
                     gdz += gqz / lam

@@ -72,15 +72,17 @@ def square_terms(qx, qy, qz, ori, xt, fs, fflat, buf, ibuf):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def term(orients, o, qx, qy, qz, S):
-    """One orientation's sample: (h, k, l, h0, k0, l0, F_latt, F_cell, counted); nanoBragg
-    skips the structure-factor lookup, and the term, where F_latt is 0 (unless there is
-    water background), and then F_cell is returned as 0 with counted False."""
+def term(orients, o, qx, qy, qz, S, s):
+    """One orientation's sample for source ``s``: (h, k, l, h0, k0, l0, F_latt, F_cell,
+    counted, T) with the term T = w_s F_cell^2 F_latt^2 (w_s the source's weight).
+    nanoBragg skips the structure-factor lookup, and the term, where F_latt is 0 (unless
+    there is water background): then F_cell and T are 0 and counted is False."""
     h, k, l, h0, k0, l0 = miller(orients, o, qx, qy, qz)
     F_latt = lattice_factor(h, k, l, h0, k0, l0, S.xtal)
     if F_latt == 0.0 and not S.samp.water:
-        return h, k, l, h0, k0, l0, F_latt, 0.0, False
-    return h, k, l, h0, k0, l0, F_latt, lookup_F(h, k, l, h0, k0, l0, S.fhkl), True
+        return h, k, l, h0, k0, l0, F_latt, 0.0, False, 0.0
+    F_cell = lookup_F(h, k, l, h0, k0, l0, S.fhkl)
+    return h, k, l, h0, k0, l0, F_latt, F_cell, True, S.beam.weights[s] * (F_cell * F_cell * F_latt * F_latt)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -107,11 +109,11 @@ def _forward_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s,
     if W[0]:      # W = (fast, ori, fflat, buf, ibuf), read by index (see pixel.py)
         buf = W[3]
         square_terms(qx, qy, qz, W[1], xt, S.fhkl, W[2], buf, W[4])
-        return I + sum_fixed(buf, norient)
+        return I + S.beam.weights[s] * sum_fixed(buf, norient)
     for m in range(norient):
-        h, k, l, h0, k0, l0, F_latt, F_cell, counted = term(orients, m, qx, qy, qz, S)
+        h, k, l, h0, k0, l0, F_latt, F_cell, counted, T = term(orients, m, qx, qy, qz, S, s)
         if counted:
-            I = add_term(I, F_cell * F_cell * F_latt * F_latt, S.samp, capture, polar, omega)
+            I = add_term(I, T, S.samp, capture, polar, omega)
     return I
 
 

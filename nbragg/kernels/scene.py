@@ -18,6 +18,12 @@ one with the other is a dot product.  The structure-factor grid's cotangent is k
 
 Orientation derivatives are stored as (9, npad): row 3 i + j is d(orientation[:, i, j]),
 over orientations padded to a multiple of 8 (the vector loops' layout).
+
+Detectors are lists of panels.  A kernel reads one panel at a time: its Scene's ``det`` is
+that panel's block, and the other blocks are shared.  The derivatives of a P-panel model
+hold the ``det`` fields once per panel, then the shared fields: a layout with
+``panels = P`` has the offsets of panel 0, and :func:`panel_index` maps a kernel's
+one-panel vector into it.  With one panel the two are the same.
 """
 
 from typing import NamedTuple
@@ -55,6 +61,7 @@ class Beam(NamedTuple):
     nopolar: bool
     sources: np.ndarray       # (n, 3) unit vectors toward the sources
     lambdas: np.ndarray       # (n,) wavelengths (m)
+    weights: np.ndarray       # (n,) each source's weight (1: nanoBragg.c ignores weights)
 
 
 class Crystal(NamedTuple):
@@ -98,7 +105,7 @@ class Scene(NamedTuple):
 DIFF = (
     ("det", ("pix0", "fdet", "sdet", "odet", "pixel", "subpixel", "distance", "close_distance", "thickstep",
              "mu")),
-    ("beam", ("beam", "polar_axis", "kahn", "sources", "lambdas")),
+    ("beam", ("beam", "polar_axis", "kahn", "sources", "lambdas", "weights")),
     ("xtal", ("orients", "recip", "Na", "Nb", "Nc", "fudge")),
     ("fhkl", ("default_F",)),
     ("samp", ("I_bg",)),
@@ -106,37 +113,14 @@ DIFF = (
 FIELDS = tuple(f for _, names in DIFF for f in names) + ("scale",)
 
 
-class Layout(NamedTuple):
-    """Offsets of every differentiable field in a flat derivative vector."""
-    pix0: int
-    fdet: int
-    sdet: int
-    odet: int
-    pixel: int
-    subpixel: int
-    distance: int
-    close_distance: int
-    thickstep: int
-    mu: int
-    beam: int
-    polar_axis: int
-    kahn: int
-    sources: int
-    lambdas: int
-    orients: int
-    recip: int
-    Na: int
-    Nb: int
-    Nc: int
-    fudge: int
-    default_F: int
-    I_bg: int
-    scale: int
-    npad: int                 # orientations padded to a multiple of 8
-    size: int
-
-
-assert Layout._fields[:len(FIELDS)] == FIELDS
+# Offsets of every differentiable field in a flat derivative vector (one int per field of
+# FIELDS, made from DIFF so that a new input is listed once), then:
+#   npad      orientations padded to a multiple of 8
+#   size      entries in all
+#   panels    detector panels (the det fields repeat once per panel)
+#   det_size  entries of one panel's det fields
+Layout = NamedTuple("Layout", [(f, int) for f in FIELDS] + [("npad", int), ("size", int), ("panels", int),
+                                                           ("det_size", int)])
 
 
 def padded(n):
@@ -150,23 +134,56 @@ def _field_size(scene, block, name, npad):
     return int(np.size(getattr(getattr(scene, block), name)))
 
 
-def layout_of(scene):
-    """The :class:`Layout` of a scene's derivatives."""
+DET_FIELDS = DIFF[0][1]
+
+
+def layout_of(scene, panels=1):
+    """The :class:`Layout` of the derivatives of a scene (one panel's ``det`` block, as a
+    kernel reads it) on a detector of ``panels`` such panels."""
     npad = padded(scene.xtal.orients.shape[0])
     offsets = {}
     at = 0
+    det_size = 0
     for block, names in DIFF:
+        if block != "det" and det_size == 0:
+            det_size = at
+            at = panels * det_size
         for name in names:
             offsets[name] = at
             at += _field_size(scene, block, name, npad)
     offsets["scale"] = at
-    return Layout(**offsets, npad=npad, size=at + 1)
+    return Layout(**offsets, npad=npad, size=at + 1, panels=panels, det_size=det_size)
 
 
-def field_slice(layout, name):
-    """The slice of ``name`` in a flat derivative vector."""
-    i = FIELDS.index(name)
+def kernel_layout(layout):
+    """The one-panel layout the kernels read, for a layout of any number of panels."""
+    if layout.panels == 1:
+        return layout
+    shift = (layout.panels - 1) * layout.det_size
+    return layout._replace(**{f: getattr(layout, f) - shift for f in FIELDS if f not in DET_FIELDS},
+                           size=layout.size - shift, panels=1)
+
+
+def panel_index(layout, p):
+    """Where the entries of a kernel's one-panel vector for panel ``p`` lie in a vector of
+    ``layout`` (an index array of the kernel layout's size)."""
+    k = kernel_layout(layout)
+    idx = np.arange(k.size)
+    det = idx < layout.det_size
+    idx[det] += p * layout.det_size
+    idx[~det] += (layout.panels - 1) * layout.det_size
+    return idx
+
+
+def field_slice(layout, name, panel=0):
+    """The slice of ``name`` in a flat derivative vector (for a det field, the one of
+    ``panel``)."""
     start = getattr(layout, name)
+    if name in DET_FIELDS:
+        i = DET_FIELDS.index(name)
+        stop = getattr(layout, DET_FIELDS[i + 1]) if i + 1 < len(DET_FIELDS) else layout.det_size
+        return slice(start + panel * layout.det_size, stop + panel * layout.det_size)
+    i = FIELDS.index(name)
     stop = getattr(layout, FIELDS[i + 1]) if i + 1 < len(FIELDS) else layout.size
     return slice(start, stop)
 
@@ -189,12 +206,18 @@ def soa_to_orients(v, layout, m):
 
 def flatten(layout, values):
     """A flat derivative vector from {field name: array or number}; fields not given are 0.
-    Orientations are given as (m, 3, 3)."""
+    Orientations are given as (m, 3, 3); det fields with a leading panel axis (which may be
+    left out with one panel)."""
     out = np.zeros(layout.size)
     for name, v in values.items():
         if name == "orients":
             v = orients_to_soa(v, layout.npad)
-        out[field_slice(layout, name)] = np.ravel(v)
+        if name in DET_FIELDS:
+            v = np.reshape(v, (layout.panels, -1))
+            for p in range(layout.panels):
+                out[field_slice(layout, name, p)] = v[p]
+        else:
+            out[field_slice(layout, name)] = np.ravel(v)
     return out
 
 

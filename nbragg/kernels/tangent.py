@@ -21,10 +21,11 @@ from .scene import Layout, Scene, field_slice
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def square_tangent(qx, qy, qz, ori, nreal, xt, fs, fflat, dq, d, L, has_dori, dI, sc, ibuf):
-    """Tangents of one block's terms (parallelepiped, nearest F, no -oversample_* flags).
+def square_tangent(qx, qy, qz, ori, nreal, xt, fs, fflat, dq, d, L, has_dori, dI, sc, ibuf, w, wi):
+    """Tangents of one block's terms (parallelepiped, nearest F, no -oversample_* flags),
+    weighted by the source's weight ``w`` (at ``wi`` in the layout).
 
-    Adds d(sum of terms)/dtheta_p to dI[p] and returns the sum of terms.  The per-
+    Adds d(w * sum of terms)/dtheta_p to dI[p] and returns w * the sum of terms.  The per-
     orientation work is done once (vectorised); each parameter then costs three dot
     products, plus one vectorised pass when it moves the orientations.
     """
@@ -89,6 +90,7 @@ def square_tangent(qx, qy, qz, ori, nreal, xt, fs, fflat, dq, d, L, has_dori, dI
     SNb = sum_row(sc, 5, n)
     SNc = sum_row(sc, 6, n)
     SD = sum_row(sc, 8, n)
+    T = sum_row(sc, 12, nreal)
     npar = dI.shape[0]
     for p in range(npar):
         v = (dq[p, 0] * Wx + dq[p, 1] * Wy + dq[p, 2] * Wz + d[p, L.Na] * SNa + d[p, L.Nb] * SNb
@@ -116,8 +118,8 @@ def square_tangent(qx, qy, qz, ori, nreal, xt, fs, fflat, dq, d, L, has_dori, dI
                                  + sc[2, m] * (b0[m] * qx + b1[m] * qy + b2[m] * qz)
                                  + sc[3, m] * (c0[m] * qx + c1[m] * qy + c2[m] * qz))
                 v += sum_row(sc, 13, n)
-        dI[p] += v
-    return sum_row(sc, 12, nreal)
+        dI[p] += w * v + d[p, wi] * T
+    return w * T
 
 
 # per-direction flags: which tangent inputs are non-zero (work for the others is skipped)
@@ -361,7 +363,7 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
     npar = dI.shape[0]
     if W[W_fast]:
         return I + square_tangent(qx, qy, qz, W[W_ori], norient, xt, fs, W[W_fflat], dq, d, L, W[W_has_dori], dI, W[W_sc],
-                                  W[W_ibuf])
+                                  W[W_ibuf], S.beam.weights[s], L.weights + s)
     samp = S.samp
     os_thick = samp.os_thick
     os_polar = samp.os_polar
@@ -378,15 +380,18 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
             v += W[W_dom][p] * (capture if os_thick else 1.0) * (polar if os_polar else 1.0)
         dm[p] = v
     npad = L.npad
+    w = S.beam.weights[s]
+    wi = L.weights + s
     for o in range(norient):
         h, k, l, h0, k0, l0 = miller(orients, o, qx, qy, qz)
         Lt = lattice_grad(h, k, l, h0, k0, l0, xt, lp)
         if Lt == 0.0 and not samp.water:
             continue
         F, Fh, Fk, Fl, nidx, Fdef = F_grad(h, k, l, h0, k0, l0, fs, W[W_fidx], W[W_fw])
-        T = F * F * Lt * Lt
-        aL = 2.0 * F * F * Lt
-        aF = 2.0 * F * Lt * Lt
+        T0 = F * F * Lt * Lt
+        T = w * T0
+        aL = 2.0 * w * F * F * Lt
+        aF = 2.0 * w * F * Lt * Lt
         oo = L.orients + o
         for p in range(npar):
             dh = (d[p, oo] * qx + d[p, oo + npad] * qy + d[p, oo + 2 * npad] * qz
@@ -401,7 +406,7 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
                 for j in range(9):
                     dL += lp[7 + j] * d[p, L.recip + j]
             dF = Fh * dh + Fk * dk + Fl * dl + Fdef * d[p, L.default_F]
-            dT = aL * dL + aF * dF
+            dT = aL * dL + aF * dF + d[p, wi] * T0
             dI[p] = (dI[p] + dT) * m + (I + T) * dm[p]
         I = (I + T) * m
     return I

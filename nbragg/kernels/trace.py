@@ -58,7 +58,7 @@ def _trace_cut(W, S, t, subS, subF, s, px, py, pz, qx, qy, qz):
 def _trace_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
     orients = S.xtal.orients
     for o in range(orients.shape[0]):
-        h, k, l, h0, k0, l0, F_latt, F_cell, counted = term(orients, o, qx, qy, qz, S)
+        h, k, l, h0, k0, l0, F_latt, F_cell, counted, T = term(orients, o, qx, qy, qz, S, s)
         r = _row(W, t, subS, subF, s, qx, qy, qz)
         r[C_ORIENT] = o
         r[C_H] = h
@@ -72,7 +72,7 @@ def _trace_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, s
         r[C_POLAR] = polar
         r[C_CAPTURE] = capture
         if counted:
-            I = add_term(I, F_cell * F_cell * F_latt * F_latt, S.samp, capture, polar, omega)
+            I = add_term(I, T, S.samp, capture, polar, omega)
             r[C_FCELL] = F_cell
         else:
             r[C_SKIPPED] = 2

@@ -58,6 +58,7 @@ class Sources:
 
     directions: np.ndarray
     wavelengths: np.ndarray
+    weights: np.ndarray         # each source's weight in the sum (all 1, as nanoBragg.c)
     divsteps: int
     dispsteps: int
     hdiv: tuple
@@ -146,7 +147,7 @@ def resolve_sources(beam, beam_vector, polar_vector):
             raise ParameterError(f"source {i + 1} lies at the sample (X Y Z = 0 0 0): its direction is undefined")
         dirs[i] = u
     return Sources(
-        directions=dirs, wavelengths=np.array(lam), divsteps=divsteps,
+        directions=dirs, wavelengths=np.array(lam), weights=np.ones(len(lam)), divsteps=divsteps,
         dispsteps=dispsteps, hdiv=hdiv, vdiv=vdiv, disp=disp, from_file=beam.sources is not None,
         listing=listing, divergence_offsets=offsets, lambdas=lambdas,
     )
