@@ -14,8 +14,39 @@ import sys
 import numpy as np
 
 from .errors import ArgumentError, NbraggError
+from .nbargs import OWN_FLAGS
 
-_OWN_FLAGS = {"-threads": 1, "-device": 1, "-precision": 1}
+_OWN_FLAGS = {f: 1 for f in OWN_FLAGS}
+COMPILE_NOTICE_S = 3.0
+
+
+USAGE = """\
+usage: nbragg [flags]       (nanoBragg.c's flags; the same files are written)
+
+crystal     -cell a b c al be ga | -mat FILE   -misset x y z | -misset random
+            -N n  -Na -Nb -Nc n   -xtalsize mm   -round_xtal -square_xtal -gauss_xtal
+            -tophat_spots   -fudge f   -mosaic deg -mosaic_dom n -mosaic_seed n
+structure   -hkl FILE   -default_F F   -interpolate -nointerpolate   -dmin A
+beam        -lambda A | -energy eV   -fluence ph/m^2 | -flux ph/s -exposure s -beamsize mm
+            -polar k -nopolar   -dispersion % -dispsteps n   -divergence mrad -divsteps n
+            -hdivrange -vdivrange mrad  -hdivsteps -vdivsteps n  -round_div -square_div
+            -sourcefile FILE   -source_distance mm
+rotation    -phi deg -osc deg -phistep deg -phisteps n   -spindle_axis x y z
+detector    -distance mm | -close_distance mm   -pixel mm   -detpixels n (-detpixels_f/_s)
+            -detsize mm   -Xbeam -Ybeam mm | -ORGX -ORGY px | -Xclose -Yclose mm   -pivot beam|sample
+            -mosflm -xds -adxv -denzo -dials   -fdet_vector -sdet_vector -odet_vector -beam_vector x y z
+            -detector_rotx -detector_roty -detector_rotz -twotheta deg   -twotheta_axis x y z
+            -detector_thick um -detector_abs um -detector_thicksteps n   -curved_det   -point_pixel
+sampling    -oversample n   -oversample_omega -oversample_polar -oversample_thick   -roi x0 x1 y0 y1
+background  -water um
+input       -img FILE (header)   -mask FILE (zero pixels skipped)
+output      -floatfile F -intfile F -noisefile F -pgmfile F   -nonoise -nopgm   -scale s -pgmscale s
+            -adc offset   -seed n   -printout -printout_pixel f s   -noprogress
+nbragg      -threads n (CPU threads)   -device cpu|cuda   -precision float64|float32
+            -h / --help (this text)   --version
+
+Example: nbragg -cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 256
+"""
 
 
 def _split_own_flags(argv):
@@ -64,6 +95,14 @@ def run(argv, stdout=None, stderr=None):
     def say(line=""):
         print(line, file=out)
 
+    if any(a in ("-h", "-help", "--help") for a in argv):
+        print(USAGE, end="", file=out)
+        return 0
+    if "--version" in argv:
+        from . import __version__
+        say(f"nbragg {__version__}")
+        return 0
+
     def warn(msg):
         print(f"WARNING: {msg}", file=err)
 
@@ -74,6 +113,13 @@ def run(argv, stdout=None, stderr=None):
             threads = int(own["-threads"])
         except ValueError:
             raise ArgumentError(f"-threads: value {own['-threads']!r} is not an integer") from None
+        if threads < 1:
+            raise ArgumentError(f"-threads: value {threads} must be at least 1")
+        import numba
+        most = numba.config.NUMBA_NUM_THREADS
+        if threads > most:
+            warn(f"-threads {threads}: this machine runs at most {most} threads; using {most}")
+            threads = most
     device = own.get("-device", "cpu")
     if device not in engine.BACKENDS:
         raise ArgumentError(f"-device: {device!r} is not known (choose {' or '.join(engine.BACKENDS)})")
@@ -104,12 +150,23 @@ def run(argv, stdout=None, stderr=None):
         bar = tqdm(total=model.roi_clipped[3] - model.roi_clipped[2] + 1, unit="rows",
                    file=err, leave=False, desc="nbragg")
 
+    # the first run on a machine compiles the kernels (a minute or so, then cached): say so
+    # when no row has come back after a few seconds
+    import threading
+    compiling = threading.Timer(COMPILE_NOTICE_S, lambda: print(
+        "nbragg: compiling the kernels for this machine (first run only; they are cached afterwards)...",
+        file=err, flush=True))
+
     def progress(done, total):
-        bar.update(done - bar.n)
+        compiling.cancel()
+        if bar is not None:
+            bar.update(done - bar.n)
+    compiling.start()
     try:
-        image, omega_sum = engine.render(model, backend=device, threads=threads,
-                                         progress=progress if bar is not None else None, precision=precision)
+        image, omega_sum = engine.render(model, backend=device, threads=threads, progress=progress,
+                                         precision=precision)
     finally:
+        compiling.cancel()
         if bar is not None:
             bar.close()
     f32 = image.astype(np.float32)

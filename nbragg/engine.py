@@ -99,6 +99,12 @@ class Model:
         return roi_clipped(self.scene.det)
 
 
+# the automatic oversampling above which nbragg warns, and above which it asks for an
+# explicit -oversample (a pixel size or distance in the wrong unit lands there)
+AUTO_OVERSAMPLE_WARN = 16
+AUTO_OVERSAMPLE_MAX = 100
+
+
 def resolve(exp, warn=None):
     """The set-up: detector, sources, crystal and structure resolved from an Experiment
     the way nanoBragg.c does.  Runs on real values, and on complex ones for the
@@ -170,6 +176,15 @@ def build_model(exp, warn=None, panels=None):
     s = exp.sampling
     if s.oversample is None or s.oversample <= 0:
         oversample, auto = rec, True
+        why = (f"automatic oversampling of {rec} (each pixel sampled {rec * rec} times: the crystal is "
+               f"{xtal_max * 1e10:g} A across and a pixel spans {recip_pixel * 1e10:g} A of reciprocal space)")
+        if rec > AUTO_OVERSAMPLE_MAX:
+            raise ParameterError(
+                f"{why} is more than {AUTO_OVERSAMPLE_MAX}: check the units of the pixel size (-pixel, "
+                f"Detector.pixel_size: mm), the distance (-distance, Detector.distance: mm), the cell and N; "
+                f"to run it anyway, give the oversampling (-oversample {rec}, Sampling.oversample)")
+        if rec > AUTO_OVERSAMPLE_WARN:
+            _warn(f"{why}: this image will take long; check the units of the pixel size and the distance (mm)")
     else:
         oversample, auto = s.oversample, False
         if oversample < rec:
@@ -209,6 +224,9 @@ def build_model(exp, warn=None, panels=None):
     if s.oversample_thick and det.thick == 0.0:
         _warn("-oversample_thick without a sensor thickness: nanoBragg.c multiplies every term by a "
               "capture fraction of 0, so the image is 0; nbragg does the same")
+    if st.hkls == 0 and exp.structure.default_F == 0.0 and s.water == 0.0:
+        _warn("no structure factors (Structure.Fhkl is None and Structure.default_F is 0) and no water: "
+              "every pixel is 0; give Structure(default_F=...) or a structure-factor grid")
     if exp.beam.nopolar and s.oversample_polar:
         _warn("-nopolar has no effect with -oversample_polar: nanoBragg.c still applies the "
               "polarization factor to every sub-pixel; nbragg does the same")

@@ -41,6 +41,8 @@ def _finite(obj, name, value, positive=False, nonneg=False, allow_none=False):
         if allow_none:
             return
         raise ParameterError(f"{obj}.{name} must be given")
+    if isinstance(value, (str, bytes)):
+        raise ParameterError(f"{obj}.{name} = {value!r} is text; give a number")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -73,7 +75,11 @@ def _int(obj, name, value, minimum=None, allow_none=True):
         if allow_none:
             return None
         raise ParameterError(f"{obj}.{name} must be given")
-    if isinstance(value, (bool, np.bool_)) or int(value) != value:
+    try:
+        whole = not isinstance(value, (bool, np.bool_, str, bytes)) and int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
         raise ParameterError(f"{obj}.{name} = {value!r} is not an integer")
     value = int(value)
     if minimum is not None and value < minimum:
@@ -185,8 +191,8 @@ class Detector(_Record):
 
     convention: str = "mosflm"
     pivot: Optional[str] = None
-    fpixels: int = 1024
-    spixels: int = 1024
+    fpixels: Optional[int] = None      # both None: 1024 x 1024; give both or neither
+    spixels: Optional[int] = None
     pixel_size: float = 0.1
     detsize_f: Optional[float] = None
     detsize_s: Optional[float] = None
@@ -229,6 +235,13 @@ class Detector(_Record):
             if p not in ("beam", "sample"):
                 raise ParameterError(f"Detector.pivot = {self.pivot!r}; expected 'beam' or 'sample'")
             self._set("pivot", p)
+        if (self.fpixels is None) != (self.spixels is None):
+            given, other = ("fpixels", "spixels") if self.spixels is None else ("spixels", "fpixels")
+            raise ParameterError(f"Detector.{given} = {getattr(self, given)!r} without Detector.{other}: give both "
+                                 f"(with neither, the detector is nanoBragg's 1024 x 1024)")
+        if self.fpixels is None:
+            self._set("fpixels", 1024)
+            self._set("spixels", 1024)
         self._set("fpixels", _int(n, "fpixels", self.fpixels, minimum=1, allow_none=False))
         self._set("spixels", _int(n, "spixels", self.spixels, minimum=1, allow_none=False))
         _finite(n, "pixel_size", self.pixel_size, positive=True)

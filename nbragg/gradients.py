@@ -84,6 +84,8 @@ def jacobian(exp, names, backend="cpu", threads=None):
     order (fast index fastest), zero outside the ROI and mask."""
     check_backend(backend)
     names = check_names(names, allow_arrays=False)
+    if not names:
+        raise ParameterError("jacobian: no parameter names given")
     model = build_model(exp, warn=lambda m: None)
     d = np.array([input_tangent(model, n) for n in names]).reshape(len(names), model.layout.size)
     J, _ = tangent_image(model, d, threads=threads, backend=backend)

@@ -22,6 +22,7 @@ detsize_s minus the value; ``-img`` is read after ``-mask`` and wins.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -649,11 +650,25 @@ def _path(p, cwd):
     return os.path.join(cwd, p)
 
 
+# the nbragg command line's own flags (cli.py), each with one value
+OWN_FLAGS = ("-threads", "-device", "-precision")
+
+
+def _did_you_mean(flag):
+    """'; did you mean -x?' for the known flag closest to a mistyped one (or '')."""
+    close = difflib.get_close_matches(flag, sorted(_KNOWN | set(OWN_FLAGS)), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def parse_nanobragg_args(args, warn=None, cwd=None):
     """Parse a nanoBragg argument list into a :class:`ParsedArgs`.
 
-    Raises :class:`~nbragg.errors.NbraggError` for anything the user must fix.
+    Raises :class:`~nbragg.errors.NbraggError` for anything the user must fix.  ``args``
+    is a list of words; one string is split as a shell would.
     """
+    if isinstance(args, str):
+        import shlex
+        args = shlex.split(args)
     args = [str(a) for a in args]
     warnings = []
     notes = []
@@ -719,7 +734,7 @@ def parse_nanobragg_args(args, warn=None, cwd=None):
         if not matched and i not in consumed:
             if re.fullmatch(r"-[0-9.]+([eE][-+]?\d+)?", a):
                 continue
-            _warn(f"unknown flag {a} ignored")
+            _warn(f"unknown flag {a} ignored{_did_you_mean(a)}")
         elif matched and not exact:
             _warn(f"{a} is not a nanoBragg flag; nanoBragg.c reads it as {matched[0].names[0]}")
     return _finish(st, args, warnings, notes, _warn, mask_img, cwd)
@@ -742,6 +757,7 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
         read_text(_path(st.stolfile, cwd), "stol")
     _resolve_roi(st, fpixels, spixels)
     _convention_warnings(st, args, warn)
+    _unit_warnings(st, args, warn)
     try:
         # records built in this order, so that the first bad value reported is the same
         detector = _detector_record(st, fpixels, spixels, mask_img)
@@ -881,6 +897,28 @@ def _convention_warnings(st, args, warn):
         warn(f"-pivot has no effect under the {conv.upper()} convention, which fixes the pivot (as in nanoBragg.c)")
     if "twotheta_axis" in st.custom_vectors and abs(np.linalg.norm(st.custom_vectors["twotheta_axis"]) - 1.0) > 1e-12:
         warn("-twotheta_axis is not a unit vector; nanoBragg.c uses it as given (the detector is scaled)")
+
+
+def _last_value(args, flag):
+    """The value given after the last exact ``flag`` (or None)."""
+    at = [i for i, a in enumerate(args[:-1]) if a == flag]
+    return args[at[-1] + 1] if at else None
+
+
+def _unit_warnings(st, args, warn):
+    """Values that nanoBragg.c takes silently but that are almost always a slip."""
+    if _last_value(args, "-energy") is not None:
+        ev = HC_EV_ANGSTROM / (st.lambda0 * 1e10)
+        if ev < 100.0:
+            warn(f"-energy {ev:g} is in eV: a wavelength of {st.lambda0 * 1e10:g} A; for keV give "
+                 f"-energy {ev * 1000:g}")
+    v = _last_value(args, "-mosaic")
+    if v is not None and st.mosaic_spread < 0.0:
+        warn(f"-mosaic {v}: a negative spread means unset in nanoBragg.c, so the crystal has no mosaicity")
+    v = _last_value(args, "-phisteps")
+    if v is not None and st.phisteps == 0 and st.osc > 0.0:
+        warn(f"-phisteps {v} with -osc {st.osc * RTD:g}: nanoBragg.c takes 1 phi step, so the image is a still "
+             f"at -phi {st.phi0 * RTD:g} and the oscillation is not sampled")
 
 
 def _detector_record(st, fpixels, spixels, mask_img):

@@ -53,13 +53,20 @@ from .params import check_names, get_params, input_tangent, set_params
 LOSSES = ("poisson", "gaussian", "l2")
 METHODS = ("least_squares", "lbfgs")
 
-# physical limits (user units); a bound given by the user replaces these
+# default bounds (user units) around the starting value v: physical limits, and no more
+# than a refinement from a sensible start can mean (a cell edge does not halve); a bound
+# given by the user replaces these
 DEFAULT_BOUNDS = {
-    "cell_a": (1e-3, np.inf), "cell_b": (1e-3, np.inf), "cell_c": (1e-3, np.inf),
-    "cell_alpha": (1.0, 179.0), "cell_beta": (1.0, 179.0), "cell_gamma": (1.0, 179.0),
-    "Na": (1.0, np.inf), "Nb": (1.0, np.inf), "Nc": (1.0, np.inf),
-    "wavelength": (1e-6, np.inf), "fluence": (0.0, np.inf), "distance": (1e-6, np.inf),
-    "mosaic_spread": (0.0, 90.0), "osc": (0.0, np.inf), "polar": (-1.0, 1.0), "water": (0.0, np.inf),
+    **{n: lambda v: (0.8 * v, 1.25 * v) for n in ("cell_a", "cell_b", "cell_c")},
+    **{n: lambda v: (max(1.0, v - 10.0), min(179.0, v + 10.0)) for n in ("cell_alpha", "cell_beta", "cell_gamma")},
+    **{n: lambda v: (min(1.0, v), max(10.0 * v, v + 10.0)) for n in ("Na", "Nb", "Nc")},
+    "wavelength": lambda v: (0.9 * v, 1.1 * v),
+    "distance": lambda v: (0.5 * v, 2.0 * v),
+    "fluence": lambda v: (0.0, np.inf),
+    "mosaic_spread": lambda v: (0.0, max(10.0 * v, 5.0)),
+    "osc": lambda v: (0.0, np.inf),
+    "polar": lambda v: (-1.0, 1.0),
+    "water": lambda v: (0.0, np.inf),
 }
 
 
@@ -86,6 +93,8 @@ class Fit:
     start: Dict[str, float] = field(default_factory=dict)
     wall_time: float = 0.0
     final_loss: float = float("nan")
+    at_bounds: Dict[str, str] = field(default_factory=dict)   # name -> "lower" or "upper"
+    bounds: Dict[str, tuple] = field(default_factory=dict)    # name -> (lower, upper) used
 
     def table(self):
         """Parameter table: start, refined value, uncertainty, shift in uncertainties."""
@@ -246,19 +255,40 @@ class _Problem:
 
 # ----------------------------------------------------------------------------- refine
 
-def _bounds(names, bounds):
+def _bounds(names, bounds, start):
+    """(lower, upper) arrays for ``names``: the user's bounds, or the defaults around the
+    starting values; a start outside them is an error."""
+    bounds = bounds or {}
+    for n in bounds:
+        if n not in names:
+            raise ParameterError(f"bounds[{n!r}]: {n!r} is not among the refined parameters {names}")
     lo, hi = [], []
     for n in names:
-        b = (bounds or {}).get(n, DEFAULT_BOUNDS.get(n, (-np.inf, np.inf)))
+        b = bounds[n] if n in bounds else DEFAULT_BOUNDS.get(n, lambda v: (-np.inf, np.inf))(start[n])
         try:
             a, c = float(b[0]), float(b[1])
         except (TypeError, ValueError, IndexError):
             raise ParameterError(f"bounds[{n!r}] = {b!r}: expected (lower, upper)") from None
         if not a < c:
             raise ParameterError(f"bounds[{n!r}] = {b!r}: lower must be below upper")
+        if not a <= start[n] <= c:
+            raise ParameterError(f"{n} starts at {start[n]:g}, outside its bounds ({a:g}, {c:g})")
         lo.append(a)
         hi.append(c)
     return np.array(lo), np.array(hi)
+
+
+def _at_bounds(names, x, lo, hi):
+    """{name: "lower"|"upper"} for the values that ended on a bound (within 1e-6 of the
+    bounded range, or of the value where the range is infinite)."""
+    out = {}
+    for n, v, a, c in zip(names, x, lo, hi):
+        width = (c - a) if np.isfinite(c - a) else max(abs(v), 1.0)
+        if np.isfinite(a) and v - a <= 1e-6 * width:
+            out[n] = "lower"
+        elif np.isfinite(c) and c - v <= 1e-6 * width:
+            out[n] = "upper"
+    return out
 
 
 def _selection(exp, observed, mask):
@@ -301,7 +331,6 @@ def _fit_once(exp, obs, sel, names, loss, method, bnds, compute, readout, sigma,
         prob = _Problem(exp, obs, names, loss, keep, threads, readout, sigma, backend)
     x0 = np.array([prob.start[n] for n in names])
     lo, hi = bnds
-    x0 = np.clip(x0, lo, hi)
     from scipy import optimize
     if method == "least_squares":
         opts = dict(x_scale="jac", max_nfev=200, xtol=1e-10, ftol=1e-10, gtol=1e-10)
@@ -344,7 +373,11 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
     method : "least_squares" (analytic Jacobian) or "lbfgs" (adjoint gradient)
     mask : optional boolean image, True where pixels are fitted (combined with the
         detector's ROI and mask)
-    bounds : {name: (lower, upper)} in user units (defaults: physical limits)
+    bounds : {name: (lower, upper)} in user units.  The defaults are physical limits and a
+        range around the start (cell edges 0.8-1.25 times, angles 10 degrees, N up to
+        10 times, wavelength 10 %, distance 0.5-2 times, mosaic spread up to 10 times or
+        5 degrees); a start outside the bounds is an error.  A parameter that ends on a
+        bound is named in ``Fit.at_bounds`` and makes ``Fit.success`` False.
     stages : optional list of lists of names refined in turn before a final joint fit
     blur : optional list of Gaussian widths in pixels, largest first, for a
         coarse-to-fine schedule (a final unblurred fit is always run)
@@ -382,13 +415,15 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
     if not levels or levels[-1] != 0.0:
         levels.append(0.0)
     groups = [list(s) for s in (stages or [])] + [names]
+    start = get_params(exp, names)
+    lo_all, hi_all = _bounds(names, bounds, start)
     current = exp
     history, nfev, njev = [], 0, 0
     prob = x = None
     success, message = False, ""
     for sigma in levels:
         for group in groups:
-            bnds = _bounds(group, bounds)
+            bnds = (np.array([lo_all[names.index(n)] for n in group]), np.array([hi_all[names.index(n)] for n in group]))
             prob, x, success, message = _fit_once(current, obs, sel, group, loss, method, bnds, (threads, backend), readout,
                                                   sigma, options)
             current = prob.experiment(x)
@@ -413,7 +448,14 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
         cov = None
         sd = np.full(len(names), np.nan)
     values = get_params(current, names)
+    at = _at_bounds(names, [values[n] for n in names], lo_all, hi_all)
+    if at:
+        success = False
+        message = (f"{message}; ended on a bound: "
+                   + ", ".join(f"{n} at its {side} bound {values[n]:g}" for n, side in at.items())
+                   + " (the minimum may lie beyond it: check the start, or widen bounds=)")
     return Fit(experiment=current, values=values, uncertainties=dict(zip(names, (float(s) for s in sd))),
                success=success, message=message, nfev=nfev, njev=njev, history=history, names=names, loss=loss,
-               method=method, covariance=cov, start=get_params(exp, names),
-               wall_time=time.perf_counter() - t0, final_loss=prob.obj.value(m))
+               method=method, covariance=cov, start=start, wall_time=time.perf_counter() - t0,
+               final_loss=prob.obj.value(m), at_bounds=at,
+               bounds={n: (float(a), float(c)) for n, a, c in zip(names, lo_all, hi_all)})

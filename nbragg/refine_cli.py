@@ -179,6 +179,8 @@ def _parser():
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where images and derivatives are computed (cuda: an NVIDIA GPU)")
     ap.add_argument("--report", default="refine.json", help="JSON report (default refine.json)")
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"nbragg-refine {__version__}")
     return ap
 
 
@@ -187,17 +189,22 @@ def run(argv, stdout=None):
     from .refine import refine
     out = stdout or sys.stdout
     argv = list(argv)
+    ap = _parser()
     if "--" not in argv:
-        raise ArgumentError("nbragg-refine: give the starting model after '--' (nanoBragg arguments)")
+        if any(a in ("-h", "--help", "--version") for a in argv):
+            try:
+                ap.parse_args([a for a in argv if a in ("-h", "--help", "--version")])
+            except SystemExit as exc:
+                return int(exc.code or 0)
+        raise ArgumentError("give the starting model after '--' (nanoBragg arguments); see nbragg-refine --help")
     k = argv.index("--")
     own, nb_args = argv[:k], argv[k + 1:]
-    ap = _parser()
     try:
         opts = ap.parse_args(own)
     except SystemExit as exc:
         if exc.code == 0:
             return 0
-        raise ArgumentError("nbragg-refine: bad options (see nbragg-refine --help)") from None
+        raise ArgumentError("bad options (see nbragg-refine --help)") from None
     names = [n.strip() for n in opts.refine.split(",") if n.strip()]
     stages = None
     if opts.stages:
@@ -226,7 +233,8 @@ def run(argv, stdout=None):
     report = {
         "observed": opts.observed, "parameters": fit.names, "loss": fit.loss, "method": fit.method,
         "start": fit.start, "values": fit.values, "uncertainties": fit.uncertainties,
-        "success": fit.success, "message": fit.message, "nfev": fit.nfev, "njev": fit.njev,
+        "success": fit.success, "message": fit.message, "at_bounds": fit.at_bounds,
+        "nfev": fit.nfev, "njev": fit.njev,
         "final_loss": fit.final_loss, "loss_history": fit.history, "wall_time_s": fit.wall_time,
         "nanobragg_args": new_args, "mat_file": matfile if crystal else None,
     }

@@ -73,6 +73,14 @@ def test_layout_validates_and_reads_back(made):
     assert len(set(params["wavelength"])) == 10
 
 
+def test_open_loads_the_filters_and_reads_frames(made, tmp_path):
+    d, out = made
+    with nbragg.dataset.open(out) as fh:
+        assert np.array_equal(fh["entry/data/data"][4], read_frame(out, 4))
+    with pytest.raises(DatasetError, match="does not exist"):
+        nbragg.dataset.open(tmp_path / "nothere.h5")
+
+
 def test_frames_resimulate_from_stored_parameters(made):
     d, out = made
     spec = load_spec(SPEC)

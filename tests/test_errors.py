@@ -62,6 +62,7 @@ CASES = {
     "printout pixel outside": (GOOD + ["-printout_pixel", "40", "2"], "-printout_pixel"),
     "bad pivot": (GOOD + ["-pivot", "middle"], "-pivot"),
     "bad threads": (GOOD + ["-threads", "many"], "-threads"),
+    "zero threads": (GOOD + ["-threads", "0"], "-threads: value 0 must be at least 1"),
     "detector_abs not a number": (GOOD + ["-detector_abs", "abc"], "-detector_abs"),
     "detector_abs nan": (GOOD + ["-detector_abs", "nan"], "-detector_abs"),
     "round divergence cut leaves no source": (GOOD + "-hdivrange 1 -vdivrange 1 -hdivstep 1 -vdivstep 1".split(),
@@ -88,6 +89,17 @@ def test_user_error_is_one_line_exit_2_no_output(name, tmp_path, monkeypatch, ca
     assert needle in lines[0]
     assert "Traceback" not in captured.err
     assert set(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_too_many_threads_are_capped_with_a_warning(tmp_path, monkeypatch, capsys):
+    import numba
+    monkeypatch.chdir(tmp_path)
+    status = cli.main(OUT + GOOD + ["-threads", "100000"])
+    captured = capsys.readouterr()
+    assert status == 0
+    most = numba.config.NUMBA_NUM_THREADS
+    assert f"WARNING: -threads 100000: this machine runs at most {most} threads; using {most}" in captured.err
+    assert (tmp_path / "out.bin").stat().st_size == 16 * 16 * 4
 
 
 def test_command_line_process_exit_status(tmp_path):
@@ -117,6 +129,25 @@ def test_python_api_errors_name_the_field():
         nbragg.Detector(fpixels=10, spixels=10, roi=(5, 2, 0, 3))
     with pytest.raises(nbragg.ParameterError, match="Detector.mask"):
         nbragg.Detector(fpixels=10, spixels=10, mask=np.ones((3, 3)))
+
+
+def test_python_api_mistakes_are_parameter_errors():
+    import nbragg
+    with pytest.raises(nbragg.ParameterError, match="Detector.distance = '100' is text; give a number"):
+        nbragg.Detector(distance="100")
+    with pytest.raises(nbragg.ParameterError, match="Detector.fpixels = 32 without Detector.spixels"):
+        nbragg.Detector(fpixels=32)
+    with pytest.raises(nbragg.ParameterError, match="Detector.spixels = 'abc' is not an integer"):
+        nbragg.Detector(fpixels=3, spixels="abc")
+    assert (nbragg.Detector().fpixels, nbragg.Detector().spixels) == (1024, 1024)
+    exp = nbragg.Experiment.from_nanobragg_args("-cell 100 100 100 90 90 90 -default_F 1 -detpixels 8 -N 2")
+    assert (exp.detector.fpixels, exp.crystal.Na) == (8, 2.0)
+    with pytest.raises(nbragg.ParameterError, match="jacobian: no parameter names"):
+        nbragg.jacobian(exp, [])
+    said = []
+    zero = exp.replace(structure=exp.structure.replace(default_F=0.0))
+    assert not nbragg.simulate(zero, warn=said.append).image.any()
+    assert any("no structure factors" in m and "every pixel is 0" in m for m in said), said
 
 
 def test_import_and_cpu_work_need_no_cuda_packages():

@@ -32,7 +32,40 @@ def image(extra, base=BASE, cwd=None):
 
 def test_unknown_flag_is_named_in_a_warning():
     _, msgs = parse(["-frobnicate", "3"])
-    assert any("-frobnicate" in m and "unknown" in m for m in msgs)
+    assert any("-frobnicate" in m and "unknown" in m and "did you mean" not in m for m in msgs)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["-energy", "12.4"], "-energy 12.4 is in eV: a wavelength of 999.873 A; for keV give -energy 12400"),
+    (["-mosaic", "-1"], "-mosaic -1: a negative spread means unset"),
+    (["-osc", "1", "-phisteps", "0"], "-phisteps 0 with -osc 1: nanoBragg.c takes 1 phi step"),
+])
+def test_likely_slips_are_warned(extra, says):
+    _, msgs = parse(extra)
+    assert any(says in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("extra", [["-energy", "12400"], ["-mosaic", "0.5"], ["-osc", "1", "-phisteps", "2"]])
+def test_intended_values_are_not_warned(extra):
+    _, msgs = parse(extra)
+    assert not any(w in m for m in msgs for w in ("is in eV", "means unset", "takes 1 phi step")), msgs
+
+
+def test_unit_slip_oversampling_is_refused_unless_explicit():
+    slip = BASE + ["-N", "10", "-lambda", "1", "-pixel", "100"]     # 100 mm pixels: meant microns
+    p, _ = parse([], slip)
+    with pytest.raises(nbragg.ParameterError, match=r"automatic oversampling of \d+ .* more than 100: check the "
+                                                    r"units of the pixel size \(-pixel"):
+        nbragg.simulate(p.experiment, warn=lambda m: None)
+    p, _ = parse(["-oversample", "2"], slip)
+    assert nbragg.simulate(p.experiment, warn=lambda m: None).model.oversample == 2
+
+
+@pytest.mark.parametrize("typo, meant", [("-detpixel", "-detpixels"), ("-distanc", "-distance"),
+                                         ("-lamda", "-lambda"), ("-thread", "-threads")])
+def test_a_mistyped_flag_gets_a_suggestion(typo, meant):
+    _, msgs = parse([typo, "64"])
+    assert any(f"unknown flag {typo} ignored; did you mean {meant}?" in m for m in msgs), msgs
 
 
 @pytest.mark.parametrize("flag", [["-pix0_vector", "0.1", "0", "0"], ["-coherent"], ["-density", "1.2"],

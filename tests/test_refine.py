@@ -173,3 +173,21 @@ def test_cli_errors(tmp_path, monkeypatch, capsys, argv, needle):
     assert refine_cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_bounds_start_inside_and_a_fit_on_a_bound_is_not_a_success(truth_and_observed):
+    truth, obs = truth_and_observed
+    a = get_params(truth, ["cell_a"])["cell_a"]
+    start = set_params(truth, {"cell_a": a - 0.7})
+    # the default bounds follow the start: a cell edge may not halve
+    fit = refine(start, obs, ["cell_a"], max_nfev=3)
+    assert fit.bounds["cell_a"] == pytest.approx((0.8 * (a - 0.7), 1.25 * (a - 0.7)))
+    with pytest.raises(nbragg.ParameterError, match=r"cell_a starts at 69.3, outside its bounds \(69.5, 71\)"):
+        refine(start, obs, ["cell_a"], bounds={"cell_a": (69.5, 71.0)})
+    with pytest.raises(nbragg.ParameterError, match="'Na' is not among the refined parameters"):
+        refine(start, obs, ["cell_a"], bounds={"Na": (1, 9)})
+    # the minimum (cell_a = 70) lies beyond the upper bound: the fit stops there and says so
+    for method in ("least_squares", "lbfgs"):
+        fit = refine(start, obs, ["cell_a"], method=method, bounds={"cell_a": (69.0, 69.6)})
+        assert fit.at_bounds == {"cell_a": "upper"} and not fit.success, (method, fit.values, fit.message)
+        assert "cell_a at its upper bound 69.6" in fit.message

@@ -43,10 +43,12 @@ and produces the same frames and parameters as an uninterrupted run.
 
 from .cli import main
 from .frames import base_experiment, frame_experiment, frame_parameters, simulate_frame
-from .layout import assemble_shard, read_frame, read_parameters, stage_frame, write_master
+from .layout import assemble_shard, open_dataset, read_frame, read_parameters, stage_frame, write_master
 from .schedule import generate, make_shard
 from .spec import COUNT_TYPES, DIST_KINDS, DatasetError, DatasetSpec, load_spec
 
+open = open_dataset   # nbragg.dataset.open(path): the dataset, with its compression filters loaded
+
 __all__ = ["COUNT_TYPES", "DIST_KINDS", "DatasetError", "DatasetSpec", "assemble_shard", "base_experiment",
-           "frame_experiment", "frame_parameters", "generate", "load_spec", "main", "make_shard", "read_frame",
+           "frame_experiment", "frame_parameters", "generate", "load_spec", "main", "make_shard", "open", "read_frame",
            "read_parameters", "simulate_frame", "stage_frame", "write_master"]

@@ -22,6 +22,8 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: simulate on an NVIDIA GPU (with --workers 0 or 1)")
     ap.add_argument("--noprogress", action="store_true")
+    from .. import __version__
+    ap.add_argument("--version", action="version", version=f"nbragg-dataset {__version__}")
     argv = sys.argv[1:] if argv is None else argv
     try:
         opts = ap.parse_args(argv)

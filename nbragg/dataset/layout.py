@@ -208,17 +208,43 @@ def write_master(spec, output):
     return paths.master
 
 
+def open_dataset(path):
+    """A generated dataset (master or shard) as an open, read-only ``h5py.File``, with the
+    compression filters it may use loaded (hdf5plugin's bitshuffle, when installed)::
+
+        with nbragg.dataset.open("out.h5") as fh:
+            frames = fh["entry/data/data"][:10]
+    """
+    import h5py
+    try:
+        import hdf5plugin  # noqa: F401  (registers the bitshuffle filter with HDF5)
+    except ImportError:
+        pass
+    if not os.path.exists(path):
+        raise DatasetError(f"dataset {path!r} does not exist")
+    return h5py.File(path, "r", locking=False)
+
+
+def _read(fh, name, index=()):
+    try:
+        return fh[name][index]
+    except OSError as exc:
+        if "filter" in str(exc).lower() or "plugin" in str(exc).lower():
+            raise DatasetError(f"{fh.filename}: {name} is compressed with a filter HDF5 cannot load here; "
+                               "install hdf5plugin (pip install hdf5plugin)") from None
+        raise
+
+
 def read_frame(output, index, dataset="data"):
     """One frame from a generated dataset (via the master's virtual dataset)."""
-    import h5py
-    with h5py.File(output, "r", locking=False) as fh:
-        return fh["entry/data/" + dataset][index]
+    with open_dataset(output) as fh:
+        return _read(fh, "entry/data/" + dataset, index)
 
 
 def read_parameters(output):
     """{name: array over frames} and the orientations from a generated dataset."""
     import h5py
-    with h5py.File(output, "r", locking=False) as fh:
+    with open_dataset(output) as fh:
         nb = fh["entry/nbragg"]
         spec = json.loads(nb.attrs["spec"])
         out = {}

@@ -1,0 +1,35 @@
+"""The README's Python examples, run exactly as printed (one namespace, in order), so that
+they cannot rot; then a look at what they computed."""
+
+import re
+
+import numpy as np
+import pytest
+
+from conftest import HERE
+
+README = HERE.parent / "README.md"
+
+
+def python_blocks():
+    return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+
+
+@pytest.mark.slow
+def test_readme_python_examples_run_as_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks()
+    assert len(blocks) >= 3
+    ns = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md python block {i + 1}", "exec"), ns)
+    out = capsys.readouterr().out
+    assert "cell_a" in out
+    # the refinement example starts off the truth and comes back to it
+    fit, truth = ns["fit"], ns["exp"]
+    assert fit.success and not fit.at_bounds, fit.message
+    import nbragg
+    want = nbragg.get_params(truth, fit.names)
+    for n in fit.names:
+        assert abs(fit.values[n] - want[n]) <= 4 * fit.uncertainties[n], (n, fit.values[n], want[n])
+    assert np.isfinite(ns["J"]).all() and ns["J"].shape == (64 * 64, 7)
