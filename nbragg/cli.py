@@ -150,23 +150,24 @@ def run(argv, stdout=None, stderr=None):
         bar = tqdm(total=model.roi_clipped[3] - model.roi_clipped[2] + 1, unit="rows",
                    file=err, leave=False, desc="nbragg")
 
-    # the first run on a machine compiles the kernels (a minute or so, then cached): say so
-    # when no row has come back after a few seconds
+    # the first run on a machine compiles the kernels (a minute or so, then cached): one
+    # pixel is rendered first, and if it has not come back after a few seconds, say so
     import threading
     compiling = threading.Timer(COMPILE_NOTICE_S, lambda: print(
         "nbragg: compiling the kernels for this machine (first run only; they are cached afterwards)...",
         file=err, flush=True))
-
-    def progress(done, total):
-        compiling.cancel()
-        if bar is not None:
-            bar.update(done - bar.n)
     compiling.start()
     try:
-        image, omega_sum = engine.render(model, backend=device, threads=threads, progress=progress,
-                                         precision=precision)
+        engine.prepare(model, backend=device, precision=precision)
     finally:
         compiling.cancel()
+
+    def progress(done, total):
+        bar.update(done - bar.n)
+    try:
+        image, omega_sum = engine.render(model, backend=device, threads=threads,
+                                         progress=progress if bar is not None else None, precision=precision)
+    finally:
         if bar is not None:
             bar.close()
     f32 = image.astype(np.float32)

@@ -201,15 +201,15 @@ def build_model(exp, warn=None, panels=None):
     shared = dict(
         beam=Beam(
             beam=_vec(u["beam"]), polar_axis=_vec(u["polar_axis"]), kahn=float(u["kahn"]),
-            nopolar=bool(exp.beam.nopolar), sources=np.ascontiguousarray(u["sources"], dtype=np.float64),
-            lambdas=np.ascontiguousarray(u["lambdas"], dtype=np.float64),
-            weights=np.ascontiguousarray(u["weights"], dtype=np.float64)),
+            nopolar=bool(exp.beam.nopolar), sources=_owned(u["sources"], np.float64),
+            lambdas=_owned(u["lambdas"], np.float64),
+            weights=_owned(u["weights"], np.float64)),
         xtal=Crystal(
-            orients=np.ascontiguousarray(u["orients"], dtype=np.float64),
-            recip=np.ascontiguousarray(u["recip"], dtype=np.float64), Na=float(u["Na"]), Nb=float(u["Nb"]),
+            orients=_owned(u["orients"], np.float64),
+            recip=_owned(u["recip"], np.float64), Na=float(u["Na"]), Nb=float(u["Nb"]),
             Nc=float(u["Nc"]), fudge=float(u["fudge"]), shape=int(_SHAPE_CODES[cry.shape])),
         fhkl=Structure(
-            grid=np.ascontiguousarray(st.grid, dtype=np.float64), hkl_min=np.array(st.hkl_min, dtype=np.int64),
+            grid=_owned(st.grid, np.float64), hkl_min=np.array(st.hkl_min, dtype=np.int64),
             hkl_max=np.array(st.hkl_max, dtype=np.int64), has_hkls=bool(st.hkls > 0),
             interpolate=bool(st.interpolate), default_F=float(u["default_F"])),
         samp=Sampling(
@@ -238,14 +238,20 @@ def build_model(exp, warn=None, panels=None):
     )
 
 
+def _owned(a, dtype):
+    """A writable C-contiguous copy: Numba types read-only arrays apart, so an input that
+    arrived read-only (a validated Experiment field) would compile every kernel again."""
+    return np.array(a, dtype=dtype, order="C", copy=True)
+
+
 def _vec(v):
-    return np.ascontiguousarray(v, dtype=np.float64).reshape(3)
+    return _owned(v, np.float64).reshape(3)
 
 
 def _detector_block(u, p, panel, oversample):
     """The det block of panel ``p`` (kernels/scene.py), from the inputs ``u``."""
     if panel.mask is not None:
-        mask = np.ascontiguousarray(panel.mask, dtype=np.uint8)
+        mask = _owned(panel.mask, np.uint8)
     else:
         mask = np.ones((1, 1), dtype=np.uint8)
     return Detector(
@@ -344,6 +350,21 @@ def render(model, backend="cpu", threads=None, progress=None, precision="float64
     return (image[0] if P == 1 else image), omega_sum
 
 
+def prepare(model, backend="cpu", precision="float64"):
+    """Compile the forward kernel for this model (the first run on a machine, a minute or
+    so) or load it from the cache, by rendering one pixel."""
+    single = check_precision(precision) == "float32"
+    S = model.scenes[0]
+    xmin, xmax, ymin, ymax = roi_clipped(S.det)
+    if xmax < xmin or ymax < ymin:
+        return
+    one = S._replace(det=S.det._replace(roi=np.array([xmin, xmin, ymin, ymin], dtype=np.int64)))
+    if check_backend(backend) == "cuda":
+        cuda_kernels().render(one, single=single)
+    else:
+        _render_cpu(one, single, None, None, 0, 0)
+
+
 def _render_cpu(scene, single, threads, progress, done, total):
     """One panel on the CPU: (unscaled image, omega sum)."""
     dtype = np.float32 if single else np.float64
@@ -372,7 +393,7 @@ def tangent_image(model, d, backend="cpu", threads=None):
     tangent directions d (P, layout.size) (see :mod:`nbragg.kernels.scene`), and the
     image (photons) computed in the same pass."""
     L = model.layout
-    d = np.ascontiguousarray(d, dtype=np.float64).reshape(-1, L.size)
+    d = _owned(d, np.float64).reshape(-1, L.size)
     P = d.shape[0]
     scenes = model.scenes
     kL = model.kernel_layout
@@ -400,7 +421,7 @@ def adjoint_image(model, upstream, backend="cpu", threads=None, want_image=False
     L = model.layout
     kL = model.kernel_layout
     scenes = model.scenes
-    ups = np.ascontiguousarray(upstream, dtype=np.float64).reshape((len(scenes),) + model.shape[-2:])
+    ups = _owned(upstream, np.float64).reshape((len(scenes),) + model.shape[-2:])
     grid = model.scene.fhkl.grid
     flat = np.zeros(L.size)
     gF = np.zeros(grid.shape)

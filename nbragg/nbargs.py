@@ -376,6 +376,8 @@ def _printout_pixel(st, v, rd):
 def _seed(attr):
     def act(st, v, rd):
         val = -rd.i(0)
+        if not -2 ** 62 < val < 2 ** 62:   # the generator's state is a 64-bit integer
+            rd.bad(0, "a seed must lie within +-4.6e18")
         if attr == "seed":
             st.out.seed = val
             st.out.seed_given = True
@@ -823,6 +825,8 @@ def _validate(st, fpixels, spixels):
     if not st.lambda0 > 0:
         raise ArgumentError(f"-lambda: wavelength {st.lambda0 * 1e10:g} A must be positive")
     if st.fluence < 0:
+        if st.flux < 0:
+            raise ArgumentError(f"-flux: {st.flux:g} photons/s must not be negative")
         raise ArgumentError(f"-fluence: {st.fluence:g} photons/m^2 must not be negative")
     if not (st.distance > 0 or (st.close_distance == st.close_distance and st.close_distance > 0)):
         raise ArgumentError(f"-distance: {st.distance * 1000:g} mm must be positive")

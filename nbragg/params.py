@@ -49,7 +49,7 @@ import numpy as np
 from .errors import ParameterError
 from .kernels.scene import FIELDS, flatten
 from .models.crystal import resolve_phi
-from .models.detector import resolve_detector
+from .models.detector import beam_parameters_mm
 from .units import RTD, deg2rad
 
 # name -> (record, field, index in a tuple field or None)
@@ -124,14 +124,7 @@ def get_params(exp, names):
             continue
         rec, fld, idx = _FIELDS[n]
         if n in ("beam_x", "beam_y"):
-            d = exp.detector
-            given = (d.orgx if n == "beam_x" else d.orgy) if d.convention in ("xds", "dials") else getattr(d, n)
-            if given is None:   # the default the detector set-up fills in
-                out[n] = float(resolve_detector(d).beam_xy[n == "beam_y"]) * 1000.0
-            elif d.convention in ("xds", "dials"):
-                out[n] = float((given - 0.5) * d.pixel_size)
-            else:
-                out[n] = float(given)
+            out[n] = float(beam_parameters_mm(exp.detector)[n == "beam_y"])
         elif n == "distance":
             d = exp.detector
             out[n] = float(d.close_distance if d.close_distance is not None else d.distance)

@@ -68,6 +68,11 @@ DEFAULT_BOUNDS = {
     "polar": lambda v: (-1.0, 1.0),
     "water": lambda v: (0.0, np.inf),
 }
+# limits where a value is an answer, not a stop: a fit that ends there (no mosaic spread,
+# one unit cell, no water...) has not been held back by its bounds
+PHYSICAL_LIMITS = {"Na": (1.0, np.inf), "Nb": (1.0, np.inf), "Nc": (1.0, np.inf), "fluence": (0.0, np.inf),
+                   "mosaic_spread": (0.0, np.inf), "osc": (0.0, np.inf), "polar": (-1.0, 1.0),
+                   "water": (0.0, np.inf)}
 
 
 class RefinementError(NbraggError):
@@ -280,13 +285,14 @@ def _bounds(names, bounds, start):
 
 def _at_bounds(names, x, lo, hi):
     """{name: "lower"|"upper"} for the values that ended on a bound (within 1e-6 of the
-    bounded range, or of the value where the range is infinite)."""
+    bounded range, or of the value where the range is infinite), physical limits aside."""
     out = {}
     for n, v, a, c in zip(names, x, lo, hi):
         width = (c - a) if np.isfinite(c - a) else max(abs(v), 1.0)
-        if np.isfinite(a) and v - a <= 1e-6 * width:
+        plo, phi = PHYSICAL_LIMITS.get(n, (np.nan, np.nan))
+        if np.isfinite(a) and a != plo and v - a <= 1e-6 * width:
             out[n] = "lower"
-        elif np.isfinite(c) and c - v <= 1e-6 * width:
+        elif np.isfinite(c) and c != phi and c - v <= 1e-6 * width:
             out[n] = "upper"
     return out
 
@@ -331,6 +337,9 @@ def _fit_once(exp, obs, sel, names, loss, method, bnds, compute, readout, sigma,
         prob = _Problem(exp, obs, names, loss, keep, threads, readout, sigma, backend)
     x0 = np.array([prob.start[n] for n in names])
     lo, hi = bnds
+    # inside the bounds already (refine checks the start); a value read back after a stage
+    # may sit an ulp outside (beam_x through ORGX), which scipy would refuse
+    x0 = np.clip(x0, lo, hi)
     from scipy import optimize
     if method == "least_squares":
         opts = dict(x_scale="jac", max_nfev=200, xtol=1e-10, ftol=1e-10, gtol=1e-10)
@@ -453,7 +462,7 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
         success = False
         message = (f"{message}; ended on a bound: "
                    + ", ".join(f"{n} at its {side} bound {values[n]:g}" for n, side in at.items())
-                   + " (the minimum may lie beyond it: check the start, or widen bounds=)")
+                   + " (the minimum may lie beyond it: check the start, or widen the bounds)")
     return Fit(experiment=current, values=values, uncertainties=dict(zip(names, (float(s) for s in sd))),
                success=success, message=message, nfev=nfev, njev=njev, history=history, names=names, loss=loss,
                method=method, covariance=cov, start=start, wall_time=time.perf_counter() - t0,

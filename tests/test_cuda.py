@@ -136,6 +136,10 @@ def _names(exp):
     return list(SCALAR_PARAMS)
 
 
+# The simulated tangent and adjoint kernels take about a minute to prepare on a cold cache
+# and up to a minute per case to run: the tests that use them are in the full suite only
+# (the quick set, -m "not slow", keeps the forward ones).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GRADIENT_CASES)
 def test_jacobian_matches_cpu(name, tmp_path, monkeypatch):
     exp = case_experiment(name, tmp_path)
@@ -150,6 +154,7 @@ def test_jacobian_matches_cpu(name, tmp_path, monkeypatch):
         np.testing.assert_allclose(gpu[:, p], cpu[:, p], rtol=RTOL, atol=RTOL * scale, err_msg=n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GRADIENT_CASES)
 def test_gradient_matches_cpu(name, tmp_path):
     exp = case_experiment(name, tmp_path)
@@ -174,6 +179,7 @@ def test_gradient_matches_cpu(name, tmp_path):
             assert gpu[n] == pytest.approx(cpu[n], rel=RTOL, abs=tol + 1e-300), n
 
 
+@pytest.mark.slow
 def test_adjoint_image_and_determinism(tmp_path):
     exp = case_experiment("interpolate_N2", tmp_path)
     model = build_model(exp, warn=lambda m: None)
@@ -233,6 +239,7 @@ def test_command_line_device(in_tmp, tmp_path, capsys):
     assert "-device" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_backend_cuda(monkeypatch, capsys):
     from nbragg import bench
     monkeypatch.setitem(bench.CASES, "tiny", "-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 5 "
@@ -245,6 +252,7 @@ def test_bench_backend_cuda(monkeypatch, capsys):
     assert "'B9'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_a_real_gpu():
     """The simulator accepts code that CUDA does not: compile every kernel to PTX."""
     import os
@@ -268,6 +276,7 @@ def test_kernels_compile_for_a_real_gpu():
     assert f64["_forward_kernel_single"] <= 0.05 * f64["_forward_kernel"], f64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["least_squares", "lbfgs"])
 def test_refine_on_cuda_follows_the_cpu(method):
     truth = nbragg.Experiment.from_nanobragg_args(
@@ -300,6 +309,7 @@ def test_dataset_on_cuda_equals_cpu(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                             "ignore:invalid value encountered:RuntimeWarning")   # on purpose, below
+@pytest.mark.slow
 def test_adjoint_image_of_a_one_pixel_detector_and_non_finite_bound():
     exp = nbragg.Experiment.from_nanobragg_args(
         "-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 5 -lambda 1 -distance 100 -detpixels 1 "

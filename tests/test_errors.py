@@ -71,6 +71,10 @@ CASES = {
     "negative sensor thickness": (GOOD + ["-detector_thick", "-1"], "-detector_thick"),
     "negative dmin": (GOOD + ["-dmin", "-1"], "-dmin"),
     "zero detector vector": (GOOD + ["-fdet_vector", "0", "0", "0"], "-fdet_vector"),
+    "phi step in the wrong unit": (GOOD + ["-osc", "1", "-phistep", "1e-300"], "-phistep"),
+    "divergence step in the wrong unit": (GOOD + ["-hdivrange", "1", "-hdivstep", "1e-9"], "-hdivstep"),
+    "seed beyond 64 bits": (GOOD + ["-mosaic", "1", "-mosaic_seed", "99999999999999999999"], "-mosaic_seed"),
+    "negative flux": (GOOD + ["-flux", "-1e12"], "-flux: -1e+12 photons/s"),
 }
 
 

@@ -44,7 +44,10 @@ def _check(reader, data):
             pass
 
 
-fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def fuzz(test):
+    """Hypothesis settings for the readers; long, so in the full suite only."""
+    return pytest.mark.slow(settings(max_examples=EXAMPLES, deadline=None,
+                                     suppress_health_check=list(HealthCheck))(test))
 
 
 @fuzz

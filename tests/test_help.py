@@ -59,16 +59,16 @@ def test_dataset_bad_worker_counts_are_refused(opt, value, tmp_path, capsys):
 
 
 def test_first_run_compilation_is_announced(monkeypatch, tmp_path, capsys):
-    """When no image row has come back after a few seconds, the command line says that it
-    is compiling (a stand-in render that takes longer than the notice's delay)."""
+    """When the first pixel has not come back after a few seconds, the command line says
+    that it is compiling (a stand-in that takes longer than the notice's delay)."""
     import time
     from nbragg import engine
-    real = engine.render
+    real = engine.prepare
 
-    def slow(model, progress=None, **kw):
+    def slow(model, **kw):
         time.sleep(0.5)
-        return real(model, progress=progress, **kw)
-    monkeypatch.setattr(engine, "render", slow)
+        return real(model, **kw)
+    monkeypatch.setattr(engine, "prepare", slow)
     monkeypatch.setattr(cli, "COMPILE_NOTICE_S", 0.1)
     monkeypatch.chdir(tmp_path)
     args = "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -detpixels 8 -floatfile f.bin -nonoise -nopgm"

@@ -195,6 +195,7 @@ def test_oversample_thick_without_sensor_gives_zero_like_nanobragg():
     assert any("capture fraction of 0" in m for m in msgs)
 
 
+@pytest.mark.slow
 def test_mask_header_beam_centre_y_counts_from_the_far_edge(tmp_path):
     from nbragg.io.smv import write_smv
     fields = dict(fpixels=12, spixels=10, pixel_m=4e-4, distance_m=0.1, wavelength_m=1e-10, Xbeam=0.002,

@@ -21,6 +21,7 @@ def _exp(extra=""):
     return nbragg.Experiment.from_nanobragg_args((TRI + " " + extra).split(), warn=lambda m: None)
 
 
+@pytest.mark.slow      # compiles the twin without the cache (about 40 s)
 def test_twin_computes_in_float32_only():
     """No float64 value anywhere in the single-precision forward kernel and its callees."""
     model = build_model(_exp("-N 5"), warn=lambda m: None)

@@ -144,6 +144,7 @@ def test_cli_refines_golden_cubic_noise_image(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_cli_refines_golden_mat_hkl_noise_image_with_mask_and_overloads(tmp_path, monkeypatch):
     for f in ("noiseimage.img", "A.mat", "P1.hkl", "mask.img"):
         shutil.copy(GOLDEN / "mat_hkl_nearest_nonsquare_mask" / f, tmp_path)
@@ -191,3 +192,6 @@ def test_bounds_start_inside_and_a_fit_on_a_bound_is_not_a_success(truth_and_obs
         fit = refine(start, obs, ["cell_a"], method=method, bounds={"cell_a": (69.0, 69.6)})
         assert fit.at_bounds == {"cell_a": "upper"} and not fit.success, (method, fit.values, fit.message)
         assert "cell_a at its upper bound 69.6" in fit.message
+    # a value at a physical limit is an answer, not a stop: no water stays at 0
+    fit = refine(start, obs, ["cell_a", "water"], max_nfev=5)
+    assert fit.values["water"] < 1e-6 and "water" not in fit.at_bounds

@@ -50,5 +50,5 @@ from .spec import COUNT_TYPES, DIST_KINDS, DatasetError, DatasetSpec, load_spec
 open = open_dataset   # nbragg.dataset.open(path): the dataset, with its compression filters loaded
 
 __all__ = ["COUNT_TYPES", "DIST_KINDS", "DatasetError", "DatasetSpec", "assemble_shard", "base_experiment",
-           "frame_experiment", "frame_parameters", "generate", "load_spec", "main", "make_shard", "open", "read_frame",
+           "frame_experiment", "frame_parameters", "generate", "load_spec", "main", "make_shard", "read_frame",
            "read_parameters", "simulate_frame", "stage_frame", "write_master"]

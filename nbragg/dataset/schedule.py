@@ -70,7 +70,8 @@ def generate(spec, output, workers=None, scheduler=None, progress=True, threads_
     from ..engine import check_backend
     check_backend(backend)
     for name, value, least in (("workers", workers, 0), ("threads_per_worker", threads_per_worker, 1)):
-        if value is not None and (isinstance(value, bool) or int(value) != value or value < least):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or int(value) != value or value < least):
             raise DatasetError(f"--{name.replace('_', '-')} {value!r}: give a whole number of at least {least}"
                                + (" (0 runs in this process)" if name == "workers" else ""))
     if not isinstance(spec, DatasetSpec):

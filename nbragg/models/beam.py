@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ParameterError
+from .crystal import MAX_STEPS
 from .geometry import cross, re, rotate_axis, unitize
 
 
@@ -80,6 +81,11 @@ def resolve_sources(beam, beam_vector, polar_vector):
     hdivrange, hdivstep, hdivsteps = hdiv
     vdivrange, vdivstep, vdivsteps = vdiv
     dispersion, dispstep, dispsteps = disp
+    for what, n in (("horizontal divergence (-hdivrange/-hdivstep/-hdivsteps, Beam.hdiv_*)", hdivsteps),
+                    ("vertical divergence (-vdivrange/-vdivstep/-vdivsteps, Beam.vdiv_*)", vdivsteps),
+                    ("dispersion (-dispersion/-dispstep/-dispsteps, Beam.dispersion/disp_*)", dispsteps)):
+        if n > MAX_STEPS:
+            raise ParameterError(f"{n:.3g} {what} steps is more than {MAX_STEPS}: check the step's unit")
 
     listing = []
     offsets = []

@@ -74,6 +74,10 @@ def cell_from_vectors(real):
     return (la, lb, lc, ang(b, c, lb, lc), ang(a, c, la, lc), ang(a, b, la, lb))
 
 
+# more steps than any simulation can use (a step in the wrong unit lands above it)
+MAX_STEPS = 100000
+
+
 def resolve_phi(phi0, osc, phistep, phisteps):
     """nanoBragg's phi rules (radians; -1 = unset).  Returns (phi0, osc, phistep, phisteps)."""
     if phisteps < 0:
@@ -169,6 +173,10 @@ def resolve_crystal(crystal, spindle, warn=None):
         -1.0 if crystal.phistep is None else deg2rad(crystal.phistep),
         -1 if crystal.phisteps is None else crystal.phisteps,
     )
+    if phisteps > MAX_STEPS:
+        raise ParameterError(
+            f"{phisteps:.3g} phi steps: an oscillation of {re(osc) * RTD:g} degrees (-osc, Crystal.osc) in steps "
+            f"of {re(phistep) * RTD:g} degrees (-phistep, Crystal.phistep) is more than {MAX_STEPS} steps")
     if phisteps <= 0:
         # nanoBragg.c makes ceil(osc / phistep) = 0 steps here and divides by 0
         raise ParameterError(
