@@ -17,6 +17,19 @@ GOLDEN = HERE / "golden"
 sys.path.insert(0, str(HERE))
 
 
+def rows_as_panels(count):
+    """A panel maker (build_model(exp, panels=...)): nanoBragg's one panel cut into
+    ``count`` panels of equal rows, each with its own origin, as modules are built."""
+    def make(geom):
+        import dataclasses
+        from nbragg.models.detector import nanobragg_panels
+        (panel,) = nanobragg_panels(geom)
+        rows = panel.spixels // count
+        return [dataclasses.replace(panel, pix0=panel.pix0 + (rows * k) * panel.pixel * panel.sdet, spixels=rows,
+                                    roi=(0, panel.fpixels - 1, 0, rows - 1)) for k in range(count)]
+    return make
+
+
 def golden_manifest():
     with open(GOLDEN / "cases.json") as fh:
         return json.load(fh)

@@ -115,8 +115,16 @@ def lattice(h, k, l, model):
 
 
 def reference_image(model):
-    """The image in photons, (spixels, fpixels), zero outside ROI and mask."""
-    det = model.detector
+    """The image in photons, (spixels, fpixels) -- or (panels, spixels, fpixels) for a
+    detector of several panels -- zero outside ROI and mask.  Each source's terms carry
+    its weight (model.scene.beam.weights)."""
+    images = [_panel_image(model, panel) for panel in model.panels]
+    return images[0] if len(images) == 1 else np.stack(images)
+
+
+def _panel_image(model, det):
+    """One panel (models.detector.Panel); the beam and polarization axes are shared."""
+    beam, polar_axis = model.detector.beam, model.detector.polar
     exp = model.experiment
     samp = exp.sampling
     S, F = det.spixels, det.fpixels
@@ -137,7 +145,7 @@ def reference_image(model):
                 P = (Fd[..., None] * det.fdet + Sd[..., None] * det.sdet
                      + t * det.thickstep * det.odet + det.pix0)
                 if det.curved:
-                    P = np.stack([_curved(P[s_, f_], det) for s_, f_ in np.ndindex(S, F)]).reshape(S, F, 3)
+                    P = np.stack([_curved(P[s_, f_], det, beam) for s_, f_ in np.ndindex(S, F)]).reshape(S, F, 3)
                 R = np.linalg.norm(P, axis=-1)
                 d = P / R[..., None]
                 new_omega = det.pixel ** 2 / R ** 2 * det.close_distance / R
@@ -148,14 +156,15 @@ def reference_image(model):
                 new_cap = (np.exp(-t * det.thickstep * det.mu / parallax)
                            - np.exp(-(t + 1) * det.thickstep * det.mu / parallax))
                 capture = np.where((capture == 0.0) | samp.oversample_thick, new_cap, capture)
-                for src, lam in zip(model.sources.directions, model.sources.wavelengths):
+                for src, lam, w in zip(model.sources.directions, model.sources.wavelengths,
+                                       model.scene.beam.weights):
                     inc = -src
                     q = (d - inc) / lam
                     stol = 0.5 * np.linalg.norm(q, axis=-1)
                     with np.errstate(divide="ignore"):
                         skip = (model.dmin > 0) & (stol > 0) & (model.dmin > 0.5 / np.where(stol > 0, stol, 1))
                     use = ~skip
-                    new_polar = polarization_reference(exp.beam.polarization, inc, d, det.polar)
+                    new_polar = polarization_reference(exp.beam.polarization, inc, d, polar_axis)
                     polar = np.where(use & ((polar == 0.0) | samp.oversample_polar), new_polar, polar)
                     for orient in model.crystal.orientations:
                         hkl = q @ orient.T
@@ -163,7 +172,7 @@ def reference_image(model):
                         Fl = lattice(h, k, l, model)
                         Fc = structure_factor(h, k, l, model.structure)
                         add = use & ~((Fl == 0.0) & (not water))
-                        I = np.where(add, I + Fc ** 2 * Fl ** 2, I)
+                        I = np.where(add, I + w * (Fc ** 2 * Fl ** 2), I)
                         if samp.oversample_thick:
                             I = np.where(add, I * capture, I)
                         if samp.oversample_polar:
@@ -180,8 +189,8 @@ def reference_image(model):
     image = R_E_SQR * model.fluence * value / model.steps
     xmin, xmax, ymin, ymax = det.roi
     keep = (fi >= xmin) & (fi <= xmax) & (si >= ymin) & (si <= ymax)
-    if exp.detector.mask is not None:
-        keep &= exp.detector.mask != 0
+    if det.mask is not None:
+        keep &= det.mask != 0
     return np.where(keep, image, 0.0)
 
 
@@ -191,8 +200,8 @@ def _rotate(v, axis, phi):
             + axis * np.dot(axis, v) * (1 - math.cos(phi)))
 
 
-def _curved(p, det):
+def _curved(p, det, beam):
     """nanoBragg's curved detector: distance*beam swung about sdet by y/D, then fdet by z/D."""
     D = det.distance
-    v = _rotate(D * det.beam, det.sdet, p[1] / D)
+    v = _rotate(D * beam, det.sdet, p[1] / D)
     return _rotate(v, det.fdet, p[2] / D)

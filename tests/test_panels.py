@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from conftest import rows_as_panels
 from nbragg.engine import adjoint_image, build_model, compute_stats, render, tangent_image
 from nbragg.gradients import jacobian
 from nbragg.kernels.scene import field_slice, flatten
@@ -36,10 +37,7 @@ def by_roi(geom):
     return [dataclasses.replace(panel, roi=(0, 11, 4 * k, 4 * k + 3)) for k in range(3)]
 
 
-def by_origin(geom):
-    (panel,) = nanobragg_panels(geom)
-    return [dataclasses.replace(panel, pix0=panel.pix0 + (4 * k) * panel.pixel * panel.sdet, spixels=4,
-                                roi=(0, 11, 0, 3)) for k in range(3)]
+by_origin = rows_as_panels(3)
 
 
 @pytest.fixture(scope="module")
