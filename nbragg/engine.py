@@ -115,9 +115,9 @@ def resolve(exp, warn=None):
     return det, src, cry
 
 
-def detector_panels(model_or_maker, exp, det):
-    """The detector's panels for the resolved geometry ``det``."""
-    maker = model_or_maker.panel_maker if isinstance(model_or_maker, Model) else model_or_maker
+def detector_panels(maker, exp, det):
+    """The detector's panels for the resolved geometry ``det``: ``maker(det)``, or without
+    one the panel nanoBragg's conventions place."""
     if maker is None:
         return nanobragg_panels(det, exp.detector.mask)
     return list(maker(det))
@@ -239,9 +239,10 @@ def build_model(exp, warn=None, panels=None):
 
 
 def _owned(a, dtype):
-    """A writable C-contiguous copy: Numba types read-only arrays apart, so an input that
-    arrived read-only (a validated Experiment field) would compile every kernel again."""
-    return np.array(a, dtype=dtype, order="C", copy=True)
+    """``a`` as a writable C-contiguous array (a copy only where it is not one already):
+    Numba types read-only arrays apart, so an input that arrived read-only (a validated
+    Experiment field) would compile every kernel again."""
+    return np.require(a, dtype=dtype, requirements=("C", "W"))
 
 
 def _vec(v):
@@ -334,7 +335,7 @@ def render(model, backend="cpu", threads=None, progress=None, precision="float64
     P = len(scenes)
     spans = [max(0, ymax - ymin + 1) for xmin, xmax, ymin, ymax in (roi_clipped(S.det) for S in scenes)]
     total = sum(spans)
-    image = np.zeros((P,) + model.shape[-2:])
+    images = []
     omega_sum = 0.0
     done = 0
     for p, S in enumerate(scenes):
@@ -343,11 +344,12 @@ def render(model, backend="cpu", threads=None, progress=None, precision="float64
                                             (lambda r, n, d=done: progress(d + r, total)), single=single)
         else:
             img, om = _render_cpu(S, single, threads, progress, done, total)
-        image[p] = img
+        images.append(img)
         omega_sum += om
         done += spans[p]
+    image = images[0] if P == 1 else np.stack(images)     # one panel: no copy
     image *= model.scale
-    return (image[0] if P == 1 else image), omega_sum
+    return image, omega_sum
 
 
 def prepare(model, backend="cpu", precision="float64"):
@@ -496,89 +498,69 @@ class Result:
 
 
 @njit(cache=True)
-def _c_stats(image, mask, use_mask, xmin, xmax, ymin, ymax):
-    # nanoBragg.c's statistics: sequential double sums over the rendered pixels
-    # (ROI and mask) for max, mean and rms; the rmsd loop covers the whole ROI
+def _c_stats(images, masks, use_mask, rois):
+    # nanoBragg.c's statistics: sequential double sums over the rendered pixels (ROI and
+    # mask) for max, mean and rms; the rmsd loop covers the whole ROI.  Panel by panel:
+    # images (P, S, F), masks (P, ., .), use_mask (P,), rois (P, 4) clipped
     total = 0.0
     sumsqr = 0.0
     n = 0
     max_I = 0.0
+    mp = 0
     mf = 0
     ms = 0
-    for s in range(ymin, ymax + 1):
-        for f in range(xmin, xmax + 1):
-            if use_mask and mask[s, f] == 0:
-                continue
-            v = image[s, f]
-            if v > max_I:
-                max_I = v
-                mf = f
-                ms = s
-            total += v
-            sumsqr += v * v
-            n += 1
+    for p in range(images.shape[0]):
+        xmin, xmax, ymin, ymax = rois[p, 0], rois[p, 1], rois[p, 2], rois[p, 3]
+        for s in range(ymin, ymax + 1):
+            for f in range(xmin, xmax + 1):
+                if use_mask[p] and masks[p, s, f] == 0:
+                    continue
+                v = images[p, s, f]
+                if v > max_I:
+                    max_I = v
+                    mp = p
+                    mf = f
+                    ms = s
+                total += v
+                sumsqr += v * v
+                n += 1
     nn = n if n > 0 else 1
     avg = total / nn
     nn = n if n > 1 else 2
     rms = math.sqrt(sumsqr / (nn - 1))
     dev = 0.0
     m = 0
-    for s in range(ymin, ymax + 1):
-        for f in range(xmin, xmax + 1):
-            t = image[s, f] - avg
-            dev += t * t
-            m += 1
+    for p in range(images.shape[0]):
+        xmin, xmax, ymin, ymax = rois[p, 0], rois[p, 1], rois[p, 2], rois[p, 3]
+        for s in range(ymin, ymax + 1):
+            for f in range(xmin, xmax + 1):
+                t = images[p, s, f] - avg
+                dev += t * t
+                m += 1
     if m <= 1:
         m = 2
-    return max_I, mf, ms, avg, rms, math.sqrt(dev / (m - 1)), n
+    return max_I, mp, mf, ms, avg, rms, math.sqrt(dev / (m - 1)), n
 
 
 def compute_stats(model, image, omega_sum):
     """max_I (and where), mean, rms over ROI & mask; rmsd over the ROI (as nanoBragg.c).
     Over all panels of a multi-panel detector, the maximum's panel in ``max_I_panel``."""
-    if len(model.scenes) > 1:
-        return _panel_stats(model, image, omega_sum)
-    xmin, xmax, ymin, ymax = model.roi_clipped
-    det = model.scene.det
-    max_I, mf, ms, avg, rms, rmsd, n = _c_stats(np.ascontiguousarray(image, dtype=np.float64), det.mask,
-                                                det.use_mask, xmin, xmax, ymin, ymax)
-    return _stats(model, max_I, 0, mf, ms, avg, rms, rmsd, n, omega_sum)
-
-
-def _stats(model, max_I, mp, mf, ms, avg, rms, rmsd, n, omega_sum):
+    dets = [S.det for S in model.scenes]
+    images = np.ascontiguousarray(image, dtype=np.float64).reshape((len(dets),) + model.shape[-2:])
+    use_mask = np.array([d.use_mask for d in dets])
+    if use_mask.any():
+        masks = np.stack([d.mask if d.use_mask else np.ones(images.shape[1:], np.uint8) for d in dets])
+    else:
+        masks = np.ones((len(dets), 1, 1), np.uint8)
+    rois = np.array([roi_clipped(d) for d in dets], dtype=np.int64)
+    max_I, mp, mf, ms, avg, rms, rmsd, n = _c_stats(images, masks, use_mask, rois)
     os_ = model.oversample
-    sub = model.scenes[mp].det.pixel / os_
+    sub = dets[mp].pixel / os_
     fm = sub * (mf * os_ + os_ - 1) + sub / 2.0
     sm = sub * (ms * os_ + os_ - 1) + sub / 2.0
     return Stats(max_I=max_I, max_I_fast=mf, max_I_slow=ms, max_I_fast_m=fm, max_I_slow_m=sm,
                  mean=avg, rms=rms, rmsd=rmsd, solid_angle_sr=omega_sum / model.steps, pixels=n,
                  max_I_panel=mp)
-
-
-def _panel_stats(model, image, omega_sum):
-    """compute_stats over several panels: the same sums, over every panel's pixels."""
-    counted = []        # ROI and mask: max, mean, rms
-    in_roi = []         # ROI: rmsd
-    max_I, mp, mf, ms = 0.0, 0, 0, 0
-    for p, S in enumerate(model.scenes):
-        xmin, xmax, ymin, ymax = roi_clipped(S.det)
-        if xmax < xmin or ymax < ymin:
-            continue
-        roi = image[p, ymin:ymax + 1, xmin:xmax + 1]
-        keep = S.det.mask[ymin:ymax + 1, xmin:xmax + 1] != 0 if S.det.use_mask else np.ones(roi.shape, bool)
-        in_roi.append(roi.ravel())
-        v = np.where(keep, roi, 0.0)
-        if keep.any() and v.max() > max_I:
-            s, f = np.unravel_index(int(np.argmax(v)), v.shape)
-            max_I, mp, mf, ms = float(v[s, f]), p, xmin + int(f), ymin + int(s)
-        counted.append(roi[keep])
-    vals = np.concatenate(counted) if counted else np.zeros(0)
-    n = vals.size
-    avg = float(vals.sum()) / max(n, 1)
-    rms = math.sqrt(float((vals * vals).sum()) / (max(n, 2) - 1))
-    r = np.concatenate(in_roi) if in_roi else np.zeros(0)
-    rmsd = math.sqrt(float(((r - avg) ** 2).sum()) / (max(r.size, 2) - 1))
-    return _stats(model, max_I, mp, mf, ms, avg, rms, rmsd, n, omega_sum)
 
 
 def simulate(experiment, backend="cpu", threads=None, warn=None, precision="float64"):

@@ -185,7 +185,7 @@ def input_tangent(model, name):
         # a complex value written into a real array would lose its step silently
         warnings.simplefilter("error", np.exceptions.ComplexWarning)
         det, src, cry = resolve(exp, warn=lambda msg: None)
-        panels = detector_panels(model, exp, det)
+        panels = detector_panels(model.panel_maker, exp, det)
         u = kernel_inputs(exp, det, panels, src, cry, model.oversample, model.steps)
     if cry.orientations.shape != model.crystal.orientations.shape:
         # only an unset field does this (osc without -osc: setting it switches nanoBragg's

@@ -432,7 +432,8 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
     success, message = False, ""
     for sigma in levels:
         for group in groups:
-            bnds = (np.array([lo_all[names.index(n)] for n in group]), np.array([hi_all[names.index(n)] for n in group]))
+            at = [names.index(n) for n in group]
+            bnds = (lo_all[at], hi_all[at])
             prob, x, success, message = _fit_once(current, obs, sel, group, loss, method, bnds, (threads, backend), readout,
                                                   sigma, options)
             current = prob.experiment(x)
