@@ -79,17 +79,21 @@ def gradient(exp, names, upstream, backend="cpu", threads=None):
     return out
 
 
-def jacobian(exp, names, backend="cpu", threads=None):
+def jacobian(exp, names, backend="cpu", threads=None, return_image=False):
     """dI/dtheta for scalar parameters: an array (spixels * fpixels, n), rows in image
-    order (fast index fastest), zero outside the ROI and mask."""
+    order (fast index fastest), zero outside the ROI and mask.
+
+    With ``return_image``, (J, image): the image comes from the same pass, and on the CPU
+    it is ``simulate(exp).image`` bit for bit."""
     check_backend(backend)
     names = check_names(names, allow_arrays=False)
     if not names:
         raise ParameterError("jacobian: no parameter names given")
     model = build_model(exp, warn=lambda m: None)
     d = np.array([input_tangent(model, n) for n in names]).reshape(len(names), model.layout.size)
-    J, _ = tangent_image(model, d, threads=threads, backend=backend)
-    return J.reshape(-1, len(names))
+    J, image = tangent_image(model, d, threads=threads, backend=backend)
+    J = J.reshape(-1, len(names))
+    return (J, image) if return_image else J
 
 
 @dataclass

@@ -53,26 +53,23 @@ from .params import check_names, get_params, input_tangent, set_params
 LOSSES = ("poisson", "gaussian", "l2")
 METHODS = ("least_squares", "lbfgs")
 
-# default bounds (user units) around the starting value v: physical limits, and no more
-# than a refinement from a sensible start can mean (a cell edge does not halve); a bound
-# given by the user replaces these
-DEFAULT_BOUNDS = {
-    **{n: lambda v: (0.8 * v, 1.25 * v) for n in ("cell_a", "cell_b", "cell_c")},
-    **{n: lambda v: (max(1.0, v - 10.0), min(179.0, v + 10.0)) for n in ("cell_alpha", "cell_beta", "cell_gamma")},
-    **{n: lambda v: (min(1.0, v), max(10.0 * v, v + 10.0)) for n in ("Na", "Nb", "Nc")},
-    "wavelength": lambda v: (0.9 * v, 1.1 * v),
-    "distance": lambda v: (0.5 * v, 2.0 * v),
-    "fluence": lambda v: (0.0, np.inf),
-    "mosaic_spread": lambda v: (0.0, max(10.0 * v, 5.0)),
-    "osc": lambda v: (0.0, np.inf),
-    "polar": lambda v: (-1.0, 1.0),
-    "water": lambda v: (0.0, np.inf),
-}
 # limits where a value is an answer, not a stop: a fit that ends there (no mosaic spread,
 # one unit cell, no water...) has not been held back by its bounds
 PHYSICAL_LIMITS = {"Na": (1.0, np.inf), "Nb": (1.0, np.inf), "Nc": (1.0, np.inf), "fluence": (0.0, np.inf),
                    "mosaic_spread": (0.0, np.inf), "osc": (0.0, np.inf), "polar": (-1.0, 1.0),
                    "water": (0.0, np.inf)}
+# default bounds (user units) around the starting value v: physical limits, and no more
+# than a refinement from a sensible start can mean (a cell edge does not halve); a bound
+# given by the user replaces these
+DEFAULT_BOUNDS = {
+    **{n: (lambda v, n=n: PHYSICAL_LIMITS[n]) for n in ("fluence", "osc", "polar", "water")},
+    **{n: lambda v: (0.8 * v, 1.25 * v) for n in ("cell_a", "cell_b", "cell_c")},
+    **{n: lambda v: (max(1.0, v - 10.0), min(179.0, v + 10.0)) for n in ("cell_alpha", "cell_beta", "cell_gamma")},
+    **{n: lambda v: (min(1.0, v), max(10.0 * v, v + 10.0)) for n in ("Na", "Nb", "Nc")},
+    "wavelength": lambda v: (0.9 * v, 1.1 * v),
+    "distance": lambda v: (0.5 * v, 2.0 * v),
+    "mosaic_spread": lambda v: (0.0, max(10.0 * v, 5.0)),
+}
 
 
 class RefinementError(NbraggError):
@@ -210,14 +207,32 @@ class _Problem:
     def experiment(self, theta):
         return set_params(self.exp0, dict(zip(self.names, (float(t) for t in theta))))
 
-    def _model(self, theta):
+    def _evaluate(self, theta, with_jacobian=False):
+        """(model, m, Jm) at theta: the model image over the selected pixels (blurred like
+        the observation) and, when asked, dm/dtheta there (else None), cached for the last
+        theta.  A Jacobian pass yields the image too; on the CPU it is the forward
+        kernel's image bit for bit, so the objective at a theta does not depend on whether
+        ``fun`` or ``jac`` came first, and no forward pass is repeated."""
         key = tuple(float(t) for t in theta)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
-        model = build_model(self.experiment(theta), warn=lambda m: None)
-        image, _ = render(model, threads=self.threads, backend=self.backend)
-        m = _blur(image, self.sigma)[self.select]
-        self._cache = (key, model, m)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = [key, build_model(self.experiment(theta), warn=lambda m: None), None, None]
+        entry = self._cache
+        model = entry[1]
+        if with_jacobian and entry[3] is None:
+            d = np.array([input_tangent(model, n) for n in self.names]).reshape(len(self.names), -1)
+            J, image = tangent_image(model, d, threads=self.threads, backend=self.backend)
+            if self.sigma > 0:
+                J = np.stack([_blur(J[..., p], self.sigma) for p in range(J.shape[-1])], axis=-1)
+            entry[3] = J[self.select]
+            if entry[2] is None and self.backend == "cpu":
+                entry[2] = _blur(image, self.sigma)[self.select]
+        if entry[2] is None:
+            image, _ = render(model, threads=self.threads, backend=self.backend)
+            entry[2] = _blur(image, self.sigma)[self.select]
+        return model, entry[2], entry[3]
+
+    def _model(self, theta):
+        model, m, _ = self._evaluate(theta)
         return model, m
 
     def fun(self, theta):
@@ -228,21 +243,14 @@ class _Problem:
         return r
 
     def model_jacobian(self, theta):
-        """dm/dtheta over the selected pixels (blurred like the images).  (The tangent pass
-        computes the image too, but the model image stays the forward kernel's, whose
-        last bits differ: the objective at a theta must not depend on the call order.)"""
-        model, m = self._model(theta)
-        d = np.array([input_tangent(model, n) for n in self.names]).reshape(len(self.names), -1)
-        J, _ = tangent_image(model, d, threads=self.threads, backend=self.backend)
-        if self.sigma > 0:
-            J = np.stack([_blur(J[..., p], self.sigma) for p in range(J.shape[-1])], axis=-1)
-        return J[self.select]
+        """dm/dtheta over the selected pixels (blurred like the images)."""
+        return self._evaluate(theta, with_jacobian=True)[2]
 
     def jac(self, theta):
         self.njev += 1
-        _, m = self._model(theta)
+        _, m, Jm = self._evaluate(theta, with_jacobian=True)
         r = self.obj.residuals(m)
-        return self.obj.dres_dm(m, r)[:, None] * self.model_jacobian(theta)
+        return self.obj.dres_dm(m, r)[:, None] * Jm
 
     def value_and_grad(self, theta):
         self.nfev += 1

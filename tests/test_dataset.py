@@ -175,6 +175,18 @@ def test_jacobian_output(tmp_path):
         assert fh["entry/data/data"].dtype == np.float32
 
 
+def test_frames_with_a_jacobian_have_the_same_images():
+    """A frame's Jacobian pass yields its image too: the same image as without it."""
+    from nbragg.dataset.frames import simulate_frame
+    plain = load_spec(dict(SPEC, images=2, outputs={"float": True, "counts": "none"}))
+    with_j = load_spec(dict(SPEC, images=2, outputs={"float": True, "counts": "none", "jacobian": ["Na", "distance"]}))
+    for i in range(2):
+        a = simulate_frame(plain, i)
+        b = simulate_frame(with_j, i)
+        assert "jacobian" in b and np.any(b["photons"] > 0)
+        np.testing.assert_array_equal(a["photons"], b["photons"])
+
+
 @pytest.mark.parametrize("change,needle", [
     ({"images": 0}, "images"),
     ({"vary": {"cell_q": 1}}, "cell_q"),

@@ -75,7 +75,13 @@ def simulate_frame(spec, index, threads=None, backend="cpu"):
         exp = frame_experiment(base, values, orientation)
     except NbraggError as exc:
         raise DatasetError(f"frame {index}: the drawn parameters make no valid experiment: {exc}") from None
-    image = simulate(exp, backend=backend, threads=threads, warn=lambda m: None, precision=spec.precision).image
+    J = None
+    if spec.jacobian and backend == "cpu" and spec.precision == "float64":
+        # one pass: the tangent kernel's image is the forward one, bit for bit, on the CPU
+        from ..gradients import jacobian
+        J, image = jacobian(exp, spec.jacobian, threads=threads, backend=backend, return_image=True)
+    else:
+        image = simulate(exp, backend=backend, threads=threads, warn=lambda m: None, precision=spec.precision).image
     out = {"params": np.array([values[n] for n in spec.varied_names()], dtype=np.float64),
            "orientation": orientation}
     if spec.float_out:
@@ -85,7 +91,8 @@ def simulate_frame(spec, index, threads=None, backend="cpu"):
         cnt = rng.poisson(np.clip(image, 0.0, None))
         out["counts"] = np.minimum(cnt, np.iinfo(COUNT_TYPES[spec.counts]).max).astype(COUNT_TYPES[spec.counts])
     if spec.jacobian:
-        from ..gradients import jacobian
-        J = jacobian(exp, spec.jacobian, threads=threads, backend=backend)
+        if J is None:
+            from ..gradients import jacobian
+            J = jacobian(exp, spec.jacobian, threads=threads, backend=backend)
         out["jacobian"] = J.reshape(image.shape + (len(spec.jacobian),)).transpose(2, 0, 1).astype(np.float32)
     return out

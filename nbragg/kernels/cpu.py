@@ -8,14 +8,12 @@ from start to end, so the image does not depend on the number of threads.
 The kernels read a :class:`~nbragg.kernels.scene.Scene`: named blocks of SI values.
 """
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
 from .physics import (REAL, SQUARE, flat_grid_index, grid_extent, lattice_factor, lookup_F, miller,
-                      orientations_soa, real, sinpi_sq_parts, soa_hkl, sum_fixed)
-from .pixel import specialise
+                      orientations_soa, real, soa_miller, square_lattice_sq, sum_fixed)
+from .pixel import add_term, apply_final, specialise
 from .scene import Scene
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -35,26 +33,8 @@ def square_terms(qx, qy, qz, ori, xt, fs, fflat, buf, ibuf):
     Nb = xt.Nb
     Nc = xt.Nc
     for m in range(n):
-        h, k, l = soa_hkl(ori, m, qx, qy, qz)
-        h0 = int(math.ceil(h - 0.5))
-        k0 = int(math.ceil(k - 0.5))
-        l0 = int(math.ceil(l - 0.5))
-        num = 1.0
-        den = 1.0
-        if Na > 1.0:
-            a, b = sinpi_sq_parts(h - real(h0), Na)
-            num *= a
-            den *= b
-        if Nb > 1.0:
-            a, b = sinpi_sq_parts(k - real(k0), Nb)
-            num *= a
-            den *= b
-        if Nc > 1.0:
-            a, b = sinpi_sq_parts(l - real(l0), Nc)
-            num *= a
-            den *= b
-        latt = num / den
-        buf[m] = latt * latt
+        h, k, l, h0, k0, l0 = soa_miller(ori, m, qx, qy, qz)
+        buf[m] = square_lattice_sq(h - real(h0), k - real(k0), l - real(l0), Na, Nb, Nc)
         if use_grid:
             ibuf[m] = flat_grid_index(h0, k0, l0, extent)
     Fdef2 = fs.default_F * fs.default_F
@@ -86,20 +66,6 @@ def term(orients, o, qx, qy, qz, S, s):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def add_term(I, T, samp, capture, polar, omega):
-    """The running sum after a term: I + T, then with -oversample_* flags multiplied by
-    each oversampled factor in turn (nanoBragg's order)."""
-    I += T
-    if samp.os_thick:
-        I *= capture
-    if samp.os_polar:
-        I *= polar
-    if samp.os_omega:
-        I *= omega
-    return I
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _forward_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
     """The sum of one block's terms, added to I; with -oversample_* flags each term's
     running sum is multiplied by the factors, one by one, as the C does."""
@@ -119,14 +85,7 @@ def _forward_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s,
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _forward_finish(W, S, I, capture, polar, omega, omega_sum):
-    value = I
-    if not S.samp.os_thick:
-        value *= capture
-    if not S.samp.os_polar:
-        value *= polar
-    if not S.samp.os_omega:
-        value *= omega
-    return value, omega_sum
+    return apply_final(S.samp, I, capture, polar, omega), omega_sum
 
 
 walk_forward = specialise("forward", block=_forward_block, finish=_forward_finish)

@@ -10,8 +10,9 @@ import math
 
 from numba import njit
 
-from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR,
-                      lagrange4, lagrange4_grad, sinc3_grad, sincg_grad)
+from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, axis_lattice_grad,
+                      flat_grid_index, grid_extent, lagrange4, lagrange4_grad, real, sinc3_grad, sincg_grad, soa_miller,
+                      square_lattice_sq)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9)
 LP_SIZE = 16
@@ -269,3 +270,56 @@ def capture_partials(t, dx, dy, dz, det):
     drho = -dA * A / rho
     return (cap, drho * ox, drho * oy, drho * oz, drho * dx, drho * dy, drho * dz,
             dA * mu / rho, dA * ts / rho)
+
+
+# rows of the per-orientation scratch that square_partials fills (the vectorised blocks of
+# the tangent and adjoint kernels add their own rows after SQ_ROWS)
+SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_F, SQ_T = range(9)
+SQ_ROWS = 9
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def square_partials(qx, qy, qz, ori, nreal, xt, fs, fflat, sc, ibuf):
+    """One block's orientations (parallelepiped spots, nearest F), all at once: F_latt
+    (SQ_L), its partials in h, k, l (SQ_LH..) and in Na, Nb, Nc (SQ_LNA..), F (SQ_F) and
+    the term F^2 F_latt^2 exactly as the forward kernel's :func:`square_terms` computes
+    it (SQ_T), for ``ori`` (9, npad) zero-padded past ``nreal``; F and the term are 0 on
+    the padding.  With a grid, ``ibuf`` receives each orientation's flat grid index (-1
+    outside).  The first loop has no gathers, so it vectorises."""
+    n = ori.shape[1]
+    use_grid = fs.has_hkls
+    extent = grid_extent(fs)
+    Na = xt.Na
+    Nb = xt.Nb
+    Nc = xt.Nc
+    for m in range(n):
+        h, k, l, h0, k0, l0 = soa_miller(ori, m, qx, qy, qz)
+        dh = h - real(h0)
+        dk = k - real(k0)
+        dl = l - real(l0)
+        ga, dga, nga = axis_lattice_grad(dh, Na)
+        gb, dgb, ngb = axis_lattice_grad(dk, Nb)
+        gc, dgc, ngc = axis_lattice_grad(dl, Nc)
+        sc[SQ_L, m] = ga * gb * gc
+        sc[SQ_LH, m] = dga * gb * gc
+        sc[SQ_LK, m] = ga * dgb * gc
+        sc[SQ_LL, m] = ga * gb * dgc
+        sc[SQ_LNA, m] = nga * gb * gc
+        sc[SQ_LNB, m] = ga * ngb * gc
+        sc[SQ_LNC, m] = ga * gb * ngc
+        sc[SQ_T, m] = square_lattice_sq(dh, dk, dl, Na, Nb, Nc)
+        if use_grid:
+            ibuf[m] = flat_grid_index(h0, k0, l0, extent)
+    default_F = fs.default_F
+    if use_grid:
+        for m in range(nreal):
+            j = ibuf[m]
+            sc[SQ_F, m] = fflat[j] if j >= 0 else default_F
+    else:
+        for m in range(nreal):
+            sc[SQ_F, m] = default_F
+    for m in range(nreal, n):
+        sc[SQ_F, m] = 0.0
+    for m in range(n):
+        F = sc[SQ_F, m]
+        sc[SQ_T, m] = sc[SQ_T, m] * (F * F)

@@ -123,6 +123,30 @@ def sinpi_sq_parts(delta, N):
     return num, den
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def square_lattice_sq(dh, dk, dl, Na, Nb, Nc):
+    """F_latt^2 of a parallelepiped at fractional offsets (dh, dk, dl) from the nearest
+    node, as the vectorised loops compute it (one quotient of products; axes with N <= 1
+    are left out).  Every mode takes its value from here, so their images agree bit for
+    bit."""
+    num = 1.0
+    den = 1.0
+    if Na > 1.0:
+        a, b = sinpi_sq_parts(dh, Na)
+        num *= a
+        den *= b
+    if Nb > 1.0:
+        a, b = sinpi_sq_parts(dk, Nb)
+        num *= a
+        den *= b
+    if Nc > 1.0:
+        a, b = sinpi_sq_parts(dl, Nc)
+        num *= a
+        den *= b
+    latt = num / den
+    return latt * latt
+
+
 @njit(cache=True, error_model="numpy")
 def sincg_frac(delta, N):
     """|sin(N pi h) / sin(pi h)| written on the fractional index delta = h - h0.
@@ -564,6 +588,13 @@ def soa_hkl(ori, m, qx, qy, qz):
     return (ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz,
             ori[3, m] * qx + ori[4, m] * qy + ori[5, m] * qz,
             ori[6, m] * qx + ori[7, m] * qy + ori[8, m] * qz)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def soa_miller(ori, m, qx, qy, qz):
+    """:func:`miller` for orientation m of a (9, m8) orientation block."""
+    h, k, l = soa_hkl(ori, m, qx, qy, qz)
+    return h, k, l, int(math.ceil(h - 0.5)), int(math.ceil(k - 0.5)), int(math.ceil(l - 0.5))
 
 
 @njit(cache=True, error_model="numpy", inline="always")

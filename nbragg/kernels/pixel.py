@@ -123,6 +123,33 @@ def final_factor(samp, capture, polar, omega):
     return post
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _times_factors(I, samp, capture, polar, omega, oversampled):
+    """I multiplied, one by one in nanoBragg's order, by the factors whose -oversample_*
+    flag is ``oversampled``."""
+    if samp.os_thick == oversampled:
+        I *= capture
+    if samp.os_polar == oversampled:
+        I *= polar
+    if samp.os_omega == oversampled:
+        I *= omega
+    return I
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def add_term(I, T, samp, capture, polar, omega):
+    """The running sum after a term: I + T, then with -oversample_* flags multiplied by
+    each oversampled factor in turn.  Every mode's value goes through here and
+    :func:`apply_final`, so forward, tangent and replay images agree bit for bit."""
+    return _times_factors(I + T, samp, capture, polar, omega, True)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def apply_final(samp, I, capture, polar, omega):
+    """The pixel's value: its sum times the factors not oversampled, one by one."""
+    return _times_factors(I, samp, capture, polar, omega, False)
+
+
 # ----------------------------------------------------------------------------- defaults
 # (one per hook, with its arity: GPU device functions take no *args)
 

@@ -12,12 +12,18 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .cpu import clipped_roi, fast_path
-from .physics import flat_grid_index, grid_extent, miller, orientations_soa, soa_hkl
-from .derivs import LP_SIZE, F_grad, capture_partials, lattice_grad, omega_partials
-from .physics import SQUARE, axis_lattice_grad, polarization_grad, sum_row
-from .pixel import final_factor, oversampled_factor, specialise
+from .cpu import clipped_roi, fast_path, term
+from .physics import orientations_soa
+from .derivs import (LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
+                     capture_partials, lattice_grad, omega_partials, square_partials)
+from .physics import SQUARE, polarization_grad, sum_row
+from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Layout, Scene, field_slice
+
+
+# square_tangent's own scratch rows, after square_partials' (derivs.SQ_*)
+_T_WX, _T_WY, _T_WZ, _T_DEF, _T_ORI = range(SQ_ROWS, SQ_ROWS + 5)
+T_SCRATCH = SQ_ROWS + 5
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -30,67 +36,41 @@ def square_tangent(qx, qy, qz, ori, nreal, xt, fs, fflat, dq, d, L, has_dori, dI
     products, plus one vectorised pass when it moves the orientations.
     """
     n = ori.shape[1]
-    use_grid = fs.has_hkls
-    extent = grid_extent(fs)
-    Na = xt.Na
-    Nb = xt.Nb
-    Nc = xt.Nc
-    default_F = fs.default_F
-    for m in range(n):
-        h, k, l = soa_hkl(ori, m, qx, qy, qz)
-        h0 = int(math.ceil(h - 0.5))
-        k0 = int(math.ceil(k - 0.5))
-        l0 = int(math.ceil(l - 0.5))
-        ga, dga, nga = axis_lattice_grad(h - h0, Na)
-        gb, dgb, ngb = axis_lattice_grad(k - k0, Nb)
-        gc, dgc, ngc = axis_lattice_grad(l - l0, Nc)
-        sc[0, m] = ga * gb * gc
-        sc[1, m] = dga * gb * gc
-        sc[2, m] = ga * dgb * gc
-        sc[3, m] = ga * gb * dgc
-        sc[4, m] = nga * gb * gc
-        sc[5, m] = ga * ngb * gc
-        sc[6, m] = ga * gb * ngc
-        if use_grid:
-            ibuf[m] = flat_grid_index(h0, k0, l0, extent)
-    if use_grid:
+    square_partials(qx, qy, qz, ori, nreal, xt, fs, fflat, sc, ibuf)
+    # dT/d(default_F) per orientation: 2 F F_latt^2 where F is the default, else 0
+    if fs.has_hkls:
         for m in range(nreal):
-            j = ibuf[m]
-            sc[7, m] = fflat[j] if j >= 0 else default_F
-            sc[8, m] = 0.0 if j >= 0 else 1.0
+            sc[_T_DEF, m] = 0.0 if ibuf[m] >= 0 else 1.0
     else:
         for m in range(nreal):
-            sc[7, m] = default_F
-            sc[8, m] = 1.0
+            sc[_T_DEF, m] = 1.0
     for m in range(nreal, n):
-        sc[7, m] = 0.0
-        sc[8, m] = 0.0
+        sc[_T_DEF, m] = 0.0
     for m in range(n):
-        F = sc[7, m]
-        Lt = sc[0, m]
+        F = sc[SQ_F, m]
+        Lt = sc[SQ_L, m]
         c = 2.0 * F * F * Lt
-        cA = c * sc[1, m]
-        cB = c * sc[2, m]
-        cC = c * sc[3, m]
-        sc[9, m] = cA * ori[0, m] + cB * ori[3, m] + cC * ori[6, m]
-        sc[10, m] = cA * ori[1, m] + cB * ori[4, m] + cC * ori[7, m]
-        sc[11, m] = cA * ori[2, m] + cB * ori[5, m] + cC * ori[8, m]
-        sc[4, m] = c * sc[4, m]
-        sc[5, m] = c * sc[5, m]
-        sc[6, m] = c * sc[6, m]
-        sc[8, m] = sc[8, m] * 2.0 * F * Lt * Lt
-        sc[12, m] = F * F * Lt * Lt
-        sc[1, m] = cA
-        sc[2, m] = cB
-        sc[3, m] = cC
-    Wx = sum_row(sc, 9, n)
-    Wy = sum_row(sc, 10, n)
-    Wz = sum_row(sc, 11, n)
-    SNa = sum_row(sc, 4, n)
-    SNb = sum_row(sc, 5, n)
-    SNc = sum_row(sc, 6, n)
-    SD = sum_row(sc, 8, n)
-    T = sum_row(sc, 12, nreal)
+        cA = c * sc[SQ_LH, m]
+        cB = c * sc[SQ_LK, m]
+        cC = c * sc[SQ_LL, m]
+        sc[_T_WX, m] = cA * ori[0, m] + cB * ori[3, m] + cC * ori[6, m]
+        sc[_T_WY, m] = cA * ori[1, m] + cB * ori[4, m] + cC * ori[7, m]
+        sc[_T_WZ, m] = cA * ori[2, m] + cB * ori[5, m] + cC * ori[8, m]
+        sc[SQ_LNA, m] = c * sc[SQ_LNA, m]
+        sc[SQ_LNB, m] = c * sc[SQ_LNB, m]
+        sc[SQ_LNC, m] = c * sc[SQ_LNC, m]
+        sc[_T_DEF, m] = sc[_T_DEF, m] * 2.0 * F * Lt * Lt
+        sc[SQ_LH, m] = cA
+        sc[SQ_LK, m] = cB
+        sc[SQ_LL, m] = cC
+    Wx = sum_row(sc, _T_WX, n)
+    Wy = sum_row(sc, _T_WY, n)
+    Wz = sum_row(sc, _T_WZ, n)
+    SNa = sum_row(sc, SQ_LNA, n)
+    SNb = sum_row(sc, SQ_LNB, n)
+    SNc = sum_row(sc, SQ_LNC, n)
+    SD = sum_row(sc, _T_DEF, n)
+    T = sum_row(sc, SQ_T, nreal)     # the forward's block sum, bit for bit
     npar = dI.shape[0]
     for p in range(npar):
         v = (dq[p, 0] * Wx + dq[p, 1] * Wy + dq[p, 2] * Wz + d[p, L.Na] * SNa + d[p, L.Nb] * SNb
@@ -109,15 +89,15 @@ def square_tangent(qx, qy, qz, ori, nreal, xt, fs, fflat, dq, d, L, has_dori, dI
             c2 = d[p, o0 + 8 * n:o0 + 9 * n]
             if nreal < 8:   # a few orientations: a plain loop beats a padded vector pass
                 for m in range(nreal):
-                    v += (sc[1, m] * (a0[m] * qx + a1[m] * qy + a2[m] * qz)
-                          + sc[2, m] * (b0[m] * qx + b1[m] * qy + b2[m] * qz)
-                          + sc[3, m] * (c0[m] * qx + c1[m] * qy + c2[m] * qz))
+                    v += (sc[SQ_LH, m] * (a0[m] * qx + a1[m] * qy + a2[m] * qz)
+                          + sc[SQ_LK, m] * (b0[m] * qx + b1[m] * qy + b2[m] * qz)
+                          + sc[SQ_LL, m] * (c0[m] * qx + c1[m] * qy + c2[m] * qz))
             else:
                 for m in range(n):
-                    sc[13, m] = (sc[1, m] * (a0[m] * qx + a1[m] * qy + a2[m] * qz)
-                                 + sc[2, m] * (b0[m] * qx + b1[m] * qy + b2[m] * qz)
-                                 + sc[3, m] * (c0[m] * qx + c1[m] * qy + c2[m] * qz))
-                v += sum_row(sc, 13, n)
+                    sc[_T_ORI, m] = (sc[SQ_LH, m] * (a0[m] * qx + a1[m] * qy + a2[m] * qz)
+                                     + sc[SQ_LK, m] * (b0[m] * qx + b1[m] * qy + b2[m] * qz)
+                                     + sc[SQ_LL, m] * (c0[m] * qx + c1[m] * qy + c2[m] * qz))
+                v += sum_row(sc, _T_ORI, n)
         dI[p] += w * v + d[p, wi] * T
     return w * T
 
@@ -383,13 +363,14 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
     w = S.beam.weights[s]
     wi = L.weights + s
     for o in range(norient):
-        h, k, l, h0, k0, l0 = miller(orients, o, qx, qy, qz)
-        Lt = lattice_grad(h, k, l, h0, k0, l0, xt, lp)
-        if Lt == 0.0 and not samp.water:
+        # the value is the forward's term, bit for bit; the derivatives come from the _grad
+        # twins, whose F_latt carries the sign that goes with their partials
+        h, k, l, h0, k0, l0, _, _, counted, T = term(orients, o, qx, qy, qz, S, s)
+        if not counted:
             continue
+        Lt = lattice_grad(h, k, l, h0, k0, l0, xt, lp)
         F, Fh, Fk, Fl, nidx, Fdef = F_grad(h, k, l, h0, k0, l0, fs, W[W_fidx], W[W_fw])
         T0 = F * F * Lt * Lt
-        T = w * T0
         aL = 2.0 * w * F * F * Lt
         aF = 2.0 * w * F * Lt * Lt
         oo = L.orients + o
@@ -408,7 +389,7 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
             dF = Fh * dh + Fk * dk + Fl * dl + Fdef * d[p, L.default_F]
             dT = aL * dL + aF * dF + d[p, wi] * T0
             dI[p] = (dI[p] + dT) * m + (I + T) * dm[p]
-        I = (I + T) * m
+        I = add_term(I, T, samp, capture, polar, omega)
     return I
 
 
@@ -430,7 +411,7 @@ def _t_finish(W, S, I, capture, polar, omega, omega_sum):
         if not os_omega:
             v += I * W[W_dom][p] * (1.0 if os_thick else capture) * (1.0 if os_polar else polar)
         dI[p] = v
-    return I * post
+    return apply_final(samp, I, capture, polar, omega)
 
 
 walk_tangent = specialise("tangent", begin=_t_begin, layer=_t_layer, subpixel=_t_subpixel, omega_taken=_t_omega,
@@ -472,7 +453,7 @@ def _tangent_row(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, fast, ori,
     mask = S.det.mask
     npar = d.shape[0]
     npad = ori.shape[1]
-    sc = np.empty((14, npad))
+    sc = np.empty((T_SCRATCH, npad))
     ibuf = np.empty(npad, dtype=np.int64)
     dP = np.zeros((npar, 3))
     dd = np.zeros((npar, 4))

@@ -11,7 +11,8 @@ import math
 import numpy as np
 from numba import njit
 
-from .cpu import _forward_finish, add_term, term
+from .cpu import _forward_finish, term
+from .pixel import add_term
 from .pixel import specialise
 
 COLUMNS = ("layer", "subS", "subF", "source", "orientation", "skipped", "px", "py", "pz", "qx", "qy", "qz", "stol",
