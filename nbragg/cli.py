@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .errors import ArgumentError, NbraggError
+from .errors import ArgumentError, console_main
 from .nbargs import OWN_FLAGS
 
 _OWN_FLAGS = {f: 1 for f in OWN_FLAGS}
@@ -212,13 +212,7 @@ def run(argv, stdout=None, stderr=None):
 
 def main(argv=None):
     """Console entry point."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv)
-    except NbraggError as exc:
-        msg = " ".join(str(exc).split())
-        print(f"nbragg: error: {msg}", file=sys.stderr)
-        return 2
+    return console_main("nbragg", run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,3 +25,21 @@ class ParameterError(NbraggError):
 
 class BackendError(NbraggError):
     """The requested compute backend is not available."""
+
+
+def report(prog, exc, stream=None):
+    """Print a user error as the commands do: one line, ``PROG: error: message``; returns
+    the exit status for user errors (2)."""
+    import sys
+    print(f"{prog}: error: " + " ".join(str(exc).split()), file=stream or sys.stderr)
+    return 2
+
+
+def console_main(prog, run, argv=None):
+    """A command's entry point: ``run(argv)``, with user errors reported by :func:`report`."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except NbraggError as exc:
+        return report(prog, exc)

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from .errors import ArgumentError, InputFileError, NbraggError
+from .errors import ArgumentError, InputFileError, console_main
 
 SATURATED = 65535
 
@@ -252,12 +252,8 @@ def _json_default(x):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv)
-    except NbraggError as exc:
-        print("nbragg-refine: error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+    """Console entry point."""
+    return console_main("nbragg-refine", run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import NbraggError
+from ..errors import NbraggError, report
 from .schedule import generate
 
 
@@ -34,8 +34,7 @@ def main(argv=None):
                        progress=not opts.noprogress, threads_per_worker=opts.threads_per_worker,
                        backend=opts.device)
     except NbraggError as exc:
-        print("nbragg-dataset: error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+        return report("nbragg-dataset", exc)
     print(f"wrote {out}")
     return 0
 

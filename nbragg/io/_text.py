@@ -1,21 +1,26 @@
-"""Helpers shared by the text readers."""
+"""Helpers shared by the file readers."""
 
 import math
 
 from ..errors import InputFileError
 
 
-def read_text(path, what):
-    """Read a text file, turning OS and decoding errors into :class:`InputFileError`."""
+def read_bytes(path, what):
+    """A file's bytes, with OS errors turned into :class:`InputFileError` naming ``what``."""
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
+            return fh.read()
     except FileNotFoundError:
         raise InputFileError(f"{what} file {path!r} does not exist") from None
     except IsADirectoryError:
         raise InputFileError(f"{what} file {path!r} is a directory") from None
     except OSError as exc:
         raise InputFileError(f"{what} file {path!r} cannot be read: {exc.strerror}") from None
+
+
+def read_text(path, what):
+    """Read a text file, turning OS and decoding errors into :class:`InputFileError`."""
+    raw = read_bytes(path, what)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -35,17 +35,22 @@ def atomic_path(path):
     ends, removed if it raises, so that readers never see a partial file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
+    except OSError as exc:
+        raise InputFileError(f"output file {path!r} cannot be written: {exc.strerror}") from None
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and not isinstance(exc, InputFileError):
+            raise InputFileError(f"output file {path!r} cannot be written: {exc.strerror or exc}") from None
         raise
 
 

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from ..errors import InputFileError
+from ._text import read_bytes
 from .atomic import atomic_write
 
 _MAGIC = b"{\nHEADER_BYT"
@@ -47,17 +48,10 @@ def header_value(header, keyword):
     return float(m.group(1))
 
 
-def read_smv(path, what="SMV"):
-    """Read an SMV file; errors name the file and what is wrong."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
-        raise InputFileError(f"{what} file {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise InputFileError(f"{what} file {path!r} is a directory") from None
-    except OSError as exc:
-        raise InputFileError(f"{what} file {path!r} cannot be read: {exc.strerror}") from None
+def read_smv(path, what="SMV", header_only=False):
+    """Read an SMV file; errors name the file and what is wrong.  With ``header_only``
+    the pixel data are neither needed nor read (``data`` is None)."""
+    raw = read_bytes(path, what)
     if len(raw) < 512 or not raw.startswith(_MAGIC):
         raise InputFileError(f"{what} file {path!r} is not an SMV image (no '{{ HEADER_BYTES=' header)")
     head512 = raw[:512].decode("latin-1")
@@ -75,6 +69,10 @@ def read_smv(path, what="SMV"):
         if not math.isfinite(v) or v < 1 or v != int(v) or v > 1e6:
             raise InputFileError(f"{what} file {path!r}: bad {name} value {v:g}")
     width, height = int(width), int(height)
+    if header_only:
+        image = SMVImage(header, nbytes, None, path=str(path))
+        image.width, image.height, image.raw_header = width, height, raw[:nbytes]
+        return image
     need = 2 * width * height
     body = raw[nbytes:]
     if len(body) < need:
@@ -129,3 +127,23 @@ def write_smv(path, data, fields, noise=False):
     """Write uint16 ``data`` (slow, fast) with nanoBragg's header, atomically."""
     data = np.ascontiguousarray(data, dtype="<u2")
     atomic_write(path, smv_header(fields, noise=noise) + data.tobytes())
+
+
+def noisify_header(xpixels, ypixels, pixel_mm, distance_mm, wavelength, beam_x_mm, beam_y_mm, phi, osc, bits=16):
+    """The 512-byte header noisify.c writes (fewer fields than nanoBragg's; the beam
+    centre and geometry as given on its command line)."""
+    kind = "unsigned_short" if bits == 16 else "long_integer"
+    text = ("{\nHEADER_BYTES=512;\nDIM=2;\nBYTE_ORDER=%s;\nTYPE=%s;\n" % (_byte_order(), kind)
+            + "SIZE1=%d;\nSIZE2=%d;\nPIXEL_SIZE=%g;\nDISTANCE=%g;\n" % (xpixels, ypixels, pixel_mm, distance_mm)
+            + "WAVELENGTH=%g;\nBEAM_CENTER_X=%g;\nBEAM_CENTER_Y=%g;\n" % (wavelength, beam_x_mm, beam_y_mm)
+            + "PHI=%g;\nOSC_START=%g;\nOSC_RANGE=%g;\n" % (phi, phi, osc)
+            + "DETECTOR_SN=000;\nBEAMLINE=fake;\n}\f")
+    raw = text.encode("latin-1")
+    return raw + b" " * max(0, 512 - len(raw))
+
+
+def write_smv_raw(path, header, data):
+    """Write ``header`` (bytes) then ``data`` (uint16 or uint32, little-endian), atomically."""
+    data = np.ascontiguousarray(data)
+    data = data.astype("<u4" if data.dtype.itemsize == 4 else "<u2", copy=False)
+    atomic_write(path, header + data.tobytes())
