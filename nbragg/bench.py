@@ -178,6 +178,42 @@ def compare_nanobragg(binary, args, threads, repeat):
         return statistics.median(tc), statistics.median(tn)
 
 
+# the detector-response figure: a B1L image (2048x2048, 0.05 mm pixels) through a Gaussian
+# PSF of 3 pixels FWHM with every noise term
+RESPONSE_FLAGS = "-psf gauss -psf_fwhm 150 -pixel 0.05 -readout 3 -flicker 0.02 -calibration 0.03 -seed 1"
+
+
+def response_figures(repeat, noisify_binary=None):
+    """(seconds of the Python API's response stage on the B1L image, of nbragg-noisify,
+    of a noisify binary (or None)): medians, the commands alternated."""
+    import numpy as np
+    from .engine import render
+    from .experiment import Response
+    from .response import respond
+    image = render(_model(CASES["B1L"]))[0]
+    r = Response(psf="gauss", psf_fwhm=150.0, readout=3.0, flicker=0.02, calibration=0.03)
+    respond(image, r, 0.05)
+    t_api = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        respond(image, r, 0.05)
+        t_api.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.ascontiguousarray(image, dtype="<f4").tofile(os.path.join(tmp, "b1l.bin"))
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        args = ["-floatfile", "b1l.bin", "-detpixels", "2048"] + RESPONSE_FLAGS.split()
+        n_cmd = [sys.executable, "-m", "nbragg.noisify_cli"] + args
+        _run_process(n_cmd, env, tmp)
+        tn, tc = [], []
+        for _ in range(repeat):
+            tn.append(_run_process(n_cmd, env, tmp))
+            if noisify_binary:
+                tc.append(_run_process([noisify_binary] + args, env, tmp))
+    return statistics.median(t_api), statistics.median(tn), (statistics.median(tc) if tc else None)
+
+
 DATASET_BASE = CASES["B2"]   # 512x512 frames with the B2 workload
 
 
@@ -236,6 +272,9 @@ def main(argv=None):
     ap.add_argument("--no-gradients", action="store_true", help="skip the gradient and Jacobian figures")
     ap.add_argument("--dataset", action="store_true",
                     help="also measure dataset generation (512x512 frames) against bare simulate()")
+    ap.add_argument("--response", action="store_true",
+                    help="also time the detector response on a 2048x2048 image (Gaussian PSF of 3 pixels, all noise)")
+    ap.add_argument("--noisify", metavar="PATH", help="with --response: a noisify binary to compare against")
     opts = ap.parse_args(argv)
     import numba
     threads = [int(t) for t in opts.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
@@ -295,6 +334,13 @@ def main(argv=None):
                 kern = time_forward(model, t, opts.repeat)
                 print(f"  vs nanoBragg threads={t}: nanoBragg {tc:7.3f} s, nbragg command {tn:7.3f} s "
                       f"-> speed ratio {tc / tn:5.2f}x (whole process); kernel only {tc / kern:5.2f}x")
+    if opts.response:
+        binary = (shutil.which(opts.noisify) or opts.noisify) if opts.noisify else None
+        t_api, t_cmd, t_c = response_figures(opts.repeat, binary)
+        print(f"\ndetector response, 2048x2048 B1L image ({RESPONSE_FLAGS}):")
+        print(f"  Python API (nbragg.Response, all cores): {t_api:.3f} s; nbragg-noisify command {t_cmd:.3f} s"
+              + (f"; noisify {t_c:.3f} s -> {t_c / t_cmd:.2f}x (command), {t_c / t_api:.2f}x (API stage)"
+                 if t_c is not None else ""))
     if opts.dataset:
         print(f"\ndataset generation, 512x512 frames ({DATASET_BASE}):")
         rates = {}

@@ -485,6 +485,7 @@ class Result:
     image: np.ndarray
     stats: Stats
     model: Model
+    detected: object = None     # response.Detected when the Experiment has a response
 
     @property
     def settings(self):
@@ -579,9 +580,15 @@ def simulate(experiment, backend="cpu", threads=None, warn=None, precision="floa
     -------
     Result
         ``.image`` float64 photons, shape (spixels, fpixels) (or (panels, spixels, fpixels)
-        for a detector of several panels); ``.stats``; ``.settings``.
+        for a detector of several panels); ``.stats``; ``.settings``; with
+        ``experiment.response``, ``.detected`` (:class:`nbragg.response.Detected`: the
+        pixel values, counts and overloads).
     """
     check_precision(precision)
     model = build_model(experiment, warn=warn)
     image, omega_sum = render(model, backend=backend, threads=threads, precision=precision)
-    return Result(image=image, stats=compute_stats(model, image, omega_sum), model=model)
+    detected = None
+    if experiment.response is not None:
+        from .response import respond
+        detected = respond(image, experiment.response, experiment.detector.pixel_size)
+    return Result(image=image, stats=compute_stats(model, image, omega_sum), model=model, detected=detected)

@@ -430,20 +430,75 @@ class Sampling(_Record):
 
 
 @dataclass(frozen=True, eq=False)
+class Response(_Record):
+    """The detector's response, applied to the expected photons after the simulation
+    (see :mod:`nbragg.response` for the order and the model).
+
+    scale : photons per simulated photon; flicker : fractional rms of one beam-intensity
+        factor per image; calibration : fractional rms of a fixed per-pixel gain pattern,
+        drawn from calibration_seed alone (the same pattern for every image).
+    noise : Poisson counting (False: the expected photons go on unchanged).
+    psf : None, "gauss" or "fiber"; psf_fwhm : microns; psf_radius : pixels (0: 3 FWHM
+        for the Gaussian, the whole detector for the fiber).
+    gain : ADU per photon; adc : ADU offset; readout : ADU rms of Gaussian read-out noise.
+    bits : 16 or 32, the integer range (values clip at 0 and 2**bits - 1).
+    seed : the random stream for flicker, counts and read-out noise.
+    """
+
+    scale: float = 1.0
+    flicker: float = 0.0
+    calibration: float = 0.0
+    calibration_seed: int = 123456789
+    noise: bool = True
+    psf: Optional[str] = None
+    psf_fwhm: float = 0.0
+    psf_radius: int = 0
+    gain: float = 1.0
+    adc: float = 40.0
+    readout: float = 0.0
+    bits: int = 16
+    seed: int = 1
+
+    def __post_init__(self):
+        n = "Response"
+        _finite(n, "scale", self.scale, nonneg=True)
+        for name in ("flicker", "calibration", "psf_fwhm", "readout"):
+            _finite(n, name, getattr(self, name), nonneg=True)
+        _finite(n, "gain", self.gain, positive=True)
+        _finite(n, "adc", self.adc)
+        if self.psf is not None and self.psf not in ("gauss", "fiber"):
+            raise ParameterError(f"Response.psf = {self.psf!r}; expected None, 'gauss' or 'fiber'")
+        if self.psf is not None and not self.psf_fwhm > 0:
+            raise ParameterError(f"Response.psf = {self.psf!r} needs psf_fwhm (microns) above 0")
+        self._set("psf_radius", _int(n, "psf_radius", self.psf_radius, minimum=0, allow_none=False))
+        bits = _int(n, "bits", self.bits, allow_none=False)
+        if bits not in (16, 32):
+            raise ParameterError(f"Response.bits = {self.bits!r}; expected 16 or 32")
+        self._set("bits", bits)
+        self._set("seed", _int(n, "seed", self.seed, minimum=0, allow_none=False))
+        self._set("calibration_seed", _int(n, "calibration_seed", self.calibration_seed, minimum=0, allow_none=False))
+        self._set("noise", bool(self.noise))
+
+
+@dataclass(frozen=True, eq=False)
 class Experiment(_Record):
-    """A complete simulation: beam, detector, crystal, structure factors, sampling."""
+    """A complete simulation: beam, detector, crystal, structure factors, sampling, and
+    optionally the detector's response (``Result.detected`` then holds pixel values)."""
 
     beam: Beam = field(default_factory=Beam)
     detector: Detector = field(default_factory=Detector)
     crystal: Crystal = field(default_factory=Crystal)
     structure: Structure = field(default_factory=Structure)
     sampling: Sampling = field(default_factory=Sampling)
+    response: Optional[Response] = None
 
     def __post_init__(self):
         for name, cls in (("beam", Beam), ("detector", Detector), ("crystal", Crystal),
                           ("structure", Structure), ("sampling", Sampling)):
             if not isinstance(getattr(self, name), cls):
                 raise ParameterError(f"Experiment.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.response is not None and not isinstance(self.response, Response):
+            raise ParameterError(f"Experiment.response must be a Response or None, got {type(self.response).__name__}")
 
     @classmethod
     def from_nanobragg_args(cls, args, warn=None, cwd=None):

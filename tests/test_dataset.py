@@ -233,3 +233,52 @@ def test_shipped_example_spec_loads():
     spec = load_spec(ROOT / "data" / "example_dataset.yaml")
     assert spec.images == 8 and "orientation" in spec.vary
     base_experiment(spec)
+
+
+RESPONSE = {"psf": "gauss", "psf_fwhm": {"uniform": [50.0, 150.0]}, "gain": 2.0, "adc": 10.0,
+            "readout": {"uniform": [1.0, 3.0]}, "calibration": 0.02}
+
+
+def test_a_response_makes_the_counts_detector_pixels_and_can_be_redone(tmp_path):
+    """With a response the stored counts are pixel values (noise, PSF, gain, offset,
+    read-out), the photons stay the noiseless target, the drawn response numbers are in
+    the parameter table, and a frame can be made again from what the file holds."""
+    spec = dict(SPEC, images=3, shard_size=2, response=RESPONSE)
+    out = generate(spec, tmp_path / "r.h5", workers=0, progress=False)
+    params, orient, stored_spec = read_parameters(out)
+    assert {"response_psf_fwhm", "response_readout"} <= set(params)
+    assert np.all((params["response_psf_fwhm"] >= 50) & (params["response_psf_fwhm"] <= 150))
+    assert stored_spec["response"]["gain"] == 2.0
+    # the experiments' draws do not change when a response is added
+    plain, _, _ = read_parameters(generate(dict(SPEC, images=3, shard_size=2), tmp_path / "p.h5", workers=0,
+                                           progress=False))
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], params[name])
+    from nbragg.dataset import frame_response
+    from nbragg.response import respond
+    s = load_spec(spec)
+    base = base_experiment(s)
+    for i in range(3):
+        values = {k: v[i] for k, v in params.items()}
+        exp = frame_experiment(base, values, orient[i])
+        photons = nbragg.simulate(exp, warn=lambda m: None).image
+        np.testing.assert_array_equal(read_frame(out, i, "photons"), photons.astype(np.float32))
+        response, _ = frame_response(s, values, i)
+        assert response.psf_fwhm == values["response_psf_fwhm"] and response.bits == 16
+        adu = read_frame(out, i)
+        assert adu.dtype == np.uint16
+        np.testing.assert_array_equal(adu, respond(photons, response, exp.detector.pixel_size).adu)
+        assert adu.min() >= 1 and not np.array_equal(adu, np.rint(10.0 + 2.0 * photons))   # noise and blur
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"response": {"colour": 1}}, "response.colour"),
+    ({"response": {"bits": 32}}, "response.bits"),
+    ({"response": {"psf": "airy", "psf_fwhm": 10}}, "response"),
+    ({"response": {"gain": {"jitter": 0.1}}}, "response.gain"),
+    ({"response": {"readout": {"uniform": [3, 1]}}}, "response.readout"),
+    ({"response": {"gain": 1.0}, "outputs": {"float": True, "counts": "none"}}, "outputs.counts"),
+])
+def test_response_spec_errors_name_the_field(change, needle):
+    with pytest.raises(DatasetError, match=needle.replace(".", r"\.")):
+        load_spec(dict(SPEC, **change))

@@ -33,3 +33,7 @@ def test_readme_python_examples_run_as_printed(tmp_path, monkeypatch, capsys):
     for n in fit.names:
         assert abs(fit.values[n] - want[n]) <= 4 * fit.uncertainties[n], (n, fit.values[n], want[n])
     assert np.isfinite(ns["J"]).all() and ns["J"].shape == (64 * 64, 7)
+    # the detector-response example: pixel values around the offset plus the counts
+    shot = ns["shot"]
+    assert shot.detected.adu.dtype == np.uint16 and shot.detected.adu.shape == (64, 64)
+    assert abs(shot.detected.adu.astype(float).mean() - 40.0 - shot.detected.counts.mean()) < 1.0

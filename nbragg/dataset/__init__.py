@@ -19,12 +19,22 @@ how many frames, and what to store::
       counts: uint16                # Poisson counts (uint16, uint32, or none)
       jacobian: [cell_a, Na]        # optional dI/dtheta images per frame
     compression: bitshuffle         # bitshuffle (hdf5plugin), gzip, or none
+    response:                       # optional: counts become the detector's pixel values
+      psf: gauss
+      psf_fwhm: {uniform: [50, 150]}   # microns; numbers may vary like parameters
+      gain: 1.0
+      readout: {uniform: [1, 4]}
+      calibration: 0.02
 
 ``base`` is a nanoBragg command line (a string or a list); file names in it are relative
 to the spec's folder.  Any scalar parameter of :mod:`nbragg.params` can vary, as a fixed
 number, ``{uniform: [lo, hi]}``, ``{normal: [mean, sd]}``, ``{jitter: relative_sd}``,
 ``{loguniform: [lo, hi]}``, ``{integers: [lo, hi]}`` or ``{choice: [...]}``.  ``cell_jitter:
-r`` jitters a, b and c together.  Frame i's parameters and noise come from generators
+r`` jitters a, b and c together.  ``response`` takes the fields of
+:class:`nbragg.Response` (its numbers may vary in the same ways, except jitter; ``bits``
+follows ``outputs.counts``, the noise seed follows (seed, i)): the stored counts are then
+the detector's pixel values, the photons the noiseless target, and each drawn response
+number is a parameter of the table, named ``response_<field>``.  Frame i's parameters and noise come from generators
 seeded by (seed, i), so the content does not depend on the number of workers, on the
 order frames finish in, or on interruptions.
 
@@ -42,7 +52,7 @@ and produces the same frames and parameters as an uninterrupted run.
 """
 
 from .cli import main
-from .frames import base_experiment, frame_experiment, frame_parameters, simulate_frame
+from .frames import base_experiment, frame_experiment, frame_parameters, frame_response, simulate_frame
 from .layout import assemble_shard, open_dataset, read_frame, read_parameters, stage_frame, write_master
 from .schedule import generate, make_shard
 from .spec import COUNT_TYPES, DIST_KINDS, DatasetError, DatasetSpec, load_spec
@@ -50,5 +60,5 @@ from .spec import COUNT_TYPES, DIST_KINDS, DatasetError, DatasetSpec, load_spec
 open = open_dataset   # nbragg.dataset.open(path): the dataset, with its compression filters loaded
 
 __all__ = ["COUNT_TYPES", "DIST_KINDS", "DatasetError", "DatasetSpec", "assemble_shard", "base_experiment",
-           "frame_experiment", "frame_parameters", "generate", "load_spec", "main", "make_shard", "read_frame",
+           "frame_experiment", "frame_parameters", "frame_response", "generate", "load_spec", "main", "make_shard", "read_frame",
            "read_parameters", "simulate_frame", "stage_frame", "write_master"]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..errors import NbraggError
-from .spec import COUNT_TYPES, DatasetError
+from .spec import COUNT_TYPES, RESPONSE_PREFIX, DatasetError
 
 
 
@@ -49,16 +49,33 @@ def frame_parameters(spec, base, index):
     if spec.vary.get("orientation") == "uniform":
         from scipy.spatial.transform import Rotation
         orientation = Rotation.random(random_state=rng).as_matrix()
-    names = spec.varied_names()
+    names = spec.experiment_names()
     base_values = get_params(base, names)
     values = {n: _draw(spec.vary[n], base_values[n], rng) for n in names}
+    if spec.response_names():
+        # the response's draws come from a stream of their own, so adding a response to a
+        # spec leaves the experiments' draws as they were
+        rrng = np.random.default_rng([spec.seed, index, 2])
+        for n in spec.response_names():
+            values[n] = _draw(spec.response[n[len(RESPONSE_PREFIX):]], None, rrng)
     return values, orientation
+
+
+def frame_response(spec, values, index):
+    """(Response, noise seed) of frame ``index`` (None, None without a response)."""
+    if not spec.response:
+        return None, None
+    from ..experiment import Response
+    fields = {k: (values[RESPONSE_PREFIX + k] if isinstance(v, dict) else v) for k, v in spec.response.items()}
+    seed = int(np.random.SeedSequence([spec.seed, index, 3]).generate_state(1)[0])
+    return Response(**fields, bits=16 if spec.counts == "uint16" else 32, seed=seed), seed
 
 
 def frame_experiment(base, values, orientation):
     """The Experiment of one frame: the base with ``values`` set and ``orientation``
     applied before the base orientation's misset."""
     from ..params import set_params
+    values = {n: v for n, v in (values or {}).items() if not n.startswith(RESPONSE_PREFIX)}
     exp = set_params(base, values) if values else base
     if orientation is not None and not np.allclose(orientation, np.eye(3)):
         U0 = np.eye(3) if exp.crystal.orientation is None else np.asarray(exp.crystal.orientation)
@@ -86,7 +103,14 @@ def simulate_frame(spec, index, threads=None, backend="cpu"):
            "orientation": orientation}
     if spec.float_out:
         out["photons"] = image.astype(np.float32)
-    if spec.counts:
+    if spec.response:
+        from ..response import respond
+        try:
+            response, _ = frame_response(spec, values, index)
+            out["counts"] = respond(image, response, exp.detector.pixel_size).adu
+        except NbraggError as exc:
+            raise DatasetError(f"frame {index}: the drawn detector response is not valid: {exc}") from None
+    elif spec.counts:
         rng = np.random.default_rng([spec.seed, index, 1])
         cnt = rng.poisson(np.clip(image, 0.0, None))
         out["counts"] = np.minimum(cnt, np.iinfo(COUNT_TYPES[spec.counts]).max).astype(COUNT_TYPES[spec.counts])

@@ -34,6 +34,7 @@ class DatasetSpec:
     jacobian: List[str] = field(default_factory=list)
     compression: str = "bitshuffle"
     precision: str = "float64"
+    response: dict = field(default_factory=dict)
 
     def canonical(self):
         """A JSON text that identifies the content the spec produces."""
@@ -42,6 +43,8 @@ class DatasetSpec:
                    "jacobian": self.jacobian, "compression": self.compression}
         if self.precision != "float64":      # (datasets made before the field keep their identity)
             content["precision"] = self.precision
+        if self.response:
+            content["response"] = self.response
         return json.dumps(content, sort_keys=True)
 
     def digest(self):
@@ -61,9 +64,25 @@ class DatasetSpec:
     def nshards(self):
         return -(-self.images // self.shard_size)
 
-    def varied_names(self):
+    def experiment_names(self):
+        """The varied parameters of the experiment, in :mod:`nbragg.params` order."""
         from ..params import SCALAR_PARAMS
         return [n for n in SCALAR_PARAMS if n in self.vary]
+
+    def response_names(self):
+        """The detector-response fields drawn per frame, as ``response_<field>``."""
+        return [RESPONSE_PREFIX + k for k in RESPONSE_NUMBERS if isinstance(self.response.get(k), dict)]
+
+    def varied_names(self):
+        """Every per-frame parameter stored in the dataset's table."""
+        return self.experiment_names() + self.response_names()
+
+
+RESPONSE_PREFIX = "response_"
+# nbragg.Response fields a spec may set; the numbers may also be distributions.  bits
+# follows outputs.counts and the noise seed comes from (seed, frame).
+RESPONSE_NUMBERS = ("scale", "flicker", "calibration", "psf_fwhm", "gain", "adc", "readout")
+RESPONSE_OTHERS = ("calibration_seed", "noise", "psf", "psf_radius")
 
 
 def _spec_error(msg):
@@ -99,7 +118,7 @@ def load_spec(source, base_dir=None):
         base_dir = base_dir or os.getcwd()
     if not isinstance(raw, dict):
         _spec_error("expected a mapping at the top level")
-    known = {"seed", "images", "shard_size", "base", "vary", "outputs", "compression", "precision"}
+    known = {"seed", "images", "shard_size", "base", "vary", "outputs", "compression", "precision", "response"}
     for k in raw:
         if k not in known:
             _spec_error(f"unknown field {k!r} (known: {', '.join(sorted(known))})")
@@ -171,9 +190,54 @@ def load_spec(source, base_dir=None):
     precision = raw.get("precision", "float64")
     if precision not in ("float64", "float32"):
         _spec_error(f"precision = {precision!r}: choose float64 or float32")
+    response = _response_spec(raw.get("response"), counts)
     return DatasetSpec(seed=seed, images=images, shard_size=shard_size, base=base, base_dir=base_dir, vary=vary,
                        float_out=float_out, counts=counts, jacobian=list(jac), compression=compression,
-                       precision=precision)
+                       precision=precision, response=response)
+
+
+def _response_spec(raw, counts):
+    """The spec's ``response`` mapping, checked: known fields, distributions for the
+    numbers, and a Response that builds from the lowest values."""
+    if raw in (None, {}, False):
+        return {}
+    if not isinstance(raw, dict):
+        _spec_error("response must be a mapping of nbragg.Response fields")
+    if counts is None:
+        _spec_error("response: the detector's pixel values are stored as outputs.counts; choose uint16 or uint32")
+    out = {}
+    for k, v in raw.items():
+        if k in RESPONSE_NUMBERS:
+            out[k] = _normalise_dist(f"response.{k}", v)
+            _check_dist(f"response.{k}", out[k])
+            if isinstance(out[k], dict) and next(iter(out[k])) == "jitter":
+                _spec_error(f"response.{k}: jitter needs a base value; give uniform, normal, ... instead")
+        elif k in RESPONSE_OTHERS:
+            out[k] = v
+        elif k in ("bits", "seed"):
+            _spec_error(f"response.{k}: set by the dataset (bits by outputs.counts, the seed by seed and frame)")
+        else:
+            _spec_error(f"response.{k}: unknown field (known: {', '.join(RESPONSE_NUMBERS + RESPONSE_OTHERS)})")
+    from ..errors import ParameterError
+    from ..experiment import Response
+    lowest = {k: (_dist_low(v) if k in RESPONSE_NUMBERS else v) for k, v in out.items()}
+    try:
+        Response(**lowest, bits=16 if counts == "uint16" else 32)
+    except ParameterError as exc:
+        _spec_error(f"response: {exc}")
+    return out
+
+
+def _dist_low(dist):
+    """A representative (lowest) value of a number or distribution, for validation."""
+    if not isinstance(dist, dict):
+        return dist
+    kind, arg = next(iter(dist.items()))
+    if kind == "choice":
+        return min(arg)
+    if kind == "normal":
+        return max(arg[0] - 3 * arg[1], 0.0) if arg[0] >= 0 else arg[0] - 3 * arg[1]
+    return arg[0]
 
 
 def _number(v):
