@@ -212,7 +212,8 @@ class _Problem:
         the observation) and, when asked, dm/dtheta there (else None), cached for the last
         theta.  A Jacobian pass yields the image too; on the CPU it is the forward
         kernel's image bit for bit, so the objective at a theta does not depend on whether
-        ``fun`` or ``jac`` came first, and no forward pass is repeated."""
+        ``fun`` or ``jac`` came first, and a Jacobian-first point needs no forward pass (on
+        the GPU the forward image is rendered).  The uncertainties reuse the last Jacobian."""
         key = tuple(float(t) for t in theta)
         if self._cache is None or self._cache[0] != key:
             self._cache = [key, build_model(self.experiment(theta), warn=lambda m: None), None, None]

@@ -175,16 +175,26 @@ def test_jacobian_output(tmp_path):
         assert fh["entry/data/data"].dtype == np.float32
 
 
-def test_frames_with_a_jacobian_have_the_same_images():
-    """A frame's Jacobian pass yields its image too: the same image as without it."""
+def test_frames_with_a_jacobian_have_the_same_images(monkeypatch):
+    """A frame's Jacobian pass yields its image too (no second, forward pass), and it is
+    simulate's image bit for bit in float64."""
+    import sys
     from nbragg.dataset.frames import simulate_frame
+    from nbragg.gradients import jacobian
     plain = load_spec(dict(SPEC, images=2, outputs={"float": True, "counts": "none"}))
     with_j = load_spec(dict(SPEC, images=2, outputs={"float": True, "counts": "none", "jacobian": ["Na", "distance"]}))
+    base = base_experiment(plain)
     for i in range(2):
         a = simulate_frame(plain, i)
-        b = simulate_frame(with_j, i)
+        with monkeypatch.context() as mp:
+            mp.setattr(sys.modules["nbragg.engine"], "simulate", lambda *x, **k: pytest.fail("a forward pass ran"))
+            b = simulate_frame(with_j, i)
         assert "jacobian" in b and np.any(b["photons"] > 0)
         np.testing.assert_array_equal(a["photons"], b["photons"])
+        from nbragg.dataset import frame_parameters
+        exp = frame_experiment(base, *frame_parameters(plain, base, i))
+        np.testing.assert_array_equal(jacobian(exp, ["Na"], return_image=True)[1],
+                                      nbragg.simulate(exp, warn=lambda m: None).image)
 
 
 @pytest.mark.parametrize("change,needle", [

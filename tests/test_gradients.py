@@ -123,6 +123,20 @@ def test_fhkl_gradient_entry_by_entry(inputs):
     assert all(err <= 1e-6 for _, a, _, err, _, _ in check.rows), check.table()
 
 
+@pytest.mark.parametrize("domains", [3, 10])
+def test_fhkl_gradient_on_the_vectorised_path(inputs, domains):
+    """Nearest F from a grid, with few orientations (the scalar loop) and with more than
+    eight (the vector passes of square_partials and its F scatter)."""
+    from nbragg.kernels.cpu import fast_path
+    args = (CONFIGS["h_hkl_tricubic"].replace(" -interpolate", " -nointerpolate")
+            + f" -mosaic 0.5 -mosaic_dom {domains}")
+    exp = parse_nanobragg_args(args.split(), cwd=str(inputs), warn=lambda m: None).experiment
+    assert fast_path(build_model(exp, warn=lambda m: None).scene)
+    check = check_gradients(exp, ["Fhkl"], seed=1)
+    assert len(check.rows) == 3
+    assert all(err <= 1e-6 for _, a, _, err, _, _ in check.rows), check.table()
+
+
 @pytest.mark.parametrize("name", ["c_mosaic_10", "f_oversample_thickness_polar"])
 def test_gradients_identical_for_one_and_two_threads(name, inputs):
     import numba

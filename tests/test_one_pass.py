@@ -16,9 +16,11 @@ from nbragg.engine import adjoint_image, build_model, render, tangent_image
 from nbragg.nbargs import parse_nanobragg_args
 from nbragg.params import input_tangent
 
+HKL_NEAREST = main.TRI.replace("-default_F 100", "-hkl tri.hkl").replace("-N 5", "-N 2").replace(
+    "-pixel 0.4", "-pixel 0.1") + " -polar 0.3 -nointerpolate"
 EXTRA = {
-    "hkl_nearest": main.TRI.replace("-default_F 100", "-hkl tri.hkl").replace("-N 5", "-N 2").replace(
-        "-pixel 0.4", "-pixel 0.1") + " -polar 0.3",
+    "hkl_nearest": HKL_NEAREST,
+    "hkl_nearest_mosaic": HKL_NEAREST + " -mosaic 0.5 -mosaic_dom 9",     # the vector passes with a grid
     "thick_layers": main.TRI + paths.THICK + " -water 0.01",
     "mosaic_phi": main.TRI + " -mosaic 1 -mosaic_dom 7 -phi 1 -osc 2 -phisteps 2 -water 0.01",
 }
@@ -42,6 +44,8 @@ def test_tangent_and_replay_images_are_the_forward_image(name, inputs):
     model = _model(name, inputs)
     image, _ = render(model)
     assert image.max() > 0
+    if name.startswith("hkl_nearest"):
+        assert fast_path(model.scene)
     d = np.array([input_tangent(model, n) for n in ("cell_a", "distance")])
     _, timage = tangent_image(model, d)
     np.testing.assert_array_equal(timage, image)

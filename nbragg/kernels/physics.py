@@ -127,8 +127,8 @@ def sinpi_sq_parts(delta, N):
 def square_lattice_sq(dh, dk, dl, Na, Nb, Nc):
     """F_latt^2 of a parallelepiped at fractional offsets (dh, dk, dl) from the nearest
     node, as the vectorised loops compute it (one quotient of products; axes with N <= 1
-    are left out).  Every mode takes its value from here, so their images agree bit for
-    bit."""
+    are left out).  The vectorised blocks of every mode take their value from here, so
+    their images agree bit for bit."""
     num = 1.0
     den = 1.0
     if Na > 1.0:

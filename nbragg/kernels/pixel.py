@@ -14,8 +14,9 @@ every quirk of the C, written once.
 What a kernel does at each step is a *mode*: a set of hooks, small compiled functions
 bound into a copy of :func:`walk` (:func:`specialise`, the same recompilation that makes
 the float32 and CUDA twins).  Forward (the image), tangent (forward-mode derivatives),
-adjoint replay (the record the backward sweep reads), the fast adjoint and the ``-printout``
-tracer are modes.  A hook receives the mode's work state ``W`` (a tuple of arrays it owns)
+adjoint replay (the record the backward sweep reads) and the ``-printout`` tracer are
+modes (the adjoint's fast path is a forward-order loop of its own: see
+:func:`~nbragg.kernels.adjoint.pixel_adjoint_fast`).  A hook receives the mode's work state ``W`` (a tuple of arrays it owns)
 and the scene ``S``; the ones a mode does not bind do nothing.  Hooks read ``W`` by index
 (``W[i]``), never by unpacking it or by a named tuple's fields: inlined into a parallel
 loop, Numba keeps the writes made through indexed reads only (the tests catch the others).
