@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .errors import ArgumentError, console_main
+from .errors import ArgumentError, console_main, help_or_version
 from .nbargs import OWN_FLAGS
 
 _OWN_FLAGS = {f: 1 for f in OWN_FLAGS}
@@ -95,13 +95,9 @@ def run(argv, stdout=None, stderr=None):
     def say(line=""):
         print(line, file=out)
 
-    if any(a in ("-h", "-help", "--help") for a in argv):
-        print(USAGE, end="", file=out)
-        return 0
-    if "--version" in argv:
-        from . import __version__
-        say(f"nbragg {__version__}")
-        return 0
+    early = help_or_version("nbragg", USAGE, argv, out)
+    if early is not None:
+        return early
 
     def warn(msg):
         print(f"WARNING: {msg}", file=err)

@@ -43,3 +43,16 @@ def console_main(prog, run, argv=None):
         return run(argv)
     except NbraggError as exc:
         return report(prog, exc)
+
+
+def help_or_version(prog, usage, argv, out):
+    """0 after printing ``usage`` for -h/-help/--help or the version for --version; None
+    when the command should run."""
+    if any(a in ("-h", "-help", "--help") for a in argv):
+        print(usage, end="", file=out)
+        return 0
+    if "--version" in argv:
+        from . import __version__
+        print(f"{prog} {__version__}", file=out)
+        return 0
+    return None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ArgumentError, InputFileError, console_main
+from .errors import ArgumentError, InputFileError, console_main, help_or_version
 
 USAGE = """\
 usage: nbragg-noisify -floatfile FILE [flags]      (noisify.c's flags; the same files are written)
@@ -280,13 +280,9 @@ def run(argv, stdout=None, stderr=None):
     def warn(msg):
         print(f"WARNING: {msg}", file=err)
 
-    if any(a in ("-h", "-help", "--help") for a in argv):
-        print(USAGE, end="", file=out)
-        return 0
-    if "--version" in argv:
-        from . import __version__
-        say(f"nbragg-noisify {__version__}")
-        return 0
+    early = help_or_version("nbragg-noisify", USAGE, argv, out)
+    if early is not None:
+        return early
     st = parse(list(argv), warn)
     if st.floatfile is None:
         raise ArgumentError("no input image: give -floatfile FILE (float32 photons per pixel); -h lists the flags")

@@ -27,6 +27,7 @@ pixel values instead of rounding them.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -142,12 +143,19 @@ def poisson_counts(photons, seed):
     return out.reshape(np.shape(photons))
 
 
+@functools.lru_cache(maxsize=2)
+def _calibration_deviates(calibration_seed, shape):
+    # the detector's fixed pattern: drawn once, not for every image of a dataset
+    z = np.random.default_rng([calibration_seed, 2]).standard_normal(shape)
+    z.setflags(write=False)
+    return z
+
+
 def calibration_pattern(response, shape):
     """The fixed per-pixel factors 1 + calibration * N(0, 1) (ones without calibration)."""
     if not response.calibration:
         return np.ones(shape)
-    rng = np.random.default_rng([response.calibration_seed, 2])
-    return 1.0 + response.calibration * rng.standard_normal(shape)
+    return 1.0 + response.calibration * _calibration_deviates(response.calibration_seed, tuple(shape))
 
 
 def respond(image, response, pixel_size_mm, seed=None):
