@@ -142,8 +142,33 @@ def kernel_inputs(exp, det, panels, src, cry, oversample, steps):
         orients=cry.orientations, recip=cry.recip0, Na=cry.Na, Nb=cry.Nb, Nc=cry.Nc, fudge=cry.fudge,
         default_F=exp.structure.default_F,
         I_bg=WATER_F * WATER_F * R_E_SQR * fluence * water * water * water * 1e6 * AVOGADRO / WATER_MW,
+        bg_amount=np.array([m.scale * molecules(m) * cry.mosaic_domains * cry.phisteps for m in exp.background]),
         scale=R_E_SQR * fluence / steps,
     )
+
+
+def molecules(material):
+    """Molecules of an amorphous material in its volume, computed as nonBragg.c does
+    (a given count passes through the density and back)."""
+    volume = material.thickness / 1000.0 * (material.width / 1000.0) * (material.height / 1000.0)
+    mw = material.mw_g_mol
+    density = material.density_g_cm3 * 1e6         # g/m^3
+    if material.molecules is not None:
+        density = material.molecules / volume / AVOGADRO * mw
+    return volume * density * AVOGADRO / mw
+
+
+def amorphous_tables(background):
+    """(stol, F, start): the tables of the materials, concatenated (see
+    kernels.physics.amorphous_F)."""
+    xs, Fs, start = [], [], [0]
+    for m in background:
+        xs.append(m.parsed.stol_per_m)
+        Fs.append(m.parsed.F)
+        start.append(start[-1] + len(m.parsed.F))
+    if not xs:
+        return np.zeros(0), np.zeros(0), np.zeros(1, dtype=np.int64)
+    return np.concatenate(xs), np.concatenate(Fs), np.array(start, dtype=np.int64)
 
 
 def build_model(exp, warn=None, panels=None):
@@ -174,6 +199,11 @@ def build_model(exp, warn=None, panels=None):
     if rec <= 0:
         rec = 1
     s = exp.sampling
+    # without a structure factor anywhere (an amorphous background alone) the Bragg blocks
+    # are skipped, and the crystal's size sets no oversampling
+    bragg = bool(st.hkls > 0 or exp.structure.default_F != 0.0 or s.water != 0.0)
+    if not bragg:
+        rec = 1
     if s.oversample is None or s.oversample <= 0:
         oversample, auto = rec, True
         why = (f"automatic oversampling of {rec} (each pixel sampled {rec * rec} times: the crystal is "
@@ -197,6 +227,10 @@ def build_model(exp, warn=None, panels=None):
     if not panel_list:
         raise ParameterError("the detector has no panels")
     u = kernel_inputs(exp, det, panel_list, src, cry, oversample, steps)
+    bg_stol, bg_F, bg_start = amorphous_tables(exp.background)
+    for m in exp.background:
+        for note in m.notes:
+            _warn(note)
 
     shared = dict(
         beam=Beam(
@@ -214,7 +248,9 @@ def build_model(exp, warn=None, panels=None):
             interpolate=bool(st.interpolate), default_F=float(u["default_F"])),
         samp=Sampling(
             os_omega=bool(s.oversample_omega), os_polar=bool(s.oversample_polar), os_thick=bool(s.oversample_thick),
-            dmin=float(s.dmin * 1e-10), I_bg=float(u["I_bg"]), water=bool(s.water != 0.0)),
+            dmin=float(s.dmin * 1e-10), I_bg=float(u["I_bg"]), water=bool(s.water != 0.0),
+            bragg=bragg,
+            bg_stol=bg_stol, bg_F=bg_F, bg_start=bg_start, bg_amount=_owned(u["bg_amount"], np.float64)),
     )
     scenes = tuple(Scene(det=_detector_block(u, p, panel, oversample), **shared)
                    for p, panel in enumerate(panel_list))
@@ -224,9 +260,9 @@ def build_model(exp, warn=None, panels=None):
     if s.oversample_thick and det.thick == 0.0:
         _warn("-oversample_thick without a sensor thickness: nanoBragg.c multiplies every term by a "
               "capture fraction of 0, so the image is 0; nbragg does the same")
-    if st.hkls == 0 and exp.structure.default_F == 0.0 and s.water == 0.0:
-        _warn("no structure factors (Structure.Fhkl is None and Structure.default_F is 0) and no water: "
-              "every pixel is 0; give Structure(default_F=...) or a structure-factor grid")
+    if st.hkls == 0 and exp.structure.default_F == 0.0 and s.water == 0.0 and not exp.background:
+        _warn("no structure factors (Structure.Fhkl is None and Structure.default_F is 0), no water and no "
+              "background: every pixel is 0; give Structure(default_F=...) or a structure-factor grid")
     if exp.beam.nopolar and s.oversample_polar:
         _warn("-nopolar has no effect with -oversample_polar: nanoBragg.c still applies the "
               "polarization factor to every sub-pixel; nbragg does the same")

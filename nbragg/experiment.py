@@ -112,7 +112,9 @@ class Beam(_Record):
     dispersion, disp_step : percent (delta lambda / lambda); disp_steps : count.
     sources : optional (n, 5) array ``X Y Z weight lambda_m`` from a source file; NaN
         entries take the defaults (direction of the beam, weight 1, ``wavelength``).
-        Weights are ignored, as in nanoBragg.c.
+        Weights are ignored, as in nanoBragg.c, unless ``source_weights``: then each
+        source's terms are multiplied by its weight (as nonBragg.c does; the image is
+        still divided by the number of sources, and sources of a divergence grid weigh 1).
     """
 
     wavelength: float = 1.0
@@ -131,6 +133,7 @@ class Beam(_Record):
     disp_steps: Optional[int] = None
     sources: Optional[np.ndarray] = None
     source_distance: float = 10000.0
+    source_weights: bool = False
 
     @classmethod
     def from_energy(cls, energy_ev, **kw):
@@ -155,6 +158,7 @@ class Beam(_Record):
             self._set(name, _int(n, name, getattr(self, name)))
         self._set("wavelength", float(self.wavelength))
         self._set("fluence", float(self.fluence))
+        self._set("source_weights", bool(self.source_weights))
         if self.sources is not None:
             s = np.array(self.sources, dtype=float)
             if s.ndim != 2 or s.shape[1] != 5 or len(s) == 0:
@@ -430,6 +434,85 @@ class Sampling(_Record):
 
 
 @dataclass(frozen=True, eq=False)
+class Material(_Record):
+    """An amorphous scatterer in the beam -- water, air, ice, a solvent -- described by a
+    table of its structure factor F against sin(theta)/lambda (nonBragg.c's model).
+
+    Every sample of a pixel adds amount sign(F) F^2 times its solid angle, polarization,
+    sensor capture fraction and source weight, all taken per sample; the amount is the
+    number of molecules in the illuminated volume, times ``scale``.
+
+    table : the name of a shipped table ("water", "ice", "nanoice", "air": see
+        ``nbragg/data/README.md``), a file in nonBragg's format (see
+        :mod:`nbragg.io.stol`), or an (n, 2) array of (abscissa, F).
+    units : what the first column holds: "stol" (sin(theta)/lambda, 1/A), "4stol"
+        (4 sin(theta)/lambda) or "Q" (4 pi sin(theta)/lambda, 1/A).
+    thickness : mm along the beam; width, height : mm across it.  The volume is their
+        product: give the illuminated part (nonBragg's command clips width and height to
+        the beam size; here that is the caller's choice).
+    density : g/cm^3 and molecular_weight : g/mol (None: the shipped table's values,
+        1 and 18 for a file or an array); molecules : a count that replaces the density.
+    scale : a factor on this material's term.
+    """
+
+    table: object = "water"
+    units: str = "stol"
+    thickness: float = 0.1
+    width: float = 0.1
+    height: float = 0.1
+    density: Optional[float] = None
+    molecular_weight: Optional[float] = None
+    molecules: Optional[float] = None
+    scale: float = 1.0
+
+    def __post_init__(self):
+        from .io.stol import BUILTIN, UNITS, builtin_path, read_stol_cached as read_stol, table_from_rows
+        n = "Material"
+        if self.units not in UNITS:
+            raise ParameterError(f"Material.units = {self.units!r}; expected one of {', '.join(UNITS)}")
+        for name in ("thickness", "width", "height"):
+            # 0 is allowed (no material; a refinement may reach its bound), but a count of
+            # molecules needs a volume to spread over
+            _finite(n, name, getattr(self, name), nonneg=True, positive=self.molecules is not None)
+        _finite(n, "density", self.density, positive=True, allow_none=True)
+        _finite(n, "molecular_weight", self.molecular_weight, positive=True, allow_none=True)
+        _finite(n, "molecules", self.molecules, positive=True, allow_none=True)
+        _finite(n, "scale", self.scale, nonneg=True)
+        notes = []
+        density, mw = 1.0, 18.0
+        table = self.table
+        if isinstance(table, str) and table in BUILTIN:
+            _, density, mw = BUILTIN[table]
+            parsed = read_stol(builtin_path(table), self.units, warn=notes.append)
+        elif isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
+            if isinstance(table, str) and "/" not in table and "." not in table:
+                raise ParameterError(f"Material.table = {table!r} is neither a shipped table "
+                                     f"({', '.join(BUILTIN)}) nor a file name")
+            parsed = read_stol(table, self.units, warn=notes.append)
+        else:
+            try:
+                arr = np.array(table, dtype=float)
+            except (TypeError, ValueError):
+                raise ParameterError("Material.table must be a table name, a file or an (n, 2) array "
+                                     f"of (abscissa, F), got {type(table).__name__}") from None
+            if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0:
+                raise ParameterError(f"Material.table: expected an (n, 2) array of (abscissa, F), got shape {arr.shape}")
+            if not np.all(np.isfinite(arr)):
+                raise ParameterError("Material.table holds values that are not finite")
+            parsed = table_from_rows([(i + 1, x, F) for i, (x, F) in enumerate(arr)], "Material.table", self.units,
+                                     warn=notes.append)
+        self._set("parsed", parsed)
+        self._set("notes", tuple(notes))
+        self._set("density_g_cm3", float(self.density) if self.density is not None else density)
+        self._set("mw_g_mol", float(self.molecular_weight) if self.molecular_weight is not None else mw)
+
+    @property
+    def name(self):
+        """The table's name or file (for reports)."""
+        return self.table if isinstance(self.table, str) else self.parsed.source
+
+
+@dataclass(frozen=True, eq=False)
 class Response(_Record):
     """The detector's response, applied to the expected photons after the simulation
     (see :mod:`nbragg.response` for the order and the model).
@@ -482,8 +565,9 @@ class Response(_Record):
 
 @dataclass(frozen=True, eq=False)
 class Experiment(_Record):
-    """A complete simulation: beam, detector, crystal, structure factors, sampling, and
-    optionally the detector's response (``Result.detected`` then holds pixel values)."""
+    """A complete simulation: beam, detector, crystal, structure factors, sampling, the
+    amorphous background (a list of :class:`Material`), and optionally the detector's
+    response (``Result.detected`` then holds pixel values)."""
 
     beam: Beam = field(default_factory=Beam)
     detector: Detector = field(default_factory=Detector)
@@ -491,8 +575,23 @@ class Experiment(_Record):
     structure: Structure = field(default_factory=Structure)
     sampling: Sampling = field(default_factory=Sampling)
     response: Optional[Response] = None
+    background: Tuple[Material, ...] = ()
 
     def __post_init__(self):
+        from .kernels.scene import MAX_MATERIALS
+        bg = self.background
+        if isinstance(bg, Material):
+            bg = (bg,)
+        try:
+            bg = tuple(bg)
+        except TypeError:
+            raise ParameterError(f"Experiment.background must be a list of Material, got {type(bg).__name__}") from None
+        for i, m in enumerate(bg):
+            if not isinstance(m, Material):
+                raise ParameterError(f"Experiment.background[{i}] must be a Material, got {type(m).__name__}")
+        if len(bg) > MAX_MATERIALS:
+            raise ParameterError(f"Experiment.background holds {len(bg)} materials; at most {MAX_MATERIALS}")
+        self._set("background", bg)
         for name, cls in (("beam", Beam), ("detector", Detector), ("crystal", Crystal),
                           ("structure", Structure), ("sampling", Sampling)):
             if not isinstance(getattr(self, name), cls):

@@ -31,8 +31,14 @@ mosaic_spread             degrees (the domains' rotation axes stay fixed by the 
 phi0 osc                  degrees (phi step = osc / phisteps unless a phi step was given)
 polar                     Kahn polarization factor
 water                     microns of water
+background_scale_<i>      the scale of background material i (Experiment.background[i])
+background_thickness_<i>  its thickness along the beam (mm)
 Fhkl                      the structure-factor grid (an array of its shape)
 ========================  ================================================================
+
+With a background, the parameters that move the detector, the sources or the
+polarization (wavelength, distance, beam_x/y, detector rotations, twotheta, polar) are
+refused: the background's derivative through them is not implemented.
 
 Where nanoBragg is not smooth -- the nearest-index rounding of the F lookup, the -dmin
 cut, the top-hat spot edge, the clamp N >= 1, the automatic oversampling and
@@ -42,6 +48,7 @@ interpolation choices -- the derivative is that of the smooth piece.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import numpy as np
@@ -72,6 +79,21 @@ _FIELDS = {
 SCALAR_PARAMS = tuple(_FIELDS)
 ARRAY_PARAMS = ("Fhkl",)
 ALL_PARAMS = SCALAR_PARAMS + ARRAY_PARAMS
+# one parameter per background material i: name_<i> -> the Material field
+INDEXED_PARAMS = {"background_scale": "scale", "background_thickness": "thickness"}
+_INDEXED = re.compile(r"^(%s)_(\d+)$" % "|".join(INDEXED_PARAMS))
+
+
+def indexed(name):
+    """(base name, index) of a per-material parameter name, else None."""
+    m = _INDEXED.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def base_name(name):
+    """``background_scale`` for ``background_scale_2``; other names unchanged."""
+    i = indexed(name)
+    return i[0] if i else name
 
 # the imaginary step of the set-up's complex pass (user units).  The first-order term is
 # exact; the next odd one (h^3) is not merely negligible but underflows to 0, so that a
@@ -84,19 +106,34 @@ def check_names(names, allow_arrays=True):
     names = [names] if isinstance(names, str) else list(names)
     allowed = ALL_PARAMS if allow_arrays else SCALAR_PARAMS
     for n in names:
-        if n not in allowed:
+        if n not in allowed and indexed(n) is None:
+            listing = ", ".join(allowed + tuple(f"{b}_<i>" for b in INDEXED_PARAMS))
             if n in ARRAY_PARAMS:
                 raise ParameterError(f"parameter {n!r} is an array; this function takes scalar parameters "
                                      f"({', '.join(SCALAR_PARAMS)})")
-            raise ParameterError(f"unknown parameter {n!r}; choose from {', '.join(allowed)}")
+            raise ParameterError(f"unknown parameter {n!r}; choose from {listing}")
     if len(set(names)) != len(names):
         raise ParameterError(f"parameter names repeat: {names}")
     return names
 
 
+def _material(exp, name):
+    """(index, Material field) of a per-material parameter, checked against the experiment."""
+    base, i = indexed(name)
+    if i >= len(exp.background):
+        raise ParameterError(f"parameter {name!r}: the experiment has {len(exp.background)} background "
+                             f"material(s) (Experiment.background)")
+    return i, INDEXED_PARAMS[base]
+
+
 def _target(exp, name, value, pending=None):
     """(record, field, field value) that give parameter ``name`` the value ``value``;
     ``pending`` holds changes already made to tuple fields ({record: {field: value}})."""
+    if indexed(name):
+        i, fld = _material(exp, name)
+        mats = list((pending or {}).get("background", exp.background))
+        mats[i] = mats[i].replace(**{fld: value})
+        return "background", None, tuple(mats)
     rec, fld, idx = _FIELDS[name]
     d = exp.detector
     if name == "distance":
@@ -121,6 +158,10 @@ def get_params(exp, names):
             if exp.structure.Fhkl is None:
                 raise ParameterError("parameter 'Fhkl': the experiment has no structure-factor grid (no -hkl)")
             out[n] = np.array(exp.structure.Fhkl)
+            continue
+        if indexed(n):
+            i, fld = _material(exp, n)
+            out[n] = float(getattr(exp.background[i], fld))
             continue
         rec, fld, idx = _FIELDS[n]
         if n in ("beam_x", "beam_y"):
@@ -159,17 +200,28 @@ def set_params(exp, values):
         except (TypeError, ValueError):
             raise ParameterError(f"parameter {n!r}: value {v!r} is not a number") from None
         rec, fld, v = _target(exp, n, v, changes)
-        changes.setdefault(rec, {})[fld] = v
-    return exp.replace(**{r: getattr(exp, r).replace(**c) for r, c in changes.items()})
+        if rec == "background":
+            changes["background"] = v
+        else:
+            changes.setdefault(rec, {})[fld] = v
+    background = changes.pop("background", exp.background)
+    return exp.replace(background=background, **{r: getattr(exp, r).replace(**c) for r, c in changes.items()})
 
 
 def _stepped(exp, name, h):
     """The experiment with parameter ``name`` stepped by i*h, unvalidated (the validators
     take real numbers; this copy only feeds the set-up's complex pass)."""
-    rec, fld, value = _target(exp, name, complex(get_params(exp, [name])[name], h))
+    value = complex(get_params(exp, [name])[name], h)
+    out = copy.copy(exp)
+    if indexed(name):
+        i, fld = _material(exp, name)
+        material = copy.copy(exp.background[i])
+        material._set(fld, value)
+        out._set("background", exp.background[:i] + (material,) + exp.background[i + 1:])
+        return out
+    rec, fld, value = _target(exp, name, value)
     record = copy.copy(getattr(exp, rec))
     record._set(fld, value)
-    out = copy.copy(exp)
     out._set(rec, record)
     return out
 
@@ -191,4 +243,18 @@ def input_tangent(model, name):
         # only an unset field does this (osc without -osc: setting it switches nanoBragg's
         # phi rules to another number of steps); the model does not read it, so nothing moves
         return np.zeros(model.layout.size)
-    return flatten(model.layout, {k: np.imag(u[k]) / _STEP for k in FIELDS})
+    tangent = {k: np.imag(u[k]) / _STEP for k in FIELDS}
+    if model.experiment.background:
+        moved = [k for k in BACKGROUND_INPUTS if np.any(tangent[k] != 0.0)]
+        if moved:
+            raise ParameterError(
+                f"parameter {name!r} moves the {', '.join(moved)} of the kernel, through which the derivative of "
+                f"the amorphous background (Experiment.background) is not implemented; hold it fixed, or fit it "
+                f"without a background")
+    return flatten(model.layout, tangent)
+
+
+# the kernel inputs the amorphous term depends on, besides its amounts and the scale: its
+# kernels carry derivatives in the amounts only (kernels/tangent.py _t_amorphous)
+BACKGROUND_INPUTS = ("pix0", "fdet", "sdet", "odet", "pixel", "subpixel", "distance", "close_distance",
+                     "thickstep", "mu", "beam", "polar_axis", "kahn", "sources", "lambdas", "weights")

@@ -48,7 +48,7 @@ from .engine import build_model, check_backend, render, tangent_image
 from .errors import NbraggError, ParameterError
 from .gradients import check_gradients as _check_gradients
 from .gradients import raw_gradient
-from .params import check_names, get_params, input_tangent, set_params
+from .params import base_name, check_names, get_params, input_tangent, set_params
 
 LOSSES = ("poisson", "gaussian", "l2")
 METHODS = ("least_squares", "lbfgs")
@@ -57,12 +57,14 @@ METHODS = ("least_squares", "lbfgs")
 # one unit cell, no water...) has not been held back by its bounds
 PHYSICAL_LIMITS = {"Na": (1.0, np.inf), "Nb": (1.0, np.inf), "Nc": (1.0, np.inf), "fluence": (0.0, np.inf),
                    "mosaic_spread": (0.0, np.inf), "osc": (0.0, np.inf), "polar": (-1.0, 1.0),
-                   "water": (0.0, np.inf)}
+                   "water": (0.0, np.inf), "background_scale": (0.0, np.inf),
+                   "background_thickness": (0.0, np.inf)}
 # default bounds (user units) around the starting value v: physical limits, and no more
 # than a refinement from a sensible start can mean (a cell edge does not halve); a bound
 # given by the user replaces these
 DEFAULT_BOUNDS = {
-    **{n: (lambda v, n=n: PHYSICAL_LIMITS[n]) for n in ("fluence", "osc", "polar", "water")},
+    **{n: (lambda v, n=n: PHYSICAL_LIMITS[n]) for n in ("fluence", "osc", "polar", "water", "background_scale",
+                                                        "background_thickness")},
     **{n: lambda v: (0.8 * v, 1.25 * v) for n in ("cell_a", "cell_b", "cell_c")},
     **{n: lambda v: (max(1.0, v - 10.0), min(179.0, v + 10.0)) for n in ("cell_alpha", "cell_beta", "cell_gamma")},
     **{n: lambda v: (min(1.0, v), max(10.0 * v, v + 10.0)) for n in ("Na", "Nb", "Nc")},
@@ -278,7 +280,7 @@ def _bounds(names, bounds, start):
             raise ParameterError(f"bounds[{n!r}]: {n!r} is not among the refined parameters {names}")
     lo, hi = [], []
     for n in names:
-        b = bounds[n] if n in bounds else DEFAULT_BOUNDS.get(n, lambda v: (-np.inf, np.inf))(start[n])
+        b = bounds[n] if n in bounds else DEFAULT_BOUNDS.get(base_name(n), lambda v: (-np.inf, np.inf))(start[n])
         try:
             a, c = float(b[0]), float(b[1])
         except (TypeError, ValueError, IndexError):
@@ -298,7 +300,7 @@ def _at_bounds(names, x, lo, hi):
     out = {}
     for n, v, a, c in zip(names, x, lo, hi):
         width = (c - a) if np.isfinite(c - a) else max(abs(v), 1.0)
-        plo, phi = PHYSICAL_LIMITS.get(n, (np.nan, np.nan))
+        plo, phi = PHYSICAL_LIMITS.get(base_name(n), (np.nan, np.nan))
         if np.isfinite(a) and a != plo and v - a <= 1e-6 * width:
             out[n] = "lower"
         elif np.isfinite(c) and c != phi and c - v <= 1e-6 * width:

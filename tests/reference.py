@@ -133,6 +133,8 @@ def _panel_image(model, det):
     fi, si = np.meshgrid(np.arange(F), np.arange(S))
     water = model.water != 0.0
     I = np.full((S, F), model.I_bg)
+    bg = np.zeros((S, F))         # the amorphous background: factors taken per sample
+    materials = [(amorphous_reference(m), amount_reference(m, model)) for m in exp.background]
     polar = np.full((S, F), 1.0 if exp.beam.nopolar else 0.0)
     omega = np.zeros((S, F))
     capture = np.zeros((S, F))
@@ -161,6 +163,13 @@ def _panel_image(model, det):
                     inc = -src
                     q = (d - inc) / lam
                     stol = 0.5 * np.linalg.norm(q, axis=-1)
+                    if materials:
+                        p_bg = 1.0 if exp.beam.nopolar else polarization_reference(exp.beam.polarization, inc, d,
+                                                                                      polar_axis)
+                        c_bg = 1.0 if det.thick == 0.0 else new_cap
+                        for Fm, amount in materials:
+                            Fv = Fm(stol)
+                            bg += amount * np.sign(Fv) * Fv ** 2 * p_bg * new_omega * w * c_bg
                     with np.errstate(divide="ignore"):
                         skip = (model.dmin > 0) & (stol > 0) & (model.dmin > 0.5 / np.where(stol > 0, stol, 1))
                     use = ~skip
@@ -186,12 +195,43 @@ def _panel_image(model, det):
         value = value * polar
     if not samp.oversample_omega:
         value = value * omega
-    image = R_E_SQR * model.fluence * value / model.steps
+    image = R_E_SQR * model.fluence * (value + bg) / model.steps
     xmin, xmax, ymin, ymax = det.roi
     keep = (fi >= xmin) & (fi <= xmax) & (si >= ymin) & (si <= ymax)
     if det.mask is not None:
         keep &= det.mask != 0
     return np.where(keep, image, 0.0)
+
+
+def amorphous_reference(material):
+    """F(stol in 1/m) of a material: the cubic through the four table rows around stol
+    (the rows nearest-1 .. nearest+2, nearest the last at or below stol), with two
+    far-away rows added at each end as nonBragg.c does (the kernels leave them out)."""
+    t = material.parsed
+    x = np.concatenate(([-1e99, -1e98], t.stol_per_m, [1e98, 1e99]))
+    y = np.concatenate(([t.F[0]] * 2, t.F, [t.F[-1]] * 2))
+
+    def F(stol):
+        stol = np.asarray(stol, dtype=float)
+        j = np.searchsorted(x, stol, side="right") - 2      # the first of the four rows
+        out = np.zeros_like(stol)
+        for a in range(4):
+            term = y[j + a]
+            for b in range(4):
+                if b != a:
+                    term = term * (stol - x[j + b]) / (x[j + a] - x[j + b])
+            out = out + term
+        return out
+    return F
+
+
+def amount_reference(material, model):
+    """Molecules in the material's volume, times its scale and the orientations per
+    sample (the engine divides every term by the steps, which count them)."""
+    volume = material.thickness * material.width * material.height * 1e-9
+    molecules = (material.molecules if material.molecules is not None
+                 else volume * material.density_g_cm3 * 1e6 * 6.02214179e23 / material.mw_g_mol)
+    return material.scale * molecules * model.crystal.mosaic_domains * model.crystal.phisteps
 
 
 def _rotate(v, axis, phi):

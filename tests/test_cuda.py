@@ -359,3 +359,43 @@ def test_weighted_sources_on_two_panels_match_cpu():
     terms = np.abs(u).ravel() @ np.abs(J).reshape(-1, d.shape[0])
     assert np.all(np.abs(g_gpu - g) <= RTOL * terms), (g_gpu, g)
     assert np.all(g != 0)
+
+
+def _background_experiment():
+    """A small crystal with two amorphous materials (one table going negative beyond its
+    end), divergence, two sensor layers and oversampling."""
+    exp = nbragg.Experiment.from_nanobragg_args(
+        "-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 5 -lambda 1 -distance 40 -pixel 1.6 "
+        "-detpixels 6 -oversample 2 -hdivrange 4 -hdivsteps 2 -polar 0.4 -detector_abs 320 -detector_thick 450 "
+        "-detector_thicksteps 2".split(), warn=lambda m: None)
+    table = np.array([[0.004, 2.6], [0.012, 2.4], [0.02, 1.8], [0.03, 3.5], [0.04, 4.2], [0.05, 2.0], [0.06, -0.5]])
+    return exp.replace(background=[nbragg.Material(table, thickness=0.2, scale=1e-11),
+                                   nbragg.Material("water", scale=5e-13)])
+
+
+def test_background_forward_matches_cpu():
+    exp = _background_experiment()
+    cpu = nbragg.simulate(exp, warn=lambda m: None)
+    gpu = nbragg.simulate(exp, backend="cuda", warn=lambda m: None)
+    assert np.any(cpu.image < 0) and np.any(cpu.image > 0)
+    _close(gpu.image, cpu.image)
+    cpu32 = nbragg.simulate(exp, precision="float32", warn=lambda m: None).image
+    gpu32 = nbragg.simulate(exp, backend="cuda", precision="float32", warn=lambda m: None).image
+    np.testing.assert_allclose(cpu32, cpu.image, rtol=0, atol=1e-4 * np.abs(cpu.image).max())
+    np.testing.assert_allclose(gpu32, cpu32, rtol=0, atol=1e-5 * np.abs(cpu32).max())
+
+
+@pytest.mark.slow
+def test_background_gradients_match_cpu():
+    exp = _background_experiment()
+    names = ["background_scale_0", "background_scale_1", "background_thickness_0", "Na", "misset_y", "fluence"]
+    J = nbragg.jacobian(exp, names)
+    Jg = nbragg.jacobian(exp, names, backend="cuda")
+    for p, n in enumerate(names):
+        np.testing.assert_allclose(Jg[:, p], J[:, p], rtol=RTOL, atol=RTOL * np.abs(J[:, p]).max(), err_msg=n)
+    w = np.random.default_rng(3).normal(size=(6, 6))
+    g = nbragg.gradient(exp, names, w)
+    gg = nbragg.gradient(exp, names, w, backend="cuda")
+    terms = np.abs(w).ravel() @ np.abs(J)
+    for i, n in enumerate(names):
+        assert abs(gg[n] - g[n]) <= RTOL * terms[i], (n, gg[n], g[n])

@@ -28,7 +28,7 @@ def test_twin_computes_in_float32_only():
     twin = cpu_single(K.forward, cache=False)          # compiled here, so its types can be read
     y0, y1 = 0, model.shape[0] - 1
     twin(*as_single(model.scene), y0, y1, np.zeros(model.shape, np.float32), np.zeros(model.shape[0], np.float32))
-    # the one declared float64 value: the pixel's sum of samples (I, then value; v in the
+    # the declared float64 values: the pixel's sum of samples (I, then value; v in the
     # caller), started by the walk's begin hook (np.float64(I_bg), the one call allowed
     # there) and carried through the block and finish hooks (arguments, returns, unpacking,
     # the results of add_term and apply_final, which update it), with the temporaries of
@@ -42,6 +42,13 @@ def test_twin_computes_in_float32_only():
         if re.fullmatch(r"(arg[._])?(I|value|v|\$v|_vv)([._]\d+)*", name):
             return True
         if any(k in name for k in ("binop_iadd", "binop_imul", "binop_add", "return_value", "unpack_sequence")):
+            return True
+        # the second declared sum: the amorphous background's (bg), and its sample's sum
+        # over materials in amorphous_sum (acc, of np.float64(amount) * np.float64(F^2)),
+        # which the walk's amorphous hook multiplies by the sample's factors
+        if re.fullmatch(r"(arg[._])?(bg|acc)([._]\d+)*", name):
+            return True
+        if where in ("amorphous_sum_single", "_amorphous_single") and ("call" in name or "binop_mul" in name):
             return True
         return where.endswith(("_begin_single", "_finish_single", "add_term_single", "apply_final_single")) \
             and "call" in name

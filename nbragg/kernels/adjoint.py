@@ -21,8 +21,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu import clipped_roi, fast_path, term
-from .physics import (beyond_dmin, capture_fraction, direction, miller, orientations_soa, scattering, soa_hkl,
-                      solid_angle)
+from .physics import (amorphous_F, amorphous_factor, amorphous_stol, amorphous_sum, beyond_dmin, capture_fraction,
+                      direction, miller, orientations_soa, scattering, signed_square, soa_hkl, solid_angle)
 from .derivs import (LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
                      capture_partials, direction_vjp, lattice_grad, omega_partials, position_vjp, square_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
@@ -218,13 +218,15 @@ class ReplayWork(NamedTuple):
     """What the adjoint's replay of the walk records for its backward sweep: per block
     the sum at its start, its multiplier, its number of terms and its (sub-pixel, source)
     number; ``rec`` = (blocks, omega_at, capture_at, polar_at); ``fac`` = (sum, capture,
-    polar, omega) at the end."""
+    polar, omega) at the end; ``bgsum`` per amorphous material, the sum over samples of
+    factor sign(F) F^2 (the derivative of the pixel in its amount)."""
     blk_I: np.ndarray
     blk_m: np.ndarray
     blk_K: np.ndarray
     blk_id: np.ndarray
     rec: np.ndarray
     fac: np.ndarray
+    bgsum: np.ndarray
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -233,7 +235,17 @@ def _r_begin(W, S, fpixel, spixel):
     W.rec[1] = -1
     W.rec[2] = -1
     W.rec[3] = -1
+    for m in range(W.bgsum.shape[0]):
+        W.bgsum[m] = 0.0
     return S.samp.I_bg, True
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _r_amorphous(W, S, bg, stol, factor, s, sub):
+    samp = S.samp
+    for m in range(samp.bg_amount.shape[0]):
+        W.bgsum[m] += factor * signed_square(amorphous_F(samp, m, stol))
+    return bg + factor * amorphous_sum(samp, stol)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -275,20 +287,21 @@ def _r_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _r_finish(W, S, I, capture, polar, omega, omega_sum):
+def _r_finish(W, S, I, capture, polar, omega, omega_sum, bg):
     W.fac[0] = I
     W.fac[1] = capture
     W.fac[2] = polar
     W.fac[3] = omega
-    return apply_final(S.samp, I, capture, polar, omega)
+    return apply_final(S.samp, I, capture, polar, omega) + bg
 
 
 walk_replay = specialise("replay", begin=_r_begin, omega_taken=_r_omega, capture_taken=_r_capture,
-                         polarization=_r_polar, block=_r_block, finish=_r_finish)
+                         polarization=_r_polar, amorphous=_r_amorphous, block=_r_block, finish=_r_finish)
 
 
 @njit(cache=True, error_model="numpy")
-def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fac, lp, pbuf, fidx, fw, g, gor, gF):
+def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fac, bgsum, lp, pbuf, fidx, fw, g, gor,
+                  gF):
     """Accumulate gv * d(pixel value before scaling)/d(inputs) into ``g`` (layout ``L``;
     orientations into ``gor`` (9, npad), structure factors into ``gF``); returns the value.
 
@@ -314,7 +327,9 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
     nsub = os * os
 
     # ---------------------------------------------------------------- replay forward
-    value = walk_replay(fpixel, spixel, S, ReplayWork(blk_I, blk_m, blk_K, blk_id, rec, fac))
+    value = walk_replay(fpixel, spixel, S, ReplayWork(blk_I, blk_m, blk_K, blk_id, rec, fac, bgsum))
+    for m in range(S.samp.bg_amount.shape[0]):
+        g[L.bg_amount + m] += gv * bgsum[m]
     nb = rec[0]
     omega_at = rec[1]
     capture_at = rec[2]
@@ -437,6 +452,16 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def amorphous_vjp(S, L, g, gv, stol, factor):
+    """An amorphous sample: adds gv times its derivative in each material's amount to
+    ``g`` and returns its value (the forward's, to rounding)."""
+    samp = S.samp
+    for m in range(samp.bg_amount.shape[0]):
+        g[L.bg_amount + m] += gv * (factor * signed_square(amorphous_F(samp, m, stol)))
+    return factor * amorphous_sum(samp, stol)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, pbuf, g, gor, gF):
     """Adjoint of one pixel without -oversample_* flags, for parallelepiped spots and
     nearest-neighbour F.  Every term is only added, so each block is visited once, in
@@ -444,8 +469,9 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
     are evaluated first; their gradients, which need the pixel's sum, are applied at the
     end -- at the first sub-pixel together with that sub-pixel's own gradient.
 
-    Returns the pixel value (unscaled), or -1.0 when a factor is exactly zero where
-    nanoBragg would recompute it later (the caller then uses the general path).
+    Returns (True, the pixel value unscaled), or (False, 0) when a factor is exactly zero
+    where nanoBragg would recompute it later (the caller then uses the general path; a
+    pixel's value itself may be negative, with an amorphous F below 0).
 
     This is the one pixel loop outside :mod:`.pixel`'s walk.  Written as a walk mode
     (hooks keeping the factors and the first sub-pixel's gradient in a scratch array) it
@@ -465,7 +491,7 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
     p0x, p0y, p0z, R0, d0x, d0y, d0z = direction(fpixel, spixel, 0, 0, 0, det, beam)
     omega = solid_angle(R0, det)
     if omega == 0.0:
-        return -1.0
+        return False, 0.0
     om_R, om_pix, om_close = omega_partials(R0, det, omega)
     # ---- capture fraction at the first sub-pixel of the last layer
     capture = 1.0
@@ -474,7 +500,7 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
         cx, cy, cz, cR, cdx, cdy, cdz = direction(fpixel, spixel, 0, 0, tl, det, beam)
         capture = capture_partials(tl, cdx, cdy, cdz, det)[0]
         if capture == 0.0:
-            return -1.0
+            return False, 0.0
     # ---- polarization at the first (sub-pixel, source) -dmin does not cut; its
     # partials are kept in pbuf
     polar = 1.0 if beam.nopolar else 0.0
@@ -502,11 +528,15 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
             if pol_sub >= 0:
                 break
         if pol_sub >= 0 and polar == 0.0:
-            return -1.0
+            return False, 0.0
     post = omega * capture * polar
     G = gv * post
     # ---- every block once: terms, and their gradients pushed to q and the geometry
     I = S.samp.I_bg
+    nbg = S.samp.bg_amount.shape[0]
+    bg = 0.0
+    bg_omega = 0.0
+    bg_capture = 1.0
     g0x = 0.0
     g0y = 0.0
     g0z = 0.0
@@ -521,11 +551,15 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
                 gdx = 0.0
                 gdy = 0.0
                 gdz = 0.0
+                if nbg > 0:
+                    bg_omega = solid_angle(R, det)
+                    if det.thick != 0.0:
+                        bg_capture = capture_fraction(t, dx, dy, dz, det)
                 for s in range(nsrc):
-                    lam = lambdas[s]
-                    qx = (dx + sources[s, 0]) / lam
-                    qy = (dy + sources[s, 1]) / lam
-                    qz = (dz + sources[s, 2]) / lam
+                    ix, iy, iz, lam, qx, qy, qz = scattering(sources, lambdas, s, dx, dy, dz)
+                    if nbg > 0:
+                        bg += amorphous_vjp(S, L, g, gv, amorphous_stol(qx, qy, qz),
+                                            amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, bg_omega, bg_capture))
                     if beyond_dmin(qx, qy, qz, dmin):
                         continue
                     w = beam.weights[s]
@@ -548,7 +582,7 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
                     gpx, gpy, gpz = direction_vjp(gdx, gdy, gdz, 0.0, px, py, pz, R, dx, dy, dz)
                     position_vjp(gpx, gpy, gpz, fpixel, spixel, subF, subS, t, det, beam, L, g)
     g[L.I_bg] += G
-    value = apply_final(S.samp, I, capture, polar, omega)
+    value = apply_final(S.samp, I, capture, polar, omega) + bg
     g[L.scale] += gv * value
     # ---- the factors' gradients, now that the sum is known
     g_om = gv * I * capture * polar
@@ -582,7 +616,7 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
     if det.thick != 0.0:
         g_cap = gv * I * omega * polar
         _factors_vjp(0.0, g_cap, 0.0, fpixel, spixel, 0, 0, thicksteps - 1, 0, S, g, L, pbuf)
-    return value
+    return True, value
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -628,6 +662,7 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, ori, fflat, g
     blk_id = np.empty(nblocks, dtype=np.int64)
     rec = np.empty(4, dtype=np.int64)
     fac = np.empty(4)
+    bgsum = np.empty(S.samp.bg_amount.shape[0])
     lp = np.empty(LP_SIZE)
     pbuf = np.empty(10)
     fidx = np.empty(64, dtype=np.int64)
@@ -640,11 +675,13 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, ori, fflat, g
             gv = upstream[spixel, fpixel] * scale
             if gv == 0.0:
                 continue
-            v = -1.0
+            done = False
+            v = 0.0
             if fast:
-                v = pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, pbuf, g, gor, gF)
-            if v < 0.0:
-                v = pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fac, lp, pbuf, fidx, fw,
-                                  g, gor, gF)
+                done, v = pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, pbuf, g, gor,
+                                             gF)
+            if not done:
+                v = pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fac, bgsum, lp, pbuf,
+                                  fidx, fw, g, gor, gF)
             if want_image:
                 image[spixel, fpixel] = v * scale

@@ -84,8 +84,8 @@ def _forward_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s,
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _forward_finish(W, S, I, capture, polar, omega, omega_sum):
-    return apply_final(S.samp, I, capture, polar, omega), omega_sum
+def _forward_finish(W, S, I, capture, polar, omega, omega_sum, bg):
+    return apply_final(S.samp, I, capture, polar, omega) + bg, omega_sum
 
 
 walk_forward = specialise("forward", block=_forward_block, finish=_forward_finish)

@@ -669,3 +669,103 @@ def orientations_soa(orients):
             for j in range(3):
                 ori[3 * i + j, m] = orients[m, i, j]
     return ori
+
+
+# ----------------------------------------------------------------------------- amorphous
+# An amorphous material's structure factor F(stol) comes from a table (samp.bg_stol and
+# samp.bg_F: stol in 1/m, increasing; material m's rows are bg_start[m] ..
+# bg_start[m + 1] - 1) by the Lagrange polynomial through the rows nearest-1 ..
+# nearest+2, nearest the last row at or below stol.  nonBragg.c pads its table with two
+# rows at each end, at stol -1e99, -1e98 and 1e98, 1e99: a padding row's term is 0 and
+# its factors (x - pad) / (a - pad) are 1 to double precision, so a point beyond the
+# table is simply left out here -- the polynomial is quadratic through the first or last
+# three rows near the ends and linear through the last two beyond them, as in the C --
+# and the tables hold nothing beyond float32's range (single-precision twins stay
+# float32).  Inside the table the four-point form is the C's, operation for operation.
+
+@njit(cache=True, error_model="numpy", inline="always")
+def amorphous_stol(qx, qy, qz):
+    """sin(theta)/lambda (1/m): half the length of the scattering vector q."""
+    return 0.5 * math.sqrt(qx * qx + qy * qy + qz * qz)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _basis(x, a, b, c, d, ya):
+    # the Lagrange basis polynomial of abscissa a (through b, c, d) at x, times ya
+    return (x - b) * (x - c) * (x - d) * ya / ((a - b) * (a - c) * (a - d))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _basis3(x, a, b, c, ya):
+    return (x - b) * (x - c) * ya / ((a - b) * (a - c))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _basis2(x, a, b, ya):
+    return (x - b) * ya / (a - b)
+
+
+@njit(cache=True, error_model="numpy")
+def amorphous_F(samp, m, stol):
+    """F of material m at sin(theta)/lambda ``stol`` (1/m)."""
+    xs = samp.bg_stol
+    ys = samp.bg_F
+    first = samp.bg_start[m]
+    last = samp.bg_start[m + 1] - 1
+    x = stol
+    # nearest: the last row at or below x (first - 1 when x is below the table)
+    lo = first - 1
+    hi = last + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if xs[mid] <= x:
+            lo = mid
+        else:
+            hi = mid
+    a = max(lo - 1, first)
+    b = min(lo + 2, last)
+    n = b - a + 1
+    if n >= 4:
+        x0 = xs[a]
+        x1 = xs[a + 1]
+        x2 = xs[a + 2]
+        x3 = xs[a + 3]
+        return (_basis(x, x0, x1, x2, x3, ys[a]) + _basis(x, x1, x0, x2, x3, ys[a + 1])
+                + _basis(x, x2, x0, x1, x3, ys[a + 2]) + _basis(x, x3, x0, x1, x2, ys[a + 3]))
+    if n == 3:
+        x0 = xs[a]
+        x1 = xs[a + 1]
+        x2 = xs[a + 2]
+        return _basis3(x, x0, x1, x2, ys[a]) + _basis3(x, x1, x0, x2, ys[a + 1]) + _basis3(x, x2, x0, x1, ys[a + 2])
+    if n == 2:
+        return _basis2(x, xs[a], xs[a + 1], ys[a]) + _basis2(x, xs[a + 1], xs[a], ys[a + 1])
+    return ys[a]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def signed_square(F):
+    """sign(F) F^2: a negative interpolated F gives a negative intensity, as in nonBragg.c."""
+    return -F * F if F < 0.0 else F * F
+
+
+@njit(cache=True, error_model="numpy")
+def amorphous_sum(samp, stol):
+    """sum over materials of amount_m sign(F_m) F_m^2 at ``stol``, summed in float64 (a
+    declared accumulator: amounts of 1e20 molecules times F^2 can pass float32's range)."""
+    acc = np.float64(0.0)
+    for m in range(samp.bg_amount.shape[0]):
+        acc += np.float64(samp.bg_amount[m]) * np.float64(signed_square(amorphous_F(samp, m, stol)))
+    return acc
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, omega, capture):
+    """The factors of an amorphous sample, as nonBragg.c takes them: the polarization for
+    this source and direction, the sub-pixel's solid angle and capture fraction (taken at
+    every sub-pixel), and the source's weight."""
+    beam = S.beam
+    polar = 1.0
+    if not beam.nopolar:
+        pv = beam.polar_axis
+        polar = polarization_factor(beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2])
+    return polar * omega * beam.weights[s] * capture

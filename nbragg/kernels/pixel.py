@@ -7,6 +7,10 @@ every quirk of the C, written once.
   one with ``-oversample_polar``); the factors not oversampled multiply the pixel's sum
   once, at the end, with the values last taken;
 * ``-dmin`` drops a (sub-pixel, source) sample before anything else is computed for it;
+* the amorphous background (nonBragg's term: materials given by tables of F against
+  sin(theta)/lambda) is a separate sum over the same samples, with the solid angle,
+  polarization, capture fraction and source weight taken at every sample, added to the
+  pixel after the Bragg sum's factors; -dmin does not cut it;
 * each (sub-pixel, source) sample is a *block*: the sum over orientations (phi steps x
   mosaic domains) of F_cell^2 F_latt^2, which with ``-oversample_*`` flags multiplies the
   running sum after every term.
@@ -30,13 +34,17 @@ Hooks, in the order the walk calls them:
 ``subpixel(W, S, f, s, subF, subS, t, px, py, pz, R, dx, dy, dz)``
 ``omega_taken(W, S, R, omega, sub)``          the solid angle was (re)computed
 ``capture_taken(W, S, t, dx, dy, dz, capture, sub)``
+``amorphous(W, S, bg, stol, factor, s, sub) -> bg``  adds an amorphous sample to the
+                                              background sum (default: factor times
+                                              sum_m amount_m sign(F_m) F_m^2 at stol)
 ``cut(W, S, t, subS, subF, src, px, py, pz, qx, qy, qz)``    -dmin dropped this sample
 ``source(W, S, src, dx, dy, dz, qx, qy, qz, lam)``
 ``polarization(W, S, src, ix, iy, iz, dx, dy, dz, sub) -> polar``   takes the polarization
                                               factor (default: its value alone)
 ``block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, src, sub) -> I``
 ``subpixel_done(W, S, f, s, subF, subS, t, px, py, pz, R, dx, dy, dz)``
-``finish(W, S, I, capture, polar, omega, omega_sum) -> result``
+``finish(W, S, I, capture, polar, omega, omega_sum, bg) -> result``   bg: the amorphous
+                                              background's sum, added after the factors
 
 ``sub`` numbers the sub-pixels in walk order: (t * oversample + subS) * oversample + subF.
 """
@@ -46,7 +54,8 @@ import types
 import numpy as np
 from numba import njit
 
-from .physics import beyond_dmin, capture_fraction, direction, polarization_factor, scattering, solid_angle
+from .physics import (amorphous_factor, amorphous_stol, amorphous_sum, beyond_dmin, capture_fraction, direction,
+                      polarization_factor, scattering, solid_angle)
 
 
 @njit(cache=True, error_model="numpy")
@@ -62,13 +71,18 @@ def walk(fpixel, spixel, S, W):
     sources = beam.sources
     lambdas = beam.lambdas
     nsrc = sources.shape[0]
+    nbg = samp.bg_amount.shape[0]
+    bragg = samp.bragg
+    bg = np.float64(0.0)
     I, go = begin(W, S, fpixel, spixel)
     if not go:
-        return finish(W, S, I, 0.0, 0.0, 0.0, 0.0)
+        return finish(W, S, I, 0.0, 0.0, 0.0, 0.0, bg)
     polar = 1.0 if beam.nopolar else 0.0
     omega = 0.0
     omega_sum = 0.0
     capture = 0.0
+    bg_omega = 0.0
+    bg_capture = 1.0
     for t in range(det.thicksteps):
         capture = 1.0 if det.thick == 0.0 else 0.0
         layer(W, S, t)
@@ -84,8 +98,18 @@ def walk(fpixel, spixel, S, W):
                 if capture == 0.0 or os_thick:
                     capture = capture_fraction(t, dx, dy, dz, det)
                     capture_taken(W, S, t, dx, dy, dz, capture, sub)
+                if nbg > 0:
+                    # the amorphous term takes its factors at every sample (nonBragg.c)
+                    bg_omega = solid_angle(R, det)
+                    if det.thick != 0.0:
+                        bg_capture = capture_fraction(t, dx, dy, dz, det)
                 for s in range(nsrc):
                     ix, iy, iz, lam, qx, qy, qz = scattering(sources, lambdas, s, dx, dy, dz)
+                    if nbg > 0:
+                        bg = amorphous(W, S, bg, amorphous_stol(qx, qy, qz),
+                                       amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, bg_omega, bg_capture), s, sub)
+                    if not bragg:
+                        continue
                     if beyond_dmin(qx, qy, qz, samp.dmin):
                         cut(W, S, t, subS, subF, s, px, py, pz, qx, qy, qz)
                         continue
@@ -94,7 +118,7 @@ def walk(fpixel, spixel, S, W):
                         polar = polarization(W, S, s, ix, iy, iz, dx, dy, dz, sub)
                     I = block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub)
                 subpixel_done(W, S, fpixel, spixel, subF, subS, t, px, py, pz, R, dx, dy, dz)
-    return finish(W, S, I, capture, polar, omega, omega_sum)
+    return finish(W, S, I, capture, polar, omega, omega_sum, bg)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -203,7 +227,12 @@ def _block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _finish(W, S, I, capture, polar, omega, omega_sum):
+def _amorphous(W, S, bg, stol, factor, s, sub):
+    return bg + factor * amorphous_sum(S.samp, stol)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _finish(W, S, I, capture, polar, omega, omega_sum, bg):
     return I
 
 
@@ -217,11 +246,12 @@ capture_taken = _capture_taken
 cut = _cut
 source = _source
 polarization = _polarization
+amorphous = _amorphous
 block = _block
 finish = _finish
 
-HOOKS = ("begin", "layer", "subpixel", "omega_taken", "capture_taken", "cut", "source", "polarization",
-         "block", "subpixel_done", "finish")
+HOOKS = ("begin", "layer", "subpixel", "omega_taken", "capture_taken", "amorphous", "cut", "source",
+         "polarization", "block", "subpixel_done", "finish")
 _DEFAULTS = {h: globals()[h] for h in HOOKS}    # the module-level bindings above
 
 

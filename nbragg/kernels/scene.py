@@ -90,6 +90,11 @@ class Sampling(NamedTuple):
     dmin: float               # m; 0 = no cut
     I_bg: float               # water background added to every pixel's sum
     water: bool
+    bragg: bool               # False: no structure factor anywhere, the Bragg blocks are skipped
+    bg_stol: np.ndarray       # amorphous tables, stol (1/m) (see physics.amorphous_F)
+    bg_F: np.ndarray          # and F, concatenated over materials
+    bg_start: np.ndarray      # int64 (materials + 1,): where each material's rows start
+    bg_amount: np.ndarray     # (materials,) molecules x scale x domains x phisteps
 
 
 class Scene(NamedTuple):
@@ -100,6 +105,11 @@ class Scene(NamedTuple):
     samp: Sampling
 
 
+# the most amorphous materials a scene holds (the GPU keeps per-material sums in fixed-size
+# thread-local arrays)
+MAX_MATERIALS = 8
+
+
 # the differentiable fields of each block, in layout order; "scale" is the factor
 # r_e^2 fluence / steps that the engine applies after the kernel
 DIFF = (
@@ -108,7 +118,7 @@ DIFF = (
     ("beam", ("beam", "polar_axis", "kahn", "sources", "lambdas", "weights")),
     ("xtal", ("orients", "recip", "Na", "Nb", "Nc", "fudge")),
     ("fhkl", ("default_F",)),
-    ("samp", ("I_bg",)),
+    ("samp", ("I_bg", "bg_amount")),
 )
 FIELDS = tuple(f for _, names in DIFF for f in names) + ("scale",)
 

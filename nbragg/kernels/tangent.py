@@ -16,7 +16,7 @@ from .cpu import clipped_roi, fast_path, term
 from .physics import orientations_soa
 from .derivs import (LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
                      capture_partials, lattice_grad, omega_partials, square_partials)
-from .physics import SQUARE, polarization_grad, sum_row
+from .physics import SQUARE, amorphous_F, amorphous_sum, polarization_grad, signed_square, sum_row
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Layout, Scene, field_slice
 
@@ -205,7 +205,8 @@ def _position_jvp(fpixel, spixel, subF, subS, t, det, beam, d, L, flags, dP):
 class TangentWork(NamedTuple):
     """The tangent mode's state for one pixel: the directions d (P, L.size) and their
     tangents at each step of the walk (dP positions, dd directions and distance, dq
-    scattering vectors, dI the sum, dom/dcap/dpol the factors, dm the multiplier).
+    scattering vectors, dI the sum, dom/dcap/dpol the factors, dm the multiplier, dbg the
+    amorphous background's sum).
 
     The hooks get it as a plain tuple and read it by the W_* indices below: Numba's
     parallel loops, into which the tangent pixel is inlined, lose writes made through a
@@ -221,6 +222,7 @@ class TangentWork(NamedTuple):
     dcap: np.ndarray
     dpol: np.ndarray
     dm: np.ndarray
+    dbg: np.ndarray
     lp: np.ndarray
     pbuf: np.ndarray
     fidx: np.ndarray
@@ -233,7 +235,7 @@ class TangentWork(NamedTuple):
     ibuf: np.ndarray
 
 
-(W_d, W_L, W_flags, W_dP, W_dd, W_dq, W_dI, W_dom, W_dcap, W_dpol, W_dm, W_lp, W_pbuf, W_fidx, W_fw, W_fast,
+(W_d, W_L, W_flags, W_dP, W_dd, W_dq, W_dI, W_dom, W_dcap, W_dpol, W_dm, W_dbg, W_lp, W_pbuf, W_fidx, W_fw, W_fast,
  W_ori, W_fflat, W_has_dori, W_sc, W_ibuf) = range(len(TangentWork._fields))
 
 
@@ -245,7 +247,24 @@ def _t_begin(W, S, fpixel, spixel):
         W[W_dom][p] = 0.0
         W[W_dcap][p] = 0.0
         W[W_dpol][p] = 0.0
+        W[W_dbg][p] = 0.0
     return S.samp.I_bg, True
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_amorphous(W, S, bg, stol, factor, s, sub):
+    """The sample's tangent in the materials' amounts.  (Its tangent through the geometry,
+    the wavelength and the polarization is not carried: gradients.py refuses those
+    parameters when there is a background.)"""
+    samp = S.samp
+    d = W[W_d]
+    L = W[W_L]
+    dbg = W[W_dbg]
+    for m in range(samp.bg_amount.shape[0]):
+        a = factor * signed_square(amorphous_F(samp, m, stol))
+        for p in range(dbg.shape[0]):
+            dbg[p] += a * d[p, L.bg_amount + m]
+    return bg + factor * amorphous_sum(samp, stol)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -394,7 +413,7 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _t_finish(W, S, I, capture, polar, omega, omega_sum):
+def _t_finish(W, S, I, capture, polar, omega, omega_sum, bg):
     """The factors applied once at the end, and their tangents."""
     samp = S.samp
     os_thick = samp.os_thick
@@ -410,24 +429,25 @@ def _t_finish(W, S, I, capture, polar, omega, omega_sum):
             v += I * W[W_dpol][p] * (1.0 if os_thick else capture) * (1.0 if os_omega else omega)
         if not os_omega:
             v += I * W[W_dom][p] * (1.0 if os_thick else capture) * (1.0 if os_polar else polar)
-        dI[p] = v
-    return apply_final(samp, I, capture, polar, omega)
+        dI[p] = v + W[W_dbg][p]
+    return apply_final(samp, I, capture, polar, omega) + bg
 
 
 walk_tangent = specialise("tangent", begin=_t_begin, layer=_t_layer, subpixel=_t_subpixel, omega_taken=_t_omega,
-                          capture_taken=_t_capture, source=_t_source, polarization=_t_polar, block=_t_block,
-                          finish=_t_finish)
+                          capture_taken=_t_capture, source=_t_source, polarization=_t_polar,
+                          amorphous=_t_amorphous, block=_t_block, finish=_t_finish)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def pixel_tangent(fpixel, spixel, S, d, L, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw,
+def pixel_tangent(fpixel, spixel, S, d, L, dP, dd, dq, dI, dom, dcap, dpol, dm, dbg, lp, pbuf, fidx, fw,
                   fast, ori, fflat, has_dori, flags, sc, ibuf):
     """Value (unscaled) of one pixel; its tangents along the directions d (P, L.size)
     are left in dI (P).  The walk of :mod:`.pixel` with the tangent hooks above.
 
     ``fast``: blocks go through :func:`square_tangent` (CPU vector loops), as in
     :func:`~nbragg.kernels.cpu.pixel_value`."""
-    W = (d, L, flags, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw, fast, ori, fflat, has_dori, sc, ibuf)
+    W = (d, L, flags, dP, dd, dq, dI, dom, dcap, dpol, dm, dbg, lp, pbuf, fidx, fw, fast, ori, fflat, has_dori, sc,
+         ibuf)
     return walk_tangent(fpixel, spixel, S, W)
 
 
@@ -463,6 +483,7 @@ def _tangent_row(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, fast, ori,
     dcap = np.empty(npar)
     dpol = np.empty(npar)
     dm = np.empty(npar)
+    dbg = np.empty(npar)
     lp = np.empty(LP_SIZE)
     pbuf = np.empty(10)
     fidx = np.empty(64, dtype=np.int64)
@@ -470,7 +491,7 @@ def _tangent_row(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, fast, ori,
     for fpixel in range(xmin, xmax + 1):
         if use_mask and mask[spixel, fpixel] == 0:
             continue
-        v = pixel_tangent(fpixel, spixel, S, d, L, dP, dd, dq, dI, dom, dcap, dpol, dm, lp, pbuf, fidx, fw,
+        v = pixel_tangent(fpixel, spixel, S, d, L, dP, dd, dq, dI, dom, dcap, dpol, dm, dbg, lp, pbuf, fidx, fw,
                           fast, ori, fflat, has_dori, flags, sc, ibuf)
         image[spixel, fpixel] = v * scale
         for p in range(npar):

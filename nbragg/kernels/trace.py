@@ -82,8 +82,8 @@ def _trace_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, s
 
 
 @njit(cache=True, error_model="numpy")
-def _trace_finish(W, S, I, capture, polar, omega, omega_sum):
-    value, _ = _forward_finish(W, S, I, capture, polar, omega, omega_sum)
+def _trace_finish(W, S, I, capture, polar, omega, omega_sum, bg):
+    value, _ = _forward_finish(W, S, I, capture, polar, omega, omega_sum, bg)
     return value, I, capture, polar, omega
 
 

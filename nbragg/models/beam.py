@@ -53,13 +53,22 @@ def _raw(value, divisor=1.0):
     return -1.0 if value is None else value / divisor
 
 
+def _weights(beam, listing):
+    """Each source's weight in the sum: 1 (nanoBragg.c), or with ``Beam.source_weights``
+    the source file's weight column (nonBragg.c), 1 for the points of a divergence grid."""
+    if not beam.source_weights or beam.sources is None:
+        return np.ones(len(listing))
+    return np.array([w for (_, _, _, w, _) in listing])
+
+
 @dataclass
 class Sources:
     """Resolved sources: unit vectors toward each source (n, 3), wavelengths (n,) in m."""
 
     directions: np.ndarray
     wavelengths: np.ndarray
-    weights: np.ndarray         # each source's weight in the sum (all 1, as nanoBragg.c)
+    weights: np.ndarray         # each source's weight in the sum (all 1, as nanoBragg.c, unless
+                                # Beam.source_weights)
     divsteps: int
     dispsteps: int
     hdiv: tuple
@@ -153,7 +162,7 @@ def resolve_sources(beam, beam_vector, polar_vector):
             raise ParameterError(f"source {i + 1} lies at the sample (X Y Z = 0 0 0): its direction is undefined")
         dirs[i] = u
     return Sources(
-        directions=dirs, wavelengths=np.array(lam), weights=np.ones(len(lam)), divsteps=divsteps,
+        directions=dirs, wavelengths=np.array(lam), weights=_weights(beam, listing), divsteps=divsteps,
         dispsteps=dispsteps, hdiv=hdiv, vdiv=vdiv, disp=disp, from_file=beam.sources is not None,
         listing=listing, divergence_offsets=offsets, lambdas=lambdas,
     )
