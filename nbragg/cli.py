@@ -82,7 +82,7 @@ def _header_fields(model, exp):
 def run(argv, stdout=None, stderr=None):
     """Run the command line; returns the exit status.  Raises NbraggError on user errors."""
     from . import engine
-    from .io.atomic import check_output_path
+    from .io.atomic import check_output_paths
     from .io.pgm import write_float, write_pgm
     from .io.smv import write_smv
     from .nbargs import parse_nanobragg_args
@@ -127,12 +127,7 @@ def run(argv, stdout=None, stderr=None):
     parsed = parse_nanobragg_args(argv, warn=warn)
     o = parsed.outputs
     exp = parsed.experiment
-    check_output_path(o.floatfile, "-floatfile")
-    check_output_path(o.intfile, "-intfile")
-    if o.write_pgm:
-        check_output_path(o.pgmfile, "-pgmfile")
-    if o.calculate_noise:
-        check_output_path(o.noisefile, "-noisefile")
+    check_output_paths(o, o.write_pgm, o.calculate_noise)
 
     model = engine.build_model(exp, warn=warn)
     say("nbragg nanocrystal diffraction simulator (nanoBragg by James Holton and Ken Frankel)")

@@ -6,6 +6,8 @@ offending value; the command line prints it as one line and exits with status 2.
 Anything else that escapes is a bug and keeps its traceback.
 """
 
+import sys
+
 
 class NbraggError(Exception):
     """Base class for every user-facing error in nbragg."""
@@ -43,6 +45,20 @@ def console_main(prog, run, argv=None):
         return run(argv)
     except NbraggError as exc:
         return report(prog, exc)
+
+
+def console_streams(stdout=None, stderr=None):
+    """(say, warn) for a command: ``say(line)`` prints to stdout, ``warn(msg)`` a WARNING
+    line to stderr (the streams given, else the process's)."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+
+    def say(line=""):
+        print(line, file=out)
+
+    def warn(msg):
+        print(f"WARNING: {msg}", file=err)
+    return say, warn
 
 
 def help_or_version(prog, usage, argv, out):

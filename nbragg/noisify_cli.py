@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ArgumentError, InputFileError, console_main, help_or_version
+from .errors import ArgumentError, InputFileError, console_main, console_streams, help_or_version
 
 USAGE = """\
 usage: nbragg-noisify -floatfile FILE [flags]      (noisify.c's flags; the same files are written)
@@ -264,22 +264,15 @@ def _grid(st, nvalues, warn, say):
 
 def run(argv, stdout=None, stderr=None):
     """Run the command line; returns the exit status.  Raises NbraggError on user errors."""
-    from .io.atomic import check_output_path
+    from .io.atomic import check_output_paths
     from .io.pgm import pgm_bytes
     from .io.atomic import atomic_write
     from .io._text import read_bytes
     from .io.smv import noisify_header, read_smv, write_smv_raw
     from .noisify import noisify
 
+    say, warn = console_streams(stdout, stderr)
     out = stdout or sys.stdout
-    err = stderr or sys.stderr
-
-    def say(line=""):
-        print(line, file=out)
-
-    def warn(msg):
-        print(f"WARNING: {msg}", file=err)
-
     early = help_or_version("nbragg-noisify", USAGE, argv, out)
     if early is not None:
         return early
@@ -287,11 +280,7 @@ def run(argv, stdout=None, stderr=None):
     if st.floatfile is None:
         raise ArgumentError("no input image: give -floatfile FILE (float32 photons per pixel); -h lists the flags")
     raw = read_bytes(st.floatfile, "-floatfile: input image")
-    check_output_path(st.intfile, "-intfile")
-    if st.write_pgm:
-        check_output_path(st.pgmfile, "-pgmfile")
-    if st.calculate_noise:
-        check_output_path(st.noisefile, "-noisefile")
+    check_output_paths(st, st.write_pgm, st.calculate_noise, float_out=False)
 
     say("nbragg-noisify: add noise to pixels (noisify by James Holton)")
     nvalues = len(raw) // 4

@@ -16,6 +16,17 @@ def check_output_path(path, flag):
         raise InputFileError(f"{flag}: output path {os.fspath(path)!r} is a directory")
 
 
+def check_output_paths(files, write_pgm=True, calculate_noise=True, float_out=True):
+    """:func:`check_output_path` for the output files of nanoBragg's suite: ``files`` has
+    ``floatfile`` (checked with ``float_out``; noisify reads it), ``intfile``, ``pgmfile``
+    and ``noisefile``; the PGM and noise files only where they are written."""
+    for flag, name, written in (("-floatfile", "floatfile", float_out), ("-intfile", "intfile", True),
+                                ("-pgmfile", "pgmfile", write_pgm), ("-noisefile", "noisefile", calculate_noise)):
+        path = getattr(files, name, None)
+        if written and path is not None:
+            check_output_path(path, flag)
+
+
 def default_mode():
     """The mode a newly created file gets (0666 less the umask); mkstemp uses 0600."""
     mask = os.umask(0)
