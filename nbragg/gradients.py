@@ -3,6 +3,11 @@
 ``gradient`` runs the adjoint kernel once (any number of parameters, O(pixels) memory);
 ``jacobian`` runs the tangent kernel (one derivative image per scalar parameter);
 ``check_gradients`` compares either with central finite differences.
+
+With ``detected=True`` they differentiate the detector's expected signal instead of the
+photons: E = adc + gain * PSF * (scale * calibration * I) (``Experiment.response``; no
+flicker, no noise), which adds the response's parameters (psf_fwhm, gain,
+response_scale, adc).  E is linear in I, so the kernels' derivatives pass through it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import numpy as np
 
 from .engine import adjoint_image, build_model, check_backend, render, tangent_image
 from .errors import ParameterError
-from .params import check_names, get_params, input_tangent, set_params
+from .params import RESPONSE_PARAMS, check_names, get_params, input_tangent, set_params
 
 
 @dataclass
@@ -52,48 +57,89 @@ def raw_gradient(model, upstream, threads=None, want_image=False, backend="cpu",
     return RawGradient(flat=flat, Fgrid=gF, image=image)
 
 
-def gradient(exp, names, upstream, backend="cpu", threads=None):
+def _response_of(exp, names, detected):
+    """The response to differentiate through (None for the photons), checked."""
+    own = [n for n in names if n in RESPONSE_PARAMS]
+    if not detected:
+        if own:
+            raise ParameterError(f"parameter {own[0]!r} belongs to the detector response: its derivative is that of "
+                                 f"the detected signal (pass detected=True)")
+        return None
+    if exp.response is None:
+        raise ParameterError("detected=True needs a detector response (Experiment.response is None)")
+    return exp.response
+
+
+def gradient(exp, names, upstream, backend="cpu", threads=None, detected=False):
     """sum_i upstream_i dI_i/dtheta for each named parameter.
 
     Parameters
     ----------
     exp : Experiment
     names : parameter names (see :mod:`nbragg.params`)
-    upstream : array of the image's shape, dL/dI for the loss L
+    upstream : array of the image's shape, dL/dI for the loss L (dL/dE with ``detected``)
+    detected : differentiate the detector's expected signal E (see the module)
     Returns
     -------
     dict name -> float (an array of the grid's shape for ``Fhkl``)
     """
     check_backend(backend)
     names = check_names(names)
+    response = _response_of(exp, names, detected)
     model = build_model(exp, warn=lambda m: None)
-    raw = raw_gradient(model, upstream, threads=threads, backend=backend, want_F="Fhkl" in names)
+    u = _check_upstream(model, upstream)
+    own = [n for n in names if n in RESPONSE_PARAMS]
+    if response is not None:
+        from .response import response_derivatives, signal_vjp
+        pixel = exp.detector.pixel_size
+        if own:
+            image = render(model, threads=threads, backend=backend)[0]
+            own_grads = {n: float(np.sum(u * dE)) for n, dE in response_derivatives(image, response, pixel, own).items()}
+        u = signal_vjp(u, response, pixel)
+    raw = raw_gradient(model, u, threads=threads, backend=backend, want_F="Fhkl" in names)
     out = {}
     for n in names:
         if n == "Fhkl":
             if exp.structure.Fhkl is None:
                 raise ParameterError("parameter 'Fhkl': the experiment has no structure-factor grid (no -hkl)")
             out[n] = raw.Fgrid.copy()
+        elif n in own:
+            out[n] = own_grads[n]
         else:
             out[n] = raw.contract(input_tangent(model, n))
     return out
 
 
-def jacobian(exp, names, backend="cpu", threads=None, return_image=False):
+def jacobian(exp, names, backend="cpu", threads=None, return_image=False, detected=False):
     """dI/dtheta for scalar parameters: an array (spixels * fpixels, n), rows in image
-    order (fast index fastest), zero outside the ROI and mask.
+    order (fast index fastest), zero outside the ROI and mask.  With ``detected``, dE/dtheta
+    for the detector's expected signal E (see the module).
 
-    With ``return_image``, (J, image): the image comes from the same pass, and on the CPU
-    it is ``simulate(exp).image`` bit for bit."""
+    With ``return_image``, (J, image): the image (E with ``detected``) comes from the same
+    pass, and on the CPU the photons are ``simulate(exp).image`` bit for bit."""
     check_backend(backend)
     names = check_names(names, allow_arrays=False)
     if not names:
         raise ParameterError("jacobian: no parameter names given")
+    response = _response_of(exp, names, detected)
     model = build_model(exp, warn=lambda m: None)
     d = np.array([input_tangent(model, n) for n in names]).reshape(len(names), model.layout.size)
     J, image = tangent_image(model, d, threads=threads, backend=backend)
+    if response is not None:
+        J, image = detected_jacobian(J, image, names, response, exp.detector.pixel_size)
     J = J.reshape(-1, len(names))
     return (J, image) if return_image else J
+
+
+def detected_jacobian(J, image, names, response, pixel_size_mm):
+    """(dE/dtheta, E) from the photons' (dI/dtheta, I): J has a trailing axis of
+    parameters; the response's own parameters get their columns here."""
+    from .response import expected_signal, response_derivatives, signal_tangent
+    own = response_derivatives(image, response, pixel_size_mm, [n for n in names if n in RESPONSE_PARAMS])
+    out = np.empty_like(J)
+    for p, n in enumerate(names):
+        out[..., p] = own[n] if n in own else signal_tangent(J[..., p], response, pixel_size_mm)
+    return out, expected_signal(image, response, pixel_size_mm)
 
 
 @dataclass
@@ -146,9 +192,9 @@ def default_step(exp, name):
 
 def check_gradients(exp, names, upstream=None, steps=None, sweep=(1.0, 10 ** -0.5, 0.1, 10 ** -1.5, 0.01,
                                                                    10 ** -2.5, 1e-3), seed=0, threads=None,
-                    backend="cpu"):
+                    backend="cpu", detected=False):
     """Compare the adjoint gradient of L = sum(w * I) with central differences (both
-    computed on ``backend``).
+    computed on ``backend``; of the detector's expected signal with ``detected``).
 
     ``upstream`` defaults to random weights w in [0.5, 1.5); ``steps`` maps names to the
     largest finite-difference step (user units; see :func:`default_step`), which is
@@ -160,11 +206,15 @@ def check_gradients(exp, names, upstream=None, steps=None, sweep=(1.0, 10 ** -0.
     check_backend(backend)
     model = build_model(exp, warn=lambda m: None)
     w = np.random.default_rng(seed).uniform(0.5, 1.5, model.shape) if upstream is None else np.asarray(upstream)
-    grads = gradient(exp, names, w, threads=threads, backend=backend)
+    grads = gradient(exp, names, w, threads=threads, backend=backend, detected=detected)
     res = GradientCheck()
 
     def loss(e):
-        return float(np.sum(w * render(build_model(e, warn=lambda m: None), backend=backend, threads=threads)[0]))
+        image = render(build_model(e, warn=lambda m: None), backend=backend, threads=threads)[0]
+        if detected:
+            from .response import expected_signal
+            image = expected_signal(image, e.response, e.detector.pixel_size)
+        return float(np.sum(w * image))
 
     def row(label, a, f_plus_minus, h0):
         trials = []

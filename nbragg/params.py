@@ -33,6 +33,9 @@ polar                     Kahn polarization factor
 water                     microns of water
 background_scale_<i>      the scale of background material i (Experiment.background[i])
 background_thickness_<i>  its thickness along the beam (mm)
+psf_fwhm gain             the detector response (Experiment.response): PSF FWHM (microns),
+response_scale adc        gain (ADU/photon), scale, ADC offset (ADU); derivatives of the
+                          expected signal (``detected=True`` in gradient and jacobian)
 Fhkl                      the structure-factor grid (an array of its shape)
 ========================  ================================================================
 
@@ -76,7 +79,10 @@ _FIELDS = {
     "osc": ("crystal", "osc", None), "polar": ("beam", "polarization", None),
     "water": ("sampling", "water", None),
 }
-SCALAR_PARAMS = tuple(_FIELDS)
+SCALAR_PARAMS = tuple(_FIELDS)       # the kernel's; then the response's and the materials'
+# the detector response's parameters (name -> Response field): they act after the kernel
+RESPONSE_PARAMS = {"psf_fwhm": "psf_fwhm", "gain": "gain", "response_scale": "scale", "adc": "adc"}
+_FIELDS.update({n: ("response", f, None) for n, f in RESPONSE_PARAMS.items()})
 ARRAY_PARAMS = ("Fhkl",)
 ALL_PARAMS = SCALAR_PARAMS + ARRAY_PARAMS
 # one parameter per background material i: name_<i> -> the Material field
@@ -106,8 +112,8 @@ def check_names(names, allow_arrays=True):
     names = [names] if isinstance(names, str) else list(names)
     allowed = ALL_PARAMS if allow_arrays else SCALAR_PARAMS
     for n in names:
-        if n not in allowed and indexed(n) is None:
-            listing = ", ".join(allowed + tuple(f"{b}_<i>" for b in INDEXED_PARAMS))
+        if n not in allowed and indexed(n) is None and n not in RESPONSE_PARAMS:
+            listing = ", ".join(allowed + tuple(RESPONSE_PARAMS) + tuple(f"{b}_<i>" for b in INDEXED_PARAMS))
             if n in ARRAY_PARAMS:
                 raise ParameterError(f"parameter {n!r} is an array; this function takes scalar parameters "
                                      f"({', '.join(SCALAR_PARAMS)})")
@@ -115,6 +121,12 @@ def check_names(names, allow_arrays=True):
     if len(set(names)) != len(names):
         raise ParameterError(f"parameter names repeat: {names}")
     return names
+
+
+def _check_response(exp, name):
+    if name in RESPONSE_PARAMS and exp.response is None:
+        raise ParameterError(f"parameter {name!r} belongs to the detector response, and the experiment has none "
+                             f"(Experiment.response is None)")
 
 
 def _material(exp, name):
@@ -163,6 +175,7 @@ def get_params(exp, names):
             i, fld = _material(exp, n)
             out[n] = float(getattr(exp.background[i], fld))
             continue
+        _check_response(exp, n)
         rec, fld, idx = _FIELDS[n]
         if n in ("beam_x", "beam_y"):
             out[n] = float(beam_parameters_mm(exp.detector)[n == "beam_y"])
@@ -199,6 +212,7 @@ def set_params(exp, values):
             v = float(v)
         except (TypeError, ValueError):
             raise ParameterError(f"parameter {n!r}: value {v!r} is not a number") from None
+        _check_response(exp, n)
         rec, fld, v = _target(exp, n, v, changes)
         if rec == "background":
             changes["background"] = v
@@ -232,6 +246,8 @@ def input_tangent(model, name):
     pass through the set-up code."""
     from .engine import detector_panels, kernel_inputs, resolve
     check_names([name], allow_arrays=False)
+    if name in RESPONSE_PARAMS:
+        return np.zeros(model.layout.size)          # it acts after the kernel
     exp = _stepped(model.experiment, name, _STEP)
     with warnings.catch_warnings():
         # a complex value written into a real array would lose its step silently

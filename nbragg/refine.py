@@ -47,8 +47,9 @@ import numpy as np
 from .engine import build_model, check_backend, render, tangent_image
 from .errors import NbraggError, ParameterError
 from .gradients import check_gradients as _check_gradients
-from .gradients import raw_gradient
-from .params import base_name, check_names, get_params, input_tangent, set_params
+from .gradients import detected_jacobian, raw_gradient
+from .response import expected_signal, response_derivatives, signal_vjp
+from .params import RESPONSE_PARAMS, base_name, check_names, get_params, input_tangent, set_params
 
 LOSSES = ("poisson", "gaussian", "l2")
 METHODS = ("least_squares", "lbfgs")
@@ -58,13 +59,15 @@ METHODS = ("least_squares", "lbfgs")
 PHYSICAL_LIMITS = {"Na": (1.0, np.inf), "Nb": (1.0, np.inf), "Nc": (1.0, np.inf), "fluence": (0.0, np.inf),
                    "mosaic_spread": (0.0, np.inf), "osc": (0.0, np.inf), "polar": (-1.0, 1.0),
                    "water": (0.0, np.inf), "background_scale": (0.0, np.inf),
-                   "background_thickness": (0.0, np.inf)}
+                   "background_thickness": (0.0, np.inf), "response_scale": (0.0, np.inf)}
 # default bounds (user units) around the starting value v: physical limits, and no more
 # than a refinement from a sensible start can mean (a cell edge does not halve); a bound
 # given by the user replaces these
 DEFAULT_BOUNDS = {
     **{n: (lambda v, n=n: PHYSICAL_LIMITS[n]) for n in ("fluence", "osc", "polar", "water", "background_scale",
-                                                        "background_thickness")},
+                                                        "background_thickness", "response_scale")},
+    # must stay above 0 (a PSF needs a width, the gain divides)
+    **{n: lambda v: (0.1 * v, 10.0 * v) for n in ("psf_fwhm", "gain")},
     **{n: lambda v: (0.8 * v, 1.25 * v) for n in ("cell_a", "cell_b", "cell_c")},
     **{n: lambda v: (max(1.0, v - 10.0), min(179.0, v + 10.0)) for n in ("cell_alpha", "cell_beta", "cell_gamma")},
     **{n: lambda v: (min(1.0, v), max(10.0 * v, v + 10.0)) for n in ("Na", "Nb", "Nc")},
@@ -132,21 +135,50 @@ def _dev_term(m, o):
 
 
 class _Objective:
-    """Residuals, Jacobians and gradients of one loss over the selected pixels."""
+    """Residuals, Jacobians and gradients of one loss over the selected pixels.
+
+    The model m and the observation o are photons, or with a detector response (``gain``
+    and ``adc`` set) the signal in ADU: then the Gaussian variance is gain (m - adc) +
+    readout^2, and the Poisson loss is that of the shifted counts (x - adc) / gain +
+    (readout / gain)^2 (read-out noise as extra Poisson counts of the same variance)."""
 
     def __init__(self, loss, obs, readout=0.0):
         self.loss = loss
         self.obs = obs
         self.readout = float(readout)
+        self.detected = False
+        self.gain = 1.0
+        self.adc = 0.0
+
+    def use_response(self, response):
+        """Model and observation in ADU from now on, with this response's gain, offset and
+        read-out noise."""
+        self.detected = True
+        self.gain = float(response.gain)
+        self.adc = float(response.adc)
+        self.readout = float(response.readout)
+
+    def _shifted(self, x):
+        if not self.detected:
+            return x
+        return (x - self.adc) / self.gain + (self.readout / self.gain) ** 2
+
+    def poisson_mean(self, m):
+        """The Poisson loss's model counts (m itself for photons)."""
+        return self._shifted(m)
+
+    def _variance(self, m):
+        return np.maximum(self.gain * (m - self.adc), 0.0) + self.readout ** 2
 
     def residuals(self, m):
         o = self.obs
         if self.loss == "l2":
             return m - o
         if self.loss == "gaussian":
-            return (m - o) / np.sqrt(np.maximum(m, 0.0) + self.readout ** 2)
-        D = _dev_term(np.maximum(m, 1e-300), o)
-        return np.sign(m - o) * np.sqrt(D)
+            return (m - o) / np.sqrt(self._variance(m))
+        ms, os_ = self._shifted(m), self._shifted(o)
+        D = _dev_term(np.maximum(ms, 1e-300), os_)
+        return np.sign(ms - os_) * np.sqrt(D)
 
     def dres_dm(self, m, r):
         """d(residual)/d(model), per pixel."""
@@ -154,15 +186,22 @@ class _Objective:
         if self.loss == "l2":
             return np.ones_like(m)
         if self.loss == "gaussian":
-            var = np.maximum(m, 0.0) + self.readout ** 2
+            var = self._variance(m)
             s = np.sqrt(var)
-            return 1.0 / s - (m - o) / (2.0 * var * s)
-        mm = np.maximum(m, 1e-300)
+            return 1.0 / s - (m - o) * self.gain / (2.0 * var * s)
+        mm = np.maximum(self._shifted(m), 1e-300)
         with np.errstate(divide="ignore", invalid="ignore"):
-            d = (1.0 - o / mm) / r
+            d = (1.0 - self._shifted(o) / mm) / r
         # at r = 0 (m = o) the limit is 1/sqrt(m)
         near = np.abs(r) < 1e-8 * np.sqrt(mm) + 1e-300
-        return np.where(near, 1.0 / np.sqrt(mm), d)
+        return np.where(near, 1.0 / np.sqrt(mm), d) / self.gain
+
+    def dres_dresponse(self, m, name):
+        """d(residual)/d(gain or adc) through the Gaussian variance (the model's own
+        dependence on them is in its Jacobian)."""
+        var = self._variance(m)
+        c = -(m - self.obs) / (2.0 * var * np.sqrt(var))
+        return c * (m - self.adc) if name == "gain" else -c * self.gain
 
     def value(self, m):
         """The objective minimised by both methods, up to a constant: sum r^2 (LS) ==
@@ -177,8 +216,8 @@ class _Objective:
     def weights(self, m, nparams):
         """W for the covariance (J^T W J)^-1 (Poisson and Gaussian losses)."""
         if self.loss == "poisson":
-            return 1.0 / np.maximum(m, 1e-300)
-        return 1.0 / (np.maximum(m, 0.0) + self.readout ** 2)
+            return 1.0 / np.maximum(self._shifted(m) * self.gain ** 2, 1e-300)
+        return 1.0 / self._variance(m)
 
 
 # ----------------------------------------------------------------------------- problem
@@ -191,8 +230,9 @@ def _blur(img, sigma):
 
 
 class _Problem:
-    def __init__(self, exp, observed, names, loss, select, threads, readout, sigma, backend="cpu"):
+    def __init__(self, exp, observed, names, loss, select, threads, readout, sigma, backend="cpu", detected=False):
         self.exp0 = exp
+        self.detected = detected
         self.names = names
         self.threads = threads
         self.backend = backend
@@ -218,21 +258,42 @@ class _Problem:
         the GPU the forward image is rendered).  The uncertainties reuse the last Jacobian."""
         key = tuple(float(t) for t in theta)
         if self._cache is None or self._cache[0] != key:
-            self._cache = [key, build_model(self.experiment(theta), warn=lambda m: None), None, None]
+            # [theta, model, m, Jm, photons (the unblurred image, with a response)]
+            self._cache = [key, build_model(self.experiment(theta), warn=lambda m: None), None, None, None]
         entry = self._cache
         model = entry[1]
+        response = model.experiment.response if self.detected else None
+        if response is not None:
+            self.obj.use_response(response)
+        pixel = model.experiment.detector.pixel_size
         if with_jacobian and entry[3] is None:
             d = np.array([input_tangent(model, n) for n in self.names]).reshape(len(self.names), -1)
             J, image = tangent_image(model, d, threads=self.threads, backend=self.backend)
+            if self.backend != "cpu":
+                image = None
+            elif response is not None:
+                entry[4] = image
+            if response is not None:
+                photons = image if image is not None else self._photons(entry)
+                J, _ = detected_jacobian(J, photons, self.names, response, pixel)
             if self.sigma > 0:
                 J = np.stack([_blur(J[..., p], self.sigma) for p in range(J.shape[-1])], axis=-1)
             entry[3] = J[self.select]
-            if entry[2] is None and self.backend == "cpu":
-                entry[2] = _blur(image, self.sigma)[self.select]
+            if entry[2] is None and image is not None:
+                entry[2] = self._signal(image, response, pixel)
         if entry[2] is None:
-            image, _ = render(model, threads=self.threads, backend=self.backend)
-            entry[2] = _blur(image, self.sigma)[self.select]
+            entry[2] = self._signal(self._photons(entry), response, pixel)
         return model, entry[2], entry[3]
+
+    def _photons(self, entry):
+        if entry[4] is None:
+            entry[4], _ = render(entry[1], threads=self.threads, backend=self.backend)
+        return entry[4]
+
+    def _signal(self, image, response, pixel):
+        if response is not None:
+            image = expected_signal(image, response, pixel)
+        return _blur(image, self.sigma)[self.select]
 
     def _model(self, theta):
         model, m, _ = self._evaluate(theta)
@@ -249,11 +310,21 @@ class _Problem:
         """dm/dtheta over the selected pixels (blurred like the images)."""
         return self._evaluate(theta, with_jacobian=True)[2]
 
+    def _variance_terms(self, m, r):
+        """{index: d(residual)/d(theta) through the Gaussian variance} for a refined gain
+        or ADC offset (the model's own dependence is in its Jacobian)."""
+        if not (self.detected and self.obj.loss == "gaussian"):
+            return {}
+        return {i: self.obj.dres_dresponse(m, n) for i, n in enumerate(self.names) if n in ("gain", "adc")}
+
     def jac(self, theta):
         self.njev += 1
         _, m, Jm = self._evaluate(theta, with_jacobian=True)
         r = self.obj.residuals(m)
-        return self.obj.dres_dm(m, r)[:, None] * Jm
+        Jr = self.obj.dres_dm(m, r)[:, None] * Jm
+        for i, extra in self._variance_terms(m, r).items():
+            Jr[:, i] += extra
+        return Jr
 
     def value_and_grad(self, theta):
         self.nfev += 1
@@ -265,8 +336,22 @@ class _Problem:
         g[self.select] = self.obj.dvalue_dm(m)
         if self.sigma > 0:
             g = _blur(g, self.sigma)   # the Gaussian filter is symmetric: its adjoint is itself
+        own = {}
+        if self.detected:
+            response = model.experiment.response
+            pixel = model.experiment.detector.pixel_size
+            names = [n for n in self.names if n in RESPONSE_PARAMS]
+            if names:
+                photons = self._photons(self._cache)
+                own = {n: float(np.sum(g * dE)) for n, dE in response_derivatives(photons, response, pixel,
+                                                                                   names).items()}
+            g = signal_vjp(g, response, pixel)
         raw = raw_gradient(model, g, threads=self.threads, backend=self.backend, want_F=False)
-        return val, np.array([raw.contract(input_tangent(model, n)) for n in self.names])
+        grad = np.array([own[n] if n in own else raw.contract(input_tangent(model, n)) for n in self.names])
+        r = self.obj.residuals(m)
+        for i, extra in self._variance_terms(m, r).items():
+            grad[i] += 2.0 * float(np.dot(r, extra))
+        return val, grad
 
 
 # ----------------------------------------------------------------------------- refine
@@ -337,15 +422,16 @@ def _selection(exp, observed, mask):
 
 
 def _fit_once(exp, obs, sel, names, loss, method, bnds, compute, readout, sigma, options):
-    threads, backend = compute
-    prob = _Problem(exp, obs, names, loss, sel, threads, readout, sigma, backend)
+    threads, backend, detected = compute
+    prob = _Problem(exp, obs, names, loss, sel, threads, readout, sigma, backend, detected)
     # pixels with a zero model (cut by -dmin, outside the crystal's reach) carry no
     # information for Poisson; drop them from this level's selection
     _, m0 = prob._model(np.array([prob.start[n] for n in names]))
-    if loss == "poisson" and np.any(m0 <= 0):
+    counts0 = prob.obj.poisson_mean(m0)
+    if loss == "poisson" and np.any(counts0 <= 0):
         keep = np.zeros(prob.shape, dtype=bool)
-        keep[sel] = m0 > 0
-        prob = _Problem(exp, obs, names, loss, keep, threads, readout, sigma, backend)
+        keep[sel] = counts0 > 0
+        prob = _Problem(exp, obs, names, loss, keep, threads, readout, sigma, backend, detected)
     x0 = np.array([prob.start[n] for n in names])
     lo, hi = bnds
     # inside the bounds already (refine checks the start); a value read back after a stage
@@ -381,13 +467,20 @@ def _fit_once(exp, obs, sel, names, loss, method, bnds, compute, readout, sigma,
 
 def refine(exp, observed, params, loss="poisson", method="least_squares", mask=None, bounds=None, *,
            stages=None, blur=None, readout=0.0, check_gradients=False, gradient_tolerance=1e-4,
-           threads=None, backend="cpu", **options):
-    """Refine named parameters of ``exp`` against ``observed`` (photons, image shape).
+           threads=None, backend="cpu", detected=None, **options):
+    """Refine named parameters of ``exp`` against ``observed`` (photons, image shape; or
+    pixel values in ADU when the experiment has a detector response).
 
     Parameters
     ----------
     exp : Experiment (the starting model)
-    observed : array (spixels, fpixels) of photons
+    observed : array (spixels, fpixels) of photons, or of ADU with ``detected``
+    detected : fit the detector's expected signal E = adc + gain * PSF * (scale *
+        calibration * photons) to pixel values (default: when ``exp.response`` is set).
+        The response's psf_fwhm, gain, response_scale and adc may then be refined; the
+        Gaussian loss's variance is gain (E - adc) + readout^2 (Response.readout), and the
+        Poisson loss is that of the shifted counts (x - adc) / gain + (readout / gain)^2
+        (which needs gain and adc fixed).
     params : names of scalar parameters to refine (see :mod:`nbragg.params`)
     loss : "poisson", "gaussian" (variance model + readout^2) or "l2"
     method : "least_squares" (analytic Jacobian) or "lbfgs" (adjoint gradient)
@@ -419,6 +512,22 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
     names = check_names(params, allow_arrays=False)
     if not names:
         raise ParameterError("no parameters to refine")
+    if detected is None:
+        detected = exp.response is not None
+    if detected:
+        if exp.response is None:
+            raise ParameterError("detected=True needs a detector response (Experiment.response is None)")
+        if readout:
+            raise ParameterError(f"readout = {readout:g}: with a detector response the read-out noise is "
+                                 f"Experiment.response.readout (ADU)")
+        if loss == "poisson" and {"gain", "adc"} & set(names):
+            raise ParameterError("loss='poisson' with a detector response keeps gain and adc fixed (the observed "
+                                 "pixels are turned into counts with them); refine them with loss='gaussian'")
+    else:
+        own = [n for n in names if n in RESPONSE_PARAMS]
+        if own:
+            raise ParameterError(f"parameter {own[0]!r} belongs to the detector response: refine against pixel "
+                                 f"values with a response (Experiment.response, detected=True)")
     obs, sel = _selection(exp, observed, mask)
     if stages is not None:
         for st in stages:
@@ -427,7 +536,7 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
                     raise ParameterError(f"stage parameter {n!r} is not among the refined parameters {names}")
     t0 = time.perf_counter()
     if check_gradients:
-        chk = _check_gradients(exp, names, seed=0, threads=threads, backend=backend)
+        chk = _check_gradients(exp, names, seed=0, threads=threads, backend=backend, detected=detected)
         bad = [r for r in chk.rows if r[3] > gradient_tolerance and abs(r[1]) > 0]
         if bad:
             raise RefinementError("analytic and finite-difference derivatives disagree:\n" + chk.table())
@@ -445,8 +554,8 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
         for group in groups:
             at = [names.index(n) for n in group]
             bnds = (lo_all[at], hi_all[at])
-            prob, x, success, message = _fit_once(current, obs, sel, group, loss, method, bnds, (threads, backend), readout,
-                                                  sigma, options)
+            prob, x, success, message = _fit_once(current, obs, sel, group, loss, method, bnds,
+                                                  (threads, backend, detected), readout, sigma, options)
             current = prob.experiment(x)
             history.extend(prob.history)
             nfev += prob.nfev

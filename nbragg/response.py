@@ -54,7 +54,7 @@ class Detected:
 def gauss_weights(fwhm_pixels, radius):
     """1D pixel integrals of a unit Gaussian of that FWHM, for offsets -radius..radius,
     normalised to sum 1 (the 2D Gaussian's pixel integral is their outer product)."""
-    from scipy.special import erf
+    from scipy.special import erf          # (takes complex arguments: blur_derivative)
     d = np.arange(-radius, radius + 1, dtype=np.float64)
     w = 0.5 * (erf(SQRT_LN16 * (d + 0.5) / fwhm_pixels) - erf(SQRT_LN16 * (d - 0.5) / fwhm_pixels))
     return w / w.sum()
@@ -87,34 +87,56 @@ def psf_radius(kind, fwhm_pixels, shape, radius=0):
 
 
 @njit(parallel=True, cache=True)
-def _separable(image, w):
-    """image convolved with w along both axes (zero outside), rows in parallel."""
+def _separable(image, w_slow, w_fast):
+    """image convolved with w_slow along the slow axis and w_fast along the fast one
+    (both of the same odd length; zero outside), rows in parallel."""
     S, F = image.shape
-    r = (w.size - 1) // 2
+    r = (w_slow.size - 1) // 2
     tmp = np.zeros((S, F))
     out = np.zeros((S, F))
     for s in prange(S):
         for k in range(-r, r + 1):
             t = s + k
             if 0 <= t < S:
-                wk = w[k + r]
+                wk = w_slow[k + r]
                 for f in range(F):
                     tmp[s, f] += wk * image[t, f]
     for s in prange(S):
         for k in range(-r, r + 1):
-            wk = w[k + r]
+            wk = w_fast[k + r]
             for f in range(max(0, -k), min(F, F - k)):
                 out[s, f] += wk * tmp[s, f + k]
     return out
 
 
 def blur(image, kind, fwhm_pixels, radius=0):
-    """Convolve a 2D image with the PSF (zero outside the detector)."""
+    """Convolve a 2D image with the PSF (zero outside the detector).  The kernels are
+    symmetric, so the convolution is its own adjoint."""
     r = psf_radius(kind, fwhm_pixels, image.shape, radius)
+    img = np.ascontiguousarray(image, dtype=np.float64)
     if kind == "gauss":
-        return _separable(np.ascontiguousarray(image, dtype=np.float64), gauss_weights(fwhm_pixels, r))
+        w = gauss_weights(fwhm_pixels, r)
+        return _separable(img, w, w)
     from scipy import signal
-    return signal.fftconvolve(image, fiber_kernel(fwhm_pixels, r), mode="same")
+    return signal.fftconvolve(img, fiber_kernel(fwhm_pixels, r), mode="same")
+
+
+_STEP = 1e-150      # the complex step of the kernels' derivatives (see params.py)
+
+
+def blur_derivative(image, kind, fwhm_pixels, radius=0):
+    """d(blur(image))/d(fwhm in pixels), at the radius of ``fwhm_pixels`` (the radius
+    is a whole number of pixels: the derivative is that of the smooth piece).  The
+    kernel's derivative is its complex step: exact to rounding."""
+    r = psf_radius(kind, fwhm_pixels, image.shape, radius)
+    img = np.ascontiguousarray(image, dtype=np.float64)
+    if kind == "gauss":
+        w = gauss_weights(fwhm_pixels, r)
+        dw = np.imag(gauss_weights(complex(fwhm_pixels, _STEP), r)) / _STEP
+        return _separable(img, dw, w) + _separable(img, w, dw)
+    from scipy import signal
+    dk = np.imag(fiber_kernel(complex(fwhm_pixels, _STEP), r)) / _STEP
+    return signal.fftconvolve(img, dk, mode="same")
 
 
 POISSON_BLOCK = 1 << 18     # pixels per random stream: the counts do not depend on the thread count
@@ -190,3 +212,73 @@ def respond(image, response, pixel_size_mm, seed=None):
     dtype = np.uint16 if response.bits == 16 else np.uint32
     return Detected(adu=np.clip(adu, 0.0, top).astype(dtype), counts=counts, overloads=overloads,
                     underloads=underloads)
+
+
+# ----------------------------------------------------------------------------- expectation
+# The detector's mean signal E = adc + gain * PSF * (scale * calibration * I): what a
+# refinement compares with recorded pixels (flicker, a random factor per image, and the
+# noise are left out; Poisson counts and read-out noise are the likelihood's business).
+# It is linear in the photons I, so derivatives pass through it: a tangent dI becomes
+# gain * PSF * (scale * calibration * dI), and an upstream u in ADU becomes
+# scale * calibration * gain * PSF * u (the PSF's kernels are symmetric).
+
+def _per_panel(fn, image):
+    if image.ndim == 3:
+        return np.stack([fn(p) for p in image])
+    return fn(image)
+
+
+def _psf(response, image, pixel_size_mm):
+    if response.psf is None or not response.psf_fwhm > 0:
+        return image
+    fwhm = response.psf_fwhm * 1e-3 / pixel_size_mm
+    return _per_panel(lambda p: blur(p, response.psf, fwhm, response.psf_radius), image)
+
+
+def blurred_photons(image, response, pixel_size_mm):
+    """B = PSF * (scale * calibration * I): the expected photons as the pixels see them."""
+    img = np.asarray(image, dtype=np.float64)
+    return _psf(response, img * (response.scale * calibration_pattern(response, img.shape)), pixel_size_mm)
+
+
+def expected_signal(image, response, pixel_size_mm):
+    """E = adc + gain * B, the detector's mean signal in ADU (no flicker, no noise)."""
+    return response.adc + response.gain * blurred_photons(image, response, pixel_size_mm)
+
+
+def signal_tangent(dimage, response, pixel_size_mm):
+    """dE for a tangent dI of the photons (an image)."""
+    return response.gain * blurred_photons(dimage, response, pixel_size_mm)
+
+
+def signal_vjp(upstream, response, pixel_size_mm):
+    """The upstream of the photons, scale * calibration * gain * PSF * u, for an upstream
+    u of E (the PSF is symmetric: its adjoint is itself)."""
+    u = np.asarray(upstream, dtype=np.float64)
+    return (response.gain * response.scale * calibration_pattern(response, u.shape)) * _psf(response, u,
+                                                                                                 pixel_size_mm)
+
+
+def response_derivatives(image, response, pixel_size_mm, names):
+    """{name: dE/d(name)} (images) for response parameters, at the photons ``image``."""
+    img = np.asarray(image, dtype=np.float64)
+    out = {}
+    for n in names:
+        if n == "adc":
+            out[n] = np.ones_like(img)
+        elif n == "gain":
+            out[n] = blurred_photons(img, response, pixel_size_mm)
+        elif n == "response_scale":
+            out[n] = response.gain * _psf(response, img * calibration_pattern(response, img.shape),
+                                          pixel_size_mm)
+        elif n == "psf_fwhm":
+            if response.psf is None:
+                from .errors import ParameterError
+                raise ParameterError("parameter 'psf_fwhm': the response has no PSF (Response.psf is None)")
+            fwhm = response.psf_fwhm * 1e-3 / pixel_size_mm
+            src = img * (response.scale * calibration_pattern(response, img.shape))
+            out[n] = (response.gain * 1e-3 / pixel_size_mm) * _per_panel(
+                lambda p: blur_derivative(p, response.psf, fwhm, response.psf_radius), src)
+        else:
+            raise KeyError(n)
+    return out

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -291,4 +292,46 @@ def test_a_response_makes_the_counts_detector_pixels_and_can_be_redone(tmp_path)
 ])
 def test_response_spec_errors_name_the_field(change, needle):
     with pytest.raises(DatasetError, match=needle.replace(".", r"\.")):
+        load_spec(dict(SPEC, **change))
+
+
+BACKGROUND = [{"table": "water", "thickness": {"uniform": [0.001, 0.003]}, "scale": {"loguniform": [1e-9, 1e-8]}},
+              {"table": "air", "thickness": 20.0, "scale": 1e-9}]
+
+
+def test_background_materials_vary_per_frame_and_can_be_redone(tmp_path):
+    """Background materials in the spec: their drawn thickness and scale are parameters of
+    the table (background_thickness_0, background_scale_0), the experiments' draws do not
+    change, and each frame's photons are those of the experiment the table describes."""
+    spec = dict(SPEC, images=3, shard_size=2, background=BACKGROUND)
+    out = generate(spec, tmp_path / "b.h5", workers=0, progress=False)
+    params, orient, stored_spec = read_parameters(out)
+    assert {"background_thickness_0", "background_scale_0"} <= set(params)
+    assert "background_thickness_1" not in params
+    assert np.all((params["background_thickness_0"] >= 0.001) & (params["background_thickness_0"] <= 0.003))
+    assert stored_spec["background"][1]["table"] == "air"
+    plain, _, _ = read_parameters(generate(dict(SPEC, images=3, shard_size=2), tmp_path / "p.h5", workers=0,
+                                           progress=False))
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], params[name])
+    base = base_experiment(load_spec(spec))
+    without = []
+    for i in range(3):
+        values = {k: v[i] for k, v in params.items()}
+        exp = frame_experiment(base, values, orient[i])
+        assert exp.background[0].thickness == values["background_thickness_0"]
+        photons = nbragg.simulate(exp, warn=lambda m: None).image
+        np.testing.assert_array_equal(read_frame(out, i, "photons"), photons.astype(np.float32))
+        without.append(nbragg.simulate(exp.replace(background=()), warn=lambda m: None).image)
+    assert np.all(read_frame(out, 0, "photons") > without[0].astype(np.float32))
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"background": [{"colour": 1}]}, "background[0].colour"),
+    ({"background": [{"table": "nosuch.stol"}]}, "background[0]"),
+    ({"background": [{"thickness": {"jitter": 0.1}}]}, "background[0].thickness"),
+    ({"background": 3}, "background must be a list"),
+])
+def test_background_spec_errors_name_the_field(change, needle):
+    with pytest.raises(DatasetError, match=re.escape(needle)):
         load_spec(dict(SPEC, **change))

@@ -25,6 +25,10 @@ how many frames, and what to store::
       gain: 1.0
       readout: {uniform: [1, 4]}
       calibration: 0.02
+    background:                     # optional: amorphous materials (nbragg.Material fields)
+      - table: water                # a shipped table, or a file relative to the spec
+        thickness: {uniform: [0.001, 0.005]}   # mm; thickness and scale may vary
+      - {table: air, thickness: 30}
 
 ``base`` is a nanoBragg command line (a string or a list); file names in it are relative
 to the spec's folder.  Any scalar parameter of :mod:`nbragg.params` can vary, as a fixed
@@ -34,7 +38,10 @@ r`` jitters a, b and c together.  ``response`` takes the fields of
 :class:`nbragg.Response` (its numbers may vary in the same ways, except jitter; ``bits``
 follows ``outputs.counts``, the noise seed follows (seed, i)): the stored counts are then
 the detector's pixel values, the photons the noiseless target, and each drawn response
-number is a parameter of the table, named ``response_<field>``.  Frame i's parameters and noise come from generators
+number is a parameter of the table, named ``response_<field>``.  ``background`` lists
+:class:`nbragg.Material` fields per material; a drawn thickness or scale is a parameter of
+the table, named as in :mod:`nbragg.params` (``background_thickness_<i>``,
+``background_scale_<i>``).  Frame i's parameters and noise come from generators
 seeded by (seed, i), so the content does not depend on the number of workers, on the
 order frames finish in, or on interruptions.
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..errors import NbraggError
-from .spec import COUNT_TYPES, RESPONSE_PREFIX, DatasetError
+from .spec import COUNT_TYPES, RESPONSE_PREFIX, DatasetError, material
 
 
 
@@ -20,7 +20,10 @@ def base_experiment(spec):
     if key not in _BASE_CACHE:
         from ..nbargs import parse_nanobragg_args
         parsed = parse_nanobragg_args(spec.base, cwd=spec.base_dir, warn=lambda m: None)
-        _BASE_CACHE[key] = parsed.experiment
+        exp = parsed.experiment
+        if spec.background:
+            exp = exp.replace(background=[material(m, spec.base_dir, lowest=True) for m in spec.background])
+        _BASE_CACHE[key] = exp
     return _BASE_CACHE[key]
 
 
@@ -52,6 +55,12 @@ def frame_parameters(spec, base, index):
     names = spec.experiment_names()
     base_values = get_params(base, names)
     values = {n: _draw(spec.vary[n], base_values[n], rng) for n in names}
+    if spec.background_names():
+        # the materials' draws, too, come from a stream of their own
+        brng = np.random.default_rng([spec.seed, index, 4])
+        for n in spec.background_names():
+            field, i = n[len("background_"):].rsplit("_", 1)
+            values[n] = _draw(spec.background[int(i)][field], None, brng)
     if spec.response_names():
         # the response's draws come from a stream of their own, so adding a response to a
         # spec leaves the experiments' draws as they were

@@ -35,6 +35,7 @@ class DatasetSpec:
     compression: str = "bitshuffle"
     precision: str = "float64"
     response: dict = field(default_factory=dict)
+    background: list = field(default_factory=list)
 
     def canonical(self):
         """A JSON text that identifies the content the spec produces."""
@@ -45,6 +46,8 @@ class DatasetSpec:
             content["precision"] = self.precision
         if self.response:
             content["response"] = self.response
+        if self.background:
+            content["background"] = self.background
         return json.dumps(content, sort_keys=True)
 
     def digest(self):
@@ -52,7 +55,8 @@ class DatasetSpec:
         if cached is not None:
             return cached
         h = hashlib.sha256(self.canonical().encode())
-        for tok in self.base:   # the content of input files the base names
+        tables = [m["table"] for m in self.background]
+        for tok in self.base + tables:   # the content of input files the base and the materials name
             p = os.path.join(self.base_dir, tok)
             if os.path.isfile(p) and not tok.startswith("-"):
                 with open(p, "rb") as fh:
@@ -73,9 +77,15 @@ class DatasetSpec:
         """The detector-response fields drawn per frame, as ``response_<field>``."""
         return [RESPONSE_PREFIX + k for k in RESPONSE_NUMBERS if isinstance(self.response.get(k), dict)]
 
+    def background_names(self):
+        """The background materials' fields drawn per frame, as their parameters'
+        names (``background_scale_<i>``, ``background_thickness_<i>``)."""
+        return [f"background_{f}_{i}" for i, m in enumerate(self.background) for f in BACKGROUND_VARIED
+                if isinstance(m.get(f), dict)]
+
     def varied_names(self):
         """Every per-frame parameter stored in the dataset's table."""
-        return self.experiment_names() + self.response_names()
+        return self.experiment_names() + self.background_names() + self.response_names()
 
 
 RESPONSE_PREFIX = "response_"
@@ -83,6 +93,10 @@ RESPONSE_PREFIX = "response_"
 # follows outputs.counts and the noise seed comes from (seed, frame).
 RESPONSE_NUMBERS = ("scale", "flicker", "calibration", "psf_fwhm", "gain", "adc", "readout")
 RESPONSE_OTHERS = ("calibration_seed", "noise", "psf", "psf_radius")
+# nbragg.Material fields a spec's background entries may set; the thickness and scale may
+# be distributions (they are parameters: background_thickness_<i>, background_scale_<i>)
+BACKGROUND_VARIED = ("scale", "thickness")
+BACKGROUND_FIELDS = ("table", "units", "width", "height", "density", "molecular_weight", "molecules")
 
 
 def _spec_error(msg):
@@ -118,7 +132,8 @@ def load_spec(source, base_dir=None):
         base_dir = base_dir or os.getcwd()
     if not isinstance(raw, dict):
         _spec_error("expected a mapping at the top level")
-    known = {"seed", "images", "shard_size", "base", "vary", "outputs", "compression", "precision", "response"}
+    known = {"seed", "images", "shard_size", "base", "vary", "outputs", "compression", "precision", "response",
+             "background"}
     for k in raw:
         if k not in known:
             _spec_error(f"unknown field {k!r} (known: {', '.join(sorted(known))})")
@@ -191,9 +206,68 @@ def load_spec(source, base_dir=None):
     if precision not in ("float64", "float32"):
         _spec_error(f"precision = {precision!r}: choose float64 or float32")
     response = _response_spec(raw.get("response"), counts)
+    background = _background_spec(raw.get("background"), base_dir)
     return DatasetSpec(seed=seed, images=images, shard_size=shard_size, base=base, base_dir=base_dir, vary=vary,
                        float_out=float_out, counts=counts, jacobian=list(jac), compression=compression,
-                       precision=precision, response=response)
+                       precision=precision, response=response, background=background)
+
+
+def _record_fields(where, entry, numbers, others):
+    """A record's fields from a spec mapping: ``numbers`` may be distributions (but not
+    jitter, which needs a base value), ``others`` are taken as given."""
+    out = {}
+    for k, v in entry.items():
+        if k in numbers:
+            out[k] = _normalise_dist(f"{where}.{k}", v)
+            _check_dist(f"{where}.{k}", out[k])
+            if isinstance(out[k], dict) and next(iter(out[k])) == "jitter":
+                _spec_error(f"{where}.{k}: jitter needs a base value; give uniform, normal, ... instead")
+        elif k in others:
+            out[k] = v
+        else:
+            _spec_error(f"{where}.{k}: unknown field (known: {', '.join(numbers + others)})")
+    return out
+
+
+def _background_spec(raw, base_dir):
+    """The spec's ``background`` list, checked: each entry a mapping of nbragg.Material
+    fields (a table name or a file relative to the spec), distributions for the thickness
+    and scale, and a Material that builds from the lowest values."""
+    if raw in (None, [], False):
+        return []
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        _spec_error("background must be a list of materials (mappings of nbragg.Material fields)")
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"background[{i}]"
+        if not isinstance(entry, dict):
+            _spec_error(f"{where} must be a mapping of nbragg.Material fields")
+        m = _record_fields(where, entry, BACKGROUND_VARIED, BACKGROUND_FIELDS)
+        m.setdefault("table", "water")
+        try:
+            material(m, base_dir, lowest=True)
+        except NbraggError as exc:
+            _spec_error(f"{where}: {exc}")
+        out.append(m)
+    return out
+
+
+def material(entry, base_dir, values=None, index=0, lowest=False):
+    """The nbragg.Material of a spec's background entry: a table name or a file relative
+    to the spec's folder; distributions take ``values`` (frame draws by parameter name) or,
+    with ``lowest``, their lowest value."""
+    from ..experiment import Material
+    from ..io.stol import BUILTIN
+    fields = dict(entry)
+    table = fields.pop("table")
+    if isinstance(table, str) and table not in BUILTIN:
+        table = os.path.join(base_dir, table)
+    for f in BACKGROUND_VARIED:
+        if isinstance(fields.get(f), dict):
+            fields[f] = _dist_low(fields[f]) if lowest or values is None else values[f"background_{f}_{index}"]
+    return Material(table=table, **fields)
 
 
 def _response_spec(raw, counts):
@@ -205,19 +279,10 @@ def _response_spec(raw, counts):
         _spec_error("response must be a mapping of nbragg.Response fields")
     if counts is None:
         _spec_error("response: the detector's pixel values are stored as outputs.counts; choose uint16 or uint32")
-    out = {}
-    for k, v in raw.items():
-        if k in RESPONSE_NUMBERS:
-            out[k] = _normalise_dist(f"response.{k}", v)
-            _check_dist(f"response.{k}", out[k])
-            if isinstance(out[k], dict) and next(iter(out[k])) == "jitter":
-                _spec_error(f"response.{k}: jitter needs a base value; give uniform, normal, ... instead")
-        elif k in RESPONSE_OTHERS:
-            out[k] = v
-        elif k in ("bits", "seed"):
+    for k in ("bits", "seed"):
+        if k in raw:
             _spec_error(f"response.{k}: set by the dataset (bits by outputs.counts, the seed by seed and frame)")
-        else:
-            _spec_error(f"response.{k}: unknown field (known: {', '.join(RESPONSE_NUMBERS + RESPONSE_OTHERS)})")
+    out = _record_fields("response", raw, RESPONSE_NUMBERS, RESPONSE_OTHERS)
     from ..errors import ParameterError
     from ..experiment import Response
     lowest = {k: (_dist_low(v) if k in RESPONSE_NUMBERS else v) for k, v in out.items()}
