@@ -214,6 +214,43 @@ def response_figures(repeat, noisify_binary=None):
     return statistics.median(t_api), statistics.median(tn), (statistics.median(tc) if tc else None)
 
 
+# the amorphous-background figure: nonBragg's water on a 1024x1024 detector, one
+# evaluation per pixel
+BACKGROUND_FLAGS = "-stol water.stol -lambda 1 -distance 100 -pixel 0.1 -detpixels 1024 -thickness 0.1 -seed 1"
+
+
+def background_figures(repeat, threads, nonbragg_binary=None):
+    """(seconds of simulate() for the water image in process, of the nbragg-nonbragg
+    command, of a nonBragg binary (or None)): medians, the commands alternated."""
+    import gzip
+    import shutil as _shutil
+    from .engine import simulate
+    from .nonbragg_cli import plan
+    exp = plan(BACKGROUND_FLAGS.replace("water.stol", "water").split(), lambda m: None).experiment
+    simulate(exp, threads=threads, warn=lambda m: None)
+    t_api = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        simulate(exp, threads=threads, warn=lambda m: None)
+        t_api.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        from .io.stol import builtin_path
+        with gzip.open(builtin_path("water")) as src, open(os.path.join(tmp, "water.stol"), "wb") as dst:
+            _shutil.copyfileobj(src, dst)
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(
+            [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        args = BACKGROUND_FLAGS.split() + ["-nonoise", "-nopgm", "-floatfile", "w.bin", "-intfile", "w.img"]
+        n_cmd = [sys.executable, "-m", "nbragg.nonbragg_cli"] + args
+        _run_process(n_cmd, env, tmp)
+        tn, tc = [], []
+        for _ in range(repeat):
+            tn.append(_run_process(n_cmd, env, tmp))
+            if nonbragg_binary:
+                tc.append(_run_process([nonbragg_binary] + args, env, tmp))
+    return statistics.median(t_api), statistics.median(tn), (statistics.median(tc) if tc else None)
+
+
 DATASET_BASE = CASES["B2"]   # 512x512 frames with the B2 workload
 
 
@@ -263,7 +300,8 @@ def _scalar_names():
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nbragg.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="B1,B2",
-                    help="comma-separated benchmark names (B1, B2; B1L is B1 on a 2048x2048 detector)")
+                    help="comma-separated benchmark names (B1, B2; B1L is B1 on a 2048x2048 detector; "
+                         "none: only the figures asked for by the other flags)")
     ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu",
                     help="cpu (Numba threads) or cuda (an NVIDIA GPU through numba-cuda)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
@@ -275,11 +313,14 @@ def main(argv=None):
     ap.add_argument("--response", action="store_true",
                     help="also time the detector response on a 2048x2048 image (Gaussian PSF of 3 pixels, all noise)")
     ap.add_argument("--noisify", metavar="PATH", help="with --response: a noisify binary to compare against")
+    ap.add_argument("--background", action="store_true",
+                    help="time the amorphous background (nonBragg's water, 1024x1024) in process and as a command")
+    ap.add_argument("--nonbragg", metavar="PATH", help="with --background: a nonBragg binary to compare against")
     opts = ap.parse_args(argv)
     import numba
     threads = [int(t) for t in opts.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
     print(f"nbragg benchmark  (numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} threads available)")
-    names = opts.cases.split(",")
+    names = [] if opts.cases in ("", "none") else opts.cases.split(",")
     unknown = [c for c in names if c not in CASES]
     if unknown:
         ap.error(f"--cases: unknown benchmark {unknown[0]!r}; choose from {', '.join(CASES)}")
@@ -341,6 +382,14 @@ def main(argv=None):
         print(f"  Python API (nbragg.Response, all cores): {t_api:.3f} s; nbragg-noisify command {t_cmd:.3f} s"
               + (f"; noisify {t_c:.3f} s -> {t_c / t_cmd:.2f}x (command), {t_c / t_api:.2f}x (API stage)"
                  if t_c is not None else ""))
+    if opts.background:
+        binary = (shutil.which(opts.nonbragg) or opts.nonbragg) if opts.nonbragg else None
+        print(f"\namorphous background, water on 1024x1024 ({BACKGROUND_FLAGS}):")
+        for t in threads:
+            t_api, t_cmd, t_c = background_figures(opts.repeat, t, binary)
+            print(f"  threads={t}: simulate() {t_api:.3f} s; nbragg-nonbragg command {t_cmd:.3f} s"
+                  + (f"; nonBragg (single-threaded) {t_c:.3f} s -> {t_c / t_cmd:.2f}x (command), "
+                     f"{t_c / t_api:.2f}x (in process)" if t_c is not None else ""))
     if opts.dataset:
         print(f"\ndataset generation, 512x512 frames ({DATASET_BASE}):")
         rates = {}

@@ -147,15 +147,20 @@ def kernel_inputs(exp, det, panels, src, cry, oversample, steps):
     )
 
 
-def molecules(material):
-    """Molecules of an amorphous material in its volume, computed as nonBragg.c does
-    (a given count passes through the density and back)."""
+def density_and_molecules(material):
+    """(density in g/m^3, molecules in the volume) of an amorphous material, computed as
+    nonBragg.c does (a given count passes through the density and back)."""
     volume = material.thickness / 1000.0 * (material.width / 1000.0) * (material.height / 1000.0)
     mw = material.mw_g_mol
     density = material.density_g_cm3 * 1e6         # g/m^3
     if material.molecules is not None:
         density = material.molecules / volume / AVOGADRO * mw
-    return volume * density * AVOGADRO / mw
+    return density, volume * density * AVOGADRO / mw
+
+
+def molecules(material):
+    """Molecules of an amorphous material in its volume (see density_and_molecules)."""
+    return density_and_molecules(material)[1]
 
 
 def amorphous_tables(background):

@@ -481,11 +481,15 @@ class Material(_Record):
         notes = []
         density, mw = 1.0, 18.0
         table = self.table
-        if isinstance(table, str) and table in BUILTIN:
+        import os
+        if isinstance(table, str) and table in BUILTIN:      # a shipped table's name (a path: Path(...))
+            if self.units != "stol":
+                raise ParameterError(f"Material.units = {self.units!r}: the shipped table {table!r} holds "
+                                     f"sin(theta)/lambda; leave units at 'stol'")
             _, density, mw = BUILTIN[table]
             parsed = read_stol(builtin_path(table), self.units, warn=notes.append)
         elif isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
-            if isinstance(table, str) and "/" not in table and "." not in table:
+            if isinstance(table, str) and "/" not in table and "." not in table and not os.path.exists(table):
                 raise ParameterError(f"Material.table = {table!r} is neither a shipped table "
                                      f"({', '.join(BUILTIN)}) nor a file name")
             parsed = read_stol(table, self.units, warn=notes.append)

@@ -113,7 +113,8 @@ def gradient(exp, names, upstream, backend="cpu", threads=None, detected=False):
 def jacobian(exp, names, backend="cpu", threads=None, return_image=False, detected=False):
     """dI/dtheta for scalar parameters: an array (spixels * fpixels, n), rows in image
     order (fast index fastest), zero outside the ROI and mask.  With ``detected``, dE/dtheta
-    for the detector's expected signal E (see the module).
+    for the detector's expected signal E (see the module): the PSF spreads it past the ROI's
+    edges, and the adc column is 1 everywhere.
 
     With ``return_image``, (J, image): the image (E with ``detected``) comes from the same
     pass, and on the CPU the photons are ``simulate(exp).image`` bit for bit."""

@@ -35,7 +35,7 @@ from .errors import ArgumentError, InputFileError, console_main, console_streams
 from .io.stol import BUILTIN, builtin_path
 from .nbargs import c_atof, c_atoi
 from .noisify_cli import _c_int, _integer, _number
-from .units import AVOGADRO, DEFAULT_FLUENCE, HC_EV_ANGSTROM, RTD
+from .units import DEFAULT_FLUENCE, HC_EV_ANGSTROM, RTD
 
 USAGE = """\
 usage: nbragg-nonbragg -stol FILE [flags]     (nonBragg.c's flags; the same files are written)
@@ -665,6 +665,11 @@ def settle(st):
     table = _FilePath(st.stolfile)
     if not os.path.exists(st.stolfile) and st.stolfile in BUILTIN:
         table = builtin_path(st.stolfile)       # a shipped table, by name (density and MW stay the flags')
+        _, rho, mw = BUILTIN[st.stolfile]
+        if (rho, mw) != (1.0, 18.0) and (st.density, st.molecular_weight) == (1.0, 18.0):
+            early.append(f"WARNING: {st.stol_flag} {st.stolfile}: nbragg's shipped table, with nonBragg's default "
+                         f"density 1 g/cm^3 and molecular weight 18 g/mol; {st.stolfile} is about {rho:g} g/cm^3 "
+                         f"and {mw:g} g/mol (give -density and -MW)")
     try:
         material = Material(table=table, units=st.units, thickness=_mm(st.sample_x),
                             width=_mm(sample_y), height=_mm(sample_z),
@@ -757,11 +762,7 @@ def plan(argv, warn):
         lines.append("  curved detector: all pixels same distance from origin")
     if st.point_pixel:
         lines.append("  pixel obliquity effect disabled")
-    volume = st.sample_x * x["sample_y"] * x["sample_z"]
-    n_molecules = engine.molecules(material)
-    density = material.density_g_cm3 * 1e6
-    if material.molecules is not None:
-        density = material.molecules / volume / AVOGADRO * material.mw_g_mol
+    density, n_molecules = engine.density_and_molecules(material)
     lines.append("  incident fluence: %g photons/m^2" % x["fluence"])
     lines.append("  sample is %g m thick x %g m high x %g m wide, %g g/cm^3 and %g g/mol (%g molecules)"
                  % (st.sample_x, x["sample_y"], x["sample_z"], density / 1e6, material.mw_g_mol, n_molecules))

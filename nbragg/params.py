@@ -135,6 +135,9 @@ def _material(exp, name):
     if i >= len(exp.background):
         raise ParameterError(f"parameter {name!r}: the experiment has {len(exp.background)} background "
                              f"material(s) (Experiment.background)")
+    if base == "background_thickness" and exp.background[i].molecules is not None:
+        raise ParameterError(f"parameter {name!r}: material {i} is given as a count of molecules "
+                             f"(Material.molecules), which the thickness does not change")
     return i, INDEXED_PARAMS[base]
 
 
@@ -270,6 +273,10 @@ def input_tangent(model, name):
     return flatten(model.layout, tangent)
 
 
+# the parameters that move those inputs (what input_tangent refuses with a background;
+# listed for checks made before any model is built)
+MOVES_GEOMETRY = ("wavelength", "distance", "beam_x", "beam_y", "detector_rotx", "detector_roty", "detector_rotz",
+                  "twotheta", "polar")
 # the kernel inputs the amorphous term depends on, besides its amounts and the scale: its
 # kernels carry derivatives in the amounts only (kernels/tangent.py _t_amorphous)
 BACKGROUND_INPUTS = ("pix0", "fdet", "sdet", "odet", "pixel", "subpixel", "distance", "close_distance",

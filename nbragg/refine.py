@@ -14,7 +14,9 @@ Losses (both methods minimise the same function, so they find the same minimum):
 
 * ``"poisson"``: the Poisson deviance 2 sum(m - o - o log(m/o)); least squares uses the
   signed deviance residuals, L-BFGS the negative log-likelihood (same minimum);
-* ``"gaussian"``: chi^2 with variance m + readout^2;
+* ``"gaussian"``: chi^2 with variance m + readout^2, the variance held fixed for each
+  scipy solve and updated from its answer until the parameters stop moving (with a
+  detector response: gain^2 (PSF^2 * counts) + readout^2);
 * ``"l2"``: sum (m - o)^2.
 
 Robustness:
@@ -48,7 +50,7 @@ from .engine import build_model, check_backend, render, tangent_image
 from .errors import NbraggError, ParameterError
 from .gradients import check_gradients as _check_gradients
 from .gradients import detected_jacobian, raw_gradient
-from .response import expected_signal, response_derivatives, signal_vjp
+from .response import calibration_pattern, convolve_psf, expected_signal, poisson_variance, response_derivatives, signal_vjp
 from .params import RESPONSE_PARAMS, base_name, check_names, get_params, input_tangent, set_params
 
 LOSSES = ("poisson", "gaussian", "l2")
@@ -138,9 +140,12 @@ class _Objective:
     """Residuals, Jacobians and gradients of one loss over the selected pixels.
 
     The model m and the observation o are photons, or with a detector response (``gain``
-    and ``adc`` set) the signal in ADU: then the Gaussian variance is gain (m - adc) +
-    readout^2, and the Poisson loss is that of the shifted counts (x - adc) / gain +
-    (readout / gain)^2 (read-out noise as extra Poisson counts of the same variance)."""
+    and ``adc`` set) the signal in ADU; then the Poisson loss is that of the shifted
+    counts (x - adc) / gain + (readout / gain)^2 (read-out noise as extra Poisson counts
+    of the same variance).  The Gaussian loss divides by a variance held fixed while the
+    optimiser runs (:meth:`fix_variance`; the refinement updates it from the model and
+    runs again until the parameters stop moving): a variance that moved with the
+    parameters inside the objective would pull them toward a larger variance."""
 
     def __init__(self, loss, obs, readout=0.0):
         self.loss = loss
@@ -149,6 +154,10 @@ class _Objective:
         self.detected = False
         self.gain = 1.0
         self.adc = 0.0
+        self.var = None
+
+    def fix_variance(self, var):
+        self.var = np.asarray(var, dtype=np.float64)
 
     def use_response(self, response):
         """Model and observation in ADU from now on, with this response's gain, offset and
@@ -167,15 +176,12 @@ class _Objective:
         """The Poisson loss's model counts (m itself for photons)."""
         return self._shifted(m)
 
-    def _variance(self, m):
-        return np.maximum(self.gain * (m - self.adc), 0.0) + self.readout ** 2
-
     def residuals(self, m):
         o = self.obs
         if self.loss == "l2":
             return m - o
         if self.loss == "gaussian":
-            return (m - o) / np.sqrt(self._variance(m))
+            return (m - o) / np.sqrt(self.var)
         ms, os_ = self._shifted(m), self._shifted(o)
         D = _dev_term(np.maximum(ms, 1e-300), os_)
         return np.sign(ms - os_) * np.sqrt(D)
@@ -186,9 +192,7 @@ class _Objective:
         if self.loss == "l2":
             return np.ones_like(m)
         if self.loss == "gaussian":
-            var = self._variance(m)
-            s = np.sqrt(var)
-            return 1.0 / s - (m - o) * self.gain / (2.0 * var * s)
+            return 1.0 / np.sqrt(self.var)
         mm = np.maximum(self._shifted(m), 1e-300)
         with np.errstate(divide="ignore", invalid="ignore"):
             d = (1.0 - self._shifted(o) / mm) / r
@@ -196,12 +200,6 @@ class _Objective:
         near = np.abs(r) < 1e-8 * np.sqrt(mm) + 1e-300
         return np.where(near, 1.0 / np.sqrt(mm), d) / self.gain
 
-    def dres_dresponse(self, m, name):
-        """d(residual)/d(gain or adc) through the Gaussian variance (the model's own
-        dependence on them is in its Jacobian)."""
-        var = self._variance(m)
-        c = -(m - self.obs) / (2.0 * var * np.sqrt(var))
-        return c * (m - self.adc) if name == "gain" else -c * self.gain
 
     def value(self, m):
         """The objective minimised by both methods, up to a constant: sum r^2 (LS) ==
@@ -217,7 +215,7 @@ class _Objective:
         """W for the covariance (J^T W J)^-1 (Poisson and Gaussian losses)."""
         if self.loss == "poisson":
             return 1.0 / np.maximum(self._shifted(m) * self.gain ** 2, 1e-300)
-        return 1.0 / self._variance(m)
+        return 1.0 / self.var
 
 
 # ----------------------------------------------------------------------------- problem
@@ -310,21 +308,42 @@ class _Problem:
         """dm/dtheta over the selected pixels (blurred like the images)."""
         return self._evaluate(theta, with_jacobian=True)[2]
 
-    def _variance_terms(self, m, r):
-        """{index: d(residual)/d(theta) through the Gaussian variance} for a refined gain
-        or ADC offset (the model's own dependence is in its Jacobian)."""
-        if not (self.detected and self.obj.loss == "gaussian"):
-            return {}
-        return {i: self.obj.dres_dresponse(m, n) for i, n in enumerate(self.names) if n in ("gain", "adc")}
+    def variance(self, theta):
+        """The Gaussian loss's variance per selected pixel at theta: photons, m + readout^2;
+        pixel values, gain^2 (PSF^2 * counts) + readout^2 (the counts are Poisson before
+        the PSF spreads them).  At least one photon's worth."""
+        model, m, _ = self._evaluate(theta)
+        if not self.detected:
+            return np.maximum(np.maximum(m, 0.0) + self.obj.readout ** 2, 1.0)
+        response = model.experiment.response
+        counts = poisson_variance(self._photons(self._cache), response, model.experiment.detector.pixel_size)
+        v = response.gain ** 2 * np.maximum(counts[self.select], 0.0) + response.readout ** 2
+        return np.maximum(v, response.gain ** 2)
+
+    def psf_correlated_information(self, theta, WJ):
+        """(WJ)^T C (WJ) for the pixels' true covariance C = gain^2 K diag(counts) K +
+        readout^2 I: the PSF K spreads each pixel's Poisson counts over its neighbours,
+        so their noise is correlated.  The covariance of the estimate is then the sandwich
+        (J^T W J)^-1 (WJ)^T C (WJ) (J^T W J)^-1 (with W = 1/C's diagonal it would
+        otherwise count the correlated pixels as independent)."""
+        model, _, _ = self._evaluate(theta)
+        response = model.experiment.response
+        pixel = model.experiment.detector.pixel_size
+        photons = self._photons(self._cache)
+        counts = photons * (response.scale * calibration_pattern(response, photons.shape))
+        CWJ = np.empty_like(WJ)
+        for p in range(WJ.shape[1]):
+            v = np.zeros(self.shape)
+            v[self.select] = WJ[:, p]
+            spread = convolve_psf(response, counts * convolve_psf(response, v, pixel), pixel)
+            CWJ[:, p] = response.gain ** 2 * spread[self.select] + response.readout ** 2 * WJ[:, p]
+        return WJ.T @ CWJ
 
     def jac(self, theta):
         self.njev += 1
         _, m, Jm = self._evaluate(theta, with_jacobian=True)
         r = self.obj.residuals(m)
-        Jr = self.obj.dres_dm(m, r)[:, None] * Jm
-        for i, extra in self._variance_terms(m, r).items():
-            Jr[:, i] += extra
-        return Jr
+        return self.obj.dres_dm(m, r)[:, None] * Jm
 
     def value_and_grad(self, theta):
         self.nfev += 1
@@ -347,11 +366,7 @@ class _Problem:
                                                                                    names).items()}
             g = signal_vjp(g, response, pixel)
         raw = raw_gradient(model, g, threads=self.threads, backend=self.backend, want_F=False)
-        grad = np.array([own[n] if n in own else raw.contract(input_tangent(model, n)) for n in self.names])
-        r = self.obj.residuals(m)
-        for i, extra in self._variance_terms(m, r).items():
-            grad[i] += 2.0 * float(np.dot(r, extra))
-        return val, grad
+        return val, np.array([own[n] if n in own else raw.contract(input_tangent(model, n)) for n in self.names])
 
 
 # ----------------------------------------------------------------------------- refine
@@ -393,19 +408,10 @@ def _at_bounds(names, x, lo, hi):
     return out
 
 
-def _selection(exp, observed, mask):
-    d = exp.detector
+def _rendered(d):
+    """The pixels the kernels compute: inside the ROI and the detector's mask."""
     shape = (d.spixels, d.fpixels)
-    obs = np.asarray(observed, dtype=np.float64)
-    if obs.shape != shape:
-        raise RefinementError(f"observed image has shape {obs.shape}; the experiment's detector is "
-                              f"(spixels, fpixels) = {shape}")
     sel = np.ones(shape, dtype=bool)
-    if mask is not None:
-        mk = np.asarray(mask)
-        if mk.shape != shape:
-            raise RefinementError(f"mask has shape {mk.shape}; expected {shape}")
-        sel &= mk.astype(bool)
     if d.mask is not None:
         sel &= np.asarray(d.mask) != 0
     if d.roi is not None:
@@ -413,6 +419,45 @@ def _selection(exp, observed, mask):
         roi = np.zeros(shape, dtype=bool)
         roi[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
         sel &= roi
+    return sel
+
+
+def _detected_selection(exp, obs, sel):
+    """Against pixel values: leave out pixels at the ends of the range (saturated, or
+    clipped at 0: the model is not clipped) and, with a PSF, those within its reach of a
+    pixel the kernels do not compute (outside the ROI or masked: its light, which would
+    spread into them, is missing from the model)."""
+    from .response import psf_radius
+    response = exp.response
+    keep = sel & (obs < 2.0 ** response.bits - 1) & (obs > 0)
+    if response.psf is not None and response.psf_fwhm > 0:
+        shape = obs.shape
+        fwhm = response.psf_fwhm * 1e-3 / exp.detector.pixel_size
+        r = psf_radius(response.psf, fwhm, shape, response.psf_radius)
+        missing = ~_rendered(exp.detector)
+        if missing.any():
+            from scipy.ndimage import binary_dilation
+            keep &= ~binary_dilation(missing, structure=np.ones((2 * r + 1, 2 * r + 1), dtype=bool))
+    if not keep.any():
+        raise RefinementError("no pixels to fit: against pixel values, saturated pixels, pixels at 0 and pixels "
+                              "within the PSF's reach of the ROI's edge or of masked pixels are left out, and "
+                              "that leaves none")
+    return keep
+
+
+def _selection(exp, observed, mask):
+    d = exp.detector
+    shape = (d.spixels, d.fpixels)
+    obs = np.asarray(observed, dtype=np.float64)
+    if obs.shape != shape:
+        raise RefinementError(f"observed image has shape {obs.shape}; the experiment's detector is "
+                              f"(spixels, fpixels) = {shape}")
+    sel = _rendered(d)
+    if mask is not None:
+        mk = np.asarray(mask)
+        if mk.shape != shape:
+            raise RefinementError(f"mask has shape {mk.shape}; expected {shape}")
+        sel &= mk.astype(bool)
     sel &= np.isfinite(obs)
     if not sel.any():
         raise RefinementError("no pixels to fit (mask, ROI and the observed image leave none)")
@@ -437,6 +482,33 @@ def _fit_once(exp, obs, sel, names, loss, method, bnds, compute, readout, sigma,
     # inside the bounds already (refine checks the start); a value read back after a stage
     # may sit an ulp outside (beam_x through ORGX), which scipy would refuse
     x0 = np.clip(x0, lo, hi)
+    if loss != "gaussian":
+        x, success, message = _solve(prob, x0, lo, hi, method, options)
+        return prob, x, success, message
+    # the variance held fixed for each solve, from the model where it starts; again from
+    # the answer until the parameters stop moving
+    x = x0
+    for k in range(VARIANCE_UPDATES):
+        prob.obj.fix_variance(prob.variance(x))
+        x_new, success, message = _solve(prob, x, lo, hi, method, options)
+        moved = np.abs(x_new - x) > 1e-7 * np.maximum(np.abs(x_new), 1e-300)
+        x = x_new
+        if not moved.any():
+            if k > 0 and not success:
+                # a solve from an answer that the new variance leaves in place: L-BFGS-B
+                # may call a line search that finds nothing to gain abnormal
+                success, message = True, f"the parameters stopped moving ({message})"
+            break
+    prob.obj.fix_variance(prob.variance(x))
+    return prob, x, success, message
+
+
+VARIANCE_UPDATES = 8
+
+
+def _solve(prob, x0, lo, hi, method, options):
+    """One scipy solve from x0 within (lo, hi): (x, success, message)."""
+    names = prob.names
     from scipy import optimize
     if method == "least_squares":
         opts = dict(x_scale="jac", max_nfev=200, xtol=1e-10, ftol=1e-10, gtol=1e-10)
@@ -462,7 +534,7 @@ def _fit_once(exp, obs, sel, names, loss, method, bnds, compute, readout, sigma,
         res = optimize.minimize(f, np.zeros(len(names)), jac=True, method="L-BFGS-B",
                                 bounds=list(zip(zlo, zhi)), options=opts)
         x, success, message = x0 + res.x * scale, bool(res.success), str(res.message)
-    return prob, x, success, message
+    return x, success, message
 
 
 def refine(exp, observed, params, loss="poisson", method="least_squares", mask=None, bounds=None, *,
@@ -529,6 +601,8 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
             raise ParameterError(f"parameter {own[0]!r} belongs to the detector response: refine against pixel "
                                  f"values with a response (Experiment.response, detected=True)")
     obs, sel = _selection(exp, observed, mask)
+    if detected:
+        sel = _detected_selection(exp, obs, sel)
     if stages is not None:
         for st in stages:
             for n in check_names(st, allow_arrays=False):
@@ -573,6 +647,8 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
         else:
             W = prob.obj.weights(m, len(names))
             cov = np.linalg.inv(Jm.T @ (W[:, None] * Jm))
+            if detected and current.response.psf is not None:
+                cov = cov @ prob.psf_correlated_information(x, W[:, None] * Jm) @ cov
         sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
     except np.linalg.LinAlgError:
         cov = None

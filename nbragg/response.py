@@ -228,7 +228,8 @@ def _per_panel(fn, image):
     return fn(image)
 
 
-def _psf(response, image, pixel_size_mm):
+def convolve_psf(response, image, pixel_size_mm):
+    """PSF * image (each panel of a stack; the image itself without a PSF)."""
     if response.psf is None or not response.psf_fwhm > 0:
         return image
     fwhm = response.psf_fwhm * 1e-3 / pixel_size_mm
@@ -238,7 +239,26 @@ def _psf(response, image, pixel_size_mm):
 def blurred_photons(image, response, pixel_size_mm):
     """B = PSF * (scale * calibration * I): the expected photons as the pixels see them."""
     img = np.asarray(image, dtype=np.float64)
-    return _psf(response, img * (response.scale * calibration_pattern(response, img.shape)), pixel_size_mm)
+    return convolve_psf(response, img * (response.scale * calibration_pattern(response, img.shape)), pixel_size_mm)
+
+
+def poisson_variance(image, response, pixel_size_mm):
+    """The variance of the blurred counts, PSF^2 * (scale * calibration * I): Poisson
+    counts spread by the PSF (each pixel's own variance; neighbours are correlated)."""
+    img = np.asarray(image, dtype=np.float64)
+    counts = img * (response.scale * calibration_pattern(response, img.shape))
+    if response.psf is None or not response.psf_fwhm > 0:
+        return counts
+    fwhm = response.psf_fwhm * 1e-3 / pixel_size_mm
+
+    def one(p):
+        r = psf_radius(response.psf, fwhm, p.shape, response.psf_radius)
+        if response.psf == "gauss":
+            w2 = gauss_weights(fwhm, r) ** 2
+            return _separable(np.ascontiguousarray(p), w2, w2)
+        from scipy import signal
+        return signal.fftconvolve(p, fiber_kernel(fwhm, r) ** 2, mode="same")
+    return _per_panel(one, counts)
 
 
 def expected_signal(image, response, pixel_size_mm):
@@ -255,7 +275,7 @@ def signal_vjp(upstream, response, pixel_size_mm):
     """The upstream of the photons, scale * calibration * gain * PSF * u, for an upstream
     u of E (the PSF is symmetric: its adjoint is itself)."""
     u = np.asarray(upstream, dtype=np.float64)
-    return (response.gain * response.scale * calibration_pattern(response, u.shape)) * _psf(response, u,
+    return (response.gain * response.scale * calibration_pattern(response, u.shape)) * convolve_psf(response, u,
                                                                                                  pixel_size_mm)
 
 
@@ -269,7 +289,7 @@ def response_derivatives(image, response, pixel_size_mm, names):
         elif n == "gain":
             out[n] = blurred_photons(img, response, pixel_size_mm)
         elif n == "response_scale":
-            out[n] = response.gain * _psf(response, img * calibration_pattern(response, img.shape),
+            out[n] = response.gain * convolve_psf(response, img * calibration_pattern(response, img.shape),
                                           pixel_size_mm)
         elif n == "psf_fwhm":
             if response.psf is None:

@@ -147,3 +147,18 @@ def test_background_parameters_get_and_set(tmp_path):
         nbragg.get_params(exp, ["background_scale_2"])
     with pytest.raises(nbragg.ParameterError, match="unknown parameter"):
         nbragg.get_params(exp, ["background_density_0"])
+
+
+def test_background_only_gradients_match_central_differences(tmp_path):
+    """Without a Bragg term the kernels skip the Bragg blocks (the walk and the fast
+    adjoint): the background's gradients alone, and J^T w against them."""
+    from nbragg.gradients import check_gradients, gradient, jacobian
+    exp = _experiment(FEATURES["oversample"], False, tmp_path)
+    names = ["background_scale_0", "background_scale_1", "background_thickness_0", "fluence"]
+    for label, a, num, err, h, sweep in check_gradients(exp, names, seed=6).rows:
+        assert a != 0.0 and err <= 1e-6, (label, a, num, err)
+    w = np.random.default_rng(2).uniform(0.5, 1.5, (10, 10))
+    g = gradient(exp, names, w)
+    J = jacobian(exp, names)
+    for i, n in enumerate(names):
+        assert abs(J[:, i] @ w.ravel() - g[n]) <= 1e-12 * (np.abs(J[:, i]) @ w.ravel()), n

@@ -331,7 +331,17 @@ def test_background_materials_vary_per_frame_and_can_be_redone(tmp_path):
     ({"background": [{"table": "nosuch.stol"}]}, "background[0]"),
     ({"background": [{"thickness": {"jitter": 0.1}}]}, "background[0].thickness"),
     ({"background": 3}, "background must be a list"),
+    ({"background": [{"molecules": {"uniform": [1e15, 1e16]}}]}, "background[0].molecules"),
+    ({"background": [{"table": "water"}], "outputs": {"float": True, "jacobian": ["distance"]}}, "outputs.jacobian"),
 ])
 def test_background_spec_errors_name_the_field(change, needle):
     with pytest.raises(DatasetError, match=re.escape(needle)):
         load_spec(dict(SPEC, **change))
+
+
+def test_background_spec_numbers_and_inline_tables():
+    """Numbers as YAML may leave them (1e16 is text to PyYAML) and a table given inline."""
+    spec = load_spec(dict(SPEC, background=[{"table": [[0.0, 2.6], [0.1, 2.0], [0.5, 3.0]], "molecules": "1e16",
+                                              "width": "0.05"}]))
+    assert spec.background[0]["molecules"] == 1e16 and len(spec.digest()) == 16
+    assert base_experiment(spec).background[0].molecules == 1e16

@@ -102,3 +102,41 @@ def test_poisson_refinement_with_read_out_noise():
         nbragg.refine(start, observed, ["gain"], loss="poisson")
     with pytest.raises(nbragg.ParameterError, match="response.readout"):
         nbragg.refine(start, observed, ["psf_fwhm"], loss="gaussian", readout=2.0)
+
+
+def test_pixel_selection_against_pixel_values():
+    """Saturated pixels, pixels at 0 and pixels within the PSF's reach of the ROI's edge
+    are left out of a fit against pixel values (the model is neither clipped nor lit from
+    outside the ROI); a refinement on such a region still finds the truth."""
+    from nbragg.refine import _detected_selection, _selection
+    truth, observed = _shot(8)
+    roi = (8, 55, 10, 50)
+    truth = truth.replace(detector=truth.detector.replace(roi=roi))
+    image = nbragg.simulate(truth, warn=lambda m: None).image
+    observed = respond(image, truth.response, 0.1).adu.astype(float)
+    observed[30, 30] = 65535.0
+    observed[31, 30] = 0.0
+    obs, sel = _selection(truth, observed, None)
+    keep = _detected_selection(truth, obs, sel)
+    r = 6                                   # ceil(3 x 1.5 px) + 1: the Gaussian kernel's radius
+    inner = np.zeros_like(keep)
+    inner[roi[2] + r:roi[3] - r + 1, roi[0] + r:roi[1] - r + 1] = True
+    inner[30, 30] = inner[31, 30] = False
+    np.testing.assert_array_equal(keep, inner)
+    fit = nbragg.refine(nbragg.set_params(truth, START), observed, list(TRUTH), loss="gaussian")
+    for n, v in TRUTH.items():
+        assert abs(fit.values[n] - v) <= 3 * fit.uncertainties[n], (n, fit.values[n], v)
+
+
+def test_expected_signal_of_a_panel_stack():
+    """Each panel of a (panel, slow, fast) stack is blurred on its own."""
+    from nbragg.response import expected_signal, signal_vjp
+    r = nbragg.Response(psf="gauss", psf_fwhm=300.0, gain=2.0, adc=10.0)
+    stack = np.random.default_rng(0).uniform(0, 100, (2, 12, 16))
+    E = expected_signal(stack, r, 0.1)
+    for p in range(2):
+        np.testing.assert_allclose(E[p], expected_signal(stack[p], r, 0.1), rtol=1e-15)
+    u = np.random.default_rng(1).normal(size=(2, 12, 16))
+    # <u, dE(x)> == <vjp(u), x> for the linear part
+    lin = expected_signal(stack, r, 0.1) - 10.0
+    assert np.isclose(np.sum(u * lin), np.sum(signal_vjp(u, r, 0.1) * stack), rtol=1e-12)

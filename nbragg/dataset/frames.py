@@ -22,7 +22,7 @@ def base_experiment(spec):
         parsed = parse_nanobragg_args(spec.base, cwd=spec.base_dir, warn=lambda m: None)
         exp = parsed.experiment
         if spec.background:
-            exp = exp.replace(background=[material(m, spec.base_dir, lowest=True) for m in spec.background])
+            exp = exp.replace(background=[material(m, spec.base_dir) for m in spec.background])
         _BASE_CACHE[key] = exp
     return _BASE_CACHE[key]
 

@@ -55,7 +55,7 @@ class DatasetSpec:
         if cached is not None:
             return cached
         h = hashlib.sha256(self.canonical().encode())
-        tables = [m["table"] for m in self.background]
+        tables = [m["table"] for m in self.background if isinstance(m["table"], str)]   # files, not arrays
         for tok in self.base + tables:   # the content of input files the base and the materials name
             p = os.path.join(self.base_dir, tok)
             if os.path.isfile(p) and not tok.startswith("-"):
@@ -96,7 +96,8 @@ RESPONSE_OTHERS = ("calibration_seed", "noise", "psf", "psf_radius")
 # nbragg.Material fields a spec's background entries may set; the thickness and scale may
 # be distributions (they are parameters: background_thickness_<i>, background_scale_<i>)
 BACKGROUND_VARIED = ("scale", "thickness")
-BACKGROUND_FIELDS = ("table", "units", "width", "height", "density", "molecular_weight", "molecules")
+BACKGROUND_NUMBERS = ("width", "height", "density", "molecular_weight", "molecules")
+BACKGROUND_FIELDS = ("table", "units") + BACKGROUND_NUMBERS
 
 
 def _spec_error(msg):
@@ -207,6 +208,12 @@ def load_spec(source, base_dir=None):
         _spec_error(f"precision = {precision!r}: choose float64 or float32")
     response = _response_spec(raw.get("response"), counts)
     background = _background_spec(raw.get("background"), base_dir)
+    if background:
+        from ..params import MOVES_GEOMETRY
+        refused = [n for n in jac if n in MOVES_GEOMETRY]
+        if refused:
+            _spec_error(f"outputs.jacobian: {refused[0]!r} with a background: its derivative through the amorphous "
+                        f"term is not implemented")
     return DatasetSpec(seed=seed, images=images, shard_size=shard_size, base=base, base_dir=base_dir, vary=vary,
                        float_out=float_out, counts=counts, jacobian=list(jac), compression=compression,
                        precision=precision, response=response, background=background)
@@ -245,19 +252,24 @@ def _background_spec(raw, base_dir):
         if not isinstance(entry, dict):
             _spec_error(f"{where} must be a mapping of nbragg.Material fields")
         m = _record_fields(where, entry, BACKGROUND_VARIED, BACKGROUND_FIELDS)
+        for k in BACKGROUND_NUMBERS:
+            if k in m:
+                m[k] = _normalise_dist(f"{where}.{k}", m[k])   # (YAML reads 1e16 as text)
+                if isinstance(m[k], dict):
+                    _spec_error(f"{where}.{k}: only the thickness and the scale may vary; give a number")
         m.setdefault("table", "water")
         try:
-            material(m, base_dir, lowest=True)
+            material(m, base_dir)
         except NbraggError as exc:
             _spec_error(f"{where}: {exc}")
         out.append(m)
     return out
 
 
-def material(entry, base_dir, values=None, index=0, lowest=False):
+def material(entry, base_dir):
     """The nbragg.Material of a spec's background entry: a table name or a file relative
-    to the spec's folder; distributions take ``values`` (frame draws by parameter name) or,
-    with ``lowest``, their lowest value."""
+    to the spec's folder; a distribution takes its lowest value (frames set their draws as
+    parameters)."""
     from ..experiment import Material
     from ..io.stol import BUILTIN
     fields = dict(entry)
@@ -266,7 +278,7 @@ def material(entry, base_dir, values=None, index=0, lowest=False):
         table = os.path.join(base_dir, table)
     for f in BACKGROUND_VARIED:
         if isinstance(fields.get(f), dict):
-            fields[f] = _dist_low(fields[f]) if lowest or values is None else values[f"background_{f}_{index}"]
+            fields[f] = _dist_low(fields[f])
     return Material(table=table, **fields)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu import clipped_roi, fast_path, term
-from .physics import (amorphous_F, amorphous_factor, amorphous_stol, amorphous_sum, beyond_dmin, capture_fraction,
+from .physics import (amorphous_F, amorphous_factor, amorphous_stol, beyond_dmin, capture_fraction,
                       direction, miller, orientations_soa, scattering, signed_square, soa_hkl, solid_angle)
 from .derivs import (LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
                      capture_partials, direction_vjp, lattice_grad, omega_partials, position_vjp, square_partials)
@@ -243,9 +243,12 @@ def _r_begin(W, S, fpixel, spixel):
 @njit(cache=True, error_model="numpy", inline="always")
 def _r_amorphous(W, S, bg, stol, factor, s, sub):
     samp = S.samp
+    acc = np.float64(0.0)        # amorphous_sum's sum, term for term
     for m in range(samp.bg_amount.shape[0]):
-        W.bgsum[m] += factor * signed_square(amorphous_F(samp, m, stol))
-    return bg + factor * amorphous_sum(samp, stol)
+        sF2 = signed_square(amorphous_F(samp, m, stol))
+        W.bgsum[m] += factor * sF2
+        acc += np.float64(samp.bg_amount[m]) * np.float64(sF2)
+    return bg + factor * acc
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -456,9 +459,12 @@ def amorphous_vjp(S, L, g, gv, stol, factor):
     """An amorphous sample: adds gv times its derivative in each material's amount to
     ``g`` and returns its value (the forward's, to rounding)."""
     samp = S.samp
+    acc = np.float64(0.0)        # amorphous_sum's sum, term for term
     for m in range(samp.bg_amount.shape[0]):
-        g[L.bg_amount + m] += gv * (factor * signed_square(amorphous_F(samp, m, stol)))
-    return factor * amorphous_sum(samp, stol)
+        sF2 = signed_square(amorphous_F(samp, m, stol))
+        g[L.bg_amount + m] += gv * (factor * sF2)
+        acc += np.float64(samp.bg_amount[m]) * np.float64(sF2)
+    return factor * acc
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -560,7 +566,7 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
                     if nbg > 0:
                         bg += amorphous_vjp(S, L, g, gv, amorphous_stol(qx, qy, qz),
                                             amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, bg_omega, bg_capture))
-                    if beyond_dmin(qx, qy, qz, dmin):
+                    if not S.samp.bragg or beyond_dmin(qx, qy, qz, dmin):
                         continue
                     w = beam.weights[s]
                     gqx, gqy, gqz, terms = square_adjoint(qx, qy, qz, ori, norient, S.xtal, S.fhkl, fflat, G * w, gor,

@@ -16,7 +16,7 @@ from .cpu import clipped_roi, fast_path, term
 from .physics import orientations_soa
 from .derivs import (LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
                      capture_partials, lattice_grad, omega_partials, square_partials)
-from .physics import SQUARE, amorphous_F, amorphous_sum, polarization_grad, signed_square, sum_row
+from .physics import SQUARE, amorphous_F, polarization_grad, signed_square, sum_row
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Layout, Scene, field_slice
 
@@ -260,11 +260,14 @@ def _t_amorphous(W, S, bg, stol, factor, s, sub):
     d = W[W_d]
     L = W[W_L]
     dbg = W[W_dbg]
+    acc = np.float64(0.0)        # amorphous_sum's sum, term for term
     for m in range(samp.bg_amount.shape[0]):
-        a = factor * signed_square(amorphous_F(samp, m, stol))
+        sF2 = signed_square(amorphous_F(samp, m, stol))
+        a = factor * sF2
         for p in range(dbg.shape[0]):
             dbg[p] += a * d[p, L.bg_amount + m]
-    return bg + factor * amorphous_sum(samp, stol)
+        acc += np.float64(samp.bg_amount[m]) * np.float64(sF2)
+    return bg + factor * acc
 
 
 @njit(cache=True, error_model="numpy", inline="always")
