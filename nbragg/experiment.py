@@ -442,7 +442,7 @@ class Material(_Record):
     sensor capture fraction and source weight, all taken per sample; the amount is the
     number of molecules in the illuminated volume, times ``scale``.
 
-    table : the name of a shipped table ("water", "ice", "nanoice", "air": see
+    table : the name of a shipped table ("water", "ice", "nanoice", "air", "helium": see
         ``nbragg/data/README.md``), a file in nonBragg's format (see
         :mod:`nbragg.io.stol`), or an (n, 2) array of (abscissa, F).
     units : what the first column holds: "stol" (sin(theta)/lambda, 1/A), "4stol"

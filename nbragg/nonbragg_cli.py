@@ -41,7 +41,7 @@ USAGE = """\
 usage: nbragg-nonbragg -stol FILE [flags]     (nonBragg.c's flags; the same files are written)
 
 table       -stol FILE (sin(theta)/lambda in 1/A, F)   -4stol FILE (4 stol, F)   -Q FILE (4 pi stol, F)
-            (FILE may be a table shipped with nbragg, by name: water, ice, nanoice, air)
+            (FILE may be a table shipped with nbragg, by name: water, ice, nanoice, air, helium)
 sample      -thickness mm   -samplesize mm   -width mm -height mm   -density g/cm^3   -MW g/mol
             -molecules n
 beam        -lambda A | -energy eV   -fluence ph/m^2 | -flux ph/s -exposure s -beamsize mm

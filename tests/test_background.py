@@ -162,3 +162,17 @@ def test_background_only_gradients_match_central_differences(tmp_path):
     J = jacobian(exp, names)
     for i, n in enumerate(names):
         assert abs(J[:, i] @ w.ravel() - g[n]) <= 1e-12 * (np.abs(J[:, i]) @ w.ravel()), n
+
+
+@pytest.mark.parametrize("name", ["water", "ice", "nanoice", "air", "helium"])
+def test_shipped_tables_read_and_are_increasing(name):
+    """Every shipped table reads without warnings, rises in sin(theta)/lambda, starts at
+    0 and holds finite F; helium's F(0) is its two electrons."""
+    m = Material(name)
+    assert m.notes == ()
+    t = m.parsed
+    assert t.stol[0] == 0.0 and np.all(np.diff(t.stol) > 0) and np.all(np.isfinite(t.F))
+    if name == "helium":
+        assert t.F[0] == 2.0 and 0.0 < t.F[-1] < 2.0
+    with pytest.raises(nbragg.ParameterError, match="units"):
+        Material(name, units="Q")

@@ -170,6 +170,7 @@ BUILTIN = {
     "ice": ("ice.stol", 0.92, 18.0),
     "nanoice": ("nanoice.stol", 0.92, 18.0),
     "air": ("air.stol", 0.0012, 28.8),
+    "helium": ("helium.stol", 0.000166, 4.0026),
 }
 
 

@@ -713,9 +713,21 @@ def amorphous_F(samp, m, stol):
     first = samp.bg_start[m]
     last = samp.bg_start[m + 1] - 1
     x = stol
-    # nearest: the last row at or below x (first - 1 when x is below the table)
+    # nearest: the last row at or below x (first - 1 when x is below the table), searched
+    # within [lo, hi) after a first guess from the mean spacing -- exact for the usual
+    # evenly spaced tables, so the search then takes no step
     lo = first - 1
     hi = last + 1
+    span = xs[last] - xs[first]
+    if span > 0.0:
+        g = first + int((x - xs[first]) * real(last - first) / span)
+        if first <= g <= last:
+            if xs[g] <= x:
+                lo = g
+                if g + 1 > last or xs[g + 1] > x:
+                    hi = g + 1
+            else:
+                hi = g
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if xs[mid] <= x:
