@@ -582,7 +582,6 @@ class Experiment(_Record):
     background: Tuple[Material, ...] = ()
 
     def __post_init__(self):
-        from .kernels.scene import MAX_MATERIALS
         bg = self.background
         if isinstance(bg, Material):
             bg = (bg,)
@@ -593,8 +592,6 @@ class Experiment(_Record):
         for i, m in enumerate(bg):
             if not isinstance(m, Material):
                 raise ParameterError(f"Experiment.background[{i}] must be a Material, got {type(m).__name__}")
-        if len(bg) > MAX_MATERIALS:
-            raise ParameterError(f"Experiment.background holds {len(bg)} materials; at most {MAX_MATERIALS}")
         self._set("background", bg)
         for name, cls in (("beam", Beam), ("detector", Detector), ("crystal", Crystal),
                           ("structure", Structure), ("sampling", Sampling)):

@@ -39,10 +39,6 @@ response_scale adc        gain (ADU/photon), scale, ADC offset (ADU); derivative
 Fhkl                      the structure-factor grid (an array of its shape)
 ========================  ================================================================
 
-With a background, the parameters that move the detector, the sources or the
-polarization (wavelength, distance, beam_x/y, detector rotations, twotheta, polar) are
-refused: the background's derivative through them is not implemented.
-
 Where nanoBragg is not smooth -- the nearest-index rounding of the F lookup, the -dmin
 cut, the top-hat spot edge, the clamp N >= 1, the automatic oversampling and
 interpolation choices -- the derivative is that of the smooth piece.
@@ -263,21 +259,4 @@ def input_tangent(model, name):
         # phi rules to another number of steps); the model does not read it, so nothing moves
         return np.zeros(model.layout.size)
     tangent = {k: np.imag(u[k]) / _STEP for k in FIELDS}
-    if model.experiment.background:
-        moved = [k for k in BACKGROUND_INPUTS if np.any(tangent[k] != 0.0)]
-        if moved:
-            raise ParameterError(
-                f"parameter {name!r} moves the {', '.join(moved)} of the kernel, through which the derivative of "
-                f"the amorphous background (Experiment.background) is not implemented; hold it fixed, or fit it "
-                f"without a background")
     return flatten(model.layout, tangent)
-
-
-# the parameters that move those inputs (what input_tangent refuses with a background;
-# listed for checks made before any model is built)
-MOVES_GEOMETRY = ("wavelength", "distance", "beam_x", "beam_y", "detector_rotx", "detector_roty", "detector_rotz",
-                  "twotheta", "polar")
-# the kernel inputs the amorphous term depends on, besides its amounts and the scale: its
-# kernels carry derivatives in the amounts only (kernels/tangent.py _t_amorphous)
-BACKGROUND_INPUTS = ("pix0", "fdet", "sdet", "odet", "pixel", "subpixel", "distance", "close_distance",
-                     "thickstep", "mu", "beam", "polar_axis", "kahn", "sources", "lambdas", "weights")

@@ -388,7 +388,8 @@ def test_background_forward_matches_cpu():
 @pytest.mark.slow
 def test_background_gradients_match_cpu():
     exp = _background_experiment()
-    names = ["background_scale_0", "background_scale_1", "background_thickness_0", "Na", "misset_y", "fluence"]
+    names = ["background_scale_0", "background_scale_1", "background_thickness_0", "Na", "misset_y", "fluence",
+             "distance", "beam_x", "wavelength", "polar", "twotheta"]
     J = nbragg.jacobian(exp, names)
     Jg = nbragg.jacobian(exp, names, backend="cuda")
     for p, n in enumerate(names):

@@ -332,7 +332,6 @@ def test_background_materials_vary_per_frame_and_can_be_redone(tmp_path):
     ({"background": [{"thickness": {"jitter": 0.1}}]}, "background[0].thickness"),
     ({"background": 3}, "background must be a list"),
     ({"background": [{"molecules": {"uniform": [1e15, 1e16]}}]}, "background[0].molecules"),
-    ({"background": [{"table": "water"}], "outputs": {"float": True, "jacobian": ["distance"]}}, "outputs.jacobian"),
 ])
 def test_background_spec_errors_name_the_field(change, needle):
     with pytest.raises(DatasetError, match=re.escape(needle)):

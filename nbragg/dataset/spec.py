@@ -208,12 +208,6 @@ def load_spec(source, base_dir=None):
         _spec_error(f"precision = {precision!r}: choose float64 or float32")
     response = _response_spec(raw.get("response"), counts)
     background = _background_spec(raw.get("background"), base_dir)
-    if background:
-        from ..params import MOVES_GEOMETRY
-        refused = [n for n in jac if n in MOVES_GEOMETRY]
-        if refused:
-            _spec_error(f"outputs.jacobian: {refused[0]!r} with a background: its derivative through the amorphous "
-                        f"term is not implemented")
     return DatasetSpec(seed=seed, images=images, shard_size=shard_size, base=base, base_dir=base_dir, vary=vary,
                        float_out=float_out, counts=counts, jacobian=list(jac), compression=compression,
                        precision=precision, response=response, background=background)

@@ -21,8 +21,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu import clipped_roi, fast_path, term
-from .physics import (amorphous_F, amorphous_factor, amorphous_stol, beyond_dmin, capture_fraction,
-                      direction, miller, orientations_soa, scattering, signed_square, soa_hkl, solid_angle)
+from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
+                      orientations_soa, scattering, signed_square, soa_hkl, solid_angle)
 from .derivs import (LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
                      capture_partials, direction_vjp, lattice_grad, omega_partials, position_vjp, square_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
@@ -169,15 +169,19 @@ def square_adjoint(qx, qy, qz, ori, nreal, xt, fs, fflat, G, gor, sc, ibuf, g, L
 def _factors_vjp(g_om, g_cap, g_pol, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf):
     """Gradients of the pixel factors computed at one sub-pixel (omega, capture fraction,
     and the polarization with source s), pushed back to their inputs together."""
-    if g_om == 0.0 and g_cap == 0.0 and g_pol == 0.0:
+    _sample_vjp(g_om, g_cap, g_pol, 0.0, 0.0, 0.0, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf)
+
+
+@njit(cache=True, error_model="numpy")
+def _sample_vjp(g_om, g_cap, g_pol, gdx, gdy, gdz, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf):
+    """:func:`_factors_vjp` with a gradient (gdx, gdy, gdz) of the sub-pixel's direction
+    from elsewhere (an amorphous sample's scattering vector), pushed back with them."""
+    if g_om == 0.0 and g_cap == 0.0 and g_pol == 0.0 and gdx == 0.0 and gdy == 0.0 and gdz == 0.0:
         return
     det = S.det
     sources = S.beam.sources
     pv = S.beam.polar_axis
     px, py, pz, R, dx, dy, dz = direction(fpixel, spixel, subF, subS, t, det, S.beam)
-    gdx = 0.0
-    gdy = 0.0
-    gdz = 0.0
     gR = 0.0
     if g_om != 0.0:
         om = solid_angle(R, det)
@@ -218,15 +222,13 @@ class ReplayWork(NamedTuple):
     """What the adjoint's replay of the walk records for its backward sweep: per block
     the sum at its start, its multiplier, its number of terms and its (sub-pixel, source)
     number; ``rec`` = (blocks, omega_at, capture_at, polar_at); ``fac`` = (sum, capture,
-    polar, omega) at the end; ``bgsum`` per amorphous material, the sum over samples of
-    factor sign(F) F^2 (the derivative of the pixel in its amount)."""
+    polar, omega) at the end."""
     blk_I: np.ndarray
     blk_m: np.ndarray
     blk_K: np.ndarray
     blk_id: np.ndarray
     rec: np.ndarray
     fac: np.ndarray
-    bgsum: np.ndarray
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -235,20 +237,7 @@ def _r_begin(W, S, fpixel, spixel):
     W.rec[1] = -1
     W.rec[2] = -1
     W.rec[3] = -1
-    for m in range(W.bgsum.shape[0]):
-        W.bgsum[m] = 0.0
     return S.samp.I_bg, True
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _r_amorphous(W, S, bg, stol, factor, s, sub):
-    samp = S.samp
-    acc = np.float64(0.0)        # amorphous_sum's sum, term for term
-    for m in range(samp.bg_amount.shape[0]):
-        sF2 = signed_square(amorphous_F(samp, m, stol))
-        W.bgsum[m] += factor * sF2
-        acc += np.float64(samp.bg_amount[m]) * np.float64(sF2)
-    return bg + factor * acc
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -299,12 +288,11 @@ def _r_finish(W, S, I, capture, polar, omega, omega_sum, bg):
 
 
 walk_replay = specialise("replay", begin=_r_begin, omega_taken=_r_omega, capture_taken=_r_capture,
-                         polarization=_r_polar, amorphous=_r_amorphous, block=_r_block, finish=_r_finish)
+                         polarization=_r_polar, block=_r_block, finish=_r_finish)
 
 
 @njit(cache=True, error_model="numpy")
-def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fac, bgsum, lp, pbuf, fidx, fw, g, gor,
-                  gF):
+def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fac, lp, pbuf, fidx, fw, g, gor, gF):
     """Accumulate gv * d(pixel value before scaling)/d(inputs) into ``g`` (layout ``L``;
     orientations into ``gor`` (9, npad), structure factors into ``gF``); returns the value.
 
@@ -330,9 +318,13 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
     nsub = os * os
 
     # ---------------------------------------------------------------- replay forward
-    value = walk_replay(fpixel, spixel, S, ReplayWork(blk_I, blk_m, blk_K, blk_id, rec, fac, bgsum))
-    for m in range(S.samp.bg_amount.shape[0]):
-        g[L.bg_amount + m] += gv * bgsum[m]
+    value = walk_replay(fpixel, spixel, S, ReplayWork(blk_I, blk_m, blk_K, blk_id, rec, fac))
+    if S.samp.bg_amount.shape[0] > 0:
+        # the amorphous background: a sum added after the Bragg factors, swept on its own
+        for su in range(S.det.thicksteps * S.det.oversample * S.det.oversample):
+            for s in range(S.beam.sources.shape[0]):
+                amorphous_sample_vjp(gv, fpixel, spixel, su % S.det.oversample, (su // S.det.oversample) %
+                                     S.det.oversample, su // (S.det.oversample * S.det.oversample), s, S, g, L, pbuf)
     nb = rec[0]
     omega_at = rec[1]
     capture_at = rec[2]
@@ -454,17 +446,60 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
     return value
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def amorphous_vjp(S, L, g, gv, stol, factor):
-    """An amorphous sample: adds gv times its derivative in each material's amount to
-    ``g`` and returns its value (the forward's, to rounding)."""
+@njit(cache=True, error_model="numpy")
+def amorphous_sample_vjp(gv, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf):
+    """One amorphous sample (sub-pixel, sensor layer, source): adds gv times its
+    derivative in every input to ``g`` -- the materials' amounts, and through
+    sin(theta)/lambda, the solid angle, the capture fraction, the polarization and the
+    source weight the geometry, sources and wavelengths -- and returns its value (the
+    forward's to rounding).  ``pbuf`` (10) is scratch."""
+    det = S.det
+    beam = S.beam
     samp = S.samp
-    acc = np.float64(0.0)        # amorphous_sum's sum, term for term
+    px, py, pz, R, dx, dy, dz = direction(fpixel, spixel, subF, subS, t, det, beam)
+    ix, iy, iz, lam, qx, qy, qz = scattering(beam.sources, beam.lambdas, s, dx, dy, dz)
+    stol = amorphous_stol(qx, qy, qz)
+    omega = solid_angle(R, det)
+    capture = 1.0
+    if det.thick != 0.0:
+        capture = capture_fraction(t, dx, dy, dz, det)
+    polar = 1.0
+    if not beam.nopolar:
+        pv = beam.polar_axis
+        polar = polarization_factor(beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2])
+    w = beam.weights[s]
+    factor = polar * omega * w * capture
+    A = 0.0          # sum_m amount_m sign(F_m) F_m^2 and its derivative in stol
+    dA = 0.0
     for m in range(samp.bg_amount.shape[0]):
-        sF2 = signed_square(amorphous_F(samp, m, stol))
+        F, dF = amorphous_F_grad(samp, m, stol)
+        sF2 = signed_square(F)
         g[L.bg_amount + m] += gv * (factor * sF2)
-        acc += np.float64(samp.bg_amount[m]) * np.float64(sF2)
-    return factor * acc
+        A += samp.bg_amount[m] * sF2
+        dA += samp.bg_amount[m] * 2.0 * abs(F) * dF
+    gA = gv * A
+    g[L.weights + s] += gA * (polar * omega * capture)
+    g_om = gA * (polar * w * capture)
+    g_cap = gA * (polar * omega * w) if det.thick != 0.0 else 0.0
+    g_pol = gA * (omega * w * capture) if not beam.nopolar else 0.0
+    # stol = |q| / 2 and q = (d + src) / lambda
+    gdx = 0.0
+    gdy = 0.0
+    gdz = 0.0
+    if stol > 0.0:
+        c = gv * factor * dA / (4.0 * stol)
+        gqx = c * qx
+        gqy = c * qy
+        gqz = c * qz
+        g[L.sources + 3 * s] += gqx / lam
+        g[L.sources + 3 * s + 1] += gqy / lam
+        g[L.sources + 3 * s + 2] += gqz / lam
+        g[L.lambdas + s] -= (gqx * qx + gqy * qy + gqz * qz) / lam
+        gdx = gqx / lam
+        gdy = gqy / lam
+        gdz = gqz / lam
+    _sample_vjp(g_om, g_cap, g_pol, gdx, gdy, gdz, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf)
+    return factor * A
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -541,8 +576,6 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
     I = S.samp.I_bg
     nbg = S.samp.bg_amount.shape[0]
     bg = 0.0
-    bg_omega = 0.0
-    bg_capture = 1.0
     g0x = 0.0
     g0y = 0.0
     g0z = 0.0
@@ -557,15 +590,11 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
                 gdx = 0.0
                 gdy = 0.0
                 gdz = 0.0
-                if nbg > 0:
-                    bg_omega = solid_angle(R, det)
-                    if det.thick != 0.0:
-                        bg_capture = capture_fraction(t, dx, dy, dz, det)
                 for s in range(nsrc):
-                    ix, iy, iz, lam, qx, qy, qz = scattering(sources, lambdas, s, dx, dy, dz)
                     if nbg > 0:
-                        bg += amorphous_vjp(S, L, g, gv, amorphous_stol(qx, qy, qz),
-                                            amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, bg_omega, bg_capture))
+                        # (pbuf[:10] holds the Bragg polarization's partials until the end)
+                        bg += amorphous_sample_vjp(gv, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf[10:])
+                    ix, iy, iz, lam, qx, qy, qz = scattering(sources, lambdas, s, dx, dy, dz)
                     if not S.samp.bragg or beyond_dmin(qx, qy, qz, dmin):
                         continue
                     w = beam.weights[s]
@@ -668,9 +697,8 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, ori, fflat, g
     blk_id = np.empty(nblocks, dtype=np.int64)
     rec = np.empty(4, dtype=np.int64)
     fac = np.empty(4)
-    bgsum = np.empty(S.samp.bg_amount.shape[0])
     lp = np.empty(LP_SIZE)
-    pbuf = np.empty(10)
+    pbuf = np.empty(20)         # the fast path keeps the polarization's partials in [:10]
     fidx = np.empty(64, dtype=np.int64)
     fw = np.empty(64)
     gor = orientation_rows(g, L)
@@ -687,7 +715,7 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, ori, fflat, g
                 done, v = pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, pbuf, g, gor,
                                              gF)
             if not done:
-                v = pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fac, bgsum, lp, pbuf,
-                                  fidx, fw, g, gor, gF)
+                v = pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fac, lp, pbuf, fidx, fw,
+                                  g, gor, gF)
             if want_image:
                 image[spixel, fpixel] = v * scale

@@ -34,7 +34,7 @@ from . import cpu as K
 from . import precision as P
 from . import tangent as T
 from .derivs import LP_SIZE
-from .scene import MAX_MATERIALS, Scene, as_single, orients_to_soa
+from .scene import Scene, as_single, orients_to_soa
 
 MAXP = 32              # parameters per tangent launch (more are done in groups)
 SIMULATED = bool(getattr(config, "ENABLE_CUDASIM", 0))
@@ -222,7 +222,6 @@ def _adjoint_kernel(S, L, upstream, scale, xmin, ymin, nx, ny, acc, acc_or, gF, 
     fw = cuda.local.array(64, float64)
     rec = cuda.local.array(4, int64)
     fac = cuda.local.array(4, float64)
-    bgsum = cuda.local.array(MAX_MATERIALS, float64)
     bI = blk_I[:, tid]
     bm = blk_m[:, tid]
     bK = blk_K[:, tid]
@@ -238,8 +237,7 @@ def _adjoint_kernel(S, L, upstream, scale, xmin, ymin, nx, ny, acc, acc_or, gF, 
         gv = upstream[spixel, fpixel] * scale
         if gv == 0.0:
             continue
-        v = _pixel_adjoint(fpixel, spixel, gv, S, L, bI, bm, bK, bid, rec, fac, bgsum[:S.samp.bg_amount.shape[0]], lp,
-                           pbuf, fidx, fw, g, gor, gF)
+        v = _pixel_adjoint(fpixel, spixel, gv, S, L, bI, bm, bK, bid, rec, fac, lp, pbuf, fidx, fw, g, gor, gF)
         if want_image:
             image[spixel, fpixel] = v * scale
 

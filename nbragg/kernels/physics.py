@@ -705,14 +705,12 @@ def _basis2(x, a, b, ya):
     return (x - b) * ya / (a - b)
 
 
-@njit(cache=True, error_model="numpy")
-def amorphous_F(samp, m, stol):
-    """F of material m at sin(theta)/lambda ``stol`` (1/m)."""
+@njit(cache=True, error_model="numpy", inline="always")
+def _amorphous_rows(samp, m, x):
+    """(a, n): the rows a .. a + n - 1 of material m whose polynomial gives F at x."""
     xs = samp.bg_stol
-    ys = samp.bg_F
     first = samp.bg_start[m]
     last = samp.bg_start[m + 1] - 1
-    x = stol
     # nearest: the last row at or below x (first - 1 when x is below the table), searched
     # within [lo, hi) after a first guess from the mean spacing -- exact for the usual
     # evenly spaced tables, so the search then takes no step
@@ -735,8 +733,16 @@ def amorphous_F(samp, m, stol):
         else:
             hi = mid
     a = max(lo - 1, first)
-    b = min(lo + 2, last)
-    n = b - a + 1
+    return a, min(lo + 2, last) - a + 1
+
+
+@njit(cache=True, error_model="numpy")
+def amorphous_F(samp, m, stol):
+    """F of material m at sin(theta)/lambda ``stol`` (1/m)."""
+    xs = samp.bg_stol
+    ys = samp.bg_F
+    x = stol
+    a, n = _amorphous_rows(samp, m, x)
     if n >= 4:
         x0 = xs[a]
         x1 = xs[a + 1]
@@ -752,6 +758,37 @@ def amorphous_F(samp, m, stol):
     if n == 2:
         return _basis2(x, xs[a], xs[a + 1], ys[a]) + _basis2(x, xs[a + 1], xs[a], ys[a + 1])
     return ys[a]
+
+
+@njit(cache=True, error_model="numpy")
+def amorphous_F_grad(samp, m, stol):
+    """(F, dF/dstol) of material m at ``stol`` (1/m): the same polynomial as amorphous_F
+    (its value here may differ from amorphous_F's in the last bit)."""
+    xs = samp.bg_stol
+    ys = samp.bg_F
+    x = stol
+    a, n = _amorphous_rows(samp, m, x)
+    F = 0.0
+    dF = 0.0
+    for k in range(n):
+        xa = xs[a + k]
+        basis = 1.0
+        num = 0.0
+        den = 1.0
+        for i in range(n):
+            if i == k:
+                continue
+            xi = xs[a + i]
+            den *= xa - xi
+            basis *= x - xi
+            term = 1.0
+            for j in range(n):
+                if j != k and j != i:
+                    term *= x - xs[a + j]
+            num += term
+        F += basis * ys[a + k] / den
+        dF += num * ys[a + k] / den
+    return F, dF
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -34,9 +34,12 @@ Hooks, in the order the walk calls them:
 ``subpixel(W, S, f, s, subF, subS, t, px, py, pz, R, dx, dy, dz)``
 ``omega_taken(W, S, R, omega, sub)``          the solid angle was (re)computed
 ``capture_taken(W, S, t, dx, dy, dz, capture, sub)``
-``amorphous(W, S, bg, stol, factor, s, sub) -> bg``  adds an amorphous sample to the
-                                              background sum (default: factor times
-                                              sum_m amount_m sign(F_m) F_m^2 at stol)
+``amorphous(W, S, bg, s, sub, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz, omega,
+capture) -> bg``                              adds an amorphous sample to the background
+                                              sum (default: its factors -- polarization,
+                                              the sub-pixel's omega and capture, the
+                                              source weight -- times sum_m amount_m
+                                              sign(F_m) F_m^2 at sin(theta)/lambda)
 ``cut(W, S, t, subS, subF, src, px, py, pz, qx, qy, qz)``    -dmin dropped this sample
 ``source(W, S, src, dx, dy, dz, qx, qy, qz, lam)``
 ``polarization(W, S, src, ix, iy, iz, dx, dy, dz, sub) -> polar``   takes the polarization
@@ -106,8 +109,8 @@ def walk(fpixel, spixel, S, W):
                 for s in range(nsrc):
                     ix, iy, iz, lam, qx, qy, qz = scattering(sources, lambdas, s, dx, dy, dz)
                     if nbg > 0:
-                        bg = amorphous(W, S, bg, amorphous_stol(qx, qy, qz),
-                                       amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, bg_omega, bg_capture), s, sub)
+                        bg = amorphous(W, S, bg, s, sub, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz, bg_omega,
+                                       bg_capture)
                     if not bragg:
                         continue
                     if beyond_dmin(qx, qy, qz, samp.dmin):
@@ -227,8 +230,9 @@ def _block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _amorphous(W, S, bg, stol, factor, s, sub):
-    return bg + factor * amorphous_sum(S.samp, stol)
+def _amorphous(W, S, bg, s, sub, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz, omega, capture):
+    return bg + amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, omega, capture) * amorphous_sum(
+        S.samp, amorphous_stol(qx, qy, qz))
 
 
 @njit(cache=True, error_model="numpy", inline="always")

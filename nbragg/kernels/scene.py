@@ -105,11 +105,6 @@ class Scene(NamedTuple):
     samp: Sampling
 
 
-# the most amorphous materials a scene holds (the GPU keeps per-material sums in fixed-size
-# thread-local arrays)
-MAX_MATERIALS = 8
-
-
 # the differentiable fields of each block, in layout order; "scale" is the factor
 # r_e^2 fluence / steps that the engine applies after the kernel
 DIFF = (

@@ -16,7 +16,8 @@ from .cpu import clipped_roi, fast_path, term
 from .physics import orientations_soa
 from .derivs import (LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
                      capture_partials, lattice_grad, omega_partials, square_partials)
-from .physics import SQUARE, amorphous_F, polarization_grad, signed_square, sum_row
+from .physics import (SQUARE, amorphous_F, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
+                      signed_square, sum_row)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Layout, Scene, field_slice
 
@@ -252,21 +253,61 @@ def _t_begin(W, S, fpixel, spixel):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _t_amorphous(W, S, bg, stol, factor, s, sub):
-    """The sample's tangent in the materials' amounts.  (Its tangent through the geometry,
-    the wavelength and the polarization is not carried: gradients.py refuses those
-    parameters when there is a background.)"""
+def _t_amorphous(W, S, bg, s, sub, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz, omega, capture):
+    """An amorphous sample and its tangents: in the materials' amounts, and through
+    sin(theta)/lambda, the sub-pixel's solid angle and capture fraction, the polarization
+    and the source's weight.  The value is the walk's default, bit for bit."""
     samp = S.samp
+    det = S.det
+    beam = S.beam
     d = W[W_d]
     L = W[W_L]
+    dd = W[W_dd]
+    flags = W[W_flags]
     dbg = W[W_dbg]
+    pb = W[W_pbuf]
+    stol = amorphous_stol(qx, qy, qz)
+    factor = amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, omega, capture)
     acc = np.float64(0.0)        # amorphous_sum's sum, term for term
+    dA = 0.0
     for m in range(samp.bg_amount.shape[0]):
-        sF2 = signed_square(amorphous_F(samp, m, stol))
+        F, dF = amorphous_F_grad(samp, m, stol)
+        sF2 = signed_square(amorphous_F(samp, m, stol))     # the forward's value, bit for bit
         a = factor * sF2
         for p in range(dbg.shape[0]):
             dbg[p] += a * d[p, L.bg_amount + m]
         acc += np.float64(samp.bg_amount[m]) * np.float64(sF2)
+        dA += samp.bg_amount[m] * 2.0 * abs(F) * dF
+    A = acc
+    polar = 1.0
+    if not beam.nopolar:
+        pv = beam.polar_axis
+        polar = polarization_grad(beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2], pb)
+    w = beam.weights[s]
+    oR, opix, oclose = omega_partials(R, det, omega)
+    cdx = cdy = cdz = cox = coy = coz = cts = cmu = 0.0
+    if det.thick != 0.0:
+        cap, cdx, cdy, cdz, cox, coy, coz, cts, cmu = capture_partials(t, dx, dy, dz, det)
+    so = L.sources + 3 * s
+    for p in range(dbg.shape[0]):
+        f = flags[p]
+        v = d[p, L.weights + s] * (polar * omega * capture)
+        if (f & (T_GEO | T_SRC | T_LAM)) != 0 and stol > 0.0:
+            dlam = d[p, L.lambdas + s]
+            dqx = (dd[p, 0] + d[p, so] - qx * dlam) / lam
+            dqy = (dd[p, 1] + d[p, so + 1] - qy * dlam) / lam
+            dqz = (dd[p, 2] + d[p, so + 2] - qz * dlam) / lam
+            dbg[p] += factor * dA * (qx * dqx + qy * dqy + qz * dqz) / (4.0 * stol)
+        if (f & (T_GEO | T_OMEGA)) != 0:
+            v += (oR * dd[p, 3] + opix * d[p, L.pixel] + oclose * d[p, L.close_distance]) * (polar * w * capture)
+        if det.thick != 0.0 and (f & (T_GEO | T_CAP)) != 0:
+            v += (cdx * dd[p, 0] + cdy * dd[p, 1] + cdz * dd[p, 2] + cox * d[p, L.odet] + coy * d[p, L.odet + 1]
+                  + coz * d[p, L.odet + 2] + cts * d[p, L.thickstep] + cmu * d[p, L.mu]) * (polar * omega * w)
+        if not beam.nopolar and (f & (T_GEO | T_SRC | T_POL)) != 0:
+            v += (pb[0] * d[p, L.kahn] - pb[1] * d[p, so] - pb[2] * d[p, so + 1] - pb[3] * d[p, so + 2]
+                  + pb[4] * dd[p, 0] + pb[5] * dd[p, 1] + pb[6] * dd[p, 2] + pb[7] * d[p, L.polar_axis]
+                  + pb[8] * d[p, L.polar_axis + 1] + pb[9] * d[p, L.polar_axis + 2]) * (omega * w * capture)
+        dbg[p] += v * A
     return bg + factor * acc
 
 
