@@ -175,3 +175,22 @@ def test_shipped_tables_read_and_are_increasing(name):
         assert t.F[0] == 2.0 and 0.0 < t.F[-1] < 2.0
     with pytest.raises(nbragg.ParameterError, match="units"):
         Material(name, units="Q")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_water_ring_refines_distance_and_beam_centre(seed):
+    """Water alone on a 48x48 detector: the distance, the beam centre and the water's
+    thickness from a Poisson image, started 2 mm, 0.8 mm and 20 % away, within 3
+    reported standard uncertainties."""
+    exp = nbragg.Experiment.from_nanobragg_args(
+        "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 1 -distance 60 -pixel 1.0 -detpixels 48 "
+        "-oversample 1 -fluence 1e16".split(), warn=lambda m: None)
+    exp = exp.replace(structure=exp.structure.replace(default_F=0.0), background=[Material("water", thickness=0.1)])
+    truth = {"distance": 60.0, "beam_x": 24.5, "background_thickness_0": 0.1}
+    assert nbragg.get_params(exp, list(truth)) == truth
+    observed = np.random.default_rng(seed).poisson(nbragg.simulate(exp).image).astype(float)
+    start = nbragg.set_params(exp, {"distance": 62.0, "beam_x": 25.3, "background_thickness_0": 0.12})
+    fit = nbragg.refine(start, observed, list(truth), loss="poisson")
+    assert fit.success, fit.message
+    for n, v in truth.items():
+        assert abs(fit.values[n] - v) <= 3 * fit.uncertainties[n], (n, fit.values[n], fit.uncertainties[n])
