@@ -165,9 +165,7 @@ def compare_nanobragg(binary, args, threads, repeat):
     outputs = ["-floatfile", "float.bin", "-intfile", "int.img", "-nonoise", "-nopgm"]
     with tempfile.TemporaryDirectory() as tmp:
         env_c = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env_n = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        env_n = _package_env()
         c_cmd = [binary] + args.split() + outputs
         n_cmd = [sys.executable, "-m", "nbragg"] + args.split() + outputs + ["-threads", str(threads), "-noprogress"]
         _run_process(n_cmd, env_n, tmp)  # warm the compile cache
@@ -200,18 +198,29 @@ def response_figures(repeat, noisify_binary=None):
         t_api.append(time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as tmp:
         np.ascontiguousarray(image, dtype="<f4").tofile(os.path.join(tmp, "b1l.bin"))
-        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
         args = ["-floatfile", "b1l.bin", "-detpixels", "2048"] + RESPONSE_FLAGS.split()
-        n_cmd = [sys.executable, "-m", "nbragg.noisify_cli"] + args
-        _run_process(n_cmd, env, tmp)
-        tn, tc = [], []
-        for _ in range(repeat):
-            tn.append(_run_process(n_cmd, env, tmp))
-            if noisify_binary:
-                tc.append(_run_process([noisify_binary] + args, env, tmp))
-    return statistics.median(t_api), statistics.median(tn), (statistics.median(tc) if tc else None)
+        t_cmd, t_c = _alternated("nbragg.noisify_cli", noisify_binary, args, _package_env(), tmp, repeat)
+    return statistics.median(t_api), t_cmd, t_c
+
+
+def _package_env(**extra):
+    """The environment for a command of this package (this checkout first on the path)."""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return dict(os.environ, **extra, PYTHONPATH=os.pathsep.join(
+        [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+
+def _alternated(module, binary, args, env, cwd, repeat):
+    """(median seconds of ``python -m module args``, of ``binary args`` or None): run in
+    turn, after one warm-up run of the module (its compiled code loaded from then on)."""
+    n_cmd = [sys.executable, "-m", module] + args
+    _run_process(n_cmd, env, cwd)
+    tn, tc = [], []
+    for _ in range(repeat):
+        tn.append(_run_process(n_cmd, env, cwd))
+        if binary:
+            tc.append(_run_process([binary] + args, env, cwd))
+    return statistics.median(tn), (statistics.median(tc) if tc else None)
 
 
 # the amorphous-background figure: nonBragg's water on a 1024x1024 detector, one
@@ -223,7 +232,6 @@ def background_figures(repeat, threads, nonbragg_binary=None):
     """(seconds of simulate() for the water image in process, of the nbragg-nonbragg
     command, of a nonBragg binary (or None)): medians, the commands alternated."""
     import gzip
-    import shutil as _shutil
     from .engine import simulate
     from .nonbragg_cli import plan
     exp = plan(BACKGROUND_FLAGS.replace("water.stol", "water").split(), lambda m: None).experiment
@@ -236,19 +244,11 @@ def background_figures(repeat, threads, nonbragg_binary=None):
     with tempfile.TemporaryDirectory() as tmp:
         from .io.stol import builtin_path
         with gzip.open(builtin_path("water")) as src, open(os.path.join(tmp, "water.stol"), "wb") as dst:
-            _shutil.copyfileobj(src, dst)
-        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(
-            [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+            shutil.copyfileobj(src, dst)
+        env = _package_env(OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
         args = BACKGROUND_FLAGS.split() + ["-nonoise", "-nopgm", "-floatfile", "w.bin", "-intfile", "w.img"]
-        n_cmd = [sys.executable, "-m", "nbragg.nonbragg_cli"] + args
-        _run_process(n_cmd, env, tmp)
-        tn, tc = [], []
-        for _ in range(repeat):
-            tn.append(_run_process(n_cmd, env, tmp))
-            if nonbragg_binary:
-                tc.append(_run_process([nonbragg_binary] + args, env, tmp))
-    return statistics.median(t_api), statistics.median(tn), (statistics.median(tc) if tc else None)
+        t_cmd, t_c = _alternated("nbragg.nonbragg_cli", nonbragg_binary, args, env, tmp, repeat)
+    return statistics.median(t_api), t_cmd, t_c
 
 
 DATASET_BASE = CASES["B2"]   # 512x512 frames with the B2 workload
