@@ -169,19 +169,24 @@ def square_adjoint(qx, qy, qz, ori, nreal, xt, fs, fflat, G, gor, sc, ibuf, g, L
 def _factors_vjp(g_om, g_cap, g_pol, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf):
     """Gradients of the pixel factors computed at one sub-pixel (omega, capture fraction,
     and the polarization with source s), pushed back to their inputs together."""
-    _sample_vjp(g_om, g_cap, g_pol, 0.0, 0.0, 0.0, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf)
+    if g_om == 0.0 and g_cap == 0.0 and g_pol == 0.0:
+        return
+    px, py, pz, R, dx, dy, dz = direction(fpixel, spixel, subF, subS, t, S.det, S.beam)
+    _sample_vjp(g_om, g_cap, g_pol, 0.0, 0.0, 0.0, fpixel, spixel, subF, subS, t, s, px, py, pz, R, dx, dy, dz, S, g,
+                L, pbuf)
 
 
 @njit(cache=True, error_model="numpy")
-def _sample_vjp(g_om, g_cap, g_pol, gdx, gdy, gdz, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf):
-    """:func:`_factors_vjp` with a gradient (gdx, gdy, gdz) of the sub-pixel's direction
-    from elsewhere (an amorphous sample's scattering vector), pushed back with them."""
+def _sample_vjp(g_om, g_cap, g_pol, gdx, gdy, gdz, fpixel, spixel, subF, subS, t, s, px, py, pz, R, dx, dy, dz, S, g,
+                L, pbuf):
+    """:func:`_factors_vjp` at a sub-pixel whose position and direction are known, with a
+    gradient (gdx, gdy, gdz) of its direction from elsewhere (an amorphous sample's
+    scattering vector), pushed back with them."""
     if g_om == 0.0 and g_cap == 0.0 and g_pol == 0.0 and gdx == 0.0 and gdy == 0.0 and gdz == 0.0:
         return
     det = S.det
     sources = S.beam.sources
     pv = S.beam.polar_axis
-    px, py, pz, R, dx, dy, dz = direction(fpixel, spixel, subF, subS, t, det, S.beam)
     gR = 0.0
     if g_om != 0.0:
         om = solid_angle(R, det)
@@ -498,7 +503,8 @@ def amorphous_sample_vjp(gv, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf):
         gdx = gqx / lam
         gdy = gqy / lam
         gdz = gqz / lam
-    _sample_vjp(g_om, g_cap, g_pol, gdx, gdy, gdz, fpixel, spixel, subF, subS, t, s, S, g, L, pbuf)
+    _sample_vjp(g_om, g_cap, g_pol, gdx, gdy, gdz, fpixel, spixel, subF, subS, t, s, px, py, pz, R, dx, dy, dz, S, g,
+                L, pbuf)
     return factor * A
 
 

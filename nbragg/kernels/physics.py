@@ -739,10 +739,13 @@ def _amorphous_rows(samp, m, x):
 @njit(cache=True, error_model="numpy")
 def amorphous_F(samp, m, stol):
     """F of material m at sin(theta)/lambda ``stol`` (1/m)."""
-    xs = samp.bg_stol
-    ys = samp.bg_F
-    x = stol
-    a, n = _amorphous_rows(samp, m, x)
+    a, n = _amorphous_rows(samp, m, stol)
+    return _lagrange_value(samp.bg_stol, samp.bg_F, a, n, stol)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _lagrange_value(xs, ys, a, n, x):
+    # the polynomial through rows a .. a + n - 1 at x, in nonBragg.c's form
     if n >= 4:
         x0 = xs[a]
         x1 = xs[a + 1]
@@ -762,33 +765,28 @@ def amorphous_F(samp, m, stol):
 
 @njit(cache=True, error_model="numpy")
 def amorphous_F_grad(samp, m, stol):
-    """(F, dF/dstol) of material m at ``stol`` (1/m): the same polynomial as amorphous_F
-    (its value here may differ from amorphous_F's in the last bit)."""
+    """(F, dF/dstol) of material m at ``stol`` (1/m): F is amorphous_F's, bit for bit,
+    from the same search."""
     xs = samp.bg_stol
     ys = samp.bg_F
     x = stol
     a, n = _amorphous_rows(samp, m, x)
-    F = 0.0
     dF = 0.0
     for k in range(n):
-        xa = xs[a + k]
-        basis = 1.0
+        # d/dx of row k's basis polynomial: the sum over its factors of the others' product
         num = 0.0
         den = 1.0
         for i in range(n):
             if i == k:
                 continue
-            xi = xs[a + i]
-            den *= xa - xi
-            basis *= x - xi
+            den *= xs[a + k] - xs[a + i]
             term = 1.0
             for j in range(n):
                 if j != k and j != i:
                     term *= x - xs[a + j]
             num += term
-        F += basis * ys[a + k] / den
         dF += num * ys[a + k] / den
-    return F, dF
+    return _lagrange_value(xs, ys, a, n, x), dF
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -16,7 +16,7 @@ from .cpu import clipped_roi, fast_path, term
 from .physics import orientations_soa
 from .derivs import (LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
                      capture_partials, lattice_grad, omega_partials, square_partials)
-from .physics import (SQUARE, amorphous_F, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
+from .physics import (SQUARE, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
                       signed_square, sum_row)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Layout, Scene, field_slice
@@ -271,8 +271,8 @@ def _t_amorphous(W, S, bg, s, sub, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz
     acc = np.float64(0.0)        # amorphous_sum's sum, term for term
     dA = 0.0
     for m in range(samp.bg_amount.shape[0]):
-        F, dF = amorphous_F_grad(samp, m, stol)
-        sF2 = signed_square(amorphous_F(samp, m, stol))     # the forward's value, bit for bit
+        F, dF = amorphous_F_grad(samp, m, stol)              # F: the forward's, bit for bit
+        sF2 = signed_square(F)
         a = factor * sF2
         for p in range(dbg.shape[0]):
             dbg[p] += a * d[p, L.bg_amount + m]
