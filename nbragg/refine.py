@@ -50,7 +50,7 @@ from .engine import build_model, check_backend, render, tangent_image
 from .errors import NbraggError, ParameterError
 from .gradients import check_gradients as _check_gradients
 from .gradients import detected_jacobian, raw_gradient
-from .response import calibration_pattern, convolve_psf, expected_signal, poisson_variance, response_derivatives, signal_vjp
+from .response import convolve_psf, expected_counts, expected_signal, poisson_variance, response_derivatives, signal_vjp
 from .params import RESPONSE_PARAMS, base_name, check_names, get_params, input_tangent, set_params
 
 LOSSES = ("poisson", "gaussian", "l2")
@@ -330,7 +330,7 @@ class _Problem:
         response = model.experiment.response
         pixel = model.experiment.detector.pixel_size
         photons = self._photons(self._cache)
-        counts = photons * (response.scale * calibration_pattern(response, photons.shape))
+        counts = expected_counts(photons, response)
         CWJ = np.empty_like(WJ)
         for p in range(WJ.shape[1]):
             v = np.zeros(self.shape)

@@ -109,16 +109,32 @@ def _separable(image, w_slow, w_fast):
     return out
 
 
-def blur(image, kind, fwhm_pixels, radius=0):
-    """Convolve a 2D image with the PSF (zero outside the detector).  The kernels are
-    symmetric, so the convolution is its own adjoint."""
+def _convolve(image, kind, fwhm_pixels, radius, of_kernel=None):
+    """The image convolved with the PSF's kernel (zero outside the detector), or with
+    ``of_kernel(make)`` where ``make(fwhm)`` gives the kernel (the Gaussian's 1D weights,
+    the fiber's 2D kernel) at the radius of ``fwhm_pixels``; it returns one kernel, or a
+    list of (slow, fast) weight pairs for the Gaussian, whose convolutions are summed."""
     r = psf_radius(kind, fwhm_pixels, image.shape, radius)
     img = np.ascontiguousarray(image, dtype=np.float64)
     if kind == "gauss":
-        w = gauss_weights(fwhm_pixels, r)
-        return _separable(img, w, w)
+        def make(f):
+            return gauss_weights(f, r)
+        pairs = of_kernel(make) if of_kernel else [(make(fwhm_pixels),) * 2]
+        out = _separable(img, *pairs[0])
+        for ws, wf in pairs[1:]:
+            out += _separable(img, ws, wf)
+        return out
     from scipy import signal
-    return signal.fftconvolve(img, fiber_kernel(fwhm_pixels, r), mode="same")
+
+    def make(f):
+        return fiber_kernel(f, r)
+    return signal.fftconvolve(img, of_kernel(make) if of_kernel else make(fwhm_pixels), mode="same")
+
+
+def blur(image, kind, fwhm_pixels, radius=0):
+    """Convolve a 2D image with the PSF (zero outside the detector).  The kernels are
+    symmetric, so the convolution is its own adjoint."""
+    return _convolve(image, kind, fwhm_pixels, radius)
 
 
 _STEP = 1e-150      # the complex step of the kernels' derivatives (see params.py)
@@ -128,15 +144,20 @@ def blur_derivative(image, kind, fwhm_pixels, radius=0):
     """d(blur(image))/d(fwhm in pixels), at the radius of ``fwhm_pixels`` (the radius
     is a whole number of pixels: the derivative is that of the smooth piece).  The
     kernel's derivative is its complex step: exact to rounding."""
-    r = psf_radius(kind, fwhm_pixels, image.shape, radius)
-    img = np.ascontiguousarray(image, dtype=np.float64)
-    if kind == "gauss":
-        w = gauss_weights(fwhm_pixels, r)
-        dw = np.imag(gauss_weights(complex(fwhm_pixels, _STEP), r)) / _STEP
-        return _separable(img, dw, w) + _separable(img, w, dw)
-    from scipy import signal
-    dk = np.imag(fiber_kernel(complex(fwhm_pixels, _STEP), r)) / _STEP
-    return signal.fftconvolve(img, dk, mode="same")
+    def derivative(make):
+        k = make(fwhm_pixels)
+        dk = np.imag(make(complex(fwhm_pixels, _STEP))) / _STEP
+        return [(dk, k), (k, dk)] if kind == "gauss" else dk
+    return _convolve(image, kind, fwhm_pixels, radius, derivative)
+
+
+def blur_squared(image, kind, fwhm_pixels, radius=0):
+    """The image convolved with the PSF's kernel squared (the variance of Poisson counts
+    the PSF spreads)."""
+    def squared(make):
+        k = make(fwhm_pixels) ** 2
+        return [(k, k)] if kind == "gauss" else k
+    return _convolve(image, kind, fwhm_pixels, radius, squared)
 
 
 POISSON_BLOCK = 1 << 18     # pixels per random stream: the counts do not depend on the thread count
@@ -196,12 +217,7 @@ def respond(image, response, pixel_size_mm, seed=None):
         photons = photons * calibration_pattern(response, img.shape)
     base = response.seed if seed is None else seed
     counts = poisson_counts(np.clip(photons, 0.0, None), [base, 3]) if response.noise else photons
-    if response.psf is not None and response.psf_fwhm > 0:
-        fwhm_pixels = response.psf_fwhm * 1e-3 / pixel_size_mm
-        if counts.ndim == 3:
-            counts = np.stack([blur(c, response.psf, fwhm_pixels, response.psf_radius) for c in counts])
-        else:
-            counts = blur(counts, response.psf, fwhm_pixels, response.psf_radius)
+    counts = convolve_psf(response, counts, pixel_size_mm)
     adu = counts * response.gain + response.adc
     if response.readout:
         adu += response.readout * rng.standard_normal(adu.shape)
@@ -228,37 +244,35 @@ def _per_panel(fn, image):
     return fn(image)
 
 
-def convolve_psf(response, image, pixel_size_mm):
-    """PSF * image (each panel of a stack; the image itself without a PSF)."""
+def _with_psf(response, image, pixel_size_mm, fn):
+    """fn(panel, kind, fwhm in pixels, radius) on each panel; the image itself without a
+    PSF."""
     if response.psf is None or not response.psf_fwhm > 0:
         return image
     fwhm = response.psf_fwhm * 1e-3 / pixel_size_mm
-    return _per_panel(lambda p: blur(p, response.psf, fwhm, response.psf_radius), image)
+    return _per_panel(lambda p: fn(p, response.psf, fwhm, response.psf_radius), image)
+
+
+def convolve_psf(response, image, pixel_size_mm):
+    """PSF * image (each panel of a stack; the image itself without a PSF)."""
+    return _with_psf(response, image, pixel_size_mm, blur)
+
+
+def expected_counts(image, response):
+    """scale * calibration * I: the expected photons before the PSF."""
+    img = np.asarray(image, dtype=np.float64)
+    return img * (response.scale * calibration_pattern(response, img.shape))
 
 
 def blurred_photons(image, response, pixel_size_mm):
     """B = PSF * (scale * calibration * I): the expected photons as the pixels see them."""
-    img = np.asarray(image, dtype=np.float64)
-    return convolve_psf(response, img * (response.scale * calibration_pattern(response, img.shape)), pixel_size_mm)
+    return convolve_psf(response, expected_counts(image, response), pixel_size_mm)
 
 
 def poisson_variance(image, response, pixel_size_mm):
     """The variance of the blurred counts, PSF^2 * (scale * calibration * I): Poisson
     counts spread by the PSF (each pixel's own variance; neighbours are correlated)."""
-    img = np.asarray(image, dtype=np.float64)
-    counts = img * (response.scale * calibration_pattern(response, img.shape))
-    if response.psf is None or not response.psf_fwhm > 0:
-        return counts
-    fwhm = response.psf_fwhm * 1e-3 / pixel_size_mm
-
-    def one(p):
-        r = psf_radius(response.psf, fwhm, p.shape, response.psf_radius)
-        if response.psf == "gauss":
-            w2 = gauss_weights(fwhm, r) ** 2
-            return _separable(np.ascontiguousarray(p), w2, w2)
-        from scipy import signal
-        return signal.fftconvolve(p, fiber_kernel(fwhm, r) ** 2, mode="same")
-    return _per_panel(one, counts)
+    return _with_psf(response, expected_counts(image, response), pixel_size_mm, blur_squared)
 
 
 def expected_signal(image, response, pixel_size_mm):
@@ -295,10 +309,8 @@ def response_derivatives(image, response, pixel_size_mm, names):
             if response.psf is None:
                 from .errors import ParameterError
                 raise ParameterError("parameter 'psf_fwhm': the response has no PSF (Response.psf is None)")
-            fwhm = response.psf_fwhm * 1e-3 / pixel_size_mm
-            src = img * (response.scale * calibration_pattern(response, img.shape))
-            out[n] = (response.gain * 1e-3 / pixel_size_mm) * _per_panel(
-                lambda p: blur_derivative(p, response.psf, fwhm, response.psf_radius), src)
+            out[n] = (response.gain * 1e-3 / pixel_size_mm) * _with_psf(
+                response, expected_counts(img, response), pixel_size_mm, blur_derivative)
         else:
             raise KeyError(n)
     return out
