@@ -86,7 +86,7 @@ def run(argv, stdout=None, stderr=None):
     from .io.pgm import write_float, write_pgm
     from .io.smv import write_smv
     from .nbargs import parse_nanobragg_args
-    from .noise import c_int_image, c_noise_image, c_pgm_image
+    from .noise import c_int_image, c_noise_image, c_pgm_image, intfile_scale
     from .report import setup_lines, stats_lines
 
     out = stdout or sys.stdout
@@ -175,11 +175,7 @@ def run(argv, stdout=None, stderr=None):
     write_float(o.floatfile, f32)
     say(lines[1])
     say(lines[2])
-    scale = o.intfile_scale
-    if scale <= 0.0:
-        scale = 1.0
-        if stats.max_I > 0.0:
-            scale = 55000.0 / stats.max_I
+    scale = intfile_scale(o.intfile_scale, stats.max_I)
     say("intfile_scale = %g" % scale)
     fields = _header_fields(model, exp)
     say("writing %s as %d-byte integers" % (o.intfile, 2))

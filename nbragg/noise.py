@@ -51,6 +51,14 @@ def c_noise_image(float_image, roi, seed, adc_offset=40.0, generator=None):
     return out, total, overloads
 
 
+def intfile_scale(given, max_I):
+    """The SMV intfile's scale as nanoBragg and nonBragg choose it: the one given
+    (``-scale``) if positive, else 55000 / max_I (1 when max_I is not positive)."""
+    if given > 0.0:
+        return given
+    return 55000.0 / max_I if max_I > 0.0 else 1.0
+
+
 def c_int_image(float_image, roi, scale, adc_offset):
     """nanoBragg's noiseless SMV image: round(value * scale + adc) clipped to uint16.
 

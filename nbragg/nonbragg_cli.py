@@ -901,11 +901,8 @@ def write_outputs(p, image, omega_sum, say, warn):
     write_float(st.floatfile, f32)
     say("max_I = %g  at %g %g" % (stats.max_I, stats.max_I_x, stats.max_I_y))
     say("mean= %g rms= %g rmsd= %g" % (stats.mean, stats.rms, stats.rmsd))
-    scale = st.intfile_scale
-    if scale <= 0.0:
-        scale = 1.0
-        if stats.max_I > 0.0:
-            scale = 55000.0 / stats.max_I
+    from .noise import intfile_scale
+    scale = intfile_scale(st.intfile_scale, stats.max_I)
     say("intfile_scale = %g" % scale)
     say("writing %s as %d-byte integers" % (st.intfile, 2))
     write_smv_raw(st.intfile, p.header, int_image(f32, p.roi, scale, st.adc))
