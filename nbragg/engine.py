@@ -26,7 +26,8 @@ from .kernels.scene import (Beam, Crystal, Detector, Sampling, Scene, Structure,
                             layout_of, panel_index, roi_clipped)
 from .models.beam import Sources, resolve_sources
 from .models.crystal import CrystalModel, resolve_crystal
-from .models.detector import DetectorGeometry, nanobragg_panels, resolve_detector
+from .models.detector import (DetectorGeometry, experiment_panels, first_panel_geometry, nanobragg_panels,
+                              resolve_detector)
 from .models.structure import StructureModel, resolve_structure
 from .units import AVOGADRO, R_E_SQR, WATER_F, WATER_MW
 
@@ -84,15 +85,16 @@ class Model:
     @property
     def inner_evaluations(self):
         """pixels * oversample^2 * sources * phisteps * domains * thicksteps (ROI and mask)."""
-        npix = 0
+        samples = 0
         for S in self.scenes:
             xmin, xmax, ymin, ymax = roi_clipped(S.det)
             if S.det.use_mask:
-                npix += int(S.det.mask[ymin:ymax + 1, xmin:xmax + 1].sum())
+                npix = int(S.det.mask[ymin:ymax + 1, xmin:xmax + 1].sum())
             else:
-                npix += max(0, xmax - xmin + 1) * max(0, ymax - ymin + 1)
-        return (npix * self.oversample ** 2 * len(self.sources.wavelengths)
-                * self.crystal.orientations.shape[0] * self.detector.thicksteps)
+                npix = max(0, xmax - xmin + 1) * max(0, ymax - ymin + 1)
+            samples += npix * S.det.thicksteps
+        return (samples * self.oversample ** 2 * len(self.sources.wavelengths)
+                * self.crystal.orientations.shape[0])
 
     @property
     def roi_clipped(self):
@@ -119,6 +121,8 @@ def detector_panels(maker, exp, det):
     """The detector's panels for the resolved geometry ``det``: ``maker(det)``, or without
     one the panel nanoBragg's conventions place."""
     if maker is None:
+        if exp.detector.panels is not None:
+            return experiment_panels(exp.detector, det.beam, det.point_pixel)
         return nanobragg_panels(det, exp.detector.mask)
     return list(maker(det))
 
@@ -195,11 +199,21 @@ def build_model(exp, warn=None, panels=None):
 
     det, src, cry = resolve(exp, warn=_warn)
     st = resolve_structure(exp.structure, exp.crystal.Na, exp.crystal.Nb, exp.crystal.Nc)
+    panel_list = detector_panels(panels, exp, det)
+    if not panel_list:
+        raise ParameterError("the detector has no panels")
+    if exp.detector.panels is not None and panels is None:
+        # reports and image headers describe the first panel; the oversampling follows
+        # the nearest one
+        det = first_panel_geometry(det, panel_list[0])
+        nearest = min(float(np.real(p.close_distance)) for p in panel_list)
+    else:
+        nearest = det.distance
 
     lambda0 = exp.beam.wavelength / 1e10
     lengths = np.sqrt((cry.real0 ** 2).sum(axis=1))
     xtal_max = max(lengths[0] * cry.Na, lengths[1] * cry.Nb, lengths[2] * cry.Nc)
-    recip_pixel = lambda0 * det.distance / det.pixel
+    recip_pixel = lambda0 * nearest / det.pixel
     rec = math.ceil(3.0 * xtal_max / recip_pixel) if recip_pixel != 0 else 1
     if rec <= 0:
         rec = 1
@@ -228,9 +242,6 @@ def build_model(exp, warn=None, panels=None):
                   f"(nanoBragg recommends -oversample {rec})")
     nsrc = len(src.wavelengths)
     steps = nsrc * cry.mosaic_domains * cry.phisteps * oversample * oversample
-    panel_list = detector_panels(panels, exp, det)
-    if not panel_list:
-        raise ParameterError("the detector has no panels")
     u = kernel_inputs(exp, det, panel_list, src, cry, oversample, steps)
     bg_stol, bg_F, bg_start = amorphous_tables(exp.background)
     for m in exp.background:
@@ -537,6 +548,15 @@ class Result:
     @property
     def experiment(self):
         return self.model.experiment
+
+    @property
+    def panels(self):
+        """The panels' names, in the order of the image's first axis (a panel without a
+        name is called by its index)."""
+        user = self.model.experiment.detector.panels
+        if user is not None and self.model.panel_maker is None:
+            return tuple(p.name or str(i) for i, p in enumerate(user))
+        return tuple(str(i) for i in range(len(self.model.scenes)))
 
 
 @njit(cache=True)

@@ -169,6 +169,191 @@ class Beam(_Record):
             self._set("sources", s)
 
 
+def _pair(obj, name, value, cast=float):
+    try:
+        v = tuple(cast(x) for x in (value if np.ndim(value) else (value, value)))
+    except (TypeError, ValueError):
+        raise ParameterError(f"{obj}.{name} = {value!r} is not a pair of numbers") from None
+    if len(v) != 2:
+        raise ParameterError(f"{obj}.{name} = {value!r} is not a pair (fast, slow)")
+    return v
+
+
+def _triple(obj, name, value):
+    try:
+        v = tuple(float(x) for x in value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{obj}.{name} = {value!r} is not three numbers") from None
+    if len(v) != 3 or not all(math.isfinite(x) for x in v):
+        raise ParameterError(f"{obj}.{name} = {value!r} is not three finite numbers")
+    return v
+
+
+def _frame(obj, node):
+    """Check and store a panel's or group's frame (origin, fast and slow axes) and its
+    refinable shift and rotation."""
+    node._set("name", str(node.name))
+    node._set("origin", _triple(obj, "origin", node.origin))
+    for name in ("fast_axis", "slow_axis"):
+        _vector(obj, name, getattr(node, name))
+        node._set(name, _triple(obj, name, getattr(node, name)))
+    f, s = np.array(node.fast_axis), np.array(node.slow_axis)
+    if np.linalg.norm(np.cross(f, s)) < 1e-9 * np.linalg.norm(f) * np.linalg.norm(s):
+        raise ParameterError(f"{obj}.fast_axis {node.fast_axis} and slow_axis {node.slow_axis} are parallel")
+    node._set("shift", _triple(obj, "shift", node.shift))
+    node._set("rotation", _triple(obj, "rotation", node.rotation))
+
+
+@dataclass(frozen=True, eq=False)
+class Panel(_Record):
+    """One flat module of pixels, in the laboratory frame, with dxtbx's names and units.
+
+    origin : mm, the outer corner of pixel (0, 0); fast_axis, slow_axis : directions
+        (normalised when the detector is built; the normal is fast x slow, turned to face
+        away from the sample).
+    image_size : (fast, slow) pixels; pixel_size : mm, (fast, slow) or one number (the
+        model's pixels are square: the two must be equal).
+    thickness : sensor thickness (mm); mu : its linear attenuation coefficient (1/mm).
+        With both above 0 a pixel records the fraction 1 - exp(-mu t / cos) of the photons
+        reaching it, in ``thicksteps`` equal layers (default 1); mu = 0 means no sensor
+        model (every photon counts), whatever the thickness.
+    trusted_range : (min, max) of valid pixel values (refinement leaves observed pixels
+        outside it out); gain : ADU per photon (kept for experiment lists).
+    mask : rectangles (fast_min, fast_max, slow_min, slow_max) of pixels left out, half
+        open as dxtbx writes them (fast_min <= f < fast_max); roi : (xmin, xmax, ymin,
+        ymax), inclusive, as Detector.roi.
+    shift : mm, (x, y, z) in the laboratory frame; rotation : degrees, about the panel's
+        own fast, slow and normal axes through its origin, in that order.  Both start at
+        0 and move the panel rigidly: they are its refinable geometry (``panel_shift_x[i]``
+        ... ``panel_rot_z[i]``).
+    """
+
+    origin: Tuple[float, float, float] = (0.0, 0.0, -100.0)
+    fast_axis: Tuple[float, float, float] = (1.0, 0.0, 0.0)
+    slow_axis: Tuple[float, float, float] = (0.0, -1.0, 0.0)
+    image_size: Tuple[int, int] = (1024, 1024)
+    pixel_size: object = 0.1
+    name: str = ""
+    thickness: float = 0.0
+    mu: float = 0.0
+    thicksteps: Optional[int] = None
+    trusted_range: Optional[Tuple[float, float]] = None
+    gain: float = 1.0
+    mask: Tuple[Tuple[int, int, int, int], ...] = ()
+    roi: Optional[Tuple[int, int, int, int]] = None
+    shift: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    rotation: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __post_init__(self):
+        n = f"Panel {self.name!r}" if self.name else "Panel"
+        _frame(n, self)
+        size = _pair(n, "image_size", self.image_size, cast=lambda x: _int(n, "image_size", x, minimum=1,
+                                                                              allow_none=False))
+        self._set("image_size", size)
+        px = _pair(n, "pixel_size", self.pixel_size)
+        for v in px:
+            _finite(n, "pixel_size", v, positive=True)
+        if px[0] != px[1]:
+            raise ParameterError(f"{n}.pixel_size = {px}: pixels must be square (fast and slow sizes equal)")
+        self._set("pixel_size", px)
+        _finite(n, "thickness", self.thickness, nonneg=True)
+        _finite(n, "mu", self.mu, nonneg=True)
+        self._set("thicksteps", _int(n, "thicksteps", self.thicksteps, minimum=1))
+        _finite(n, "gain", self.gain, positive=True)
+        if self.trusted_range is not None:
+            self._set("trusted_range", _pair(n, "trusted_range", self.trusted_range))
+        rects = []
+        for r in self.mask:
+            try:
+                r = tuple(int(v) for v in r)
+            except (TypeError, ValueError):
+                raise ParameterError(f"{n}.mask rectangle {r!r} is not four integers") from None
+            if len(r) != 4 or r[0] > r[1] or r[2] > r[3]:
+                raise ParameterError(f"{n}.mask rectangle {r!r} is not (fast_min, fast_max, slow_min, slow_max) "
+                                     f"with min <= max")
+            rects.append(r)
+        self._set("mask", tuple(rects))
+        if self.roi is not None:
+            self._set("roi", _check_roi(n, self.roi, *size))
+
+    def pixel_mask(self):
+        """(slow, fast) uint8 array, 0 where a mask rectangle covers the pixel; None
+        without rectangles."""
+        if not self.mask:
+            return None
+        f, s = self.image_size
+        m = np.ones((s, f), dtype=np.uint8)
+        for f0, f1, s0, s1 in self.mask:
+            m[max(s0, 0):max(s1, 0), max(f0, 0):max(f1, 0)] = 0
+        return m
+
+
+@dataclass(frozen=True, eq=False)
+class PanelGroup(_Record):
+    """A rigid group of panels and groups -- a quadrant, a module, a whole detector.
+
+    children : panel indices (into ``Detector.panels``) and groups.
+    origin, fast_axis, slow_axis : the group's own frame, in the laboratory frame (mm):
+        the point and axes its rotation turns about.
+    shift, rotation : as for :class:`Panel`, moving every panel under the group
+        (``group_shift_x[name]`` ... ``group_rot_z[name]``).  A panel moves by its own
+        motion, then by its group's, then by that group's parent's, up to the top.
+    """
+
+    children: Tuple[object, ...] = ()
+    name: str = ""
+    origin: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    fast_axis: Tuple[float, float, float] = (1.0, 0.0, 0.0)
+    slow_axis: Tuple[float, float, float] = (0.0, 1.0, 0.0)
+    shift: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    rotation: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __post_init__(self):
+        n = f"PanelGroup {self.name!r}" if self.name else "PanelGroup"
+        _frame(n, self)
+        kids = self.children
+        if isinstance(kids, PanelGroup):
+            kids = (kids,)
+        kids = tuple(kids)
+        out = []
+        for i, c in enumerate(kids):
+            if not isinstance(c, PanelGroup):
+                c = _int(n, f"children[{i}]", c, minimum=0, allow_none=False)
+            out.append(c)
+        self._set("children", tuple(out))
+
+    def panel_indices(self):
+        """Indices of the panels under this group, depth first."""
+        out = []
+        for c in self.children:
+            out.extend(c.panel_indices() if isinstance(c, PanelGroup) else [c])
+        return out
+
+    def groups(self, path="root"):
+        """[(path, group)] for this group and every group below it, depth first; a path is
+        "root", then "root/2" for its third child, and so on."""
+        out = [(path, self)]
+        for i, c in enumerate(self.children):
+            if isinstance(c, PanelGroup):
+                out.extend(c.groups(f"{path}/{i}"))
+        return out
+
+
+def _check_roi(n, roi, fpixels, spixels):
+    try:
+        roi = tuple(int(v) for v in roi)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{n}.roi = {roi!r} is not four integers") from None
+    if len(roi) != 4:
+        raise ParameterError(f"{n}.roi = {roi!r} is not four integers (xmin xmax ymin ymax)")
+    xmin, xmax, ymin, ymax = roi
+    if xmin > xmax or ymin > ymax:
+        raise ParameterError(f"{n}.roi = {roi}: min is larger than max")
+    if xmax < 0 or ymax < 0 or xmin > fpixels - 1 or ymin > spixels - 1:
+        raise ParameterError(f"{n}.roi = {roi} lies outside the {fpixels}x{spixels} detector")
+    return roi
+
+
 @dataclass(frozen=True, eq=False)
 class Detector(_Record):
     """Pixel detector and its placement.
@@ -191,6 +376,14 @@ class Detector(_Record):
         no absorption).
     roi : (xmin, xmax, ymin, ymax) pixel limits, inclusive; mask : (spixels, fpixels)
         array, zero pixels are skipped.
+    panels : a detector of flat panels (a list of :class:`Panel`, in the laboratory
+        frame), all of the same image size.  It replaces the one panel that the
+        convention, distance, beam centre, rotations, pixel counts and sensor fields
+        place; the convention still gives the beam, polarization and spindle vectors
+        (with the custom convention: beam_vector, polar_vector, spindle_axis).
+        ``Result.image`` is then (panels, slow, fast) for more than one panel.
+    groups : optional hierarchy of the panels (a :class:`PanelGroup` whose children are
+        panel indices and groups): rigid groups whose shifts and rotations refine.
     """
 
     convention: str = "mosflm"
@@ -227,18 +420,51 @@ class Detector(_Record):
     absorption_depth: Optional[float] = None
     roi: Optional[Tuple[int, int, int, int]] = None
     mask: Optional[np.ndarray] = None
+    panels: Optional[Tuple[Panel, ...]] = None
+    groups: Optional[PanelGroup] = None
 
     def __post_init__(self):
         n = "Detector"
-        conv = str(self.convention).lower()
-        if conv not in CONVENTIONS:
-            raise ParameterError(f"Detector.convention = {self.convention!r}; expected one of {', '.join(CONVENTIONS)}")
-        self._set("convention", conv)
-        if self.pivot is not None:
-            p = str(self.pivot).lower()
-            if p not in ("beam", "sample"):
-                raise ParameterError(f"Detector.pivot = {self.pivot!r}; expected 'beam' or 'sample'")
-            self._set("pivot", p)
+        if self.panels is not None:
+            panels = (self.panels,) if isinstance(self.panels, Panel) else self.panels
+            try:
+                panels = tuple(panels)
+            except TypeError:
+                raise ParameterError(f"Detector.panels must be a list of Panel, got {type(self.panels).__name__}") from None
+            if not panels:
+                raise ParameterError("Detector.panels is empty")
+            for i, p in enumerate(panels):
+                if not isinstance(p, Panel):
+                    raise ParameterError(f"Detector.panels[{i}] must be a Panel, got {type(p).__name__}")
+            self._set("panels", panels)
+            for name in ("roi", "mask"):
+                if getattr(self, name) is not None:
+                    raise ParameterError(f"Detector.{name} is given with Detector.panels: give each Panel its "
+                                         f"own {name}")
+            if self.curved:
+                raise ParameterError("Detector.curved cannot be combined with Detector.panels (flat panels)")
+            shapes = {(p.image_size, p.pixel_size) for p in panels}
+            if len(shapes) > 1:
+                raise ParameterError("Detector.panels differ in image size or pixel size: "
+                                     + ", ".join(f"{p.image_size[0]}x{p.image_size[1]} of {p.pixel_size[0]:g} mm"
+                                                 for p in panels[:4]) + (" ..." if len(panels) > 4 else "")
+                                     + "; the image holds panels of one size")
+            # the panels set the pixel count and size that the rest of the model reads
+            self._set("fpixels", panels[0].image_size[0])
+            self._set("spixels", panels[0].image_size[1])
+            self._set("pixel_size", panels[0].pixel_size[0])
+        if self.groups is not None:
+            if self.panels is None:
+                raise ParameterError("Detector.groups is given without Detector.panels")
+            if not isinstance(self.groups, PanelGroup):
+                raise ParameterError(f"Detector.groups must be a PanelGroup, got {type(self.groups).__name__}")
+            seen = self.groups.panel_indices()
+            bad = [i for i in seen if i >= len(self.panels)]
+            if bad:
+                raise ParameterError(f"Detector.groups names panel {bad[0]}; the detector has {len(self.panels)}")
+            twice = sorted({i for i in seen if seen.count(i) > 1})
+            if twice:
+                raise ParameterError(f"Detector.groups holds panel {twice[0]} more than once")
         if (self.fpixels is None) != (self.spixels is None):
             given, other = ("fpixels", "spixels") if self.spixels is None else ("spixels", "fpixels")
             raise ParameterError(f"Detector.{given} = {getattr(self, given)!r} without Detector.{other}: give both "
@@ -267,19 +493,7 @@ class Detector(_Record):
                      "spindle_axis", "twotheta_axis"):
             self._set(name, _vector(n, name, getattr(self, name)))
         if self.roi is not None:
-            try:
-                roi = tuple(int(v) for v in self.roi)
-            except (TypeError, ValueError):
-                raise ParameterError(f"Detector.roi = {self.roi!r} is not four integers") from None
-            if len(roi) != 4:
-                raise ParameterError(f"Detector.roi = {self.roi!r} is not four integers (xmin xmax ymin ymax)")
-            xmin, xmax, ymin, ymax = roi
-            if xmin > xmax or ymin > ymax:
-                raise ParameterError(f"Detector.roi = {roi}: min is larger than max")
-            if xmax < 0 or ymax < 0 or xmin > self.fpixels - 1 or ymin > self.spixels - 1:
-                raise ParameterError(
-                    f"Detector.roi = {roi} lies outside the {self.fpixels}x{self.spixels} detector")
-            self._set("roi", roi)
+            self._set("roi", _check_roi(n, self.roi, self.fpixels, self.spixels))
         if self.mask is not None:
             m = np.array(self.mask)
             if m.shape != (self.spixels, self.fpixels):

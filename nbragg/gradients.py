@@ -18,7 +18,7 @@ import numpy as np
 
 from .engine import adjoint_image, build_model, check_backend, render, tangent_image
 from .errors import ParameterError
-from .params import RESPONSE_PARAMS, check_names, get_params, input_tangent, set_params
+from .params import RESPONSE_PARAMS, check_names, geometry, get_params, input_tangent, set_params
 
 
 @dataclass
@@ -187,6 +187,8 @@ def default_step(exp, name):
     """The largest central-difference step of a sweep (user units)."""
     if name in _FIXED_STEPS:
         return _FIXED_STEPS[name]
+    if geometry(name):             # a panel or group shift (mm) or rotation (degrees)
+        return 0.01 if geometry(name)[1] == "shift" else 0.05
     v = get_params(exp, [name])[name]
     return 1e-3 * abs(v) if v != 0 else 1e-3
 

@@ -36,6 +36,13 @@ background_thickness_<i>  its thickness along the beam (mm)
 psf_fwhm gain             the detector response (Experiment.response): PSF FWHM (microns),
 response_scale adc        gain (ADU/photon), scale, ADC offset (ADU); derivatives of the
                           expected signal (``detected=True`` in gradient and jacobian)
+panel_shift_x[i] (y, z)   mm: a shift of panel i of Detector.panels (its index, or its
+                          name when unique) along the laboratory x (y, z)
+panel_rot_x[i] (y, z)     degrees: its rotation about its own fast (slow, normal) axis
+                          through its origin
+group_shift_x[g] ...      the same for the group g of Detector.groups: its name when
+group_rot_z[g]            unique, or its path ("root", "root/0", "root/0/3": child
+                          indices from the top); the group moves as one rigid body
 Fhkl                      the structure-factor grid (an array of its shape)
 ========================  ================================================================
 
@@ -86,6 +93,109 @@ INDEXED_PARAMS = {"background_scale": "scale", "background_thickness": "thicknes
 _INDEXED = re.compile(r"^(%s)_(\d+)$" % "|".join(INDEXED_PARAMS))
 
 
+# the geometry of Detector.panels and Detector.groups: panel_shift_x[3], group_rot_z[Q1]
+_GEOMETRY = re.compile(r"^(panel|group)_(shift|rot)_([xyz])\[([^\]]+)\]$")
+GEOMETRY_PARAMS = tuple(f"{k}_{m}_{a}[...]" for k in ("panel", "group") for m in ("shift", "rot") for a in "xyz")
+
+
+def geometry(name):
+    """(kind, field, axis index, key) of a panel or group geometry parameter, else None:
+    ``panel_rot_z[3]`` -> ("panel", "rotation", 2, "3")."""
+    m = _GEOMETRY.match(name)
+    if not m:
+        return None
+    return m.group(1), "shift" if m.group(2) == "shift" else "rotation", "xyz".index(m.group(3)), m.group(4)
+
+
+def _find_panel(exp, name, key):
+    """Index of the panel ``key`` names: an index, or a panel's unique name."""
+    panels = exp.detector.panels
+    if panels is None:
+        raise ParameterError(f"parameter {name!r}: the detector has no Detector.panels")
+    if key.isdigit() and int(key) < len(panels):
+        return int(key)
+    hits = [i for i, p in enumerate(panels) if p.name == key]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise ParameterError(f"parameter {name!r}: {len(hits)} panels are named {key!r}; use the index")
+    raise ParameterError(f"parameter {name!r}: no panel {key!r} (an index below {len(panels)} or a panel name)")
+
+
+def _find_group(exp, name, key):
+    """Path ("root/1/0") of the group ``key`` names: its path or its unique name."""
+    groups = exp.detector.groups
+    if groups is None:
+        raise ParameterError(f"parameter {name!r}: the detector has no hierarchy (Detector.groups)")
+    listed = groups.groups()
+    paths = [p for p, _ in listed]
+    if key in paths:
+        return key
+    hits = [p for p, g in listed if g.name == key]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise ParameterError(f"parameter {name!r}: {len(hits)} groups are named {key!r}; use the path "
+                             f"({', '.join(hits[:3])})")
+    named = [g.name for _, g in listed if g.name][:8]
+    raise ParameterError(f"parameter {name!r}: no group {key!r} (a path such as {paths[min(1, len(paths) - 1)]!r}"
+                         + (f" or a name such as {', '.join(map(repr, named))}" if named else "") + ")")
+
+
+def _geometry_node(exp, name):
+    """(kind, panel index or group path, field, axis) of a geometry parameter."""
+    kind, fld, axis, key = geometry(name)
+    where = _find_panel(exp, name, key) if kind == "panel" else _find_group(exp, name, key)
+    return kind, where, fld, axis
+
+
+def _group_at(root, path):
+    node = root
+    for part in path.split("/")[1:]:
+        node = node.children[int(part)]
+    return node
+
+
+def _with_node_value(detector, kind, where, fld, axis, value, validate=True):
+    """A Detector with one component of a panel's or group's shift/rotation replaced;
+    ``validate=False`` copies the records without their checks (a complex step)."""
+    def changed(node):
+        t = list(getattr(node, fld))
+        t[axis] = value
+        if validate:
+            return node.replace(**{fld: tuple(t)})
+        out = copy.copy(node)
+        out._set(fld, tuple(t))
+        return out
+
+    def rebuilt(node, parts, fn):
+        if not parts:
+            return fn(node)
+        i = int(parts[0])
+        kids = list(node.children)
+        kids[i] = rebuilt(kids[i], parts[1:], fn)
+        if validate:
+            return node.replace(children=tuple(kids))
+        out = copy.copy(node)
+        out._set("children", tuple(kids))
+        return out
+
+    if validate:
+        if kind == "panel":
+            panels = list(detector.panels)
+            panels[where] = changed(panels[where])
+            return detector.replace(panels=tuple(panels))
+        return detector.replace(groups=rebuilt(detector.groups, where.split("/")[1:], changed))
+    out = copy.copy(detector)
+    if kind == "panel":
+        panels = list(detector.panels)
+        panels[where] = changed(panels[where])
+        out._set("panels", tuple(panels))
+    else:
+        out._set("groups", rebuilt(detector.groups, where.split("/")[1:], changed))
+    return out
+
+
 def indexed(name):
     """(base name, index) of a per-material parameter name, else None."""
     m = _INDEXED.match(name)
@@ -108,8 +218,9 @@ def check_names(names, allow_arrays=True):
     names = [names] if isinstance(names, str) else list(names)
     allowed = ALL_PARAMS if allow_arrays else SCALAR_PARAMS
     for n in names:
-        if n not in allowed and indexed(n) is None and n not in RESPONSE_PARAMS:
-            listing = ", ".join(allowed + tuple(RESPONSE_PARAMS) + tuple(f"{b}_<i>" for b in INDEXED_PARAMS))
+        if n not in allowed and indexed(n) is None and n not in RESPONSE_PARAMS and geometry(n) is None:
+            listing = ", ".join(allowed + tuple(RESPONSE_PARAMS) + tuple(f"{b}_<i>" for b in INDEXED_PARAMS)
+                                + GEOMETRY_PARAMS)
             if n in ARRAY_PARAMS:
                 raise ParameterError(f"parameter {n!r} is an array; this function takes scalar parameters "
                                      f"({', '.join(SCALAR_PARAMS)})")
@@ -117,6 +228,17 @@ def check_names(names, allow_arrays=True):
     if len(set(names)) != len(names):
         raise ParameterError(f"parameter names repeat: {names}")
     return names
+
+
+# the parameters that move nanoBragg's one panel, which Detector.panels replaces
+_ONE_PANEL = ("distance", "beam_x", "beam_y", "detector_rotx", "detector_roty", "detector_rotz", "twotheta")
+
+
+def _check_one_panel(exp, name):
+    if name in _ONE_PANEL and exp.detector.panels is not None:
+        raise ParameterError(f"parameter {name!r} places nanoBragg's one panel; this detector is given as "
+                             f"Detector.panels: refine group_shift_z[root], group_rot_x[root] ... or "
+                             f"panel_shift_x[i] ... instead")
 
 
 def _check_response(exp, name):
@@ -174,7 +296,13 @@ def get_params(exp, names):
             i, fld = _material(exp, n)
             out[n] = float(getattr(exp.background[i], fld))
             continue
+        if geometry(n):
+            kind, where, fld, axis = _geometry_node(exp, n)
+            node = exp.detector.panels[where] if kind == "panel" else _group_at(exp.detector.groups, where)
+            out[n] = float(getattr(node, fld)[axis])
+            continue
         _check_response(exp, n)
+        _check_one_panel(exp, n)
         rec, fld, idx = _FIELDS[n]
         if n in ("beam_x", "beam_y"):
             out[n] = float(beam_parameters_mm(exp.detector)[n == "beam_y"])
@@ -212,12 +340,18 @@ def set_params(exp, values):
         except (TypeError, ValueError):
             raise ParameterError(f"parameter {n!r}: value {v!r} is not a number") from None
         _check_response(exp, n)
+        if geometry(n):
+            det = changes.get("detector_record", exp.detector)
+            changes["detector_record"] = _with_node_value(det, *_geometry_node(exp, n), v)
+            continue
         rec, fld, v = _target(exp, n, v, changes)
         if rec == "background":
             changes["background"] = v
         else:
             changes.setdefault(rec, {})[fld] = v
     background = changes.pop("background", exp.background)
+    if "detector_record" in changes:
+        exp = exp.replace(detector=changes.pop("detector_record"))
     return exp.replace(background=background, **{r: getattr(exp, r).replace(**c) for r, c in changes.items()})
 
 
@@ -226,6 +360,9 @@ def _stepped(exp, name, h):
     take real numbers; this copy only feeds the set-up's complex pass)."""
     value = complex(get_params(exp, [name])[name], h)
     out = copy.copy(exp)
+    if geometry(name):
+        out._set("detector", _with_node_value(exp.detector, *_geometry_node(exp, name), value, validate=False))
+        return out
     if indexed(name):
         i, fld = _material(exp, name)
         material = copy.copy(exp.background[i])

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ParameterError
 from ..units import deg2rad
-from .geometry import absolute, cross, dot, rotate_axis, rotate_xyz, unitize
+from .geometry import absolute, cross, dot, re, rotate_axis, rotate_xyz, scalar, unitize
 
 DBL_MIN = 2.2250738585072014e-308
 
@@ -321,3 +321,132 @@ def nanobragg_panels(geom, mask=None):
                   thicksteps=geom.thicksteps, mu=geom.mu, roi=geom.roi,
                   mask=None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8),
                   curved=geom.curved, point_pixel=geom.point_pixel)]
+
+
+# ----------------------------------------------------------------------------- panels
+# A detector given as a list of panels (Detector.panels) in the laboratory frame, with
+# an optional hierarchy of rigid groups (Detector.groups).  Written with arithmetic only:
+# the derivatives run it on complex numbers, stepping a shift or a rotation.
+
+def _axes(node):
+    """A node's unit fast, slow and normal (fast x slow) axes."""
+    f, _ = unitize(np.array([scalar(x) for x in node.fast_axis]))
+    s, _ = unitize(np.array([scalar(x) for x in node.slow_axis]))
+    n, _ = unitize(cross(f, s))
+    return f, s, n
+
+
+def _move(node, origin, vectors):
+    """Apply ``node``'s rigid motion to a point (mm) and to direction vectors: rotate by
+    rotation (degrees) about the node's own fast, slow and normal axes through its origin,
+    in that order, then translate by shift (mm)."""
+    rx, ry, rz = node.rotation
+    sx, sy, sz = node.shift
+    if rx != 0 or ry != 0 or rz != 0:
+        centre = np.array([scalar(x) for x in node.origin])
+        rel = origin - centre
+        for axis, angle in zip(_axes(node), (rx, ry, rz)):
+            if angle != 0:
+                a = deg2rad(angle)
+                rel = rotate_axis(rel, axis, a)
+                vectors = [rotate_axis(v, axis, a) for v in vectors]
+        origin = centre + rel
+    if sx != 0 or sy != 0 or sz != 0:
+        origin = origin + np.array([sx, sy, sz])
+    return origin, vectors
+
+
+def panel_chains(detector):
+    """For each panel, the groups that hold it, innermost first (none without groups)."""
+    chains = [[] for _ in detector.panels]
+    if detector.groups is None:
+        return chains
+
+    def visit(group, above):
+        here = [group] + above
+        for c in group.children:
+            if isinstance(c, int):
+                chains[c] = here
+            else:
+                visit(c, here)
+    visit(detector.groups, [])
+    return chains
+
+
+def lab_frame(detector, i):
+    """(origin mm, fast, slow) of panel ``i`` after its own motion and its groups'."""
+    panel = detector.panels[i]
+    origin = np.array([scalar(x) for x in panel.origin])
+    f, s, _ = _axes(panel)
+    vectors = [f, s]
+    for node in [panel] + panel_chains(detector)[i]:
+        origin, vectors = _move(node, origin, vectors)
+    return origin, vectors[0], vectors[1]
+
+
+def group_lab_frame(detector, path):
+    """(origin mm, fast, slow) of the group at ``path`` after its own motion and its
+    parents' (what a hierarchy written back holds)."""
+    groups = dict(detector.groups.groups())
+    node = groups[path]
+    origin = np.array([scalar(x) for x in node.origin])
+    f, s, _ = _axes(node)
+    vectors = [f, s]
+    parts = path.split("/")
+    for k in range(len(parts), 0, -1):         # itself, then its parents up to the root
+        origin, vectors = _move(groups["/".join(parts[:k])], origin, vectors)
+    return origin, vectors[0], vectors[1]
+
+
+def experiment_panels(detector, beam, point_pixel):
+    """The kernel panels of a Detector given as Detector.panels; ``beam`` is the resolved
+    beam direction (the distance along it is reported)."""
+    out = []
+    for i, p in enumerate(detector.panels):
+        origin, fdet, sdet = lab_frame(detector, i)
+        pix0 = origin / 1000.0
+        odet, _ = unitize(cross(fdet, sdet))
+        if re(dot(pix0, odet)) < 0.0:       # the normal faces away from the sample
+            odet = -odet
+        close = dot(pix0, odet)
+        if not re(close) > 0.0:
+            raise ParameterError(f"Detector.panels[{i}] ({p.name or 'unnamed'}): its plane passes through "
+                                 f"the sample (origin {tuple(np.real(origin))} mm)")
+        ratio = dot(beam, odet)
+        distance = close / ratio if re(ratio) != 0.0 else close
+        if p.thickness > 0.0 and p.mu > 0.0:
+            thick = p.thickness / 1000.0
+            steps = p.thicksteps or 1
+            step, mu = thick / steps, p.mu * 1000.0
+        else:
+            thick, step, steps, mu = 0.0, 0.0, 1, 0.0
+        f, s = p.image_size
+        out.append(Panel(pix0=pix0, fdet=fdet, sdet=sdet, odet=odet, pixel=p.pixel_size[0] / 1000.0,
+                         fpixels=f, spixels=s, distance=distance, close_distance=close, thick=thick,
+                         thickstep=step, thicksteps=steps, mu=mu,
+                         roi=p.roi if p.roi is not None else (0, f, 0, s), mask=p.pixel_mask(),
+                         curved=False, point_pixel=bool(point_pixel)))
+    return out
+
+
+def first_panel_geometry(geom, panel):
+    """``geom`` (nanoBragg's resolved detector) with its pixel grid replaced by a panel's:
+    the beam centre, distances and sensor that reports and image headers give."""
+    import dataclasses
+    pixel = panel.pixel
+    pix0, fdet, sdet, odet = (np.real(v) for v in (panel.pix0, panel.fdet, panel.sdet, panel.odet))
+    Fclose, Sclose = -dot(pix0, fdet), -dot(pix0, sdet)
+    close = dot(pix0, odet)
+    ratio = dot(geom.beam, odet)
+    distance = close / ratio if ratio != 0.0 else close
+    newv = distance * geom.beam - pix0
+    Fbeam, Sbeam = dot(fdet, newv), dot(sdet, newv)
+    return dataclasses.replace(
+        geom, fpixels=panel.fpixels, spixels=panel.spixels, pixel=pixel, detsize_f=pixel * panel.fpixels,
+        detsize_s=pixel * panel.spixels, pix0=pix0, fdet=fdet, sdet=sdet, odet=odet, distance=distance,
+        close_distance=close, Xbeam=Fbeam, Ybeam=Sbeam, Fbeam=Fbeam, Sbeam=Sbeam, Xclose=Fclose, Yclose=Sclose,
+        Fclose=Fclose, Sclose=Sclose, ORGX=Fclose / pixel + 0.5, ORGY=Sclose / pixel + 0.5,
+        dials_origin=1000.0 * np.array([pix0[2], pix0[1], -pix0[0]]),
+        xds_incident_beam=np.array([dot(geom.beam, fdet), dot(geom.beam, sdet), dot(geom.beam, odet)]),
+        roi=tuple(panel.roi), curved=False, thick=panel.thick, thickstep=panel.thickstep,
+        thicksteps=panel.thicksteps, mu=panel.mu, twotheta=0.0)
