@@ -3,7 +3,9 @@
 Takes nanoBragg.c's flags and writes the same files.  nbragg-only flags:
 ``-threads N`` (CPU threads; default all cores), ``-device cpu|cuda`` (``cuda``: an
 NVIDIA GPU through numba-cuda) and ``-precision float64|float32`` (float32: the model
-computed in single precision, for speed on GPUs).
+computed in single precision, for speed on GPUs); structure factors from an MTZ
+(``-mtz``), an mmCIF reflection file (``-sf_cif``) or a coordinate file (``-model``),
+expanded to P1 (``-column``, ``-sf_dmin``; these need gemmi).
 User errors print one line on stderr and exit with status 2, writing no image.
 """
 
@@ -27,6 +29,7 @@ crystal     -cell a b c al be ga | -mat FILE   -misset x y z | -misset random
             -N n  -Na -Nb -Nc n   -xtalsize mm   -round_xtal -square_xtal -gauss_xtal
             -tophat_spots   -fudge f   -mosaic deg -mosaic_dom n -mosaic_seed n
 structure   -hkl FILE   -default_F F   -interpolate -nointerpolate   -dmin A
+            -mtz FILE | -sf_cif FILE  -column LABEL  -sf_dmin A   -model FILE -sf_dmin A  (need gemmi)
 beam        -lambda A | -energy eV   -fluence ph/m^2 | -flux ph/s -exposure s -beamsize mm
             -polar k -nopolar   -dispersion % -dispsteps n   -divergence mrad -divsteps n
             -hdivrange -vdivrange mrad  -hdivsteps -vdivsteps n  -round_div -square_div

@@ -150,6 +150,11 @@ class _State:
         self.dmin = 0.0
         self.matfile = None
         self.hklfile = None
+        self.mtzfile = None        # nbragg's own structure-factor sources (gemmi)
+        self.sf_ciffile = None
+        self.modelfile = None
+        self.sf_column = None
+        self.sf_dmin = None
         self.default_F = 0.0
         self.imgfile = None
         self.maskfile = None
@@ -509,6 +514,12 @@ HANDLERS = [
     _H(("-dmin",), _ss("-dmin"), 1, _set("dmin", scale=1e-10)),
     _H(("-mat",), _ss("-mat"), 1, _file("matfile")),
     _H(("-hkl",), _ss("-hkl"), 1, _file("hklfile")),
+    # nbragg's own (not nanoBragg.c's): matched exactly, never by substring
+    _H(("-mtz",), _eq("-mtz"), 1, _file("mtzfile")),
+    _H(("-sf_cif",), _eq("-sf_cif"), 1, _file("sf_ciffile")),
+    _H(("-model",), _eq("-model"), 1, _file("modelfile")),
+    _H(("-column",), _eq("-column"), 1, _file("sf_column")),
+    _H(("-sf_dmin",), _eq("-sf_dmin"), 1, _set("sf_dmin")),
     _H(("-default_F",), _ss("-default_F"), 1, _set("default_F")),
     _H(("-dump",), _ss("-dump"), 1, lambda st, v, rd: setattr(st.out, "dumpfile", rd.raw(0))),
     _H(("-img",), _ss("-img"), 1, _file("imgfile")),
@@ -748,8 +759,9 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
     fpixels, spixels = _detector_pixels(st, mask_img)
     _beam_and_sample(st, warn)
     _validate(st, fpixels, spixels)
+    _validate_sf_sources(st, warn)
     crystal_kw, Na, Nb, Nc, fudge, interpolate_choice = _crystal_size(st, warn, notes, cwd)
-    structure = _structure(st, st.out, warn, cwd, interpolate_choice)
+    structure = _structure(st, st.out, warn, cwd, interpolate_choice, crystal_cell=crystal_kw.get("cell"))
     sources = None
     if st.sourcefile is not None:
         from .io.sourcefile import read_sourcefile
@@ -839,12 +851,79 @@ def _validate(st, fpixels, spixels):
         pf, ps = st.out.printout_pixel
         if not (0 <= pf < fpixels and 0 <= ps < spixels):
             raise ArgumentError(f"-printout_pixel: pixel ({pf}, {ps}) is outside the {fpixels}x{spixels} detector")
-    if st.hklfile is None and st.out.dumpfile is None and st.default_F == 0.0:
-        raise ArgumentError("no structure factors: give -hkl FILE or -default_F F > 0 "
+    if not _sf_sources(st) and st.out.dumpfile is None and st.default_F == 0.0:
+        raise ArgumentError("no structure factors: give -hkl FILE (or -mtz, -sf_cif, -model FILE) or -default_F F > 0 "
                             "(usage: nbragg -mat auto.mat -hkl Fs.hkl ...)")
     if st.matfile is None and st.cell[0] == 0.0:
         raise ArgumentError("no unit cell: give -cell a b c alpha beta gamma or -mat FILE "
                             "(usage: nbragg -mat auto.mat -hkl Fs.hkl ...)")
+
+
+# the flags that give structure factors from a file, and the _State field of each
+SF_SOURCE_FLAGS = (("-hkl", "hklfile"), ("-mtz", "mtzfile"), ("-sf_cif", "sf_ciffile"), ("-model", "modelfile"))
+
+
+def _sf_sources(st):
+    """[(flag, file)] of the structure-factor files given."""
+    return [(flag, getattr(st, attr)) for flag, attr in SF_SOURCE_FLAGS if getattr(st, attr) is not None]
+
+
+def _validate_sf_sources(st, warn):
+    """One structure-factor file at most; -column and -sf_dmin only where they act."""
+    given = _sf_sources(st)
+    if len(given) > 1:
+        both = " and ".join(f"{flag} {name}" for flag, name in given)
+        raise ArgumentError(f"{both}: give structure factors from one file only "
+                            f"(one of {', '.join(f for f, _ in SF_SOURCE_FLAGS)})")
+    flag = given[0][0] if given else None
+    if st.sf_dmin is not None and not st.sf_dmin > 0:
+        raise ArgumentError(f"-sf_dmin: value {st.sf_dmin:g} must be a positive resolution in Angstrom")
+    if flag == "-model" and st.sf_dmin is None:
+        raise ArgumentError(f"-model {st.modelfile}: needs -sf_dmin A, the resolution to which structure factors "
+                            "are computed from the model (e.g. -sf_dmin 2)")
+    if st.sf_column is not None and flag not in ("-mtz", "-sf_cif"):
+        warn(f"-column {st.sf_column} has no effect without -mtz or -sf_cif")
+    if st.sf_dmin is not None and flag not in ("-mtz", "-sf_cif", "-model"):
+        warn(f"-sf_dmin {st.sf_dmin:g} has no effect without -mtz, -sf_cif or -model"
+             + (" (an HKL file has no unit cell)" if flag == "-hkl" else ""))
+
+
+def _read_sf_file(st, warn, cwd):
+    """The structure-factor file's reflections (an HKLData), or None."""
+    from .errors import InputFileError
+    from .io.hkl import read_hkl
+    given = _sf_sources(st)
+    if not given:
+        return None
+    flag, name = given[0]
+    path = _path(name, cwd)
+    if flag == "-hkl":
+        return read_hkl(path, warn=warn)
+    from .io import reflections
+    try:
+        if flag == "-mtz":
+            return reflections.read_mtz(path, column=st.sf_column, dmin=st.sf_dmin, warn=warn)
+        if flag == "-sf_cif":
+            return reflections.read_mmcif_reflections(path, column=st.sf_column, dmin=st.sf_dmin, warn=warn)
+        return reflections.structure_factors_from_model(path, st.sf_dmin, warn=warn)
+    except InputFileError as exc:
+        raise InputFileError(f"{flag}: {exc}") from None
+    except ParameterError as exc:
+        raise ArgumentError(f"{flag}: {exc}") from None
+
+
+def _check_sf_cell(data, crystal_cell, flag, warn):
+    """Warn when the file's cell is not the simulated crystal's: the indices would then
+    belong to another lattice."""
+    cell = getattr(data, "cell", None)
+    if cell is None or crystal_cell is None:
+        return
+    lengths_off = any(abs(x - y) > 0.01 * y for x, y in zip(cell[:3], crystal_cell[:3]))
+    angles_off = any(abs(x - y) > 1.0 for x, y in zip(cell[3:], crystal_cell[3:]))
+    if lengths_off or angles_off:
+        fmt = " ".join(f"{x:.5g}" for x in cell)
+        warn(f"{flag}: the file's unit cell ({fmt}) differs from the simulated crystal's "
+             f"({' '.join(f'{x:.5g}' for x in crystal_cell)}); its reflections are used by index as they are")
 
 
 def _crystal_size(st, warn, notes, cwd):
@@ -1111,13 +1190,14 @@ def _crystal_vectors(st, warn, notes, cwd):
             "_lengths_m": lengths_m, "_shape_metric_scale": metric_scale}
 
 
-def _structure(st, out, warn, cwd, interpolate_choice):
-    from .io.hkl import read_fdump, read_hkl
+def _structure(st, out, warn, cwd, interpolate_choice, crystal_cell=None):
+    from .io.hkl import read_fdump
     grid = None
     origin = (0, 0, 0)
     count = 0
-    if st.hklfile is not None:
-        data = read_hkl(_path(st.hklfile, cwd), warn=warn)
+    data = _read_sf_file(st, warn, cwd)
+    if data is not None:
+        _check_sf_cell(data, crystal_cell, _sf_sources(st)[0][0], warn)
         grid, origin = data.to_grid(st.default_F if st.default_F != 0.0 else 0.0)
         count = len(data)
         if out.dumpfile is not None:
@@ -1130,7 +1210,7 @@ def _structure(st, out, warn, cwd, interpolate_choice):
         count = grid.size
     if grid is None:
         if st.interpolate == 1:
-            warn("-interpolate has no effect without -hkl structure factors")
+            warn("-interpolate has no effect without -hkl (or -mtz, -sf_cif, -model) structure factors")
         return Structure(default_F=st.default_F, interpolate=interpolate_choice)
     return Structure(Fhkl=grid, hkl_origin=origin, hkl_count=count, default_F=st.default_F,
                      interpolate=interpolate_choice)
