@@ -219,9 +219,9 @@ class Panel(_Record):
         model (every photon counts), whatever the thickness.
     trusted_range : (min, max) of valid pixel values (refinement leaves observed pixels
         outside it out); gain : ADU per photon (kept for experiment lists).
-    mask : rectangles (fast_min, fast_max, slow_min, slow_max) of pixels left out, half
-        open as dxtbx writes them (fast_min <= f < fast_max); roi : (xmin, xmax, ymin,
-        ymax), inclusive, as Detector.roi.
+    mask : rectangles (f0, s0, f1, s1) of pixels left out, as dxtbx writes them: half
+        open, f0 <= fast < f1 and s0 <= slow < s1; roi : (xmin, xmax, ymin, ymax),
+        inclusive, as Detector.roi.
     shift : mm, (x, y, z) in the laboratory frame; rotation : degrees, about the panel's
         own fast, slow and normal axes through its origin, in that order.  Both start at
         0 and move the panel rigidly: they are its refinable geometry (``panel_shift_x[i]``
@@ -268,9 +268,9 @@ class Panel(_Record):
                 r = tuple(int(v) for v in r)
             except (TypeError, ValueError):
                 raise ParameterError(f"{n}.mask rectangle {r!r} is not four integers") from None
-            if len(r) != 4 or r[0] > r[1] or r[2] > r[3]:
-                raise ParameterError(f"{n}.mask rectangle {r!r} is not (fast_min, fast_max, slow_min, slow_max) "
-                                     f"with min <= max")
+            if len(r) != 4 or r[0] > r[2] or r[1] > r[3]:
+                raise ParameterError(f"{n}.mask rectangle {r!r} is not (f0, s0, f1, s1) with f0 <= f1 and "
+                                     f"s0 <= s1")
             rects.append(r)
         self._set("mask", tuple(rects))
         if self.roi is not None:
@@ -283,7 +283,7 @@ class Panel(_Record):
             return None
         f, s = self.image_size
         m = np.ones((s, f), dtype=np.uint8)
-        for f0, f1, s0, s1 in self.mask:
+        for f0, s0, f1, s1 in self.mask:
             m[max(s0, 0):max(s1, 0), max(f0, 0):max(f1, 0)] = 0
         return m
 

@@ -188,7 +188,7 @@ def test_bad_panels_are_refused(one):
 def test_panel_mask_and_roi(one):
     exp, _ = one
     tiles = _tiles(exp)
-    tiles[0] = tiles[0].replace(mask=((2, 5, 1, 3),))
+    tiles[0] = tiles[0].replace(mask=((2, 1, 5, 3),))   # f 2..4, s 1..2
     tiles[2] = tiles[2].replace(roi=(0, 5, 0, 1))
     img = nbragg.simulate(exp.replace(detector=exp.detector.replace(panels=tiles)), warn=lambda m: None).image
     full = nbragg.simulate(_tiled(exp), warn=lambda m: None).image
