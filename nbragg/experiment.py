@@ -785,7 +785,9 @@ class Response(_Record):
 class Experiment(_Record):
     """A complete simulation: beam, detector, crystal, structure factors, sampling, the
     amorphous background (a list of :class:`Material`), and optionally the detector's
-    response (``Result.detected`` then holds pixel values)."""
+    response (``Result.detected`` then holds pixel values).  ``provenance`` records a
+    file the experiment was read from (:func:`nbragg.io.dials.read_experiments`), so
+    that writing it back keeps what nbragg does not model; the simulation ignores it."""
 
     beam: Beam = field(default_factory=Beam)
     detector: Detector = field(default_factory=Detector)
@@ -794,6 +796,7 @@ class Experiment(_Record):
     sampling: Sampling = field(default_factory=Sampling)
     response: Optional[Response] = None
     background: Tuple[Material, ...] = ()
+    provenance: Optional[object] = None
 
     def __post_init__(self):
         bg = self.background

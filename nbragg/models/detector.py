@@ -274,7 +274,9 @@ def resolve_detector(det, warn=None):
     else:
         roi = tuple(det.roi)
     thick, thickstep, thicksteps, mu = _resolve_thickness(det)
-    if not (close_distance == close_distance) or close_distance == 0.0 and not det.curved:
+    # (with Detector.panels this nominal panel only carries the beam, polarization and
+    # spindle vectors: where it lies does not matter)
+    if det.panels is None and (not (close_distance == close_distance) or close_distance == 0.0 and not det.curved):
         raise ParameterError(f"the detector plane passes through the sample (close distance {close_distance:g} m)")
 
     return DetectorGeometry(

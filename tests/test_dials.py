@@ -1,0 +1,286 @@
+"""DIALS experiment lists: real files from DIALS's public test data (tests/data/dials,
+sources in its README) read as Experiments, checked against an independent composition
+of the detector hierarchy (tests/dials_reference.py), against DIALS's own formulas for
+the crystal's orientation and the Bragg condition, and written back."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dials_reference
+import nbragg
+from nbragg.engine import build_model
+from nbragg.errors import InputFileError
+from nbragg.io.dials import read_experiments, write_experiments
+
+DATA = Path(__file__).parent / "data" / "dials"
+FILES = ["cspad_single_image.expt", "cspad_multi_stills_regression.json", "i23_p12m_dials423.json",
+         "kappa_pilatus6m_ag_imported.expt", "i19_lcys_11_integrated.expt", "insulin_adsc_refined.expt",
+         "ssx_cunir_indexed.expt"]
+
+
+def _doc(name):
+    return json.loads((DATA / name).read_text())
+
+
+def _rotation(axis, deg):
+    a = np.asarray(axis, float) / np.linalg.norm(axis)
+    t = np.radians(deg)
+    K = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + np.sin(t) * K + (1 - np.cos(t)) * K @ K
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_panels_match_an_independent_composition(name):
+    doc = _doc(name)
+    reference = dials_reference.lab_panels(doc)
+    for i, exp in enumerate(read_experiments(DATA / name)):
+        ref = reference[doc["experiment"][i]["detector"]]
+        panels = exp.detector.panels
+        assert len(panels) == len(ref)
+        for p, r in zip(panels, ref):
+            np.testing.assert_allclose(p.origin, r["origin"], rtol=0, atol=1e-9)
+            np.testing.assert_allclose(p.fast_axis, r["fast_axis"], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(p.slow_axis, r["slow_axis"], rtol=0, atol=1e-12)
+            assert p.image_size == tuple(r["image_size"]) and p.pixel_size == tuple(r["pixel_size"])
+        # and the kernel's panels are those, in metres
+        model = build_model(exp.replace(crystal=exp.crystal.replace(Na=1, Nb=1, Nc=1),
+                                        sampling=nbragg.Sampling(oversample=1)), warn=lambda m: None)
+        for kp, p in zip(model.panels, panels):
+            np.testing.assert_allclose(kp.pix0 * 1000, p.origin, rtol=0, atol=1e-9)
+
+
+def test_beam_and_polarization():
+    doc = _doc("i19_lcys_11_integrated.expt")
+    b = doc["beam"][0]
+    exp = read_experiments(DATA / "i19_lcys_11_integrated.expt")[0]
+    assert exp.beam.wavelength == b["wavelength"]
+    direction = np.array(b["direction"]) / np.linalg.norm(b["direction"])
+    np.testing.assert_allclose(exp.detector.beam_vector, -direction, atol=1e-15)
+    assert exp.beam.polarization == pytest.approx(2 * b["polarization_fraction"] - 1)
+    # the electric vector is perpendicular to the polarization normal and to the beam
+    E = np.asarray(exp.detector.polar_vector)
+    assert abs(E @ b["polarization_normal"]) < 1e-12 and abs(E @ direction) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["i19_lcys_11_integrated.expt", "insulin_adsc_refined.expt",
+                                  "i23_p12m_dials423.json"])
+def test_rotation_setting_matches_dials(name):
+    """nbragg's crystal at the start of the first image equals DIALS's S R(e, phi) F A^-1,
+    with F, S and e built here from the goniometer as DIALS defines them."""
+    doc = _doc(name)
+    exp = read_experiments(DATA / name)[0]
+    g, scan, cry = doc["goniometer"][0], doc["scan"][0], doc["crystal"][0]
+    if "axes" in g:
+        axes, angles, k = g["axes"], g["angles"], g["scan_axis"]
+        F, S = np.eye(3), np.eye(3)
+        for j in range(k):
+            F = _rotation(axes[j], angles[j]) @ F
+        for j in range(k + 1, len(axes)):
+            S = _rotation(axes[j], angles[j]) @ S
+        e = np.array(axes[k], float)
+    else:
+        F = np.array(g.get("fixed_rotation", np.eye(3).ravel())).reshape(3, 3)
+        S = np.array(g.get("setting_rotation", np.eye(3).ravel())).reshape(3, 3)
+        e = np.array(g["rotation_axis"], float)
+    phi = scan["oscillation"][0]
+    if cry.get("A_at_scan_points"):
+        real = np.linalg.inv(np.array(cry["A_at_scan_points"][0]).reshape(3, 3))
+    else:
+        real = np.array([cry["real_space_a"], cry["real_space_b"], cry["real_space_c"]])
+    expected = (S @ _rotation(e, phi) @ F @ real.T).T
+    model = build_model(exp.replace(crystal=exp.crystal.replace(phisteps=1)), warn=lambda m: None)
+    got = model.crystal.orientations[0] * 1e10
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    assert exp.crystal.osc == pytest.approx(scan["oscillation"][1])
+
+
+def test_mosaic_model():
+    doc = _doc("ssx_cunir_indexed.expt")
+    exps = read_experiments(DATA / "ssx_cunir_indexed.expt")
+    for e, entry in zip(exps, doc["experiment"]):
+        c = doc["crystal"][entry["crystal"]]
+        assert e.crystal.mosaic_spread == c["ML_half_mosaicity_deg"]
+        a = np.linalg.norm(c["real_space_a"])
+        assert e.crystal.Na == pytest.approx(c["ML_domain_size_ang"] / a, rel=1e-12)
+
+
+def _predicted_spots(exp, dmin=3.0, max_excitation=2e-4):
+    """Pixels where DIALS's Bragg condition puts spots: s1 = s0 + A h with |s1| = |s0|
+    (to the excitation error), s1 extended until it meets a panel."""
+    lam = exp.beam.wavelength
+    s0 = np.asarray(exp.detector.beam_vector) / lam
+    real = build_model(exp, warn=lambda m: None).crystal.real0 * 1e10
+    A = np.linalg.inv(real)            # columns a*, b*, c*
+    n = int(np.ceil(np.linalg.norm(real, axis=1).max() / dmin))
+    r = np.arange(-n, n + 1)
+    h = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    q = h @ A.T
+    keep = (np.linalg.norm(q, axis=1) < 1 / dmin) & (np.abs(np.linalg.norm(s0 + q, axis=1) - 1 / lam) < max_excitation)
+    spots = []
+    for s1 in (s0 + q[keep]):
+        for k, p in enumerate(exp.detector.panels):
+            o, f, s = (np.asarray(v, float) for v in (p.origin, p.fast_axis, p.slow_axis))
+            nrm = np.cross(f, s)
+            t = (o @ nrm) / (s1 @ nrm)
+            if t <= 0:
+                continue
+            x = t * s1 - o
+            fx, sy = (x @ f) / p.pixel_size[0], (x @ s) / p.pixel_size[0]
+            if 2 <= fx < p.image_size[0] - 2 and 2 <= sy < p.image_size[1] - 2:
+                spots.append((k, fx, sy))
+    return spots
+
+
+def test_cspad_still_simulates_with_spots_where_dials_predicts():
+    """A 64-panel CSPAD still from a refined DIALS model: the image has one slab per
+    panel, and the brightest pixel near each predicted spot lies on it."""
+    exp = read_experiments(DATA / "cspad_multi_stills_regression.json")[0]
+    exp = exp.replace(crystal=exp.crystal.replace(Na=20, Nb=20, Nc=15),
+                      structure=nbragg.Structure(default_F=100), sampling=nbragg.Sampling(oversample=1))
+    r = nbragg.simulate(exp, warn=lambda m: None)
+    assert r.image.shape == (64, 185, 194) and len(r.panels) == 64 and r.panels[0] == "ARRAY_D0Q0S0A0"
+    assert np.all(np.isfinite(r.image)) and r.stats.pixels == 64 * 185 * 194
+    spots = _predicted_spots(exp)
+    assert len(spots) >= 5
+    background = np.median(r.image)
+    for k, fx, sy in spots:
+        f0, s0 = int(fx), int(sy)
+        patch = r.image[k, s0 - 2:s0 + 3, f0 - 2:f0 + 3]
+        assert patch.max() > 100 * background, (k, fx, sy)
+        ps, pf = np.unravel_index(np.argmax(patch), patch.shape)
+        assert abs(s0 - 2 + ps + 0.5 - sy) <= 1.0 and abs(f0 - 2 + pf + 0.5 - fx) <= 1.0
+
+
+def _models(doc, e):
+    return {k: doc[k][e[k]] for k in ("beam", "detector", "goniometer", "scan", "crystal")
+            if isinstance(e.get(k), int)}
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_round_trip_is_exact(name, tmp_path):
+    exps = read_experiments(DATA / name)
+    out = tmp_path / "out.expt"
+    write_experiments(out, exps)
+    doc, again = _doc(name), json.loads(out.read_text())
+    for e0, e1 in zip(doc["experiment"], again["experiment"]):
+        assert _models(doc, e0) == _models(again, e1)           # the file's own numbers, untouched
+        for k in ("identifier", "imageset", "profile", "scaling_model"):
+            if isinstance(e0.get(k), int):
+                assert doc[k][e0[k]] == again[k][e1[k]]
+            elif k in e0:
+                assert e1.get(k) == e0[k]
+    # shared models stay shared
+    assert len(again["detector"]) == len(doc["detector"]) and len(again["beam"]) == len(doc["beam"])
+    for a, b in zip(exps, read_experiments(out)):
+        from nbragg.io.dials import _same
+        assert _same(a, b)
+
+
+def test_refined_geometry_is_written_and_read_back(tmp_path):
+    exp = read_experiments(DATA / "cspad_single_image.expt")[0]
+    groups = dict(exp.detector.groups.groups())
+    quadrant = next(p for p, g in groups.items() if g.name == "FS_D0Q1")
+    moved = nbragg.set_params(exp, {f"group_shift_x[{quadrant}]": 0.2, "group_rot_z[FS_D0Q1]": 0.1,
+                                    "panel_rot_x[5]": 0.05, "group_shift_z[root]": -1.0})
+    out = tmp_path / "moved.expt"
+    write_experiments(out, [moved])
+    back = read_experiments(out)[0]
+    assert back.detector.groups.groups()[0][1].shift == (0.0, 0.0, 0.0)     # motions folded into frames
+    ref = build_model(moved, warn=lambda m: None).panels
+    for kp, p in zip(ref, back.detector.panels):
+        np.testing.assert_allclose(np.asarray(p.origin) / 1000, kp.pix0, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(p.fast_axis, kp.fdet, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(p.slow_axis, kp.sdet, rtol=0, atol=1e-12)
+    # and an independent reader of the written file agrees
+    lab = dials_reference.lab_panels(json.loads(out.read_text()))[0]
+    for kp, r in zip(ref, lab):
+        np.testing.assert_allclose(np.asarray(r["origin"]) / 1000, kp.pix0, rtol=0, atol=1e-12)
+    # what nbragg does not model is untouched
+    doc, again = _doc("cspad_single_image.expt"), json.loads(out.read_text())
+    assert again["imageset"] == doc["imageset"] and again["beam"] == doc["beam"]
+
+
+def test_a_nanobragg_experiment_written_for_dials(tmp_path):
+    """An experiment built from nanoBragg's flags, written as an experiment list and read
+    back, gives the same image."""
+    args = ("-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 5 -lambda 1.0 -distance 100 -pixel 0.4 "
+            "-detpixels 12 -oversample 2 -polar 0.3 -detector_rotx 2 -twotheta 3 -phi 5 -osc 0.2 -phisteps 2")
+    exp = nbragg.Experiment.from_nanobragg_args(args.split(), warn=lambda m: None)
+    write_experiments(tmp_path / "nb.expt", exp)
+    back = read_experiments(tmp_path / "nb.expt")[0]
+    back = back.replace(structure=exp.structure, sampling=exp.sampling,
+                        crystal=back.crystal.replace(Na=5, Nb=5, Nc=5, phisteps=2))
+    a = nbragg.simulate(exp, warn=lambda m: None).image
+    b = nbragg.simulate(back, warn=lambda m: None).image
+    np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * a.max())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["beam"][0].update({"__id__": "polychromatic", "wavelength_range": [0.2, 10]}), "polychromatic"),
+    (lambda d: d["beam"][0].update({"probe": "electron"}), "probe is 'electron'"),
+    (lambda d: d["beam"][0].pop("wavelength"), "field 'wavelength' is missing"),
+    (lambda d: d["detector"][0]["panels"][0].update({"pixel_size": [0.172, 0.2]}), "not square"),
+    (lambda d: d["detector"][0]["panels"][0].update({"px_mm_strategy": {"type": "OffsetPxMmStrategy"}}),
+     "OffsetPxMmStrategy"),
+    (lambda d: d["experiment"][0].update({"beam": "beam.json"}), "given as 'beam.json'"),
+    (lambda d: d["experiment"][0].update({"crystal": 7}), "crystal 7 does not exist"),
+    (lambda d: d.update({"__id__": "Nothing"}), "expected 'ExperimentList'"),
+])
+def test_unsupported_content_gets_one_line(tmp_path, change, message):
+    doc = _doc("i19_lcys_11_integrated.expt")
+    change(doc)
+    path = tmp_path / "bad.expt"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InputFileError, match=message) as err:
+        read_experiments(path)
+    assert "\n" not in str(err.value) and "bad.expt" in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(InputFileError, match="does not exist"):
+        read_experiments(tmp_path / "missing.expt")
+    bad = tmp_path / "bad.expt"
+    bad.write_text('{"__id__": "ExperimentList",\n "experiment": [\n')
+    with pytest.raises(InputFileError, match="line 3: not JSON"):
+        read_experiments(bad)
+    with pytest.raises(InputFileError, match="polychromatic"):
+        read_experiments(DATA / "sxd_nacl_tof_imported.expt")
+    with pytest.raises(InputFileError, match=r"image 99 is outside the scan's image_range \[1, 10\]"):
+        read_experiments(DATA / "i19_lcys_11_integrated.expt", image=99)
+
+
+def test_later_images_of_a_scan():
+    doc = _doc("i19_lcys_11_integrated.expt")
+    first, _ = doc["scan"][0]["image_range"]
+    phi0, width = doc["scan"][0]["oscillation"]
+    exp = read_experiments(DATA / "i19_lcys_11_integrated.expt", image=first + 3)[0]
+    assert exp.crystal.phi0 == pytest.approx(phi0 + 3 * width) and math.isclose(exp.crystal.osc, width)
+
+
+def test_command_line_experiment_list(tmp_path):
+    """nbragg -expt FILE: the list's geometry and crystal, with nanoBragg's flags on top."""
+    from nbragg.cli import run
+    name = str(DATA / "ssx_cunir_indexed.expt")
+    args = ["-expt", name, "-expt_index", "2", "-default_F", "100", "-N", "7", "-oversample", "1",
+            "-roi", "1000", "1099", "1100", "1179", "-distance", "50", "-nopgm", "-nonoise", "-noprogress",
+            "-floatfile", str(tmp_path / "f.bin"), "-intfile", str(tmp_path / "i.img")]
+    import io
+    warnings = []
+    err = io.StringIO()
+    assert run(args, stdout=io.StringIO(), stderr=err) == 0
+    assert "-distance has no effect with -expt" in err.getvalue()
+    exp = read_experiments(name)[2]
+    panel = exp.detector.panels[0].replace(roi=(1000, 1099, 1100, 1179))
+    exp = exp.replace(detector=exp.detector.replace(panels=[panel]), structure=nbragg.Structure(default_F=100),
+                      crystal=exp.crystal.replace(Na=7, Nb=7, Nc=7), sampling=nbragg.Sampling(oversample=1))
+    ref = nbragg.simulate(exp, warn=warnings.append).image.astype(np.float32)
+    got = np.fromfile(tmp_path / "f.bin", dtype=np.float32).reshape(ref.shape)
+    assert np.array_equal(got, ref) and got[1100:1180, 1000:1100].max() > 0
+    for bad, text in [(["-expt_index", "9"], "-expt_index: 9 is not an experiment"),
+                      (["-expt", str(tmp_path / "none.expt")], "-expt: experiment list .* does not exist")]:
+        with pytest.raises(nbragg.ArgumentError, match=text):
+            run(args + bad, stdout=io.StringIO(), stderr=io.StringIO())
