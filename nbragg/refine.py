@@ -409,17 +409,38 @@ def _at_bounds(names, x, lo, hi):
 
 
 def _rendered(d):
-    """The pixels the kernels compute: inside the ROI and the detector's mask."""
-    shape = (d.spixels, d.fpixels)
+    """The pixels the kernels compute: inside the ROI and the mask; (slow, fast), or
+    (panels, slow, fast) for a detector of several panels."""
+    if d.panels is not None:
+        planes = [_in_roi_and_mask((d.spixels, d.fpixels), p.pixel_mask(), p.roi) for p in d.panels]
+        return planes[0] if len(planes) == 1 else np.stack(planes)
+    return _in_roi_and_mask((d.spixels, d.fpixels), d.mask, d.roi)
+
+
+def _in_roi_and_mask(shape, mask, roi):
     sel = np.ones(shape, dtype=bool)
-    if d.mask is not None:
-        sel &= np.asarray(d.mask) != 0
-    if d.roi is not None:
-        xmin, xmax, ymin, ymax = d.roi
-        roi = np.zeros(shape, dtype=bool)
-        roi[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
-        sel &= roi
+    if mask is not None:
+        sel &= np.asarray(mask) != 0
+    if roi is not None:
+        xmin, xmax, ymin, ymax = roi
+        inside = np.zeros(shape, dtype=bool)
+        inside[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
+        sel &= inside
     return sel
+
+
+def _trusted(d, obs):
+    """Pixel values inside each panel's trusted range (dxtbx's, inclusive)."""
+    keep = np.ones(obs.shape, dtype=bool)
+    if d.panels is None:
+        return keep
+    planes = obs if obs.ndim == 3 else obs[None]
+    kept = keep if obs.ndim == 3 else keep[None]
+    for k, p in enumerate(d.panels):
+        if p.trusted_range is not None:
+            lo, hi = p.trusted_range
+            kept[k] &= (planes[k] >= lo) & (planes[k] <= hi)
+    return keep
 
 
 def _detected_selection(exp, obs, sel):
@@ -429,15 +450,16 @@ def _detected_selection(exp, obs, sel):
     spread into them, is missing from the model)."""
     from .response import psf_radius
     response = exp.response
-    keep = sel & (obs < 2.0 ** response.bits - 1) & (obs > 0)
+    keep = sel & (obs < 2.0 ** response.bits - 1) & (obs > 0) & _trusted(exp.detector, obs)
     if response.psf is not None and response.psf_fwhm > 0:
         shape = obs.shape
         fwhm = response.psf_fwhm * 1e-3 / exp.detector.pixel_size
-        r = psf_radius(response.psf, fwhm, shape, response.psf_radius)
+        r = psf_radius(response.psf, fwhm, shape[-2:], response.psf_radius)
         missing = ~_rendered(exp.detector)
         if missing.any():
             from scipy.ndimage import binary_dilation
-            keep &= ~binary_dilation(missing, structure=np.ones((2 * r + 1, 2 * r + 1), dtype=bool))
+            reach = np.ones((2 * r + 1, 2 * r + 1), dtype=bool)     # within a panel, not across panels
+            keep &= ~binary_dilation(missing, structure=reach if missing.ndim == 2 else reach[None])
     if not keep.any():
         raise RefinementError("no pixels to fit: against pixel values, saturated pixels, pixels at 0 and pixels "
                               "within the PSF's reach of the ROI's edge or of masked pixels are left out, and "
@@ -448,10 +470,12 @@ def _detected_selection(exp, obs, sel):
 def _selection(exp, observed, mask):
     d = exp.detector
     shape = (d.spixels, d.fpixels)
+    if d.panels is not None and len(d.panels) > 1:
+        shape = (len(d.panels),) + shape
     obs = np.asarray(observed, dtype=np.float64)
     if obs.shape != shape:
         raise RefinementError(f"observed image has shape {obs.shape}; the experiment's detector is "
-                              f"(spixels, fpixels) = {shape}")
+                              f"{'(panels, spixels, fpixels)' if len(shape) == 3 else '(spixels, fpixels)'} = {shape}")
     sel = _rendered(d)
     if mask is not None:
         mk = np.asarray(mask)
