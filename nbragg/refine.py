@@ -224,7 +224,8 @@ def _blur(img, sigma):
     if sigma <= 0:
         return img
     from scipy.ndimage import gaussian_filter
-    return gaussian_filter(img, sigma, mode="nearest")
+    # within each panel: (panels, slow, fast) images are not blurred across panels
+    return gaussian_filter(img, (0,) * (img.ndim - 2) + (sigma, sigma), mode="nearest")
 
 
 class _Problem:

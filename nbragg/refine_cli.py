@@ -33,7 +33,7 @@ def read_observed(path, shape, adc=40.0, dataset="/entry/data/data", frame=0):
         raise InputFileError(f"observed image {path!r} does not exist")
     with open(path, "rb") as fh:
         head = fh.read(16)
-    if head.startswith(b"{\nHEADER_BYT"):
+    if head.startswith(b"{\nHEADER_BYT") and len(shape) == 2:
         from .io.smv import read_smv
         img = read_smv(path, what="observed")
         if img.data.shape != shape:
@@ -52,7 +52,8 @@ def read_observed(path, shape, adc=40.0, dataset="/entry/data/data", frame=0):
                 if dataset not in fh:
                     raise InputFileError(f"observed image {path!r} has no dataset {dataset!r} (use --dataset)")
                 d = fh[dataset]
-                data = d[frame] if d.ndim == 3 else d[()]
+                # a stack of frames, or one frame
+                data = d[frame] if d.ndim == len(shape) + 1 else d[()]
         except OSError as exc:
             raise InputFileError(f"observed image {path!r} cannot be read: {exc}") from None
         except IndexError:
@@ -62,9 +63,9 @@ def read_observed(path, shape, adc=40.0, dataset="/entry/data/data", frame=0):
             raise InputFileError(f"observed image {path!r}: frame shape {data.shape}, model {shape}")
         return data, np.isfinite(data)
     raw = np.fromfile(path, dtype="<f4")
-    if raw.size != shape[0] * shape[1]:
+    if raw.size != int(np.prod(shape)):
         raise InputFileError(f"observed image {path!r} holds {raw.size} floats; the model's detector has "
-                             f"{shape[0] * shape[1]} pixels")
+                             f"{int(np.prod(shape))} pixels" + (f" ({shape[0]} panels)" if len(shape) == 3 else ""))
     data = raw.reshape(shape).astype(np.float64)
     return data, np.isfinite(data)
 
@@ -179,6 +180,9 @@ def _parser():
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where images and derivatives are computed (cuda: an NVIDIA GPU)")
     ap.add_argument("--report", default="refine.json", help="JSON report (default refine.json)")
+    ap.add_argument("--expt-out", dest="expt_out", default=None,
+                    help="refined DIALS experiment list (default with -expt in the model: the report's name "
+                         "with .expt)")
     from . import __version__
     ap.add_argument("--version", action="version", version=f"nbragg-refine {__version__}")
     return ap
@@ -218,6 +222,8 @@ def run(argv, stdout=None):
     parsed = parse_nanobragg_args(nb_args, warn=lambda m: print(f"WARNING: {m}", file=sys.stderr))
     exp = parsed.experiment
     shape = (exp.detector.spixels, exp.detector.fpixels)
+    if exp.detector.panels is not None and len(exp.detector.panels) > 1:
+        shape = (len(exp.detector.panels),) + shape
     obs, usable = read_observed(opts.observed, shape, adc=opts.adc, dataset=opts.dataset, frame=opts.frame)
     fit = refine(exp, obs, names, loss=opts.loss, method=opts.method, mask=usable, stages=stages, blur=blur,
                  readout=opts.readout, check_gradients=opts.check_gradients, threads=opts.threads,
@@ -238,6 +244,23 @@ def run(argv, stdout=None):
         "final_loss": fit.final_loss, "loss_history": fit.history, "wall_time_s": fit.wall_time,
         "nanobragg_args": new_args, "mat_file": matfile if crystal else None,
     }
+    from .io.dials import DialsSource
+    source = exp.provenance
+    if isinstance(source, DialsSource):
+        # the refined experiment in its list, the others as they were
+        from .io.dials import read_experiments, write_experiments
+        listed = read_experiments(source.path, image=source.image)
+        listed[source.index] = fit.experiment
+        expt_out = opts.expt_out or base + ".expt"
+        write_experiments(expt_out, listed)
+        report["experiment_list"] = expt_out
+        new_args = [expt_out if k > 0 and new_args[k - 1] == "-expt" else a for k, a in enumerate(new_args)]
+        report["nanobragg_args"] = new_args
+        print(f"refined experiment list written to {expt_out}", file=out)
+    elif opts.expt_out:
+        from .io.dials import write_experiments
+        write_experiments(opts.expt_out, [fit.experiment])
+        report["experiment_list"] = opts.expt_out
     from .io.atomic import atomic_write
     atomic_write(opts.report, (json.dumps(report, indent=1, default=_json_default) + "\n").encode())
     print("refined model: nbragg " + " ".join(new_args), file=out)

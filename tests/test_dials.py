@@ -284,3 +284,39 @@ def test_command_line_experiment_list(tmp_path):
                       (["-expt", str(tmp_path / "none.expt")], "-expt: experiment list .* does not exist")]:
         with pytest.raises(nbragg.ArgumentError, match=text):
             run(args + bad, stdout=io.StringIO(), stderr=io.StringIO())
+
+
+def test_refine_command_takes_and_writes_an_experiment_list(tmp_path):
+    """nbragg-refine with -expt: a four-quadrant detector written as an experiment list,
+    one quadrant moved in the observed still; the refined list puts it back."""
+    import io
+    from test_multipanel import _quadrants
+    from nbragg.noise import poisson_image
+    from nbragg.refine_cli import run
+    panels, root = _quadrants()
+    exp = nbragg.Experiment(
+        beam=nbragg.Beam(wavelength=1.0, fluence=1e28),
+        detector=nbragg.Detector(convention="custom", beam_vector=(0, 0, -1), polar_vector=(1, 0, 0),
+                                 spindle_axis=(1, 0, 0), panels=panels, groups=root),
+        crystal=nbragg.Crystal(cell=(30, 32, 34, 90, 90, 90), misset=(12, 21, 33)))
+    start = tmp_path / "start.expt"
+    write_experiments(start, exp)
+    back = read_experiments(start)[0]
+    assert [g.name for _, g in back.detector.groups.groups()] == ["detector", "Q0", "Q1", "Q2", "Q3"]
+    model_args = ["-expt", str(start), "-default_F", "100", "-N", "8", "-oversample", "2", "-fluence", "1e28"]
+    truth = {"group_shift_x[Q1]": 0.2, "group_rot_z[Q1]": 0.1}
+    true_exp = nbragg.set_params(nbragg.Experiment.from_nanobragg_args(model_args, warn=lambda m: None), truth)
+    photons = nbragg.simulate(true_exp, warn=lambda m: None).image
+    poisson_image(photons, np.random.default_rng(3)).astype("<f4").tofile(tmp_path / "obs.bin")
+    report = tmp_path / "fit.json"
+    out = io.StringIO()
+    assert run([str(tmp_path / "obs.bin"), "--refine", "group_shift_x[Q1],group_shift_y[Q1],group_rot_z[Q1]",
+                "--blur", "", "--report", str(report), "--"] + model_args, stdout=out) == 0
+    rep = json.loads(report.read_text())
+    for n, v in truth.items():
+        assert abs(rep["values"][n] - v) <= 3 * rep["uncertainties"][n]
+    refined = read_experiments(rep["experiment_list"])[0]
+    want = build_model(true_exp, warn=lambda m: None).panels
+    for kp, p in zip(want, refined.detector.panels):
+        np.testing.assert_allclose(np.asarray(p.origin) / 1000, kp.pix0, rtol=0, atol=5e-6)   # within ~5 um
+    assert rep["nanobragg_args"][rep["nanobragg_args"].index("-expt") + 1] == rep["experiment_list"]

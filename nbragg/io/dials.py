@@ -515,9 +515,28 @@ def _new_detector(exp, model):
             users.append(Panel(origin=tuple(frame[0]), fast_axis=tuple(frame[1]), slow_axis=tuple(frame[2]),
                                image_size=(p.fpixels, p.spixels), pixel_size=p.pixel * 1000.0, name=f"panel{k}",
                                thickness=thickness, mu=p.mu / 1000.0 if thickness > 0 else 0.0))
-    root = {"name": "", "type": "", "fast_axis": [1.0, 0.0, 0.0], "slow_axis": [0.0, 1.0, 0.0],
-            "origin": [0.0, 0.0, 0.0], "children": [{"panel": k} for k in range(len(panels))]}
-    return {"panels": [_panel_dict(p, f) for p, f in zip(users, panels)], "hierarchy": root}
+    d = {"panels": [_panel_dict(p, f) for p, f in zip(users, panels)]}
+    groups = exp.detector.groups if exp.detector.panels is not None else None
+    if groups is None:
+        d["hierarchy"] = {"name": "", "type": "", "fast_axis": [1.0, 0.0, 0.0], "slow_axis": [0.0, 1.0, 0.0],
+                          "origin": [0.0, 0.0, 0.0], "children": [{"panel": k} for k in range(len(panels))]}
+        return d
+    _, frames = _detector_frames(exp.detector)
+
+    def node(group, path, parent):
+        out = {"name": group.name, "type": ""}
+        _set_frame(out, _local(frames[path], parent))
+        out["children"] = [{"panel": c} if isinstance(c, int) else node(c, f"{path}/{j}", frames[path])
+                           for j, c in enumerate(group.children)]
+        return out
+    d["hierarchy"] = node(groups, "root", _LAB)
+    # a panel's own frame is written relative to the group holding it
+    from ..models.detector import panel_chains
+    for k, chain in enumerate(panel_chains(exp.detector)):
+        if chain:
+            path = next(p for p, g in groups.groups() if g is chain[0])
+            _set_frame(d["panels"][k], _local(panels[k], frames[path]))
+    return d
 
 
 def _beam_dict(exp, model, base=None):
