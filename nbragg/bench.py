@@ -251,6 +251,37 @@ def background_figures(repeat, threads, nonbragg_binary=None):
     return statistics.median(t_api), t_cmd, t_c
 
 
+def tiled(exp, across):
+    """``exp`` with its one panel cut into across x across equal panels (the same pixels)."""
+    from .engine import build_model
+    from .experiment import Panel
+    g = build_model(exp, warn=lambda m: None).detector
+    nf, ns = g.fpixels // across, g.spixels // across
+    px = exp.detector.pixel_size
+    tiles = [Panel(origin=tuple(g.pix0 * 1000 + j * nf * px * g.fdet + i * ns * px * g.sdet),
+                   fast_axis=tuple(g.fdet), slow_axis=tuple(g.sdet), image_size=(nf, ns), pixel_size=px)
+             for i in range(across) for j in range(across)]
+    return exp.replace(detector=exp.detector.replace(panels=tiles))
+
+
+def panel_figures(case, threads, repeat, across=8):
+    """(seconds for one panel, for across^2 panels of the same pixels): medians of
+    renders alternated in one process."""
+    from .engine import build_model, render
+    exp = _experiment(case)
+    one = build_model(exp, warn=lambda m: None)
+    many = build_model(tiled(exp, across), warn=lambda m: None)
+    for m in (one, many):
+        render(m, threads=threads)
+    t1, tn = [], []
+    for _ in range(repeat):
+        for m, ts in ((one, t1), (many, tn)):
+            t0 = time.perf_counter()
+            render(m, threads=threads)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(t1), statistics.median(tn)
+
+
 DATASET_BASE = CASES["B2"]   # 512x512 frames with the B2 workload
 
 
@@ -316,6 +347,8 @@ def main(argv=None):
     ap.add_argument("--background", action="store_true",
                     help="time the amorphous background (nonBragg's water, 1024x1024) in process and as a command")
     ap.add_argument("--nonbragg", metavar="PATH", help="with --background: a nonBragg binary to compare against")
+    ap.add_argument("--panels", action="store_true",
+                    help="time a detector of 64 panels against one panel of the same pixels (B1 and B2)")
     opts = ap.parse_args(argv)
     import numba
     threads = [int(t) for t in opts.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
@@ -390,6 +423,13 @@ def main(argv=None):
             print(f"  threads={t}: simulate() {t_api:.3f} s; nbragg-nonbragg command {t_cmd:.3f} s"
                   + (f"; nonBragg (single-threaded) {t_c:.3f} s -> {t_c / t_cmd:.2f}x (command), "
                      f"{t_c / t_api:.2f}x (in process)" if t_c is not None else ""))
+    if opts.panels:
+        for case in ("B1", "B2"):
+            print(f"\ndetector of 64 panels against one panel of the same pixels ({case}: {CASES[case]}):")
+            for t in threads:
+                t1, t64 = panel_figures(case, t, opts.repeat)
+                print(f"  threads={t}: one panel {t1:.3f} s, 64 panels {t64:.3f} s -> {t64 / t1:.3f}x "
+                      f"(goal at most 1.15x)")
     if opts.dataset:
         print(f"\ndataset generation, 512x512 frames ({DATASET_BASE}):")
         rates = {}

@@ -33,6 +33,9 @@ def test_readme_python_examples_run_as_printed(tmp_path, monkeypatch, capsys):
     for n in fit.names:
         assert abs(fit.values[n] - want[n]) <= 4 * fit.uncertainties[n], (n, fit.values[n], want[n])
     assert np.isfinite(ns["J"]).all() and ns["J"].shape == (64 * 64, 7)
+    # the two-panel detector
+    assert ns["shot2"].image.shape == (2, 185, 194) and ns["shot2"].panels == ("asic0", "asic1")
+    assert np.isfinite(ns["shot2"].image).all()
     # the detector-response example: pixel values around the offset plus the counts
     shot = ns["shot"]
     assert shot.detected.adu.dtype == np.uint16 and shot.detected.adu.shape == (64, 64)
