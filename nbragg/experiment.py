@@ -194,9 +194,9 @@ def _frame(obj, node):
     refinable shift and rotation."""
     node._set("name", str(node.name))
     node._set("origin", _triple(obj, "origin", node.origin))
-    for name in ("fast_axis", "slow_axis"):
-        _vector(obj, name, getattr(node, name))
-        node._set(name, _triple(obj, name, getattr(node, name)))
+    for name in ("fast_axis", "slow_axis"):     # stored as unit vectors, as dxtbx gives them
+        v = _vector(obj, name, getattr(node, name))
+        node._set(name, tuple(float(x) for x in v / np.linalg.norm(v)))
     f, s = np.array(node.fast_axis), np.array(node.slow_axis)
     if np.linalg.norm(np.cross(f, s)) < 1e-9 * np.linalg.norm(f) * np.linalg.norm(s):
         raise ParameterError(f"{obj}.fast_axis {node.fast_axis} and slow_axis {node.slow_axis} are parallel")
@@ -209,8 +209,8 @@ class Panel(_Record):
     """One flat module of pixels, in the laboratory frame, with dxtbx's names and units.
 
     origin : mm, the outer corner of pixel (0, 0); fast_axis, slow_axis : directions
-        (normalised when the detector is built; the normal is fast x slow, turned to face
-        away from the sample).
+        (stored as unit vectors; the normal is fast x slow, turned to face away from the
+        sample).
     image_size : (fast, slow) pixels; pixel_size : mm, (fast, slow) or one number (the
         model's pixels are square: the two must be equal).
     thickness : sensor thickness (mm); mu : its linear attenuation coefficient (1/mm).

@@ -78,6 +78,14 @@ def test_tiles_on_cuda():
     r = nbragg.simulate(tiled, warn=lambda m: None, backend="cuda")
     np.testing.assert_allclose(r.image.reshape(6, 6), ref.image, rtol=1e-12, atol=0)
     np.testing.assert_allclose(r.image, nbragg.simulate(tiled, warn=lambda m: None).image, rtol=1e-12, atol=0)
+    # the geometry's derivatives on the GPU equal the CPU's
+    tiled = nbragg.set_params(tiled, {"panel_rot_z[1]": 0.2})
+    names = ["panel_shift_x[0]", "panel_rot_z[1]", "panel_shift_z[1]"]
+    w = np.random.default_rng(2).uniform(0.5, 1.5, r.image.shape)
+    g_cpu = nbragg.gradient(tiled, names, w)
+    g_gpu = nbragg.gradient(tiled, names, w, backend="cuda")
+    for n in names:
+        assert g_gpu[n] == pytest.approx(g_cpu[n], rel=1e-12, abs=1e-12 * max(map(abs, g_cpu.values())))
 
 
 def test_no_attenuation_means_no_sensor_model(one):
