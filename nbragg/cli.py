@@ -5,12 +5,16 @@ Takes nanoBragg.c's flags and writes the same files.  nbragg-only flags:
 NVIDIA GPU through numba-cuda) and ``-precision float64|float32`` (float32: the model
 computed in single precision, for speed on GPUs); structure factors from an MTZ
 (``-mtz``), an mmCIF reflection file (``-sf_cif``) or a coordinate file (``-model``),
-expanded to P1 (``-column``, ``-sf_dmin``; these need gemmi).
+expanded to P1 (``-column``, ``-sf_dmin``; these need gemmi); ``-nxmx FILE`` (an HDF5
+NXmx file of the float photons with the detector geometry, every panel in it).
+A detector of several panels writes nanoBragg's other outputs one file per panel,
+``<stem>_<k><ext>`` (see :func:`panel_paths`).
 User errors print one line on stderr and exit with status 2, writing no image.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -43,8 +47,11 @@ detector    -distance mm | -close_distance mm   -pixel mm   -detpixels n (-detpi
 sampling    -oversample n   -oversample_omega -oversample_polar -oversample_thick   -roi x0 x1 y0 y1
 background  -water um
 input       -img FILE (header)   -mask FILE (zero pixels skipped)
+            -expt FILE (a DIALS experiment list: beam, panels, crystal, scan; flags apply on top)
+            -expt_index i (which experiment, from 0)   -expt_image n (which image of its scan)
 output      -floatfile F -intfile F -noisefile F -pgmfile F   -nonoise -nopgm   -scale s -pgmscale s
             -adc offset   -seed n   -printout -printout_pixel f s   -noprogress
+            -nxmx F (HDF5 NXmx file of the photons and geometry)
 nbragg      -threads n (CPU threads)   -device cpu|cuda   -precision float64|float32
             -h / --help (this text)   --version
 
@@ -69,8 +76,9 @@ def _split_own_flags(argv):
     return own, rest
 
 
-def _header_fields(model, exp):
-    d = model.detector
+def _header_fields(model, exp, geometry=None):
+    """The SMV header's fields for the model's detector, or for ``geometry`` (one panel's)."""
+    d = geometry if geometry is not None else model.detector
     c = model.crystal
     from .units import RTD
     return {
@@ -82,15 +90,98 @@ def _header_fields(model, exp):
     }
 
 
+def panel_paths(path, count):
+    """The files one output becomes: ``[path]`` for one panel, else ``<stem>_<k><ext>``
+    for panel k, k zero-padded to the width of count - 1 (float_00.bin ... float_63.bin)."""
+    if count == 1:
+        return [path]
+    stem, ext = os.path.splitext(path)
+    width = len(str(count - 1))
+    return [f"{stem}_{k:0{width}d}{ext}" for k in range(count)]
+
+
+def panel_noise(images, rois, seed, adc_offset):
+    """nanoBragg's noise images for a list of (slow, fast) panels: one generator draws
+    through the panels in turn, each panel's ROI in scan order (so panels do not repeat
+    each other's noise, and one panel gets nanoBragg's image).  Returns (images, total
+    photons, overloads)."""
+    # c_noise_image seeds its generator afresh on each call: panels share one stream here
+    from .noise import _noise_loop
+    from .rng import NRGenerator
+    gen = NRGenerator()
+    idum = gen.seed_cell(seed)
+    out, total, overloads = [], 0.0, 0
+    for img, roi in zip(images, rois):
+        values = np.ascontiguousarray(img, dtype=np.float32)
+        noise = np.zeros(values.shape, dtype=np.uint16)
+        t, n = _noise_loop(values, np.asarray(roi, dtype=np.int64), idum, gen.state, gen.fstate,
+                           float(adc_offset), noise)
+        out.append(noise)
+        total += t
+        overloads += n
+    return out, total, overloads
+
+
+def write_images(model, exp, f32, stats, o, say):
+    """Write nanoBragg's outputs (-floatfile, -intfile, -pgmfile, -noisefile) of the float32
+    image ``f32`` with its report lines.  One panel: nanoBragg's files.  Several panels
+    (f32 of shape (panels, slow, fast)): one file per panel and output, named by
+    :func:`panel_paths`, each with its own panel's header; the scales (from statistics
+    over every panel) are shared, so that panels compare."""
+    from .io.pgm import write_float, write_pgm
+    from .io.smv import write_smv
+    from .noise import c_int_image, c_noise_image, c_pgm_image, intfile_scale
+    from .report import stats_lines
+
+    lines = stats_lines(stats)
+    if f32.ndim == 2:
+        images, rois = [f32], [model.detector.roi]
+        fields = [_header_fields(model, exp)]
+    else:
+        from .models.detector import first_panel_geometry
+        images, rois = list(f32), [p.roi for p in model.panels]
+        fields = [_header_fields(model, exp, first_panel_geometry(model.detector, p)) for p in model.panels]
+    count = len(images)
+
+    say(lines[0])
+    for path, img in zip(panel_paths(o.floatfile, count), images):
+        say("writing %s as %d %d-byte floats" % (path, img.size, 4))
+        write_float(path, img)
+    say(lines[1])
+    say(lines[2])
+    scale = intfile_scale(o.intfile_scale, stats.max_I)
+    say("intfile_scale = %g" % scale)
+    for path, img, roi, fld in zip(panel_paths(o.intfile, count), images, rois, fields):
+        say("writing %s as %d-byte integers" % (path, 2))
+        write_smv(path, c_int_image(img, roi, scale, o.adc_offset), fld)
+    if o.write_pgm:
+        pgm_scale = o.pgm_scale
+        if pgm_scale <= 0.0:
+            pgm_scale = scale
+            if stats.rmsd > 0.0:
+                pgm_scale = 250.0 / (5.0 * stats.rmsd)
+        say("pgm_scale = %g" % pgm_scale)
+        for path, img, roi in zip(panel_paths(o.pgmfile, count), images, rois):
+            say("writing %s as %d-byte integers" % (path, 1))
+            write_pgm(path, c_pgm_image(img, roi, pgm_scale), pgm_scale)
+    if o.calculate_noise:
+        if count == 1:
+            noise, total, overloads = c_noise_image(f32, rois[0], o.seed, o.adc_offset)
+            noises = [noise]
+        else:
+            noises, total, overloads = panel_noise(images, rois, o.seed, o.adc_offset)
+        say("%.0f photons on noise image (%d overloads)" % (total, overloads))
+        for path, noise, fld in zip(panel_paths(o.noisefile, count), noises, fields):
+            say("writing %s as %d-byte integers" % (path, 2))
+            write_smv(path, noise, fld, noise=True)
+
+
 def run(argv, stdout=None, stderr=None):
     """Run the command line; returns the exit status.  Raises NbraggError on user errors."""
     from . import engine
-    from .io.atomic import check_output_paths
-    from .io.pgm import write_float, write_pgm
-    from .io.smv import write_smv
+    from .io.atomic import check_output_path, check_output_paths
     from .nbargs import parse_nanobragg_args
-    from .noise import c_int_image, c_noise_image, c_pgm_image, intfile_scale
-    from .report import setup_lines, stats_lines
+    from .report import setup_lines
 
     out = stdout or sys.stdout
     err = stderr or sys.stderr
@@ -131,6 +222,8 @@ def run(argv, stdout=None, stderr=None):
     o = parsed.outputs
     exp = parsed.experiment
     check_output_paths(o, o.write_pgm, o.calculate_noise)
+    if o.nxmxfile is not None:
+        check_output_path(o.nxmxfile, "-nxmx")
 
     model = engine.build_model(exp, warn=warn)
     say("nbragg nanocrystal diffraction simulator (nanoBragg by James Holton and Ken Frankel)")
@@ -171,32 +264,11 @@ def run(argv, stdout=None, stderr=None):
         for line in printout_lines(model, f32, o.printout_pixel):
             say(line)
     say("")
-    roi = model.detector.roi
-    lines = stats_lines(stats)
-    say(lines[0])
-    say("writing %s as %d %d-byte floats" % (o.floatfile, f32.size, 4))
-    write_float(o.floatfile, f32)
-    say(lines[1])
-    say(lines[2])
-    scale = intfile_scale(o.intfile_scale, stats.max_I)
-    say("intfile_scale = %g" % scale)
-    fields = _header_fields(model, exp)
-    say("writing %s as %d-byte integers" % (o.intfile, 2))
-    write_smv(o.intfile, c_int_image(f32, roi, scale, o.adc_offset), fields)
-    if o.write_pgm:
-        pgm_scale = o.pgm_scale
-        if pgm_scale <= 0.0:
-            pgm_scale = scale
-            if stats.rmsd > 0.0:
-                pgm_scale = 250.0 / (5.0 * stats.rmsd)
-        say("pgm_scale = %g" % pgm_scale)
-        say("writing %s as %d-byte integers" % (o.pgmfile, 1))
-        write_pgm(o.pgmfile, c_pgm_image(f32, roi, pgm_scale), pgm_scale)
-    if o.calculate_noise:
-        noise, total, overloads = c_noise_image(f32, roi, o.seed, o.adc_offset)
-        say("%.0f photons on noise image (%d overloads)" % (total, overloads))
-        say("writing %s as %d-byte integers" % (o.noisefile, 2))
-        write_smv(o.noisefile, noise, fields, noise=True)
+    write_images(model, exp, f32, stats, o, say)
+    if o.nxmxfile is not None:
+        from .io.nexus import write_nxmx_file
+        say("writing %s as NXmx (HDF5) with %d 4-byte floats" % (o.nxmxfile, f32.size))
+        write_nxmx_file(o.nxmxfile, model, f32)
     return 0
 
 

@@ -64,6 +64,7 @@ class Outputs:
     intfile: str = "intimage.img"
     pgmfile: str = "image.pgm"
     noisefile: str = "noiseimage.img"
+    nxmxfile: Optional[str] = None      # -nxmx: an HDF5 NXmx file of the photons (nbragg's own)
     write_pgm: bool = True
     calculate_noise: bool = True
     floatfile_named: bool = False
@@ -155,6 +156,10 @@ class _State:
         self.modelfile = None
         self.sf_column = None
         self.sf_dmin = None
+        self.exptfile = None       # a DIALS experiment list, and which experiment and image
+        self.expt_index = 0
+        self.expt_image = None
+        self.given = set()         # the flags given (their first names)
         self.default_F = 0.0
         self.imgfile = None
         self.maskfile = None
@@ -515,6 +520,9 @@ HANDLERS = [
     _H(("-mat",), _ss("-mat"), 1, _file("matfile")),
     _H(("-hkl",), _ss("-hkl"), 1, _file("hklfile")),
     # nbragg's own (not nanoBragg.c's): matched exactly, never by substring
+    _H(("-expt",), _eq("-expt"), 1, _file("exptfile")),
+    _H(("-expt_index",), _eq("-expt_index"), 1, _set("expt_index", kind="i")),
+    _H(("-expt_image",), _eq("-expt_image"), 1, _set("expt_image", kind="i")),
     _H(("-mtz",), _eq("-mtz"), 1, _file("mtzfile")),
     _H(("-sf_cif",), _eq("-sf_cif"), 1, _file("sf_ciffile")),
     _H(("-model",), _eq("-model"), 1, _file("modelfile")),
@@ -537,6 +545,7 @@ HANDLERS = [
        _out("pgmfile", extra=lambda o: setattr(o, "write_pgm", True))),
     _H(("-noisefile", "-noiseimage"), _ss("-noisefile", "-noiseimage"), 1,
        _out("noisefile", extra=lambda o: setattr(o, "calculate_noise", True))),
+    _H(("-nxmx",), _eq("-nxmx"), 1, lambda st, v, rd: setattr(st.out, "nxmxfile", rd.raw(0))),
     _H(("-nonoise",), _ss("-nonoise"), 0, _outflag("calculate_noise", False)),
     _H(("-nopgm",), _ss("-nopgm"), 0, _outflag("write_pgm", False)),
     _H(("-scale",), _ss("-scale"), 1, _outnum("intfile_scale")),
@@ -732,6 +741,7 @@ def parse_nanobragg_args(args, warn=None, cwd=None):
             rd = _Reader(args, i, a, strict=strict)
             h.action(st, None, rd)
             matched.append(h)
+            st.given.add(h.names[0])
             if primary or (not exact and len(matched) == 1):
                 consumed.update(range(i + 1, i + 1 + need))
                 if h.no_effect:
@@ -770,6 +780,8 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
         from .io._text import read_text
         read_text(_path(st.stolfile, cwd), "stol")
     _resolve_roi(st, fpixels, spixels)
+    if st.exptfile is not None:        # -roi limits each panel of the list's, not nanoBragg's one
+        st.expt_roi, st.roi = st.roi, None
     _convention_warnings(st, args, warn)
     _unit_warnings(st, args, warn)
     try:
@@ -781,14 +793,81 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
         exp = Experiment(beam=beam, detector=detector, crystal=crystal, structure=structure, sampling=sampling)
     except ParameterError as exc:
         raise ArgumentError(_flagify(str(exc))) from None
+    if st.exptfile is not None:
+        exp = _on_experiment_list(st, exp, warn, cwd)
     out = st.out
     for name in ("floatfile", "intfile", "pgmfile", "noisefile"):
         setattr(out, name, _path(getattr(out, name), cwd))
     if out.dumpfile is not None:
         out.dumpfile = _path(out.dumpfile, cwd)
+    if out.nxmxfile is not None:
+        out.nxmxfile = _path(out.nxmxfile, cwd)
     return ParsedArgs(experiment=exp, outputs=out, warnings=warnings, notes=notes,
                       hklfile=st.hklfile, matfile=st.matfile, sourcefile=st.sourcefile,
                       maskfile=st.maskfile, imgfile=st.imgfile)
+
+
+# flags that place nanoBragg's one panel: an experiment list's panels replace it
+_PANEL_FLAGS = ("-distance", "-close_distance", "-pixel", "-detpixels", "-detpixels_f", "-detpixels_s", "-detsize",
+                "-detsize_f", "-detsize_s", "-Xbeam", "-Ybeam", "-Xclose", "-Yclose", "-ORGX", "-ORGY", "-pivot",
+                "-mosflm", "-xds", "-adxv", "-denzo", "-dials", "-fdet_vector", "-sdet_vector", "-odet_vector",
+                "-pix0_vector", "-twotheta_axis", "-twotheta", "-detector_rotx", "-detector_roty", "-detector_rotz",
+                "-curved_det", "-mask", "-detector_thick", "-detector_abs", "-detector_thicksteps",
+                "-thicksteps")
+
+
+def _on_experiment_list(st, exp, warn, cwd):
+    """-expt FILE: the experiment list's beam, detector, crystal and rotation, with the
+    flags given on the command line on top of them."""
+    from .errors import InputFileError
+    from .io.dials import read_experiments
+    try:
+        listed = read_experiments(_path(st.exptfile, cwd), image=st.expt_image)
+    except InputFileError as e:
+        raise ArgumentError(f"-expt: {e}") from None
+    if not 0 <= st.expt_index < len(listed):
+        raise ArgumentError(f"-expt_index: {st.expt_index} is not an experiment of {st.exptfile} "
+                            f"(it holds {len(listed)}: 0 to {len(listed) - 1})")
+    base = listed[st.expt_index]
+    for flag in sorted(st.given & set(_PANEL_FLAGS)):
+        warn(f"{flag} has no effect with -expt: the experiment list's panels place the detector")
+    given = st.given
+    b = exp.beam
+    beam = b.replace(
+        wavelength=b.wavelength if given & {"-lambda", "-energy"} else base.beam.wavelength,
+        polarization=b.polarization if "-polar" in given else base.beam.polarization,
+        **({} if given & {"-divergence", "-hdivrange", "-vdivrange", "-hdivstep", "-vdivstep", "-hdivsteps",
+                          "-vdivsteps", "-divsteps"}
+           else dict(hdiv_range=base.beam.hdiv_range, vdiv_range=base.beam.vdiv_range)))
+    d = base.detector
+    vectors = {name: st.custom_vectors[name] for name, flag in
+               (("beam_vector", "-beam_vector"), ("polar_vector", "-polar_vector"),
+                ("spindle_axis", "-spindle_axis")) if flag in given}
+    panels = d.panels
+    if st.expt_roi is not None:      # -roi: the same pixels of every panel
+        try:
+            panels = tuple(p.replace(roi=st.expt_roi) for p in panels)
+        except ParameterError as e:
+            raise ArgumentError(f"-roi: {e}") from None
+    detector = d.replace(point_pixel=exp.detector.point_pixel, panels=panels, **vectors)
+    c, x = exp.crystal, base.crystal
+    kw = {}
+    if not given & {"-cell", "-mat"}:
+        kw.update(cell=x.cell, orientation=x.orientation)
+    if not given & {"-N", "-Na", "-Nb", "-Nc", "-xtalsize", "-xtal_size", "-samplesize", "-sample_size",
+                    "-xtal_thick", "-xtal_width", "-xtal_height", "-sample_thick", "-sample_width",
+                    "-sample_height"}:
+        kw.update(Na=x.Na, Nb=x.Nb, Nc=x.Nc)
+    if "-mosaic" not in given:
+        kw.update(mosaic_spread=x.mosaic_spread)
+    if not given & {"-phi", "-osc", "-phistep", "-phisteps"}:
+        kw.update(phi0=x.phi0, osc=x.osc)
+    elif "-phi" not in given:
+        kw.update(phi0=x.phi0)
+    try:
+        return exp.replace(beam=beam, detector=detector, crystal=c.replace(**kw), provenance=base.provenance)
+    except ParameterError as e:
+        raise ArgumentError(f"-expt {st.exptfile}: {e}") from None
 
 
 def _detector_pixels(st, mask_img):
@@ -854,6 +933,9 @@ def _validate(st, fpixels, spixels):
     if not _sf_sources(st) and st.out.dumpfile is None and st.default_F == 0.0:
         raise ArgumentError("no structure factors: give -hkl FILE (or -mtz, -sf_cif, -model FILE) or -default_F F > 0 "
                             "(usage: nbragg -mat auto.mat -hkl Fs.hkl ...)")
+    if st.matfile is None and st.cell[0] == 0.0 and st.exptfile is not None:
+        st.cell = [100e-10, 100e-10, 100e-10, math.pi / 2, math.pi / 2, math.pi / 2]   # replaced by the list's
+        st.user_cell = True
     if st.matfile is None and st.cell[0] == 0.0:
         raise ArgumentError("no unit cell: give -cell a b c alpha beta gamma or -mat FILE "
                             "(usage: nbragg -mat auto.mat -hkl Fs.hkl ...)")
@@ -958,6 +1040,8 @@ def _resolve_roi(st, fpixels, spixels):
         # negative max the far edge of the detector
         xmin, xmax, ymin, ymax = st.roi
         xmin, ymin = max(xmin, 0), max(ymin, 0)
+        if st.exptfile is not None:          # the limits apply to each panel of the list's
+            fpixels = spixels = 2 ** 31 - 1
         xmax = fpixels if xmax < 0 else xmax
         ymax = spixels if ymax < 0 else ymax
         st.roi = [xmin, xmax, ymin, ymax]

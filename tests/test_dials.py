@@ -320,3 +320,26 @@ def test_refine_command_takes_and_writes_an_experiment_list(tmp_path):
     for kp, p in zip(want, refined.detector.panels):
         np.testing.assert_allclose(np.asarray(p.origin) / 1000, kp.pix0, rtol=0, atol=5e-6)   # within ~5 um
     assert rep["nanobragg_args"][rep["nanobragg_args"].index("-expt") + 1] == rep["experiment_list"]
+
+
+def test_command_line_writes_every_panel(tmp_path):
+    """-expt with a 64-panel CSPAD: one float file per panel and an NXmx file with one
+    module per panel, each holding that panel's pixels."""
+    import io
+    import h5py
+    from nbragg.cli import run
+    name = str(DATA / "cspad_multi_stills_regression.json")
+    args = ["-expt", name, "-default_F", "100", "-N", "10", "-oversample", "1", "-roi", "0", "39", "0", "29",
+            "-nopgm", "-nonoise", "-noprogress", "-floatfile", str(tmp_path / "f.bin"),
+            "-intfile", str(tmp_path / "i.img"), "-nxmx", str(tmp_path / "shot.h5")]
+    assert run(args, stdout=io.StringIO(), stderr=io.StringIO()) == 0
+    exp = nbragg.Experiment.from_nanobragg_args(args, warn=lambda m: None)
+    ref = nbragg.simulate(exp, warn=lambda m: None).image.astype(np.float32)
+    assert ref.shape == (64, 185, 194) and ref[:, :30, :40].max() > 0 and not ref[:, 30:, :].any()
+    for k in (0, 17, 63):
+        got = np.fromfile(tmp_path / f"f_{k:02d}.bin", dtype=np.float32).reshape(185, 194)
+        assert np.array_equal(got, ref[k])
+        assert (tmp_path / f"i_{k:02d}.img").exists()
+    with h5py.File(tmp_path / "shot.h5", "r") as fh:
+        assert np.array_equal(fh["/entry/data/data"][0], ref)
+        assert len([g for g in fh["/entry/instrument/detector"] if g.startswith("module_")]) == 64

@@ -2,6 +2,21 @@
 
 Vectors are written in the NeXus (McStas) frame: z along the beam, x along the
 polarization (E-vector) direction projected off the beam, y = z x x.  Lengths in mm.
+
+Detector layout.  One panel: data (frames, slow, fast) and one NXdetector_module
+``module`` with data_origin [0, 0], data_size [slow, fast].  P > 1 panels: data
+(frames, P, slow, fast) and modules ``module_<k>`` (k zero-padded to the width of P - 1,
+so that readers listing groups by name meet them in panel order), each with
+data_origin [k, 0, 0], data_size [1, slow, fast], and pixel_mask (P, slow, fast): the
+rank-4 layout that dxtbx's NXmx writer produces and its reader slices module by module
+(NXmx allows data of rank 3 or 4 and module origins of 2 or 3 indices).
+
+Geometry chain, translations only (a reader then needs no rotation to place a pixel):
+fast_pixel_direction and slow_pixel_direction (unit vectors along the panel's axes, the
+pixel size as value, offset 0) depend on the module's module_offset (from the detector's
+origin to the outer corner of the panel's pixel (0, 0)), which depends on
+detector/transformations/origin (from the sample to the first panel's pixel (0, 0)),
+which depends on ".".  The detector's own depends_on names that origin.
 """
 
 from __future__ import annotations
@@ -46,9 +61,19 @@ def _nx(group, cls):
     return group
 
 
+def module_names(count):
+    """One NXdetector_module group name per panel: "module" for a single panel, else
+    "module_<k>" for panel k of the image's panel axis, k zero-padded to one width."""
+    if count == 1:
+        return ["module"]
+    width = len(str(count - 1))
+    return [f"module_{k:0{width}d}" for k in range(count)]
+
+
 def write_nxmx(entry, model, nframes, data_path="/entry/data/data"):
     """Fill an NXentry group (already created, holding ``data/data``) with NXmx metadata
-    describing ``model``'s geometry."""
+    describing ``model``'s geometry: ``data/data`` is (nframes, slow, fast) for one panel,
+    (nframes, panels, slow, fast) for several (see the module's docstring)."""
     det = model.detector
     crys = model.crystal
     M = lab_to_mcstas(model)
@@ -87,8 +112,15 @@ def write_nxmx(entry, model, nframes, data_path="/entry/data/data"):
     th.attrs["units"] = np.bytes_("mm")
     d.create_dataset("saturation_value", data=np.int64(65535))
     d.create_dataset("bit_depth_readout", data=np.int64(16))
-    d.create_dataset("pixel_mask", data=np.zeros((det.spixels, det.fpixels), dtype=np.int32),
-                     compression="gzip")
+    panels = model.panels
+    many = len(panels) > 1
+    # one (slow, fast) mask per module, sliced by the modules' data_origin/data_size as
+    # the data are; a skipped pixel gets bit 0, as dxtbx writes its masks
+    masks = np.zeros((len(panels), panels[0].spixels, panels[0].fpixels), dtype=np.int32)
+    for k, p in enumerate(panels):
+        if p.mask is not None:
+            masks[k] = np.asarray(p.mask, dtype=np.uint8) == 0
+    d.create_dataset("pixel_mask", data=masks if many else masks[0], compression="gzip")
     d.create_dataset("distance_derived", data=np.bool_(True))
     d.create_dataset("underload_value", data=np.int64(-1))
     dist = d.create_dataset("distance", data=det.distance * 1000.0)
@@ -104,35 +136,64 @@ def write_nxmx(entry, model, nframes, data_path="/entry/data/data"):
     ct.attrs["units"] = np.bytes_("s")
     d["data"] = entry.file[data_path]
     dt = _nx(d.create_group("transformations"), "NXtransformations")
-    # the detector sits where its first pixel's corner is: one translation from the sample
-    origin = M @ det.pix0 * 1000.0
+    # the detector sits where its first pixel's corner is: one translation from the sample;
+    # each module is a further translation to its own first pixel
+    first = np.real(panels[0].pix0)
+    origin = M @ first * 1000.0
     olen = float(np.linalg.norm(origin))
     odir = origin / olen if olen > 0 else np.array([0.0, 0.0, 1.0])
     t = dt.create_dataset("origin", data=np.array([olen]))
     _vector_attr(t, "translation", odir)
-    _str(d, "depends_on", "/entry/instrument/detector/transformations/origin")
-    mod = _nx(d.create_group("module"), "NXdetector_module")
-    mod.create_dataset("data_origin", data=np.array([0, 0], dtype=np.int64))
-    mod.create_dataset("data_size", data=np.array([det.spixels, det.fpixels], dtype=np.int64))
-    mod.create_dataset("data_stride", data=np.array([1, 1], dtype=np.int64))
-    fast = M @ det.fdet
-    slow = M @ det.sdet
-    mo = mod.create_dataset("module_offset", data=np.array([0.0]))
-    _vector_attr(mo, "translation", odir, depends_on="/entry/instrument/detector/transformations/origin")
-    fp = mod.create_dataset("fast_pixel_direction", data=np.array([det.pixel * 1000.0]))
-    _vector_attr(fp, "translation", fast, depends_on="/entry/instrument/detector/module/module_offset",
-                 offset=[0.0, 0.0, 0.0])
-    sp = mod.create_dataset("slow_pixel_direction", data=np.array([det.pixel * 1000.0]))
-    _vector_attr(sp, "translation", slow, depends_on="/entry/instrument/detector/module/module_offset",
-                 offset=[0.0, 0.0, 0.0])
+    here = d.name + "/"
+    _str(d, "depends_on", here + "transformations/origin")
+    names = module_names(len(panels))
+    for k, (p, name) in enumerate(zip(panels, names)):
+        mod = _nx(d.create_group(name), "NXdetector_module")
+        if many:   # data (frames, panels, slow, fast): the module is one panel of it
+            mod.create_dataset("data_origin", data=np.array([k, 0, 0], dtype=np.int64))
+            mod.create_dataset("data_size", data=np.array([1, p.spixels, p.fpixels], dtype=np.int64))
+            mod.create_dataset("data_stride", data=np.array([1, 1, 1], dtype=np.int64))
+        else:
+            mod.create_dataset("data_origin", data=np.array([0, 0], dtype=np.int64))
+            mod.create_dataset("data_size", data=np.array([p.spixels, p.fpixels], dtype=np.int64))
+            mod.create_dataset("data_stride", data=np.array([1, 1], dtype=np.int64))
+        offset = M @ (np.real(p.pix0) - first) * 1000.0
+        olen_k = float(np.linalg.norm(offset))
+        mo = mod.create_dataset("module_offset", data=np.array([olen_k]))
+        _vector_attr(mo, "translation", offset / olen_k if olen_k > 0 else odir,
+                     depends_on=here + "transformations/origin")
+        fp = mod.create_dataset("fast_pixel_direction", data=np.array([p.pixel * 1000.0]))
+        _vector_attr(fp, "translation", M @ np.real(p.fdet), depends_on=here + name + "/module_offset",
+                     offset=[0.0, 0.0, 0.0])
+        sp = mod.create_dataset("slow_pixel_direction", data=np.array([p.pixel * 1000.0]))
+        _vector_attr(sp, "translation", M @ np.real(p.sdet), depends_on=here + name + "/module_offset",
+                     offset=[0.0, 0.0, 0.0])
 
     smp = _nx(entry.create_group("sample"), "NXsample")
     _str(smp, "name", "simulated nanocrystal")
     st = _nx(smp.create_group("transformations"), "NXtransformations")
     omega = st.create_dataset("phi", data=np.full(nframes, crys.phi0 * RTD))
     _vector_attr(omega, "rotation", M @ crys.spindle, units="deg")
-    _str(smp, "depends_on", "/entry/sample/transformations/phi")
+    _str(smp, "depends_on", st.name + "/phi")
     a, b, c, al, be, ga = crys.cell
     uc = smp.create_dataset("unit_cell", data=np.array([[a, b, c, al, be, ga]]))
     uc.attrs["units"] = np.bytes_("angstrom, deg")
     return entry
+
+
+def write_nxmx_file(path, model, image):
+    """Write one simulated frame (photons) as an NXmx HDF5 file, atomically (a temporary
+    name, then a rename): ``/entry/data/data`` float32 (1, slow, fast) for one panel,
+    (1, panels, slow, fast) for several, with :func:`write_nxmx`'s metadata."""
+    import h5py
+    from .atomic import atomic_path
+    frame = np.asarray(image, dtype=np.float32)
+    if frame.shape != tuple(model.shape):
+        raise ValueError(f"image of shape {frame.shape} does not match the detector's {tuple(model.shape)}")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", locking=False) as fh:
+            entry = fh.create_group("entry")
+            data = entry.create_group("data")
+            chunks = (1,) * (frame.ndim - 1) + frame.shape[-2:]     # one panel a chunk
+            data.create_dataset("data", data=frame[np.newaxis], chunks=chunks, compression="gzip")
+            write_nxmx(entry, model, 1, data_path=data.name + "/data")
