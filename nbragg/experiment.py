@@ -217,8 +217,9 @@ class Panel(_Record):
         With both above 0 a pixel records the fraction 1 - exp(-mu t / cos) of the photons
         reaching it, in ``thicksteps`` equal layers (default 1); mu = 0 means no sensor
         model (every photon counts), whatever the thickness.
-    trusted_range : (min, max) of valid pixel values (refinement leaves observed pixels
-        outside it out); gain : ADU per photon (kept for experiment lists).
+    trusted_range : (min, max) of valid pixel values (refinement against pixel values,
+        with a detector response, leaves observed pixels outside it out); gain : ADU per
+        photon (kept for experiment lists).
     mask : rectangles (f0, s0, f1, s1) of pixels left out, as dxtbx writes them: half
         open, f0 <= fast < f1 and s0 <= slow < s1; roi : (xmin, xmax, ymin, ymax),
         inclusive, as Detector.roi.
@@ -261,7 +262,11 @@ class Panel(_Record):
         self._set("thicksteps", _int(n, "thicksteps", self.thicksteps, minimum=1))
         _finite(n, "gain", self.gain, positive=True)
         if self.trusted_range is not None:
-            self._set("trusted_range", _pair(n, "trusted_range", self.trusted_range))
+            lo, hi = _pair(n, "trusted_range", self.trusted_range)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise ParameterError(f"{n}.trusted_range = {self.trusted_range!r}: expected finite (min, max), "
+                                     f"min <= max")
+            self._set("trusted_range", (lo, hi))
         rects = []
         for r in self.mask:
             try:
@@ -465,6 +470,10 @@ class Detector(_Record):
             twice = sorted({i for i in seen if seen.count(i) > 1})
             if twice:
                 raise ParameterError(f"Detector.groups holds panel {twice[0]} more than once")
+            left = sorted(set(range(len(self.panels))) - set(seen))
+            if left:
+                raise ParameterError(f"Detector.groups leaves panel {left[0]} out: every panel belongs to the "
+                                     f"hierarchy (add it to the top group)")
         if (self.fpixels is None) != (self.spixels is None):
             given, other = ("fpixels", "spixels") if self.spixels is None else ("spixels", "fpixels")
             raise ParameterError(f"Detector.{given} = {getattr(self, given)!r} without Detector.{other}: give both "

@@ -159,6 +159,8 @@ class _State:
         self.exptfile = None       # a DIALS experiment list, and which experiment and image
         self.expt_index = 0
         self.expt_image = None
+        self.expt = None           # the experiment read from it
+        self.cell_from_expt = False
         self.given = set()         # the flags given (their first names)
         self.default_F = 0.0
         self.imgfile = None
@@ -768,6 +770,8 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
     records in user units."""
     fpixels, spixels = _detector_pixels(st, mask_img)
     _beam_and_sample(st, warn)
+    if st.exptfile is not None:
+        _read_experiment_list(st, warn, cwd)
     _validate(st, fpixels, spixels)
     _validate_sf_sources(st, warn)
     crystal_kw, Na, Nb, Nc, fudge, interpolate_choice = _crystal_size(st, warn, notes, cwd)
@@ -816,19 +820,40 @@ _PANEL_FLAGS = ("-distance", "-close_distance", "-pixel", "-detpixels", "-detpix
                 "-thicksteps")
 
 
+def _read_experiment_list(st, warn, cwd):
+    """-expt FILE: read the chosen experiment; without -cell or -mat its cell is the one
+    the crystal-size flags and the structure-factor files see."""
+    import json
+    from .errors import InputFileError
+    from .io.dials import read_experiment
+    path = _path(st.exptfile, cwd)
+    try:
+        with open(path, "rb") as fh:
+            n = len(json.loads(fh.read().decode("utf-8")).get("experiment") or [])
+    except (OSError, ValueError, AttributeError):
+        n = None          # read_experiment says what is wrong with the file
+    if n is not None and not 0 <= st.expt_index < n:
+        raise ArgumentError(f"-expt_index: {st.expt_index} is not an experiment of {st.exptfile} "
+                            f"(it holds {n}: 0 to {n - 1})")
+    try:
+        st.expt = read_experiment(path, st.expt_index, image=st.expt_image, warn=None)
+    except InputFileError as e:
+        raise ArgumentError(f"-expt: {e}") from None
+    if st.matfile is None and not st.user_cell:
+        if not st.expt.provenance.has_crystal:
+            raise ArgumentError(f"-expt {st.exptfile}: experiment {st.expt_index} has no crystal; give -cell or -mat")
+        c = st.expt.crystal.cell
+        st.cell = list(c[:3]) + [x / RTD for x in c[3:]]
+        st.user_cell = True
+        st.cell_from_expt = True
+    elif "-cell" in st.given and st.matfile is None and st.expt.provenance.has_crystal:
+        warn("-cell with -expt: the cell replaces the list's; the crystal keeps the list's orientation")
+
+
 def _on_experiment_list(st, exp, warn, cwd):
     """-expt FILE: the experiment list's beam, detector, crystal and rotation, with the
     flags given on the command line on top of them."""
-    from .errors import InputFileError
-    from .io.dials import read_experiments
-    try:
-        listed = read_experiments(_path(st.exptfile, cwd), image=st.expt_image)
-    except InputFileError as e:
-        raise ArgumentError(f"-expt: {e}") from None
-    if not 0 <= st.expt_index < len(listed):
-        raise ArgumentError(f"-expt_index: {st.expt_index} is not an experiment of {st.exptfile} "
-                            f"(it holds {len(listed)}: 0 to {len(listed) - 1})")
-    base = listed[st.expt_index]
+    base = st.expt
     for flag in sorted(st.given & set(_PANEL_FLAGS)):
         warn(f"{flag} has no effect with -expt: the experiment list's panels place the detector")
     given = st.given
@@ -854,6 +879,10 @@ def _on_experiment_list(st, exp, warn, cwd):
     kw = {}
     if not given & {"-cell", "-mat"}:
         kw.update(cell=x.cell, orientation=x.orientation)
+    elif "-mat" not in given and base.provenance.has_crystal:
+        # -cell: its lengths and angles in the list's orientation (as -cell with -mat keeps
+        # the matrix's directions)
+        kw.update(orientation=x.orientation)
     if not given & {"-N", "-Na", "-Nb", "-Nc", "-xtalsize", "-xtal_size", "-samplesize", "-sample_size",
                     "-xtal_thick", "-xtal_width", "-xtal_height", "-sample_thick", "-sample_width",
                     "-sample_height"}:
@@ -933,9 +962,6 @@ def _validate(st, fpixels, spixels):
     if not _sf_sources(st) and st.out.dumpfile is None and st.default_F == 0.0:
         raise ArgumentError("no structure factors: give -hkl FILE (or -mtz, -sf_cif, -model FILE) or -default_F F > 0 "
                             "(usage: nbragg -mat auto.mat -hkl Fs.hkl ...)")
-    if st.matfile is None and st.cell[0] == 0.0 and st.exptfile is not None:
-        st.cell = [100e-10, 100e-10, 100e-10, math.pi / 2, math.pi / 2, math.pi / 2]   # replaced by the list's
-        st.user_cell = True
     if st.matfile is None and st.cell[0] == 0.0:
         raise ArgumentError("no unit cell: give -cell a b c alpha beta gamma or -mat FILE "
                             "(usage: nbragg -mat auto.mat -hkl Fs.hkl ...)")

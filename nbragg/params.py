@@ -340,6 +340,7 @@ def set_params(exp, values):
         except (TypeError, ValueError):
             raise ParameterError(f"parameter {n!r}: value {v!r} is not a number") from None
         _check_response(exp, n)
+        _check_one_panel(exp, n)
         if geometry(n):
             det = changes.get("detector_record", exp.detector)
             changes["detector_record"] = _with_node_value(det, *_geometry_node(exp, n), v)

@@ -219,6 +219,8 @@ def run(argv, stdout=None):
         raise ArgumentError(f"--blur: {opts.blur!r} is not a list of widths") from None
     from .io.atomic import check_output_path
     check_output_path(opts.report, "--report")
+    if opts.expt_out:
+        check_output_path(opts.expt_out, "--expt-out")
     parsed = parse_nanobragg_args(nb_args, warn=lambda m: print(f"WARNING: {m}", file=sys.stderr))
     exp = parsed.experiment
     shape = (exp.detector.spixels, exp.detector.fpixels)
@@ -248,11 +250,9 @@ def run(argv, stdout=None):
     source = exp.provenance
     if isinstance(source, DialsSource):
         # the refined experiment in its list, the others as they were
-        from .io.dials import read_experiments, write_experiments
-        listed = read_experiments(source.path, image=source.image)
-        listed[source.index] = fit.experiment
+        from .io.dials import write_refined
         expt_out = opts.expt_out or base + ".expt"
-        write_experiments(expt_out, listed)
+        write_refined(expt_out, fit.experiment)
         report["experiment_list"] = expt_out
         new_args = [expt_out if k > 0 and new_args[k - 1] == "-expt" else a for k, a in enumerate(new_args)]
         report["nanobragg_args"] = new_args

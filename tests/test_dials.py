@@ -212,8 +212,12 @@ def test_a_nanobragg_experiment_written_for_dials(tmp_path):
     exp = nbragg.Experiment.from_nanobragg_args(args.split(), warn=lambda m: None)
     write_experiments(tmp_path / "nb.expt", exp)
     back = read_experiments(tmp_path / "nb.expt")[0]
+    # DIALS's mosaic model holds one domain size: the mean of N times the cell edges
+    edges = np.array(exp.crystal.cell[:3])
+    sizes = np.array([back.crystal.Na, back.crystal.Nb, back.crystal.Nc]) * edges
+    np.testing.assert_allclose(sizes, 5 * edges.mean(), rtol=1e-9)
     back = back.replace(structure=exp.structure, sampling=exp.sampling,
-                        crystal=back.crystal.replace(Na=5, Nb=5, Nc=5, phisteps=2))
+                        crystal=back.crystal.replace(Na=5, Nb=5, Nc=5, phisteps=2))   # exact integers again
     a = nbragg.simulate(exp, warn=lambda m: None).image
     b = nbragg.simulate(back, warn=lambda m: None).image
     np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * a.max())
@@ -229,6 +233,17 @@ def test_a_nanobragg_experiment_written_for_dials(tmp_path):
     (lambda d: d["experiment"][0].update({"beam": "beam.json"}), "given as 'beam.json'"),
     (lambda d: d["experiment"][0].update({"crystal": 7}), "crystal 7 does not exist"),
     (lambda d: d.update({"__id__": "Nothing"}), "expected 'ExperimentList'"),
+    (lambda d: d["detector"][0].update({"panels": [3]}), "malformed content"),
+    (lambda d: d["detector"][0].update({"hierarchy": [1, 2]}), "hierarchy node root is not a node"),
+    (lambda d: d["detector"][0]["panels"][0].update({"mask": [["a", 0, 1, 1]]}), "mask"),
+    (lambda d: d["detector"][0]["panels"][0].update({"image_size": [10.5, 20]}), "whole numbers"),
+    (lambda d: d["detector"][0]["panels"][0].update({"mu": -1.0}), "mu -1.0 is negative"),
+    (lambda d: d["goniometer"][0].update({"axes": [["x", 0, 0], [0, 1, 0]]}), "axes, angles or scan_axis"),
+    (lambda d: d["crystal"][0].update({"real_space_a": [0, 0, 0], "real_space_b": [0, 0, 0]}), "coplanar"),
+    (lambda d: d.update({"beam": {"direction": [0, 0, 1]}}), "'beam' is not a list"),
+    (lambda d: d["beam"][0].update({"polarization_fraction": 2.0}), "polarization_fraction 2.0"),
+    (lambda d: d["crystal"][0].update({"ML_half_mosaicity_deg": 0.1, "ML_domain_size_ang": 0}), "ML_domain_size_ang"),
+    (lambda d: d["scan"][0].update({"properties": {"oscillation": [5.0]}}), "oscillation_width"),
 ])
 def test_unsupported_content_gets_one_line(tmp_path, change, message):
     doc = _doc("i19_lcys_11_integrated.expt")
@@ -343,3 +358,116 @@ def test_command_line_writes_every_panel(tmp_path):
     with h5py.File(tmp_path / "shot.h5", "r") as fh:
         assert np.array_equal(fh["/entry/data/data"][0], ref)
         assert len([g for g in fh["/entry/instrument/detector"] if g.startswith("module_")]) == 64
+
+
+def test_structure_changes_are_written_as_a_new_detector(tmp_path):
+    """A read experiment whose detector changed shape (no hierarchy, fewer panels, or
+    nanoBragg's one panel) is written with the detector it now has."""
+    exp = read_experiments(DATA / "cspad_single_image.expt")[0]
+    moved = nbragg.set_params(exp, {"group_shift_x[FS_D0Q2]": 0.3})
+    flat = moved.replace(detector=moved.detector.replace(groups=None))
+    fewer = moved.replace(detector=moved.detector.replace(panels=moved.detector.panels[:5], groups=None))
+    one = nbragg.Experiment.from_nanobragg_args("-cell 70 80 90 90 90 90 -default_F 1 -detpixels 16 -distance 80",
+                                               warn=lambda m: None)
+    nanobragg = moved.replace(detector=one.detector)
+    for e in (flat, fewer, nanobragg):
+        write_experiments(tmp_path / "x.expt", e)
+        back = read_experiments(tmp_path / "x.expt")[0]
+        want = build_model(e, warn=lambda m: None).panels
+        assert len(back.detector.panels) == len(want)
+        for kp, p in zip(want, back.detector.panels):
+            np.testing.assert_allclose(np.asarray(p.origin) / 1000, kp.pix0, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(p.fast_axis, kp.fdet, rtol=0, atol=1e-12)
+
+
+def test_crystal_changes_are_written_where_they_belong(tmp_path):
+    name = "insulin_adsc_refined.expt"        # a scan-varying crystal (A_at_scan_points)
+    exp = read_experiments(DATA / name)[0]
+    doc = _doc(name)
+    # N, mosaic spread and phi0 change: the orientation (and its scan points) stay
+    e = exp.replace(crystal=exp.crystal.replace(Na=7, Nb=7, Nc=7, mosaic_spread=0.05, phi0=exp.crystal.phi0 + 2))
+    write_experiments(tmp_path / "n.expt", e)
+    out = json.loads((tmp_path / "n.expt").read_text())
+    cry = out["crystal"][0]
+    assert cry["A_at_scan_points"] == doc["crystal"][0]["A_at_scan_points"]
+    assert cry["real_space_a"] == doc["crystal"][0]["real_space_a"]
+    assert cry["ML_half_mosaicity_deg"] == 0.05
+    assert out["scan"][0]["oscillation"][0] == pytest.approx(doc["scan"][0]["oscillation"][0] + 2)
+    back = read_experiments(tmp_path / "n.expt")[0]
+    assert back.crystal.Na == pytest.approx(7, rel=1e-12) and back.crystal.phi0 == pytest.approx(e.crystal.phi0)
+    # a new orientation is written as the vectors, in the frame the goniometer's rotations
+    # were taken out of
+    e = nbragg.set_params(exp, {"misset_x": 0.4})
+    write_experiments(tmp_path / "m.expt", e)
+    back = read_experiments(tmp_path / "m.expt")[0]
+    a = build_model(e, warn=lambda m: None).crystal.real0
+    np.testing.assert_allclose(build_model(back, warn=lambda m: None).crystal.real0, a, rtol=0,
+                               atol=1e-12 * np.abs(a).max())
+    assert "A_at_scan_points" not in json.loads((tmp_path / "m.expt").read_text())["crystal"][0]
+
+
+def test_scan_varying_setting_rotation_round_trip(tmp_path):
+    doc = _doc("i19_lcys_11_integrated.expt")
+    g = doc["goniometer"][0]
+    n = doc["scan"][0]["image_range"][1] - doc["scan"][0]["image_range"][0] + 2
+    g["setting_rotation_at_scan_points"] = [_rotation([0, 1, 0], 5.0).ravel().tolist()] * n
+    src = tmp_path / "s.expt"
+    src.write_text(json.dumps(doc))
+    exp = nbragg.set_params(read_experiments(src)[0], {"misset_z": 0.3})
+    write_experiments(tmp_path / "w.expt", exp)
+    back = read_experiments(tmp_path / "w.expt")[0]
+    a = build_model(exp, warn=lambda m: None).crystal.real0
+    np.testing.assert_allclose(build_model(back, warn=lambda m: None).crystal.real0, a, rtol=0,
+                               atol=1e-12 * np.abs(a).max())
+
+
+def test_panel_fields_are_written(tmp_path):
+    exp = read_experiments(DATA / "i19_lcys_11_integrated.expt")[0]
+    p = exp.detector.panels[0].replace(mask=((0, 0, 5, 5),), trusted_range=(0.0, 1000.0), gain=2.5)
+    e = exp.replace(detector=exp.detector.replace(panels=(p,)))
+    write_experiments(tmp_path / "p.expt", e)
+    q = read_experiments(tmp_path / "p.expt")[0].detector.panels[0]
+    assert (q.mask, q.trusted_range, q.gain) == (((0, 0, 5, 5),), (0.0, 1000.0), 2.5)
+
+
+def test_refined_experiment_written_into_its_list(tmp_path):
+    """write_refined: one experiment of a list of five refined; the others, and the
+    models it shared with them, stay as they were."""
+    from nbragg.io.dials import write_refined
+    name = "ssx_cunir_indexed.expt"
+    exp = read_experiments(DATA / name)[2]
+    moved = nbragg.set_params(exp, {"group_shift_z[root]": 0.5})
+    write_refined(tmp_path / "r.expt", moved)
+    doc, out = _doc(name), json.loads((tmp_path / "r.expt").read_text())
+    assert out["detector"][:len(doc["detector"])] == doc["detector"]          # shared: added anew
+    assert [e.get("detector") for e in out["experiment"]] == [0, 0, len(doc["detector"]), 0, 0]
+    back = read_experiments(tmp_path / "r.expt")
+    assert back[2].detector.panels[0].origin[2] == pytest.approx(exp.detector.panels[0].origin[2] + 0.5)
+    assert back[1].detector.panels[0].origin == exp.detector.panels[0].origin
+
+
+def test_command_line_takes_the_lists_cell_for_sizes_and_refuses_a_list_without_crystal(tmp_path):
+    name = DATA / "insulin_adsc_refined.expt"
+    exp = nbragg.Experiment.from_nanobragg_args(["-expt", str(name), "-xtal_size", "0.001", "-default_F", "1"],
+                                               warn=lambda m: None)
+    a = np.linalg.norm(read_experiments(name)[0].crystal.cell[0])
+    assert exp.crystal.Na == math.ceil(0.001e-3 / (a * 1e-10))
+    imported = str(DATA / "kappa_pilatus6m_ag_imported.expt")
+    with pytest.raises(nbragg.ArgumentError, match="has no crystal; give -cell or -mat"):
+        nbragg.Experiment.from_nanobragg_args(["-expt", imported, "-default_F", "1"], warn=lambda m: None)
+    with_cell = nbragg.Experiment.from_nanobragg_args(["-expt", imported, "-default_F", "1", "-cell", "40", "50",
+                                                       "60", "90", "90", "90"], warn=lambda m: None)
+    assert with_cell.crystal.cell == pytest.approx((40, 50, 60, 90, 90, 90))
+    # the image of another experiment's scan does not matter
+    ssx = str(DATA / "i19_lcys_11_integrated.expt")
+    e = nbragg.Experiment.from_nanobragg_args(["-expt", ssx, "-expt_image", "5", "-default_F", "1"],
+                                             warn=lambda m: None)
+    assert e.crystal.phi0 == pytest.approx(_doc("i19_lcys_11_integrated.expt")["scan"][0]["oscillation"][0] + 4 * 0.1)
+
+
+def test_placement_parameters_are_refused_on_panels():
+    exp = read_experiments(DATA / "i19_lcys_11_integrated.expt")[0]
+    with pytest.raises(nbragg.ParameterError, match="Detector.panels"):
+        nbragg.set_params(exp, {"distance": 50})
+    with pytest.raises(nbragg.ParameterError, match="leaves panel 1 out"):
+        nbragg.Detector(panels=[exp.detector.panels[0]] * 2, groups=nbragg.PanelGroup(children=(0,)))
