@@ -836,7 +836,9 @@ def _read_experiment_list(st, warn, cwd):
         raise ArgumentError(f"-expt_index: {st.expt_index} is not an experiment of {st.exptfile} "
                             f"(it holds {n}: 0 to {n - 1})")
     try:
-        st.expt = read_experiment(path, st.expt_index, image=st.expt_image, warn=None)
+        # (a missing crystal is this command's error, below, or replaced by -cell / -mat)
+        st.expt = read_experiment(path, st.expt_index, image=st.expt_image,
+                                  warn=lambda m: None if "has no crystal" in m else warn(m))
     except InputFileError as e:
         raise ArgumentError(f"-expt: {e}") from None
     if st.matfile is None and not st.user_cell:
