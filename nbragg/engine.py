@@ -538,6 +538,8 @@ class Result:
     stats: Stats
     model: Model
     detected: object = None     # response.Detected when the Experiment has a response
+    reflections: object = None  # with labels=True: the reflection table (nbragg.labels)
+    labels: object = None       # with labels=True: per-pixel label images (nbragg.labels.Labels)
 
     @property
     def settings(self):
@@ -625,7 +627,7 @@ def compute_stats(model, image, omega_sum):
                  max_I_panel=mp)
 
 
-def simulate(experiment, backend="cpu", threads=None, warn=None, precision="float64"):
+def simulate(experiment, backend="cpu", threads=None, warn=None, precision="float64", labels=False):
     """Simulate one image.
 
     Parameters
@@ -636,6 +638,9 @@ def simulate(experiment, backend="cpu", threads=None, warn=None, precision="floa
     warn : callable receiving warning messages (default: the ``nbragg`` logger)
     precision : "float64" (nanoBragg's numbers) or "float32" (the same model computed in
         single precision, for speed on GPUs; the image is still returned as float64)
+    labels : also label the image (:mod:`nbragg.labels`): ``.reflections``, a table of
+        the reflections (h k l panel fast slow photons partiality d), and ``.labels``,
+        per-pixel label images
 
     Returns
     -------
@@ -652,4 +657,9 @@ def simulate(experiment, backend="cpu", threads=None, warn=None, precision="floa
     if experiment.response is not None:
         from .response import respond
         detected = respond(image, experiment.response, experiment.detector.pixel_size)
-    return Result(image=image, stats=compute_stats(model, image, omega_sum), model=model, detected=detected)
+    table = pixel_labels = None
+    if labels:
+        from .labels import label
+        table, pixel_labels = label(model, threads=threads)
+    return Result(image=image, stats=compute_stats(model, image, omega_sum), model=model, detected=detected,
+                  reflections=table, labels=pixel_labels)
