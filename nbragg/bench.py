@@ -91,6 +91,42 @@ def memory_probe(name, what):
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
+# the PyTorch bridge's memory figure: B2 on a 1024x1024 detector
+TORCH_CASE = CASES["B2"].replace("-detpixels 512", "-detpixels 1024")
+
+
+def torch_memory_probe(what):
+    """Import torch and nbragg.torch, then (``what``) nothing, a forward through the bridge,
+    or a forward and backward (every kernel parameter requiring grad); print the peak
+    resident memory (kB)."""
+    import resource
+    import torch
+    from . import torch as nt
+    from .nbargs import parse_nanobragg_args
+    from .params import SCALAR_PARAMS, get_params
+    exp = parse_nanobragg_args(TORCH_CASE.split(), warn=lambda m: None).experiment
+    params = {n: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+              for n, v in get_params(exp, SCALAR_PARAMS).items()}
+    if what != "import":
+        image = nt.simulate(exp, params, warn=lambda m: None)
+        if what == "backward":
+            image.sum().backward()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def torch_memory():
+    """Peak resident memory (MB) of processes that import the bridge only, run a forward
+    through it, and run a forward and backward."""
+    out = {}
+    for what in ("import", "forward", "backward"):
+        code = f"from nbragg.bench import torch_memory_probe; torch_memory_probe({what!r})"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_package_env())
+        if proc.returncode != 0:
+            raise RuntimeError(f"the torch memory probe ({what}) failed: {proc.stderr[-500:]}")
+        out[what] = int(proc.stdout.strip().splitlines()[-1]) / 1024.0
+    return out
+
+
 def working_arrays(name):
     """Bytes of the arrays a forward call and a gradient call allocate (beyond inputs)."""
     from .engine import build_model
@@ -347,6 +383,9 @@ def main(argv=None):
     ap.add_argument("--background", action="store_true",
                     help="time the amorphous background (nonBragg's water, 1024x1024) in process and as a command")
     ap.add_argument("--nonbragg", metavar="PATH", help="with --background: a nonBragg binary to compare against")
+    ap.add_argument("--torch", action="store_true",
+                    help="peak memory of a forward, and of a forward and backward, through the PyTorch bridge "
+                         "(B2 on 1024x1024)")
     ap.add_argument("--panels", action="store_true",
                     help="time a detector of 64 panels against one panel of the same pixels (B1 and B2)")
     opts = ap.parse_args(argv)
@@ -415,6 +454,14 @@ def main(argv=None):
         print(f"  Python API (nbragg.Response, all cores): {t_api:.3f} s; nbragg-noisify command {t_cmd:.3f} s"
               + (f"; noisify {t_c:.3f} s -> {t_c / t_cmd:.2f}x (command), {t_c / t_api:.2f}x (API stage)"
                  if t_c is not None else ""))
+    if opts.torch:
+        mem = torch_memory()
+        fw, bw = mem["forward"] - mem["import"], mem["backward"] - mem["import"]
+        print(f"\nPyTorch bridge, peak resident memory ({TORCH_CASE}; {len(_scalar_names())} parameters "
+              f"requiring grad):")
+        print(f"  import only {mem['import']:.0f} MB; forward {mem['forward']:.0f} MB; forward + backward "
+              f"{mem['backward']:.0f} MB -> {mem['backward'] / mem['forward']:.2f}x (goal at most 1.5x); "
+              f"above the import: forward {fw:.0f} MB, forward + backward {bw:.0f} MB")
     if opts.background:
         binary = (shutil.which(opts.nonbragg) or opts.nonbragg) if opts.nonbragg else None
         print(f"\namorphous background, water on 1024x1024 ({BACKGROUND_FLAGS}):")

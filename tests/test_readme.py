@@ -36,6 +36,9 @@ def test_readme_python_examples_run_as_printed(tmp_path, monkeypatch, capsys):
     # the two-panel detector
     assert ns["shot2"].image.shape == (2, 185, 194) and ns["shot2"].panels == ("asic0", "asic1")
     assert np.isfinite(ns["shot2"].image).all()
+    # the bridges: a gradient for every parameter, and JAX's matching nbragg's
+    assert set(ns["grads_j"]) == {"cell_a", "distance"} and np.isfinite(float(ns["value_j"]))
+    assert all(p.grad is not None for p in ns["sim"].params.values())
     # the detector-response example: pixel values around the offset plus the counts
     shot = ns["shot"]
     assert shot.detected.adu.dtype == np.uint16 and shot.detected.adu.shape == (64, 64)
