@@ -60,7 +60,8 @@ and produces the same frames and parameters as an uninterrupted run.
 
 from .cli import main
 from .frames import base_experiment, frame_experiment, frame_parameters, frame_response, simulate_frame
-from .layout import assemble_shard, open_dataset, read_frame, read_parameters, stage_frame, write_master
+from .layout import (assemble_shard, open_dataset, read_frame, read_parameters, read_reflections, stage_frame,
+                     write_master)
 from .schedule import generate, make_shard
 from .spec import COUNT_TYPES, DIST_KINDS, DatasetError, DatasetSpec, load_spec
 
@@ -68,4 +69,4 @@ open = open_dataset   # nbragg.dataset.open(path): the dataset, with its compres
 
 __all__ = ["COUNT_TYPES", "DIST_KINDS", "DatasetError", "DatasetSpec", "assemble_shard", "base_experiment",
            "frame_experiment", "frame_parameters", "frame_response", "generate", "load_spec", "main", "make_shard", "read_frame",
-           "read_parameters", "simulate_frame", "stage_frame", "write_master"]
+           "read_parameters", "read_reflections", "simulate_frame", "stage_frame", "write_master"]

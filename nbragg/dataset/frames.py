@@ -123,6 +123,15 @@ def simulate_frame(spec, index, threads=None, backend="cpu"):
         rng = np.random.default_rng([spec.seed, index, 1])
         cnt = rng.poisson(np.clip(image, 0.0, None))
         out["counts"] = np.minimum(cnt, np.iinfo(COUNT_TYPES[spec.counts]).max).astype(COUNT_TYPES[spec.counts])
+    if spec.labels:
+        # the reflection table as rows of numbers (columns: nbragg.labels.COLUMNS) and the
+        # per-pixel label images; computed on the CPU
+        from ..engine import build_model
+        from ..labels import COLUMNS, label
+        table, lab = label(build_model(exp, warn=lambda m: None), threads=threads)
+        out["reflections"] = np.column_stack([table[c].to_numpy(dtype=np.float64) for c in COLUMNS]).reshape(-1, len(COLUMNS))
+        out["label_reflection"] = lab.reflection.astype(np.int32)
+        out["label_spot_mask"] = lab.spot_mask.astype(np.uint8)
     if spec.jacobian:
         if J is None:
             from ..gradients import jacobian

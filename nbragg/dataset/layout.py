@@ -11,6 +11,7 @@ import numpy as np
 
 from ..io.atomic import atomic_file, atomic_path
 from .frames import base_experiment, simulate_frame
+from ..labels import COLUMNS as REFLECTION_COLUMNS
 from .spec import COUNT_TYPES, DatasetError
 
 
@@ -120,6 +121,14 @@ def assemble_shard(spec, output, k, kept=None):
                 jg = nb.create_group("jacobian")
                 jac = {nm: jg.create_dataset(nm, (n, S, F), dtype=np.float32, chunks=(1, S, F), **comp)
                        for nm in spec.jacobian}
+            lab = None
+            if spec.labels:
+                lg = nb.create_group("labels")
+                lab = {"reflection": lg.create_dataset("reflection", (n, S, F), dtype=np.int32, chunks=(1, S, F),
+                                                       **comp),
+                       "spot_mask": lg.create_dataset("spot_mask", (n, S, F), dtype=np.uint8, chunks=(1, S, F),
+                                                      **comp)}
+                rows = []
             completed = nb.create_dataset("completed", (n,), dtype=np.uint8)
             for j, i in enumerate(frames):
                 with _frame_arrays(paths.frame(i), kept, i) as z:
@@ -135,7 +144,14 @@ def assemble_shard(spec, output, k, kept=None):
                     if jac is not None:
                         for q, nm in enumerate(spec.jacobian):
                             jac[nm][j] = z["jacobian"][q]
+                    if lab is not None:
+                        lab["reflection"][j] = z["label_reflection"]
+                        lab["spot_mask"][j] = z["label_spot_mask"]
+                        table = np.asarray(z["reflections"]).reshape(-1, len(REFLECTION_COLUMNS))
+                        rows.append(np.column_stack([np.full(len(table), i, dtype=np.float64), table]))
                 completed[j] = 1      # after the frame's data
+            if lab is not None:
+                _write_reflections(nb, np.concatenate(rows) if rows else np.zeros((0, 1 + len(REFLECTION_COLUMNS))))
             from ..io.nexus import write_nxmx
             write_nxmx(entry, model, n)
     for i in frames:
@@ -144,6 +160,19 @@ def assemble_shard(spec, output, k, kept=None):
         except OSError:
             pass
     return k
+
+
+_INTEGER_COLUMNS = ("frame", "h", "k", "l", "panel")
+
+
+def _write_reflections(nb, rows):
+    """The shard's reflection tables, one row per reflection of every frame, as a group of
+    equal-length columns (``frame`` first): pandas.DataFrame({c: g[c][()] for c in g})."""
+    g = nb.create_group("reflections")
+    g.attrs["NX_class"] = np.bytes_("NXcollection")
+    for c, col in zip(("frame",) + REFLECTION_COLUMNS, rows.T):
+        g.create_dataset(c, data=col.astype(np.int64) if c in _INTEGER_COLUMNS else col)
+    g.attrs["columns"] = np.array(("frame",) + REFLECTION_COLUMNS, dtype=object).astype("S")
 
 
 class _frame_arrays:
@@ -203,9 +232,57 @@ def write_master(spec, output):
             nb.create_virtual_dataset("orientation", vds((N, 3, 3), np.float64, "entry/nbragg/orientation"),
                                       fillvalue=np.nan)
             nb.create_virtual_dataset("completed", vds((N,), np.uint8, "entry/nbragg/completed"), fillvalue=0)
+            if spec.labels:
+                lg = nb.create_group("labels")
+                lg.create_virtual_dataset("reflection", vds((N, S, F), np.int32, "entry/nbragg/labels/reflection"),
+                                          fillvalue=-1)
+                lg.create_virtual_dataset("spot_mask", vds((N, S, F), np.uint8, "entry/nbragg/labels/spot_mask"),
+                                          fillvalue=0)
+                _reflections_master(nb, paths, spec)
             from ..io.nexus import write_nxmx
             write_nxmx(entry, model, N)
     return paths.master
+
+
+def _reflections_master(nb, paths, spec):
+    """The shards' reflection tables, end to end, as virtual columns of the master."""
+    import h5py
+    lengths = []
+    for k in range(spec.nshards):
+        with h5py.File(paths.shard(k), "r", locking=False) as sh:
+            lengths.append(sh["entry/nbragg/reflections/frame"].shape[0])
+    g = nb.create_group("reflections")
+    g.attrs["NX_class"] = np.bytes_("NXcollection")
+    total = int(sum(lengths))
+    for c in ("frame",) + REFLECTION_COLUMNS:
+        dtype = np.int64 if c in _INTEGER_COLUMNS else np.float64
+        layout = h5py.VirtualLayout(shape=(total,), dtype=dtype)
+        at = 0
+        for k, n in enumerate(lengths):
+            if n:
+                layout[at:at + n] = h5py.VirtualSource(os.path.basename(paths.shard(k)),
+                                                       f"entry/nbragg/reflections/{c}", shape=(n,))
+            at += n
+        g.create_virtual_dataset(c, layout)
+    g.attrs["columns"] = np.array(("frame",) + REFLECTION_COLUMNS, dtype=object).astype("S")
+
+
+def read_reflections(output, frame=None):
+    """The reflection tables of a dataset made with ``outputs: {labels: true}`` as a pandas
+    DataFrame (column ``frame`` first); ``frame`` selects one frame's rows."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise DatasetError("reading reflection tables needs pandas: pip install pandas") from None
+    with open_dataset(output) as fh:
+        if "entry/nbragg/reflections" not in fh:
+            raise DatasetError(f"{output!r} has no reflection tables (made without outputs: {{labels: true}})")
+        g = fh["entry/nbragg/reflections"]
+        cols = {c: g[c][()] for c in ("frame",) + REFLECTION_COLUMNS}
+    table = pd.DataFrame(cols)
+    if frame is not None:
+        table = table[table.frame == int(frame)].reset_index(drop=True)
+    return table
 
 
 def open_dataset(path):

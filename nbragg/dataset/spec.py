@@ -36,6 +36,7 @@ class DatasetSpec:
     precision: str = "float64"
     response: dict = field(default_factory=dict)
     background: list = field(default_factory=list)
+    labels: bool = False
 
     def canonical(self):
         """A JSON text that identifies the content the spec produces."""
@@ -48,6 +49,8 @@ class DatasetSpec:
             content["response"] = self.response
         if self.background:
             content["background"] = self.background
+        if self.labels:
+            content["labels"] = True
         return json.dumps(content, sort_keys=True)
 
     def digest(self):
@@ -184,8 +187,11 @@ def load_spec(source, base_dir=None):
     if not isinstance(outputs, dict):
         _spec_error("outputs must be a mapping")
     for k in outputs:
-        if k not in ("float", "counts", "jacobian"):
-            _spec_error(f"outputs.{k}: unknown (known: float, counts, jacobian)")
+        if k not in ("float", "counts", "jacobian", "labels"):
+            _spec_error(f"outputs.{k}: unknown (known: float, counts, jacobian, labels)")
+    labels = outputs.get("labels", False)
+    if not isinstance(labels, bool):
+        _spec_error(f"outputs.labels = {labels!r}: true or false")
     float_out = bool(outputs.get("float", True))
     counts = outputs.get("counts", "uint16")
     if counts in (None, False, "none"):
@@ -210,7 +216,7 @@ def load_spec(source, base_dir=None):
     background = _background_spec(raw.get("background"), base_dir)
     return DatasetSpec(seed=seed, images=images, shard_size=shard_size, base=base, base_dir=base_dir, vary=vary,
                        float_out=float_out, counts=counts, jacobian=list(jac), compression=compression,
-                       precision=precision, response=response, background=background)
+                       precision=precision, response=response, background=background, labels=labels)
 
 
 def _record_fields(where, entry, numbers, others):

@@ -15,7 +15,10 @@ Each frame is a dict::
     jacobian     (parameters, slow, fast) float32 dI/dtheta, when stored (keys)
     params       {name: value} of the frame's drawn parameters, in the table's order
     orientation  the drawn 3x3 rotation (identity when orientations do not vary)
-    labels       {name: array} of further per-frame datasets a file holds (when any)
+    labels       {name: array} of further per-frame datasets a file holds (when any):
+                 with ``outputs: {labels: true}``, "labels/reflection" and "labels/spot_mask"
+    reflections  with ``outputs: {labels: true}``: the frame's reflection table,
+                 {column: array} (columns of nbragg.labels.COLUMNS)
 """
 
 from __future__ import annotations
@@ -131,7 +134,19 @@ class _SpecSource:
                 frame["image" if k == "data" else k] = stored[k]
             frame["params"] = {n: float(v) for n, v in zip(self.param_names, out["params"])}
             frame["orientation"] = np.asarray(out["orientation"], dtype=np.float64)
+            if spec.labels:
+                frame["labels"] = {"labels/reflection": out["label_reflection"],
+                                   "labels/spot_mask": out["label_spot_mask"]}
+                frame["reflections"] = _table_columns(out["reflections"])
             yield frame
+
+
+def _table_columns(rows):
+    """{column: array} of a frame's reflection table (rows in nbragg.labels.COLUMNS order)."""
+    from ..labels import COLUMNS
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(COLUMNS))
+    return {c: (rows[:, j].astype(np.int64) if c in ("h", "k", "l", "panel") else rows[:, j])
+            for j, c in enumerate(COLUMNS)}
 
 
 def frames_from_spec(spec, start=0, stop=None, keys=("data",), threads=None):
@@ -244,7 +259,7 @@ class _FileSource:
         h5ds = _h5dataset()
 
         def visit(name, obj):
-            if (isinstance(obj, h5ds) and name not in skip and not name.startswith("jacobian/")
+            if (isinstance(obj, h5ds) and name not in skip and not name.startswith(("jacobian/", "reflections/"))
                     and obj.ndim >= 1 and obj.shape[0] == n):
                 found.append(name)
         nb.visititems(visit)
@@ -271,9 +286,13 @@ class _FileSource:
                         handles.popitem(last=False)[1][0].close()
                     fh = _open(self.files[k])
                     nb = fh["entry/nbragg"]
-                    # the parameter table and orientations are small: read them whole
-                    handles[k] = (fh, {n: nb[n][()] for n in self.param_names}, nb["orientation"][()])
-                fh, table, orient = handles[k]
+                    # the parameter table, orientations and reflection tables are small: read them whole
+                    refl = None
+                    if "reflections" in nb:
+                        from ..labels import COLUMNS
+                        refl = {c: nb["reflections/" + c][()] for c in ("frame",) + COLUMNS}
+                    handles[k] = (fh, {n: nb[n][()] for n in self.param_names}, nb["orientation"][()], refl)
+                fh, table, orient, refl = handles[k]
                 frame = {"index": i}
                 for key in self.keys:
                     if key == "jacobian":   # one dataset per parameter, stacked in the spec's order
@@ -285,9 +304,12 @@ class _FileSource:
                 frame["orientation"] = orient[row]
                 if self.label_names:
                     frame["labels"] = {n: _read(fh, "entry/nbragg/" + n, row) for n in self.label_names}
+                if refl is not None:
+                    mine = refl["frame"] == i
+                    frame["reflections"] = {c: v[mine] for c, v in refl.items() if c != "frame"}
                 yield frame
         finally:
-            for fh, _, _ in handles.values():
+            for fh, *_ in handles.values():
                 fh.close()
 
 
@@ -458,7 +480,8 @@ def _make_frame_dataset():
                     if threads is None:
                         threads = 1     # the workers share the cores
             for frame in self.source.frames(order, threads=threads):
-                item = {k: ({n: _tensor(torch, a) for n, a in v.items()} if k == "labels" else _tensor(torch, v))
+                item = {k: ({n: _tensor(torch, a) for n, a in v.items()} if k in ("labels", "reflections")
+                            else _tensor(torch, v))
                         for k, v in frame.items() if k != "params"}
                 item["params"] = torch.tensor([frame["params"][n] for n in self.source.param_names],
                                               dtype=torch.float64)
