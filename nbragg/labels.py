@@ -55,6 +55,8 @@ import numpy as np
 from .errors import ParameterError
 
 COLUMNS = ("h", "k", "l", "panel", "fast", "slow", "photons", "partiality", "d")
+_OFF = 1 << 20
+_MASK = (1 << 21) - 1
 
 
 @dataclass
@@ -166,20 +168,21 @@ def _partiality(model, hkl):
     half = 4.0 * width
     eps = np.linspace(-half, half, 61)
     out = np.empty(len(hkl))
+    mid = 0.5 * (phi_lo + phi_hi)
+    real_mid = np.array([_rotate(v, spindle, mid) for v in real0])
+    recip_mid = np.linalg.inv(real_mid).T
     for i, h in enumerate(hkl):
-        mid = 0.5 * (phi_lo + phi_hi)
-        real_mid = np.array([_rotate(v, spindle, mid) for v in real0])
-        r = np.asarray(h, float) @ np.linalg.inv(real_mid).T
+        r = np.asarray(h, float) @ recip_mid
         s1 = s0 + r
         normal = s1 / np.linalg.norm(s1)
-        profile = _plane_profile(real_mid, normal, eps, half, cry, shape, fudge)
-        peak = profile[len(eps) // 2]
-        if peak <= 0.0:
-            out[i] = 0.0
-            continue
-        if phi_hi == phi_lo:              # a still
+        if phi_hi == phi_lo:              # a still: the plane at the excitation error, and at 0
             e = np.linalg.norm(s1) - k
-            out[i] = float(np.interp(e, eps, profile, left=0.0, right=0.0) / peak)
+            at, peak = _plane_profile(real_mid, normal, np.array([e, 0.0]), half, cry, shape, fudge)
+            out[i] = float(at / peak) if peak > 0.0 and abs(e) <= half else 0.0
+            continue
+        profile = _plane_profile(real_mid, normal, eps, half, cry, shape, fudge)
+        if profile[len(eps) // 2] <= 0.0:
+            out[i] = 0.0
             continue
         # the rocking curve: the excitation error as the crystal turns about the spindle
         # (widened until the curve has died away at both ends)
@@ -242,7 +245,10 @@ def label(model, threads=None, min_fraction=1e-4, spot_fraction=0.01):
     flat_hkl = hkl.reshape(-1, 3)
     flat_share = share.reshape(-1)
     used = flat_share > 0.0
-    keys, inverse = np.unique(flat_hkl[used], axis=0, return_inverse=True)
+    # one integer per hkl (indices within +-2^20), so that the sort is of numbers, not rows
+    code = (((flat_hkl[used, 0] + _OFF) << 42) | ((flat_hkl[used, 1] + _OFF) << 21) | (flat_hkl[used, 2] + _OFF))
+    codes, inverse = np.unique(code, return_inverse=True)
+    keys = np.column_stack([(codes >> 42) - _OFF, ((codes >> 21) & _MASK) - _OFF, (codes & _MASK) - _OFF])
     inverse = inverse.reshape(-1)
     photons = np.bincount(inverse, weights=flat_share[used], minlength=len(keys))
     # per panel, to name the panel holding most of a reflection's photons
