@@ -144,7 +144,7 @@ def test_killed_runs_resume_to_the_same_file(tmp_path):
         assert proc.returncode == 0, proc.stderr.read().decode()
         break
     else:
-        proc = subprocess.run(cmd, env=env, capture_output=True)
+        proc = subprocess.run(cmd(out), env=env, capture_output=True)
         assert proc.returncode == 0, proc.stderr.decode()
     assert kills >= 2
     a, b = _contents(reference), _contents(out)
