@@ -173,8 +173,9 @@ def _loader(source, workers, **kw):
     torch = pytest.importorskip("torch")
     from nbragg.dataset.stream import FrameDataset
     ds = FrameDataset(source, **kw)
-    # this process has run Numba's threads: workers that simulate are spawned, not forked
-    ctx = "spawn" if workers and isinstance(source, dict) else None
+    # this process has run Numba's threads (workers that simulate must be spawned) and may
+    # hold JAX's threads from other tests (a fork beside them can deadlock): spawn always
+    ctx = "spawn" if workers else None
     return ds, list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                                 multiprocessing_context=ctx))
 
