@@ -2,18 +2,27 @@
 
 A re-implementation of James Holton and Ken Frankel's nanoBragg (far-field diffraction
 from a perfect-lattice nanocrystal onto a pixel detector).
+
+``import nbragg`` loads the records (Experiment, Beam, Detector...) only; the engine,
+gradients and refinement -- and Numba with them -- load on first use of their names.
 """
 
-from . import _jitcache  # noqa: F401  (must precede every cached Numba function)
-from .engine import Result, Stats, build_model, simulate
+import importlib
+import importlib.util
+
 from .errors import ArgumentError, BackendError, InputFileError, NbraggError, ParameterError
 from .experiment import (Beam, Crystal, Detector, Experiment, Material, Panel, PanelGroup, Response, Sampling,
                          Structure)
-from .gradients import GradientCheck, check_gradients, gradient, jacobian
-from .params import get_params, set_params
-from .refine import Fit, refine
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it, imported when the name is first used
+_LAZY = {
+    "simulate": "engine", "build_model": "engine", "Result": "engine", "Stats": "engine",
+    "gradient": "gradients", "jacobian": "gradients", "check_gradients": "gradients", "GradientCheck": "gradients",
+    "get_params": "params", "set_params": "params",
+    "refine": "refine", "Fit": "refine",
+}
 
 __all__ = [
     "Experiment", "Beam", "Detector", "Panel", "PanelGroup", "Crystal", "Structure", "Sampling", "Response", "Material",
@@ -22,3 +31,18 @@ __all__ = [
     "refine", "Fit",
     "NbraggError", "ArgumentError", "InputFileError", "ParameterError", "BackendError",
 ]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:   # a submodule: nbragg.engine
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module 'nbragg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value          # later uses skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -6,6 +6,7 @@ same order of draws: every pixel of the ROI in scan order, masked ones included)
 """
 
 import numpy as np
+from . import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
 from .rng import NRGenerator, poidev

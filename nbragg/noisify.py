@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import math
 
 import numpy as np
+from . import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
 from .rng import NRGenerator, gaussdev, poidev

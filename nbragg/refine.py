@@ -40,7 +40,9 @@ For l2, which assumes nothing about the noise, the sandwich estimate
 from __future__ import annotations
 
 import math
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -690,3 +692,15 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
                method=method, covariance=cov, start=start, wall_time=time.perf_counter() - t0,
                final_loss=prob.obj.value(m), at_bounds=at,
                bounds={n: (float(a), float(c)) for n, a, c in zip(names, lo_all, hi_all)})
+
+
+class _CallableModule(types.ModuleType):
+    """``nbragg.refine`` names both this module and its function: importing the module
+    (say, for RefinementError) binds the module to the package's name, so the module
+    calls the function."""
+
+    def __call__(self, *args, **kwargs):
+        return refine(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -31,6 +31,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+from . import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 import numba
 import numpy as np
 from numba import njit, prange

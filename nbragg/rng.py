@@ -12,6 +12,7 @@ where the C uses it, because a one-ulp difference can flip a rejection decision.
 import math
 
 import numpy as np
+from . import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
 from .models.geometry import cos, sin

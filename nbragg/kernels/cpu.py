@@ -9,6 +9,7 @@ The kernels read a :class:`~nbragg.kernels.scene.Scene`: named blocks of SI valu
 """
 
 import numpy as np
+from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
 from .physics import (REAL, SQUARE, flat_grid_index, grid_extent, lattice_factor, lookup_F, miller,

@@ -25,6 +25,7 @@ import time
 import types
 
 import numpy as np
+from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import config, cuda, float32, float64, int64
 from numba.core.registry import CPUDispatcher
 

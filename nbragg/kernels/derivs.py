@@ -8,6 +8,7 @@ for the values.
 
 import math
 
+from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
 from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, axis_lattice_grad,

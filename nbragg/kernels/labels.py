@@ -11,6 +11,7 @@ running sum) have no such split: the engine refuses labels there.
 """
 
 import numpy as np
+from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
 from .cpu import clipped_roi, term

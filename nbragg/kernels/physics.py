@@ -9,6 +9,7 @@ pi*N*h is large, which is where plain ``sin`` loses digits.
 import math
 
 import numpy as np
+from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
 # sin(pi r) = r * P(r^2) and cos(pi r) = Q(r^2) for |r| <= 1/2; minimax fits with

@@ -55,6 +55,7 @@ capture) -> bg``                              adds an amorphous sample to the ba
 import types
 
 import numpy as np
+from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
 from .physics import (amorphous_factor, amorphous_stol, amorphous_sum, beyond_dmin, capture_fraction, direction,

@@ -16,6 +16,7 @@ float32-exact constant change no bits.
 import types
 
 import numpy as np
+from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 from numba.core.registry import CPUDispatcher
 

@@ -10,6 +10,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
 from .cpu import clipped_roi, fast_path, term

@@ -9,6 +9,7 @@ an orientation whose lattice factor was 0 (its structure factor not looked up).
 import math
 
 import numpy as np
+from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
 from .cpu import _forward_finish, term
