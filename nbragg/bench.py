@@ -23,6 +23,7 @@ import time
 CASES = {
     "B1": "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 1024 -pixel 0.1",
     "B1L": "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 2048 -pixel 0.05",
+    "B3": "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 2048 -pixel 0.05",
     "B2": ("-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 8 -lambda 1.5 -distance 100 -detpixels 512 "
            "-pixel 0.1 -mosaic 0.5 -mosaic_dom 10 -phi 0.1 -osc 0.5 -phisteps 3 -oversample 2"),
 }
@@ -212,6 +213,27 @@ def compare_nanobragg(binary, args, threads, repeat):
         return statistics.median(tc), statistics.median(tn)
 
 
+STARTUP_ARGS = "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 64 -pixel 0.1"
+
+
+def startup_figures(repeat, binary=None):
+    """(seconds of ``python -c "import nbragg"``, of the warm nbragg command on a 64x64
+    image, of the nanoBragg binary on it or None): medians, the commands alternated."""
+    outputs = ["-floatfile", "float.bin", "-intfile", "int.img", "-nonoise", "-nopgm"]
+    env = _package_env()
+    with tempfile.TemporaryDirectory() as tmp:
+        imp = [sys.executable, "-c", "import nbragg"]
+        cmd = [sys.executable, "-m", "nbragg"] + STARTUP_ARGS.split() + outputs + ["-noprogress"]
+        _run_process(cmd, env, tmp)          # the kernels compiled or loaded once
+        ti, tn, tc = [], [], []
+        for _ in range(repeat):
+            ti.append(_run_process(imp, env, tmp))
+            tn.append(_run_process(cmd, env, tmp))
+            if binary:
+                tc.append(_run_process([binary] + STARTUP_ARGS.split() + outputs, dict(os.environ), tmp))
+    return statistics.median(ti), statistics.median(tn), (statistics.median(tc) if tc else None)
+
+
 # the detector-response figure: a B1L image (2048x2048, 0.05 mm pixels) through a Gaussian
 # PSF of 3 pixels FWHM with every noise term
 RESPONSE_FLAGS = "-psf gauss -psf_fwhm 150 -pixel 0.05 -readout 3 -flicker 0.02 -calibration 0.03 -seed 1"
@@ -367,7 +389,7 @@ def _scalar_names():
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nbragg.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="B1,B2",
-                    help="comma-separated benchmark names (B1, B2; B1L is B1 on a 2048x2048 detector; "
+                    help="comma-separated benchmark names (B1, B2, B3; B3 and B1L are B1 on a 2048x2048 detector; "
                          "none: only the figures asked for by the other flags)")
     ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu",
                     help="cpu (Numba threads) or cuda (an NVIDIA GPU through numba-cuda)")
@@ -386,6 +408,8 @@ def main(argv=None):
     ap.add_argument("--torch", action="store_true",
                     help="peak memory of a forward, and of a forward and backward, through the PyTorch bridge "
                          "(B2 on 1024x1024)")
+    ap.add_argument("--startup", action="store_true",
+                    help="time `import nbragg` and the warm nbragg command on a 64x64 image (and --nanobragg's)")
     ap.add_argument("--panels", action="store_true",
                     help="time a detector of 64 panels against one panel of the same pixels (B1 and B2)")
     opts = ap.parse_args(argv)
@@ -470,6 +494,11 @@ def main(argv=None):
             print(f"  threads={t}: simulate() {t_api:.3f} s; nbragg-nonbragg command {t_cmd:.3f} s"
                   + (f"; nonBragg (single-threaded) {t_c:.3f} s -> {t_c / t_cmd:.2f}x (command), "
                      f"{t_c / t_api:.2f}x (in process)" if t_c is not None else ""))
+    if opts.startup:
+        binary = (shutil.which(opts.nanobragg) or opts.nanobragg) if opts.nanobragg else None
+        ti, tn, tc = startup_figures(max(opts.repeat, 5), binary)
+        print(f"\nstart-up: python -c 'import nbragg' {ti:.3f} s; warm nbragg command on 64x64 {tn:.3f} s"
+              + (f"; nanoBragg {tc:.3f} s" if tc is not None else ""))
     if opts.panels:
         for case in ("B1", "B2"):
             print(f"\ndetector of 64 panels against one panel of the same pixels ({case}: {CASES[case]}):")
