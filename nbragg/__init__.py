@@ -37,7 +37,10 @@ def __getattr__(name):
     module = _LAZY.get(name)
     if module is None:
         if importlib.util.find_spec(f"{__name__}.{name}") is not None:   # a submodule: nbragg.engine
-            return importlib.import_module(f".{name}", __name__)
+            try:
+                return importlib.import_module(f".{name}", __name__)
+            except ImportError as exc:    # an optional bridge without its library: hasattr() is False
+                raise AttributeError(f"module 'nbragg' has no attribute {name!r} ({exc})") from exc
         raise AttributeError(f"module 'nbragg' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value          # later uses skip this function

@@ -22,8 +22,9 @@
 
   The predicted centre is where the diffracted ray s0 + r_h, brought onto the Ewald
   sphere along its own direction (the point of the sphere nearest the lattice point),
-  meets the detector, with the crystal at the middle of the image's oscillation and no
-  mosaic rotation.
+  meets the detector, with no mosaic rotation and the crystal as in a still, or, for an
+  oscillation, turned to the centre of the part of the reflection's rocking curve inside
+  the image.  nanoBragg's curved detector gets no predicted positions (NaN).
 
 * ``Result.labels``: ``reflection`` (int32, the image's shape: the table row of the
   reflection with the largest share of the pixel's photons, -1 where it is not in the
@@ -127,9 +128,11 @@ def _lattice_sq(dh, dk, dl, cry, shape, fudge):
     return np.where(rad * fudge < P.TOPHAT_RADIUS_SQR, (Na * Nb * Nc) ** 2, 0.0)
 
 
-def _plane_profile(real, normal, eps, half, cry, shape, fudge, n=25):
+def _plane_profile(real, normal, eps, half, cry, shape, fudge, n=61):
     """S(e) for each offset in ``eps`` (1/m) along ``normal``: |F_latt|^2 summed over a
-    square of side 2 ``half`` (1/m) in the plane perpendicular to ``normal``."""
+    square of side 2 ``half`` (1/m) in the plane perpendicular to ``normal``, within the
+    node's own cell (|dh|, |dk|, |dl| <= 1/2: beyond, the samples belong to the next
+    reflection, as in the pixel kernel)."""
     e1 = np.cross(normal, [1.0, 0.0, 0.0])
     if np.linalg.norm(e1) < 0.1:
         e1 = np.cross(normal, [0.0, 1.0, 0.0])
@@ -140,6 +143,7 @@ def _plane_profile(real, normal, eps, half, cry, shape, fudge, n=25):
     dq = (eps[:, None, None, None] * normal + U[None, ..., None] * e1 + V[None, ..., None] * e2)
     dhkl = dq @ real.T                       # fractional offsets h = a . q
     vals = _lattice_sq(dhkl[..., 0], dhkl[..., 1], dhkl[..., 2], cry, shape, fudge)
+    vals = np.where((np.abs(dhkl) <= 0.5).all(axis=-1), vals, 0.0)
     return vals.sum(axis=(1, 2))
 
 
@@ -161,13 +165,16 @@ def _partiality(model, hkl):
     phis = np.real(cry.phis)
     phi_lo = float(phis[0])
     phi_hi = float(phis[0] + cry.osc) if cry.osc > 0 else phi_lo
-    # the lattice point's size: the widest reciprocal extent of one node (1/m)
+    # the lattice point's size: the widest and narrowest reciprocal extents of one node
+    # (1/m), which set the window and the grid's step
     recip = np.linalg.inv(real0).T           # rows a*, b*, c*
     Ns = np.array([max(cry.Na, 1.0), max(cry.Nb, 1.0), max(cry.Nc, 1.0)])
-    width = float(np.max(np.linalg.norm(recip, axis=1) / Ns))
-    half = 4.0 * width
-    eps = np.linspace(-half, half, 61)
+    widths = np.linalg.norm(recip, axis=1) / Ns
+    half = min(4.0 * float(widths.max()), 0.5 * float(np.linalg.norm(recip, axis=1).sum()))
+    n_still = int(min(161, max(61, 2.0 * half / (float(widths.min()) / 6.0))))
+    eps = np.linspace(-half, half, 161)
     out = np.empty(len(hkl))
+    centre_phi = np.empty(len(hkl))
     mid = 0.5 * (phi_lo + phi_hi)
     real_mid = np.array([_rotate(v, spindle, mid) for v in real0])
     recip_mid = np.linalg.inv(real_mid).T
@@ -175,13 +182,14 @@ def _partiality(model, hkl):
         r = np.asarray(h, float) @ recip_mid
         s1 = s0 + r
         normal = s1 / np.linalg.norm(s1)
+        centre_phi[i] = mid
         if phi_hi == phi_lo:              # a still: the plane at the excitation error, and at 0
             e = np.linalg.norm(s1) - k
-            at, peak = _plane_profile(real_mid, normal, np.array([e, 0.0]), half, cry, shape, fudge)
-            out[i] = float(at / peak) if peak > 0.0 and abs(e) <= half else 0.0
+            at, peak = _plane_profile(real_mid, normal, np.array([e, 0.0]), half, cry, shape, fudge, n=n_still)
+            out[i] = min(float(at / peak), 1.0) if peak > 0.0 and abs(e) <= half else 0.0
             continue
         profile = _plane_profile(real_mid, normal, eps, half, cry, shape, fudge)
-        if profile[len(eps) // 2] <= 0.0:
+        if profile.max() <= 0.0:
             out[i] = 0.0
             continue
         # the rocking curve: the excitation error as the crystal turns about the spindle
@@ -202,20 +210,26 @@ def _partiality(model, hkl):
             span = min(2.0 * span, math.pi)
         total = np.trapezoid(curve, phi)
         inside = (phi >= phi_lo) & (phi <= phi_hi)
-        out[i] = float(np.trapezoid(curve[inside], phi[inside]) / total) if total > 0 else 0.0
-    return out
+        held = np.trapezoid(curve[inside], phi[inside])
+        out[i] = min(float(held / total), 1.0) if total > 0 else 0.0
+        if held > 0:          # where the frame records it: the rocking curve's centre inside it
+            centre_phi[i] = float(np.trapezoid(curve[inside] * phi[inside], phi[inside]) / held)
+    return out, centre_phi
 
 
-def _predicted(model, hkl):
+def _predicted(model, hkl, centre_phi):
     """(panel, fast, slow) of each reflection's predicted spot centre (-1, NaN, NaN when
-    the ray misses every panel) and its resolution d (Angstrom)."""
+    the ray misses every panel, and on nanoBragg's curved detector) and its resolution d
+    (Angstrom); the crystal turned to ``centre_phi`` (radians, one per reflection)."""
     cry = model.crystal
     real0 = np.real(cry.real0)
     spindle = np.real(cry.spindle)
-    phis = np.real(cry.phis)
-    mid = float(phis[0] + 0.5 * cry.osc) if cry.osc > 0 else float(phis[0])
-    real = np.array([_rotate(v, spindle, mid) for v in real0])
-    q = np.asarray(hkl, float) @ np.linalg.inv(real).T            # (n, 3) 1/m
+    a = spindle / np.linalg.norm(spindle)
+    hkl = np.asarray(hkl, float)
+    q = np.empty((len(hkl), 3))
+    for i, (h, phi) in enumerate(zip(hkl, centre_phi)):
+        real = np.array([_rotate(v, a, phi) for v in real0])
+        q[i] = h @ np.linalg.inv(real).T                                   # 1/m
     s0 = np.real(model.detector.beam) / model.wavelength
     s1 = s0 + q
     d = s1 / np.linalg.norm(s1, axis=1)[:, None]
@@ -223,6 +237,8 @@ def _predicted(model, hkl):
     fast = np.full(len(hkl), np.nan)
     slow = np.full(len(hkl), np.nan)
     for p, kp in enumerate(model.panels):
+        if kp.curved:
+            continue
         pix0, f, s, o = (np.real(v) for v in (kp.pix0, kp.fdet, kp.sdet, kp.odet))
         denom = d @ o
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -262,11 +278,12 @@ def label(model, threads=None, min_fraction=1e-4, spot_fraction=0.01):
     row_of = np.full(len(keys), -1)
     row_of[rows] = np.arange(len(rows))
     table_hkl = keys[rows]
-    panel, fast, slow, d = _predicted(model, table_hkl)
+    partiality, centre_phi = _partiality(model, table_hkl)
+    panel, fast, slow, d = _predicted(model, table_hkl, centre_phi)
     missing = panel < 0
     panel[missing] = np.argmax(by_panel[rows[missing]], axis=1) if missing.any() else panel[missing]
     columns = dict(h=table_hkl[:, 0], k=table_hkl[:, 1], l=table_hkl[:, 2], panel=panel, fast=fast, slow=slow,
-                   photons=photons[rows], partiality=_partiality(model, table_hkl), d=d)
+                   photons=photons[rows], partiality=partiality, d=d)
     # the dominant reflection of every pixel, and the spot mask
     dom = np.argmax(share, axis=-1)
     dom_share = np.take_along_axis(share, dom[..., None], axis=-1)[..., 0]

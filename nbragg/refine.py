@@ -694,13 +694,22 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
                bounds={n: (float(a), float(c)) for n, a, c in zip(names, lo_all, hi_all)})
 
 
+def _the_function():
+    return refine
+
+
 class _CallableModule(types.ModuleType):
     """``nbragg.refine`` names both this module and its function: importing the module
     (say, for RefinementError) binds the module to the package's name, so the module
-    calls the function."""
+    calls the function, shows its signature and pickles as it."""
 
     def __call__(self, *args, **kwargs):
         return refine(*args, **kwargs)
 
+    def __reduce__(self):
+        return (_the_function, ())
+
 
 sys.modules[__name__].__class__ = _CallableModule
+sys.modules[__name__].__signature__ = __import__("inspect").signature(refine)
+sys.modules[__name__].__wrapped__ = refine

@@ -329,3 +329,12 @@ def test_labels_in_the_dataset_and_the_streams(tmp_path):
     for a, b in zip(from_files, from_spec):
         _assert_same(a, b)
     assert from_files[2]["reflections"]["h"].dtype == np.int64 and len(from_files[2]["reflections"]["photons"])
+
+
+def test_labelled_frames_batch_with_the_collate(tmp_path):
+    torch = pytest.importorskip("torch")
+    from nbragg.dataset.stream import FrameDataset, collate
+    path = Path(generate(LABELLED, tmp_path / "lab.h5", workers=0, progress=False))
+    batch = next(iter(torch.utils.data.DataLoader(FrameDataset(str(path)), batch_size=3, collate_fn=collate)))
+    assert tuple(batch["image"].shape) == (3, 32, 32) and len(batch["reflections"]) == 3
+    assert batch["reflections"][1]["h"].dtype == torch.int64

@@ -82,7 +82,8 @@ def _spec_from_stored(text):
     return DatasetSpec(seed=c["seed"], images=c["images"], shard_size=c["shard_size"], base=c["base"], base_dir="",
                        vary=c["vary"], float_out=c["float"], counts=c["counts"], jacobian=list(c["jacobian"]),
                        compression=c["compression"], precision=c.get("precision", "float64"),
-                       response=c.get("response") or {}, background=c.get("background") or [])
+                       response=c.get("response") or {}, background=c.get("background") or [],
+                       labels=bool(c.get("labels", False)))
 
 
 def _spec_images(spec):
@@ -499,3 +500,16 @@ def __getattr__(name):
         globals()["FrameDataset"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def collate(items):
+    """A DataLoader ``collate_fn`` for batches of labelled frames: images, parameters and
+    label images stacked as usual, the reflection tables (one length per frame) kept as a
+    list of {column: tensor}."""
+    import torch.utils.data as tud
+    tables = [it.pop("reflections") for it in items] if items and "reflections" in items[0] else None
+    batch = tud.default_collate(items)
+    if tables is not None:
+        batch["reflections"] = tables
+    return batch
+
