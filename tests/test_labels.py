@@ -75,32 +75,38 @@ def _rotation(axis, t):
     return np.eye(3) + np.sin(t) * K + (1 - np.cos(t)) * K @ K
 
 
+def _on_the_sphere(exp, result, i, bracket=0.3):
+    """(photons of reflection i in ``result`` over its photons with the crystal turned so
+    that its lattice point lies on the Ewald sphere, its partiality there)."""
+    from scipy.optimize import brentq
+    from nbragg.models.geometry import rotation_xyz_matrix
+    T, m = result.reflections, result.model
+    real = np.real(m.crystal.real0)
+    s0 = np.real(m.detector.beam) / m.wavelength
+    h = np.array([T.h[i], T.k[i], T.l[i]], float)
+    q = h @ np.linalg.inv(real).T
+    axis = np.cross(s0, q)
+    t = brentq(lambda t: np.linalg.norm(s0 + _rotation(axis, t) @ q) - 1 / m.wavelength, -bracket, bracket)
+    c = exp.crystal
+    turned = _rotation(axis, t) @ rotation_xyz_matrix(*np.radians(c.misset))
+    T2 = nbragg.simulate(exp.replace(crystal=c.replace(misset=(0, 0, 0), orientation=turned)), labels=True,
+                         warn=lambda m: None).reflections
+    row = T2[(T2.h == h[0]) & (T2.k == h[1]) & (T2.l == h[2])]
+    return T.photons[i] / float(row.photons.iloc[0]), float(row.partiality.iloc[0])
+
+
 def test_still_partiality_against_the_reflection_on_the_ewald_sphere(still):
     """Turn the crystal so one reflection's lattice point lies on the Ewald sphere and
     simulate again: its photons there, against the still's, are 1 / partiality (to the
     few per cent the solid angle and polarization change with the small turn)."""
-    from scipy.optimize import brentq
-    from nbragg.models.geometry import rotation_xyz_matrix
-    exp = _exp()
-    m = still.model
-    real = np.real(m.crystal.real0)
-    s0 = np.real(m.detector.beam) / m.wavelength
     T = still.reflections
     checked = 0
     for i in range(len(T)):
         if T.partiality[i] > 0.95:
             continue
-        h = np.array([T.h[i], T.k[i], T.l[i]], float)
-        r = h @ np.linalg.inv(real).T
-        axis = np.cross(s0, r)
-        t = brentq(lambda t: np.linalg.norm(s0 + _rotation(axis, t) @ r) - 1 / m.wavelength, -0.2, 0.2)
-        c = exp.crystal
-        base = rotation_xyz_matrix(*np.radians(c.misset))
-        on = exp.replace(crystal=c.replace(misset=(0, 0, 0), orientation=_rotation(axis, t) @ base))
-        T2 = nbragg.simulate(on, labels=True, warn=lambda m: None).reflections
-        row = T2[(T2.h == h[0]) & (T2.k == h[1]) & (T2.l == h[2])]
-        assert float(row.partiality.iloc[0]) == pytest.approx(1.0, abs=1e-9)
-        assert T.photons[i] / float(row.photons.iloc[0]) == pytest.approx(T.partiality[i], abs=0.02)
+        ratio, on_sphere = _on_the_sphere(_exp(), still, i, bracket=0.2)
+        assert on_sphere == pytest.approx(1.0, abs=1e-9)
+        assert ratio == pytest.approx(T.partiality[i], abs=0.02)
         checked += 1
         if checked == 3:
             break
@@ -156,33 +162,21 @@ def test_labels_on_panels_and_refusals():
                         warn=lambda m: None)
 
 
-def test_still_partiality_of_square_spots_on_an_anisotropic_cell(still):
+def test_still_partiality_of_square_spots_on_an_anisotropic_cell():
     """As for the Gaussian spots, but parallelepiped spots (nanoBragg's default) of a long
     cell with few cells along it: the transform's own cell only, never above 1."""
-    from scipy.optimize import brentq
-    from nbragg.models.geometry import rotation_xyz_matrix
     args = ("-cell 50 50 200 90 90 90 -misset 12 21 33 -default_F 100 -N 3 -lambda 1.0 -distance 80 -pixel 0.1 "
             "-detpixels 96 -oversample 3")
     exp = _exp(args)
     r = nbragg.simulate(exp, labels=True, warn=lambda m: None)
-    T, m = r.reflections, r.model
+    T = r.reflections
     assert np.all(T.partiality <= 1.0)
-    real = np.real(m.crystal.real0)
-    s0 = np.real(m.detector.beam) / m.wavelength
     checked = 0
     for i in range(len(T)):
         if not 0.2 < T.partiality[i] < 0.9 or not np.isfinite(T.fast[i]):
             continue
-        h = np.array([T.h[i], T.k[i], T.l[i]], float)
-        q = h @ np.linalg.inv(real).T
-        axis = np.cross(s0, q)
-        t = brentq(lambda t: np.linalg.norm(s0 + _rotation(axis, t) @ q) - 1 / m.wavelength, -0.3, 0.3)
-        c = exp.crystal
-        on = exp.replace(crystal=c.replace(misset=(0, 0, 0),
-                                           orientation=_rotation(axis, t) @ rotation_xyz_matrix(*np.radians(c.misset))))
-        T2 = nbragg.simulate(on, labels=True, warn=lambda m: None).reflections
-        row = T2[(T2.h == h[0]) & (T2.k == h[1]) & (T2.l == h[2])]
-        assert T.photons[i] / float(row.photons.iloc[0]) == pytest.approx(T.partiality[i], abs=0.05)
+        ratio, _ = _on_the_sphere(exp, r, i)
+        assert ratio == pytest.approx(T.partiality[i], abs=0.05)
         checked += 1
         if checked == 3:
             break
