@@ -250,3 +250,24 @@ def test_adam_fit_recovers_the_truth():
     assert abs(got["misset_z"] - truth["misset_z"]) < 1e-3, got
     assert abs(got["Na"] - truth["Na"]) < 2e-3, got
     assert abs(got["distance"] - truth["distance"]) < 2e-3, got
+
+
+def test_panels_and_their_geometry():
+    """A detector of four panels: the image is (panels, slow, fast) and the panel and
+    group geometry's gradients through the bridge are nbragg's."""
+    from nbragg.bench import tiled
+    exp = tiled(_exp(n=12), 2)
+    panels = exp.detector.panels
+    root = nbragg.PanelGroup(children=(0, 1, nbragg.PanelGroup(children=(2, 3), name="low",
+                                                                origin=panels[2].origin)),
+                             origin=panels[0].origin)
+    exp = exp.replace(detector=exp.detector.replace(groups=root))
+    names = ["panel_shift_x[1]", "group_rot_z[low]", "group_shift_z[root]"]
+    p = _tensors(exp, names)
+    img = nt.simulate(exp, p, warn=_quiet)
+    assert tuple(img.shape) == (4, 6, 6)
+    w = np.random.default_rng(2).uniform(-1.0, 1.0, img.shape)
+    img.backward(torch.from_numpy(w))
+    want = nbragg.gradient(exp, names, upstream=w)
+    for n in names:
+        _close(p[n].grad.item(), want[n])
