@@ -471,3 +471,11 @@ def test_placement_parameters_are_refused_on_panels():
         nbragg.set_params(exp, {"distance": 50})
     with pytest.raises(nbragg.ParameterError, match="leaves panel 1 out"):
         nbragg.Detector(panels=[exp.detector.panels[0]] * 2, groups=nbragg.PanelGroup(children=(0,)))
+
+
+def test_a_dataset_of_many_panels_is_refused_clearly(tmp_path):
+    from nbragg.dataset import DatasetError, generate
+    spec = {"seed": 1, "images": 2, "shard_size": 2, "outputs": {"float": True, "counts": "uint16"},
+            "base": f"-expt {DATA / 'cspad_multi_stills_regression.json'} -default_F 1 -oversample 1"}
+    with pytest.raises(DatasetError, match="64 panels"):
+        generate(spec, tmp_path / "mp.h5", workers=0, progress=False)

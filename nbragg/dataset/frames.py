@@ -21,6 +21,10 @@ def base_experiment(spec):
         from ..nbargs import parse_nanobragg_args
         parsed = parse_nanobragg_args(spec.base, cwd=spec.base_dir, warn=lambda m: None)
         exp = parsed.experiment
+        if exp.detector.panels is not None and len(exp.detector.panels) > 1:
+            raise DatasetError(f"base: the detector has {len(exp.detector.panels)} panels (-expt); datasets "
+                               f"hold one panel's frames for now: pick one (-expt of a one-panel list), or "
+                               f"simulate the panels with nbragg.simulate")
         if spec.background:
             exp = exp.replace(background=[material(m, spec.base_dir) for m in spec.background])
         _BASE_CACHE[key] = exp
