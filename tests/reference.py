@@ -245,3 +245,51 @@ def _curved(p, det, beam):
     D = det.distance
     v = _rotate(D * beam, det.sdet, p[1] / D)
     return _rotate(v, det.fdet, p[2] / D)
+
+
+def reference_reflection_photons(model):
+    """{(h, k, l): photons} -- every pixel's Bragg terms summed by the reciprocal-lattice
+    node each is nearest (ceil(h - 0.5)), times the pixel's factors and r_e^2 fluence /
+    steps -- for experiments without -oversample_* flags (plain loops over pixels)."""
+    exp = model.experiment
+    beam, polar_axis = model.detector.beam, model.detector.polar
+    out = {}
+    scale = R_E_SQR * model.fluence / model.steps
+    for det in model.panels:
+        os_ = model.oversample
+        sub = det.pixel / os_
+        xmin, xmax, ymin, ymax = det.roi
+        for s_ in range(max(ymin, 0), min(ymax, det.spixels - 1) + 1):
+            for f_ in range(max(xmin, 0), min(xmax, det.fpixels - 1) + 1):
+                if det.mask is not None and det.mask[s_, f_] == 0:
+                    continue
+                terms, omega, polar, capture = {}, None, None, 1.0
+                for t in range(det.thicksteps):
+                    capture = 1.0 if det.thick == 0.0 else None
+                    for subS in range(os_):
+                        for subF in range(os_):
+                            P = ((sub * (f_ * os_ + subF) + sub / 2) * det.fdet + (sub * (s_ * os_ + subS) + sub / 2)
+                                 * det.sdet + t * det.thickstep * det.odet + det.pix0)
+                            R = np.linalg.norm(P)
+                            d = P / R
+                            if omega is None:
+                                omega = 1.0 / R ** 2 if det.point_pixel else det.pixel ** 2 / R ** 2 * det.close_distance / R
+                            if capture is None:
+                                par = d @ det.odet
+                                capture = (np.exp(-t * det.thickstep * det.mu / par)
+                                           - np.exp(-(t + 1) * det.thickstep * det.mu / par))
+                            for src, lam, w in zip(model.sources.directions, model.sources.wavelengths,
+                                                   model.scene.beam.weights):
+                                q = (d + src) / lam
+                                if polar is None:
+                                    polar = (1.0 if exp.beam.nopolar else
+                                             polarization_reference(exp.beam.polarization, -src, d, polar_axis))
+                                for orient in model.crystal.orientations:
+                                    h, k, l = q @ orient.T
+                                    Fl = lattice(np.array(h), np.array(k), np.array(l), model)
+                                    Fc = structure_factor(np.array(h), np.array(k), np.array(l), model.structure)
+                                    key = tuple(int(np.ceil(x - 0.5)) for x in (h, k, l))
+                                    terms[key] = terms.get(key, 0.0) + float(w * Fc ** 2 * Fl ** 2)
+                for key, v in terms.items():
+                    out[key] = out.get(key, 0.0) + v * capture * polar * omega * scale
+    return out

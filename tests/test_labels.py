@@ -181,3 +181,21 @@ def test_still_partiality_of_square_spots_on_an_anisotropic_cell():
         if checked == 3:
             break
     assert checked >= 2
+
+
+def test_reflection_photons_against_the_numpy_reference():
+    """Every reflection's photons (min_fraction 0) against plain loops over pixels and
+    samples (tests/reference.py), with mosaic domains, a sensor and polarization."""
+    from reference import reference_reflection_photons
+    from nbragg.labels import label
+    exp = _exp("-cell 30 32 34 90 90 90 -misset 12 21 33 -default_F 100 -N 4 -lambda 1.0 -distance 50 -pixel 0.2 "
+               "-detpixels 10 -oversample 2 -polar 0.4 -mosaic 0.5 -mosaic_dom 2 -detector_thick 100 "
+               "-detector_abs 300 -detector_thicksteps 2")
+    model = nbragg.build_model(exp, warn=lambda m: None)
+    table, _ = label(model, min_fraction=0.0)
+    ref = reference_reflection_photons(model)
+    ref.pop((0, 0, 0), None)
+    got = {(int(a), int(b), int(c)): p for a, b, c, p in zip(table.h, table.k, table.l, table.photons)}
+    assert set(got) == {k for k, v in ref.items() if v > 0}
+    for key, v in got.items():
+        assert v == pytest.approx(ref[key], rel=1e-10), key
