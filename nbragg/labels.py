@@ -101,34 +101,7 @@ def label_shares(model, threads=None):
     return np.stack(hkls), np.stack(shares), np.stack(others)
 
 
-def _lattice_sq(dh, dk, dl, cry, shape, fudge):
-    """|F_latt|^2 at fractional offsets from the node (numpy; the kernels' shapes)."""
-    from .kernels import physics as P
-    Na, Nb, Nc = cry.Na, cry.Nb, cry.Nc
-    if shape == "square":
-        out = np.ones_like(dh)
-        for d, N in ((dh, Na), (dk, Nb), (dl, Nc)):
-            if N > 1.0:
-                den = np.sin(np.pi * d)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    f = np.where(den == 0.0, N, np.sin(np.pi * N * d) / np.where(den == 0.0, 1.0, den))
-                out = out * f * f
-        return out
-    if shape == "round":
-        hrad = dh * dh * Na * Na + dk * dk * Nb * Nb + dl * dl * Nc * Nc
-        x = np.pi * np.sqrt(hrad * fudge)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            s3 = np.where(x < 1e-4, 1.0, 3.0 * (np.sin(x) - x * np.cos(x)) / np.where(x < 1e-4, 1.0, x) ** 3)
-        return (Na * Nb * Nc * P.ROUND_SCALE * s3) ** 2
-    recip = cry.recip0
-    dq = dh[..., None] * recip[0] + dk[..., None] * recip[1] + dl[..., None] * recip[2]
-    rad = (dq ** 2).sum(-1) * Na * Na * Nb * Nb * Nc * Nc
-    if shape == "gauss":
-        return (Na * Nb * Nc * np.exp(-(rad / P.GAUSS_WIDTH * fudge))) ** 2
-    return np.where(rad * fudge < P.TOPHAT_RADIUS_SQR, (Na * Nb * Nc) ** 2, 0.0)
-
-
-def _plane_profile(real, normal, eps, half, cry, shape, fudge, n=61):
+def _plane_profile(real, normal, eps, half, xtal, n=61):
     """S(e) for each offset in ``eps`` (1/m) along ``normal``: |F_latt|^2 summed over a
     square of side 2 ``half`` (1/m) in the plane perpendicular to ``normal``, within the
     node's own cell (|dh|, |dk|, |dl| <= 1/2: beyond, the samples belong to the next
@@ -142,21 +115,21 @@ def _plane_profile(real, normal, eps, half, cry, shape, fudge, n=61):
     U, V = np.meshgrid(u, u, indexing="ij")
     dq = (eps[:, None, None, None] * normal + U[None, ..., None] * e1 + V[None, ..., None] * e2)
     dhkl = dq @ real.T                       # fractional offsets h = a . q
-    vals = _lattice_sq(dhkl[..., 0], dhkl[..., 1], dhkl[..., 2], cry, shape, fudge)
+    from .kernels.labels import lattice_sq_grid
+    vals = lattice_sq_grid(np.ascontiguousarray(dhkl.reshape(-1, 3)), xtal).reshape(dhkl.shape[:-1])
     vals = np.where((np.abs(dhkl) <= 0.5).all(axis=-1), vals, 0.0)
     return vals.sum(axis=(1, 2))
 
 
 def _rotate(v, axis, phi):
-    a = axis / np.linalg.norm(axis)
-    return (v * math.cos(phi) + np.cross(a, v) * math.sin(phi) + a * (a @ v) * (1.0 - math.cos(phi)))
+    from .models.geometry import rotate_axis
+    return rotate_axis(v, axis / np.linalg.norm(axis), phi)
 
 
 def _partiality(model, hkl):
     """The partiality of each reflection (see the module)."""
     cry = model.crystal
-    shape = model.experiment.crystal.shape
-    fudge = float(np.real(cry.fudge))
+    xtal = model.scene.xtal          # the kernels' crystal block: their lattice factor
     real0 = np.real(cry.real0)
     lam = model.wavelength
     s0 = np.real(model.detector.beam) / lam
@@ -185,10 +158,10 @@ def _partiality(model, hkl):
         centre_phi[i] = mid
         if phi_hi == phi_lo:              # a still: the plane at the excitation error, and at 0
             e = np.linalg.norm(s1) - k
-            at, peak = _plane_profile(real_mid, normal, np.array([e, 0.0]), half, cry, shape, fudge, n=n_still)
+            at, peak = _plane_profile(real_mid, normal, np.array([e, 0.0]), half, xtal, n=n_still)
             out[i] = min(float(at / peak), 1.0) if peak > 0.0 and abs(e) <= half else 0.0
             continue
-        profile = _plane_profile(real_mid, normal, eps, half, cry, shape, fudge)
+        profile = _plane_profile(real_mid, normal, eps, half, xtal)
         if profile.max() <= 0.0:
             out[i] = 0.0
             continue

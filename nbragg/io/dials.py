@@ -125,12 +125,10 @@ def _matrix(d, key, where, default=None):
 
 
 def _rotation(axis, deg):
-    """The right-handed rotation by ``deg`` degrees about ``axis``."""
+    """The right-handed rotation by ``deg`` degrees about ``axis`` (any length)."""
+    from ..models.geometry import axis_rotation_matrix
     a = np.asarray(axis, dtype=float)
-    a = a / math.sqrt(float(a @ a))
-    t = math.radians(deg)
-    K = np.array([[0.0, -a[2], a[1]], [a[2], 0.0, -a[0]], [-a[1], a[0], 0.0]])
-    return np.eye(3) + math.sin(t) * K + (1.0 - math.cos(t)) * (K @ K)
+    return axis_rotation_matrix(a / math.sqrt(float(a @ a)), math.radians(deg))
 
 
 def _load(path):

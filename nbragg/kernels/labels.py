@@ -15,6 +15,7 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit, prange
 
 from .cpu import clipped_roi, term
+from .physics import lattice_factor
 from .pixel import final_factor, specialise
 from .scene import Scene
 
@@ -100,3 +101,15 @@ def _label_row(S, spixel, xmin, xmax, out_hkl, out_share, out_other):
             out_hkl[spixel, fpixel, j, 2] = hkl[j, 2]
             out_share[spixel, fpixel, j] = share[j] * post
         out_other[spixel, fpixel] = other[0] * post
+
+
+@njit(cache=True, error_model="numpy")
+def lattice_sq_grid(dhkl, xt):
+    """|F_latt|^2 at fractional offsets dhkl (n, 3) from a node, by the kernels' own
+    lattice factor (the partiality's integrals; nbragg.labels)."""
+    out = np.empty(dhkl.shape[0])
+    for i in range(dhkl.shape[0]):
+        F = lattice_factor(dhkl[i, 0], dhkl[i, 1], dhkl[i, 2], 0, 0, 0, xt)
+        out[i] = F * F
+    return out
+
