@@ -22,13 +22,14 @@ _LAZY = {
     "gradient": "gradients", "jacobian": "gradients", "check_gradients": "gradients", "GradientCheck": "gradients",
     "get_params": "params", "set_params": "params",
     "refine": "refine", "Fit": "refine",
+    "refine_many": "refine_many", "ManyFit": "refine_many",
 }
 
 __all__ = [
     "Experiment", "Beam", "Detector", "Panel", "PanelGroup", "Crystal", "Structure", "Sampling", "Response", "Material",
     "simulate", "build_model", "Result", "Stats",
     "gradient", "jacobian", "check_gradients", "GradientCheck", "get_params", "set_params",
-    "refine", "Fit",
+    "refine", "Fit", "refine_many", "ManyFit",
     "NbraggError", "ArgumentError", "InputFileError", "ParameterError", "BackendError",
 ]
 

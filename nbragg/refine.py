@@ -40,9 +40,7 @@ For l2, which assumes nothing about the noise, the sandwich estimate
 from __future__ import annotations
 
 import math
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -694,22 +692,6 @@ def refine(exp, observed, params, loss="poisson", method="least_squares", mask=N
                bounds={n: (float(a), float(c)) for n, a, c in zip(names, lo_all, hi_all)})
 
 
-def _the_function():
-    return refine
+from ._callable import make_callable  # noqa: E402  (after refine exists)
 
-
-class _CallableModule(types.ModuleType):
-    """``nbragg.refine`` names both this module and its function: importing the module
-    (say, for RefinementError) binds the module to the package's name, so the module
-    calls the function, shows its signature and pickles as it."""
-
-    def __call__(self, *args, **kwargs):
-        return refine(*args, **kwargs)
-
-    def __reduce__(self):
-        return (_the_function, ())
-
-
-sys.modules[__name__].__class__ = _CallableModule
-sys.modules[__name__].__signature__ = __import__("inspect").signature(refine)
-sys.modules[__name__].__wrapped__ = refine
+make_callable(__name__, "refine")
