@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -506,7 +507,9 @@ class _Problem:
         return {i: ({n: float(v) for n, v in zip(self.own_names, x[self.own_slice(i)])}, self.keep.get(i))
                 for i in self.active}
 
-    def run(self, x, mode, label):
+    def run(self, x, mode, label, drop=True):
+        """Evaluate the active shots at x: ({shot: result}, whether any failed).  Failed
+        shots are dropped (with ``drop``; a trial step's failure only rejects the step)."""
         shared_state, own = self.state(x)
         bar = None
         if self.progress:
@@ -519,6 +522,8 @@ class _Problem:
                 bar.close()
         self.evaluations += 1
         failed = [i for i in self.active if "error" in res[i]]
+        if not drop:
+            return res, bool(failed)
         for i in failed:
             self.dropped[i] = f"evaluation failed: {res[i]['error']}"
         if failed:
@@ -695,7 +700,7 @@ def _gauss_newton(prob, x, options, ckpt):
         prob.active = [i for i in prob.active if i not in prob.dropped]
     message, success = "the maximum number of iterations was reached", False
     while it < max_iter:
-        res, failed = prob.run(x, "normal", f"iteration {it + 1}")
+        res, _ = prob.run(x, "normal", f"iteration {it + 1}")      # drops the shots that fail here
         if not prob.active:
             raise ManyFitError("every shot was dropped: " + "; ".join(f"shot {i}: {r}"
                                                                      for i, r in sorted(prob.dropped.items())))
@@ -707,24 +712,24 @@ def _gauss_newton(prob, x, options, ckpt):
         for _ in range(12):
             dx = schur_step(prob, S0, gs, blocks, lam)
             x_new = np.clip(x + dx, prob.lo, prob.hi)
-            res_new, failed_new = prob.run(x_new, "value", f"iteration {it + 1}: trial")
-            if failed_new:
-                break                     # a shot dropped: redo the iteration without it
-            f1 = prob.value(x_new, res_new)
+            # a shot that cannot be evaluated at the trial point rejects the step
+            res_new, failed_new = prob.run(x_new, "value", f"iteration {it + 1}: trial", drop=False)
+            f1 = np.inf if failed_new else prob.value(x_new, res_new)
             if f1 <= f0:
                 accepted = True
                 break
             lam *= 4.0
         it += 1
         if not accepted:
-            if failed_new:
-                continue
             history.append(f0)
             message, success = "no step lowers the loss (converged at the resolution of the arithmetic)", True
             if ckpt is not None:
                 ckpt.save_gn(x, lam, it, history, prob.dropped)
             break
         step = np.abs(x_new - x)
+        if os.environ.get("NBRAGG_TRACE_STEPS"):
+            print(f"iteration {it}: loss {f1:.10g} lambda {lam:.3g} largest step {step.max():.3g} at {step.argmax()}",
+                  file=sys.stderr)
         x = x_new
         lam = max(lam / 3.0, 1e-12)
         history.append(f1)

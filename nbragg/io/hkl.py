@@ -82,6 +82,15 @@ def read_hkl(path, warn=None):
 
 # ----------------------------------------------------------------------------- Fdump
 
+def write_hkl(path, indices, amplitudes):
+    """A nanoBragg HKL text file: one ``h k l F`` line per reflection."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1, 3)
+    amp = np.asarray(amplitudes, dtype=np.float64).reshape(-1)
+    with open(path, "w") as fh:
+        for (h, k, l), f in zip(idx.tolist(), amp.tolist()):
+            fh.write(f"{h} {k} {l} {f:.6g}\n")
+
+
 def write_fdump(path, grid, origin):
     """Write the binary structure-factor cache in nanoBragg.c's ``Fdump.bin`` layout.
 
