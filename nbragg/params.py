@@ -18,6 +18,8 @@ cell_alpha/beta/gamma     unit-cell angles (degrees)
 misset_x misset_y misset_z  missetting rotations about x, y, z (degrees; for ``-mat``
                           experiments an extra rotation, starting at 0)
 Na Nb Nc                  unit cells along a, b, c
+Ncells                    one number of unit cells along a, b and c together (setting it
+                          sets all three; its value is their geometric mean)
 wavelength                Angstrom (every source wavelength scales with it)
 fluence                   photons/m^2
 distance                  mm: the ``-distance`` or, when the experiment gives one,
@@ -73,6 +75,7 @@ _FIELDS = {
     "misset_x": ("crystal", "misset", 0), "misset_y": ("crystal", "misset", 1),
     "misset_z": ("crystal", "misset", 2),
     "Na": ("crystal", "Na", None), "Nb": ("crystal", "Nb", None), "Nc": ("crystal", "Nc", None),
+    "Ncells": ("crystal", None, None),           # Na = Nb = Nc: _target
     "wavelength": ("beam", "wavelength", None), "fluence": ("beam", "fluence", None),
     "distance": ("detector", None, None),        # distance or close_distance: _target
     "beam_x": ("detector", None, None), "beam_y": ("detector", None, None),
@@ -269,6 +272,8 @@ def _target(exp, name, value, pending=None):
         return "background", None, tuple(mats)
     rec, fld, idx = _FIELDS[name]
     d = exp.detector
+    if name == "Ncells":
+        return rec, ("Na", "Nb", "Nc"), value
     if name == "distance":
         return rec, "close_distance" if d.close_distance is not None else "distance", value
     if name in ("beam_x", "beam_y"):
@@ -309,6 +314,9 @@ def get_params(exp, names):
         elif n == "distance":
             d = exp.detector
             out[n] = float(d.close_distance if d.close_distance is not None else d.distance)
+        elif n == "Ncells":
+            c = exp.crystal
+            out[n] = float((c.Na * c.Nb * c.Nc) ** (1.0 / 3.0))
         elif n == "osc" and exp.crystal.osc is None:   # the oscillation nanoBragg's rules make
             c = exp.crystal
             osc = resolve_phi(deg2rad(c.phi0), -1.0, -1.0 if c.phistep is None else deg2rad(c.phistep),
@@ -349,7 +357,8 @@ def set_params(exp, values):
         if rec == "background":
             changes["background"] = v
         else:
-            changes.setdefault(rec, {})[fld] = v
+            for f in (fld if isinstance(fld, tuple) else (fld,)):
+                changes.setdefault(rec, {})[f] = v
     background = changes.pop("background", exp.background)
     if "detector_record" in changes:
         exp = exp.replace(detector=changes.pop("detector_record"))
@@ -372,7 +381,8 @@ def _stepped(exp, name, h):
         return out
     rec, fld, value = _target(exp, name, value)
     record = copy.copy(getattr(exp, rec))
-    record._set(fld, value)
+    for f in (fld if isinstance(fld, tuple) else (fld,)):
+        record._set(f, value)
     out._set(rec, record)
     return out
 

@@ -58,7 +58,8 @@ METHODS = ("least_squares", "lbfgs")
 
 # limits where a value is an answer, not a stop: a fit that ends there (no mosaic spread,
 # one unit cell, no water...) has not been held back by its bounds
-PHYSICAL_LIMITS = {"Na": (1.0, np.inf), "Nb": (1.0, np.inf), "Nc": (1.0, np.inf), "fluence": (0.0, np.inf),
+PHYSICAL_LIMITS = {"Na": (1.0, np.inf), "Nb": (1.0, np.inf), "Nc": (1.0, np.inf), "Ncells": (1.0, np.inf),
+                   "fluence": (0.0, np.inf),
                    "mosaic_spread": (0.0, np.inf), "osc": (0.0, np.inf), "polar": (-1.0, 1.0),
                    "water": (0.0, np.inf), "background_scale": (0.0, np.inf),
                    "background_thickness": (0.0, np.inf), "response_scale": (0.0, np.inf)}
@@ -72,7 +73,7 @@ DEFAULT_BOUNDS = {
     **{n: lambda v: (0.1 * v, 10.0 * v) for n in ("psf_fwhm", "gain")},
     **{n: lambda v: (0.8 * v, 1.25 * v) for n in ("cell_a", "cell_b", "cell_c")},
     **{n: lambda v: (max(1.0, v - 10.0), min(179.0, v + 10.0)) for n in ("cell_alpha", "cell_beta", "cell_gamma")},
-    **{n: lambda v: (min(1.0, v), max(10.0 * v, v + 10.0)) for n in ("Na", "Nb", "Nc")},
+    **{n: lambda v: (min(1.0, v), max(10.0 * v, v + 10.0)) for n in ("Na", "Nb", "Nc", "Ncells")},
     "wavelength": lambda v: (0.9 * v, 1.1 * v),
     "distance": lambda v: (0.5 * v, 2.0 * v),
     "mosaic_spread": lambda v: (0.0, max(10.0 * v, 5.0)),
@@ -131,8 +132,10 @@ def _dev_term(m, o):
         small = np.abs(u) < 1e-4
         # u - log1p(u) without cancellation for small u
         series = u * u * (0.5 - u / 3.0 + u * u / 4.0)
-        ul = np.where(small, series, u - np.log1p(np.where(small, 0.0, u)))
-        D = np.where(o > 0, 2.0 * o * ul, 2.0 * m)
+        # away from m = o: o log(o/m) - (o - m) from the logs themselves (log1p(u) would
+        # round to log(0) for a model many orders below the count)
+        far = u + np.where(o > 0, np.log(np.where(o > 0, o, 1.0)) - np.log(np.maximum(m, 1e-300)), 0.0)
+        D = np.where(o > 0, 2.0 * o * np.where(small, series, far), 2.0 * m)
     return np.maximum(D, 0.0)
 
 

@@ -41,8 +41,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -51,6 +51,8 @@ import numpy as np
 
 from .errors import NbraggError, ParameterError
 from .params import check_names, get_params, set_params
+
+_log = logging.getLogger("nbragg.refine_many")
 
 LOSSES = ("poisson", "l2")
 METHODS = ("gauss_newton", "lbfgs")
@@ -242,12 +244,16 @@ def _weights(loss, m):
     return 1.0 / np.maximum(m, 1e-300) if loss == "poisson" else np.ones_like(m)
 
 
-def shot_experiment(shot, shared_values, grid, own_values):
+def shot_experiment(shot, shared_values, grid, own_values, fold_scale=False):
+    """The shot's Experiment at these values; with ``fold_scale`` the per-shot scale goes
+    into the fluence (the image is linear in it), so the Experiment makes the fitted image."""
     values = dict(shared_values)
     values.update({n: v for n, v in own_values.items() if n not in SHOT_ONLY})
     exp = set_params(shot.experiment, values) if values else shot.experiment
     if grid is not None:
         exp = set_params(exp, {"Fhkl": grid})
+    if fold_scale and own_values.get("scale", 1.0) != 1.0:
+        exp = exp.replace(beam=exp.beam.replace(fluence=exp.beam.fluence * own_values["scale"]))
     return exp
 
 
@@ -292,7 +298,8 @@ def _evaluate_shot(shot, shared_state, own_state, mode):
     image = image.reshape(model.shape)
     obj = _objective(shot, obs_full[sel])
     m = scale * image[sel]
-    value = obj.value(m)
+    r = obj.residuals(m)
+    value = float(np.sum(r * r))      # (numpy's own sums, not a BLAS that threads differently per process)
     if not math.isfinite(value):
         return {"error": f"the loss is not finite ({value})"}
     out = {"value": value, "pixels": int(sel.sum())}
@@ -303,10 +310,10 @@ def _evaluate_shot(shot, shared_state, own_state, mode):
     has_F = fhkl_index is not None
     g = {}
     if "scale" in shot.own:
-        g["scale"] = float(np.dot(u[sel], image[sel]))
+        g["scale"] = float(np.sum(u[sel] * image[sel]))
     if J is not None:
         Js = scale * J[sel]                      # dm/dtheta over the fitted pixels
-        gs = u[sel] @ Js
+        gs = np.einsum("p,pk->k", u[sel], Js)
         g.update({n: float(v) for n, v in zip(scalar, gs)})
     JF = None
     if mode == "normal" and has_F:
@@ -319,7 +326,7 @@ def _evaluate_shot(shot, shared_state, own_state, mode):
     if (mode == "gradient" and scalar) or (has_F and "F_index" not in out):
         raw = raw_gradient(model, scale * u, threads=shot.threads, want_F=has_F)
         if J is None:
-            g.update({n: raw.contract(input_tangent(model, n)) for n in scalar})
+            g.update({n: float(np.sum(raw.flat * input_tangent(model, n))) for n in scalar})
         if has_F:
             sel_F = fhkl_index >= 0
             gF = raw.Fgrid[sel_F]
@@ -338,7 +345,7 @@ def _evaluate_shot(shot, shared_state, own_state, mode):
         cols.append(image[sel] if n == "scale" else Js[:, scalar.index(n)])
     Jq = np.stack(cols, axis=1) if cols else np.zeros((int(sel.sum()), 0))
     W = _weights(shot.loss, m)
-    out["H_qq"] = 2.0 * (Jq.T @ (W[:, None] * Jq))
+    out["H_qq"] = 2.0 * np.einsum("pi,pj->ij", Jq, W[:, None] * Jq)
     if has_F:
         # the adjoint's set may hold reflections whose photons all went to "other"
         union = np.union1d(touched, out["F_index"])
@@ -412,6 +419,9 @@ def _survey(shot, model, sel, scale, fhkl_index):
 
 class _Serial:
     def __init__(self, shots):
+        self.load(shots)
+
+    def load(self, shots):
         self.shots = {s.index: s for s in shots}
 
     def run(self, mode, shared_state, own, active, bar=None):
@@ -426,9 +436,17 @@ class _Serial:
         pass
 
 
+def evaluate_shots(shots, shared_state, own_states, mode):
+    """Several shots in one task (fewer scheduler round trips): a list of results."""
+    return [evaluate_shot(s, shared_state, o, mode) for s, o in zip(shots, own_states)]
+
+
 class _Dask:
-    """Shots as Dask tasks: each shot sent once, the shared values broadcast per call,
-    results collected by shot index (the caller reduces them in shot order)."""
+    """Shots as Dask tasks: each shot sent once to a worker that keeps it, the shared
+    values broadcast per call, a task per few shots of one worker; results collected by
+    shot index (the caller reduces them in shot order)."""
+
+    CHUNK = 8
 
     def __init__(self, shots, workers, scheduler):
         try:
@@ -439,23 +457,44 @@ class _Dask:
         self.cluster = None
         if scheduler is None:
             self.cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                                        dashboard_address=None)
+                                        dashboard_address=":0")       # any free port
             self.client = Client(self.cluster)
         else:
             self.client = Client(scheduler)
-        futures = self.client.scatter(list(shots), hash=False)
-        self.shots = {s.index: f for s, f in zip(shots, futures)}
+        self.load(shots)
+
+    def load(self, shots):
+        """Send the shots (their experiments and images) to the workers, once per stage,
+        each to one worker that keeps it."""
+        workers = sorted(self.client.scheduler_info()["workers"])
+        if not workers:
+            raise ManyFitError("the Dask cluster has no workers")
+        groups = {w: [s for k, s in enumerate(shots) if k % len(workers) == j] for j, w in enumerate(workers)}
+        self.home, self.shots = {}, {}
+        for w, mine in groups.items():
+            if mine:
+                futures = self.client.scatter(mine, workers=[w], hash=False)
+                for s, f in zip(mine, futures):
+                    self.shots[s.index] = f
+                    self.home[s.index] = w
 
     def run(self, mode, shared_state, own, active, bar=None):
         from distributed import as_completed
         state = self.client.scatter(shared_state, broadcast=True, hash=False)
-        futures = {self.client.submit(evaluate_shot, self.shots[i], state, own[i], mode, pure=False): i
-                   for i in active}
+        tasks = {}
+        for w in sorted(set(self.home[i] for i in active)):
+            mine = [i for i in active if self.home[i] == w]
+            for c in range(0, len(mine), self.CHUNK):
+                chunk = mine[c:c + self.CHUNK]
+                fut = self.client.submit(evaluate_shots, [self.shots[i] for i in chunk], state,
+                                         [own[i] for i in chunk], mode, workers=[w], pure=False)
+                tasks[fut] = chunk
         out = {}
-        for fut in as_completed(list(futures)):
-            out[futures[fut]] = fut.result()
+        for fut in as_completed(list(tasks)):
+            for i, r in zip(tasks[fut], fut.result()):
+                out[i] = r
             if bar is not None:
-                bar.update(1)
+                bar.update(len(tasks[fut]))
         return out
 
     def close(self):
@@ -507,21 +546,23 @@ class _Problem:
         return {i: ({n: float(v) for n, v in zip(self.own_names, x[self.own_slice(i)])}, self.keep.get(i))
                 for i in self.active}
 
-    def run(self, x, mode, label, drop=True):
-        """Evaluate the active shots at x: ({shot: result}, whether any failed).  Failed
-        shots are dropped (with ``drop``; a trial step's failure only rejects the step)."""
+    def run(self, x, mode, label, drop=True, shots=None):
+        """Evaluate the active shots (or ``shots``) at x: ({shot: result}, whether any
+        failed).  Failed shots are dropped (with ``drop``; a trial step's failure only
+        rejects the step)."""
         shared_state, own = self.state(x)
+        which = list(self.active) if shots is None else list(shots)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(self.active), desc=label, unit="shot", leave=False)
+            bar = tqdm(total=len(which), desc=label, unit="shot", leave=False)
         try:
-            res = self.executor.run(mode, shared_state, own, list(self.active), bar)
+            res = self.executor.run(mode, shared_state, own, which, bar)
         finally:
             if bar is not None:
                 bar.close()
         self.evaluations += 1
-        failed = [i for i in self.active if "error" in res[i]]
+        failed = [i for i in which if "error" in res[i]]
         if not drop:
             return res, bool(failed)
         for i in failed:
@@ -600,17 +641,19 @@ def normal_equations(prob, x, res):
 
 
 def schur_step(prob, S0, gs, blocks, lam):
-    """The damped Gauss-Newton step (H + lam diag(H)) dx = -g with the per-shot blocks
-    eliminated: (A - sum B C^-1 B^T) dx_s = -(g_s - sum B C^-1 g_p), then each shot's
-    dx_p = -C^-1 (g_p + B^T dx_s)."""
+    """The damped Gauss-Newton step (H + diag(lam) diag(H)) dx = -g with the per-shot
+    blocks eliminated: (A - sum B C^-1 B^T) dx_s = -(g_s - sum B C^-1 g_p), then each
+    shot's dx_p = -C^-1 (g_p + B^T dx_s).  ``lam``: one Marquardt factor per parameter
+    (or one for all)."""
     n = prob.n_shared
+    lam = np.broadcast_to(np.asarray(lam, dtype=np.float64), (n + prob.np * len(prob.shots),))
     S = S0.copy()
-    S[np.diag_indices(n)] += lam * _damping(np.diag(S0))
+    S[np.diag_indices(n)] += lam[:n] * _damping(np.diag(S0))
     b = gs.copy()
     solved = {}
     for i in prob.active:
         T, B, C, g_p = blocks[i]
-        Cd = C + lam * np.diag(_damping(np.diag(C)))
+        Cd = C + np.diag(lam[prob.own_slice(i)] * _damping(np.diag(C)))
         CiBt = _solve_spd(Cd, np.column_stack([B.T, g_p]))
         S[np.ix_(T, T)] -= B @ CiBt[:, :-1]
         b[T] -= B @ CiBt[:, -1]
@@ -623,6 +666,13 @@ def schur_step(prob, S0, gs, blocks, lam):
         g_p = blocks[i][3]
         dx[prob.own_slice(i)] = -_solve_spd(Cd, g_p + B.T @ dx[T])
     return dx
+
+
+def own_step(prob, blocks, i, dx, lam):
+    """Shot i's step for the shared step in dx and its own damping: -C^-1 (g_p + B^T dx_s)."""
+    T, B, C, g_p = blocks[i]
+    Cd = C + np.diag(lam[prob.own_slice(i)] * _damping(np.diag(C)))
+    return -_solve_spd(Cd, g_p + B.T @ dx[T])
 
 
 def dense_step(prob, S0, gs, blocks, lam):
@@ -640,9 +690,10 @@ def dense_step(prob, S0, gs, blocks, lam):
         H[np.ix_(o, T)] = B.T
         H[np.ix_(o, o)] = C
         g[o] = g_p
+    lam = np.broadcast_to(np.asarray(lam, dtype=np.float64), (N,))
     used = np.nonzero(np.any(H != 0, axis=1) | (g != 0))[0]
     Hu = H[np.ix_(used, used)]
-    Hu[np.diag_indices(len(used))] += lam * _damping(np.diag(Hu))
+    Hu[np.diag_indices(len(used))] += lam[used] * _damping(np.diag(Hu))
     dx = np.zeros(N)
     dx[used] = -np.linalg.solve(Hu, g[used])
     return dx
@@ -683,22 +734,28 @@ def _covariance_diag(prob, S0, blocks, loss):
 
 
 def _gauss_newton(prob, x, options, ckpt):
+    """Levenberg-Marquardt with a damping factor for the shared parameters and one per
+    shot: a step is taken when the total loss falls; a shot whose own loss rose under it
+    keeps its own values this time and damps its own parameters more next time, so one
+    stubborn shot does not hold back the rest (and no round waits on a few shots)."""
     max_iter = int(options.get("max_iterations", 50))
     ftol = float(options.get("ftol", 1e-10))
     xtol = float(options.get("xtol", 1e-10))
     # a Poisson deviance that moves by less than this is statistically still (a structure
     # factor heading for 0 moves by halves under Gauss-Newton: m ~ F^2)
     atol = float(options.get("atol", 1e-3 if prob.loss == "poisson" else 0.0))
-    lam = float(options.get("damping", 1e-3))
+    lam = np.full(len(x), float(options.get("damping", 1e-3)))
     history = []
     it = 0
     resumed = ckpt.load_gn() if ckpt is not None else None
+    message, success = "the maximum number of iterations was reached", False
     if resumed is not None:
-        x, lam, it, history, dropped = resumed
+        x, lam, it, history, dropped, done = resumed
         prob.resumed = it
         prob.dropped.update(dropped)
         prob.active = [i for i in prob.active if i not in prob.dropped]
-    message, success = "the maximum number of iterations was reached", False
+        if done is not None:
+            return x, history, done[0], done[1], it
     while it < max_iter:
         res, _ = prob.run(x, "normal", f"iteration {it + 1}")      # drops the shots that fail here
         if not prob.active:
@@ -709,36 +766,72 @@ def _gauss_newton(prob, x, options, ckpt):
             history.append(f0)
         S0, gs, blocks, g = normal_equations(prob, x, res)
         accepted = False
-        for _ in range(12):
+        improved = set()
+        lam_start = lam.copy()
+        for trial in range(MAX_TRIALS):
+            if trial:
+                # the whole step was refused: more damping everywhere, from where this
+                # iteration began
+                lam = lam_start * 4.0 ** trial
             dx = schur_step(prob, S0, gs, blocks, lam)
             x_new = np.clip(x + dx, prob.lo, prob.hi)
-            # a shot that cannot be evaluated at the trial point rejects the step
-            res_new, failed_new = prob.run(x_new, "value", f"iteration {it + 1}: trial", drop=False)
-            f1 = np.inf if failed_new else prob.value(x_new, res_new)
+            # (a shot that cannot be evaluated at the trial point, or whose model leaves an observed
+            # photon without light, has an infinite loss: it is one of the worse)
+            res_new, _ = prob.run(x_new, "value", f"iteration {it + 1}: trial", drop=False)
+            res_new = _finite(res_new)
+            worse = [i for i in prob.active if res_new[i]["value"] > res[i]["value"]]
+            improved = set(prob.active) - set(worse)
+            if not improved:
+                continue                      # nothing gained: more damping for everyone
+            if worse:
+                # the shots that lost keep their own parameters (and take only the shared
+                # step), with four times the damping next time
+                for i in worse:
+                    own = prob.own_slice(i)
+                    x_new[own] = x[own]
+                    lam[own] = lam_start[own] * 4.0
+                if prob.n_shared:
+                    back = _finite(prob.run(x_new, "value", f"iteration {it + 1}: trial", drop=False,
+                                            shots=worse)[0])
+                else:
+                    back = {i: res[i] for i in worse}
+                res_new.update(back)
+            f1 = prob.value(x_new, res_new)
             if f1 <= f0:
                 accepted = True
                 break
-            lam *= 4.0
         it += 1
         if not accepted:
             history.append(f0)
             message, success = "no step lowers the loss (converged at the resolution of the arithmetic)", True
-            if ckpt is not None:
-                ckpt.save_gn(x, lam, it, history, prob.dropped)
             break
         step = np.abs(x_new - x)
-        if os.environ.get("NBRAGG_TRACE_STEPS"):
-            print(f"iteration {it}: loss {f1:.10g} lambda {lam:.3g} largest step {step.max():.3g} at {step.argmax()}",
-                  file=sys.stderr)
+        _log.info("iteration %d: loss %.10g, shared damping %.3g, shots' median damping %.3g, %d shots damped; "
+                  "largest step %.3g (parameter %d)", it, f1, lam[0] if prob.n_shared else 0.0,
+                  float(np.median(lam[prob.n_shared:])) if prob.np else 0.0, len(prob.active) - len(improved),
+                  float(step.max()), int(step.argmax()))
         x = x_new
-        lam = max(lam / 3.0, 1e-12)
+        lam[:prob.n_shared] = np.maximum(lam[:prob.n_shared] / 3.0, 1e-12)
+        for i in improved:          # a first trial that worked: less damping next time
+            own = prob.own_slice(i)
+            lam[own] = np.maximum(lam[own] / 3.0, 1e-12)
         history.append(f1)
         if ckpt is not None:
             ckpt.save_gn(x, lam, it, history, prob.dropped)
         if f0 - f1 <= ftol * abs(f1) + atol or np.all(step <= xtol * np.maximum(np.abs(x), 1.0)):
             message, success = "the loss stopped decreasing", True
             break
+    if ckpt is not None:
+        ckpt.save_gn(x, lam, it, history, prob.dropped, done=(success, message))
     return x, history, success, message, it
+
+
+MAX_TRIALS = 12
+
+
+def _finite(results):
+    """Trial results with a failed evaluation counted as an infinite loss."""
+    return {i: r if "error" not in r else {"value": np.inf} for i, r in results.items()}
 
 
 # ----------------------------------------------------------------------------- L-BFGS
@@ -839,18 +932,21 @@ class _Checkpoint:
         keys = sorted(dropped)
         return np.array(keys, dtype=np.int64), np.array([dropped[k] for k in keys], dtype=str)
 
-    def save_gn(self, x, lam, it, history, dropped):
+    def save_gn(self, x, lam, it, history, dropped, done=None):
+        """The state after an iteration; ``done`` = (success, message) once the run ended."""
         di, dr = self._dropped_arrays(dropped)
         self._write_npz("state.npz", x=x, lam=lam, it=it, history=np.array(history), dropped_index=di,
-                        dropped_reason=dr)
+                        dropped_reason=dr, done=done is not None, success=bool(done and done[0]),
+                        message=str(done[1]) if done else "")
 
     def load_gn(self):
         p = os.path.join(self.path, "state.npz")
         if not os.path.exists(p):
             return None
         with np.load(p) as z:
-            return (z["x"].copy(), float(z["lam"]), int(z["it"]), list(z["history"]),
-                    dict(zip(z["dropped_index"].tolist(), z["dropped_reason"].tolist())))
+            done = (bool(z["success"]), str(z["message"])) if bool(z["done"]) else None
+            return (z["x"].copy(), z["lam"].copy(), int(z["it"]), list(z["history"]),
+                    dict(zip(z["dropped_index"].tolist(), z["dropped_reason"].tolist())), done)
 
     def save_eval(self, k, x, v, g, dropped):
         di, dr = self._dropped_arrays(dropped)
@@ -929,8 +1025,8 @@ def _observed_list(observed, nshots):
 
 def refine_many(experiments, observed, shared=(), per_shot=(), loss="poisson", method="gauss_newton", *,
                 masks=None, bounds=None, restraints=None, space_group=None, min_observations=1,
-                min_photons=1.0, workers=None, scheduler=None, threads_per_worker=1, checkpoint=None,
-                progress=True, **options):
+                min_photons=1.0, stages=None, workers=None, scheduler=None, threads_per_worker=1,
+                checkpoint=None, progress=True, **options):
     """Refine shared and per-shot parameters of many shots together.
 
     Parameters
@@ -956,6 +1052,10 @@ def refine_many(experiments, observed, shared=(), per_shot=(), loss="poisson", m
     min_observations, min_photons : a structure factor is refined when at least
         ``min_observations`` shots give it at least ``min_photons`` expected photons in
         their fitted pixels at the start (0: every value of the grid)
+    stages : optional list of lists of names refined in turn (the others held) before
+        the final fit of everything, e.g. ``[["misset_x", "misset_y", "misset_z",
+        "Ncells", "scale"]]``: each shot's own parameters settle against the starting
+        structure factors before these move
     workers : None (a local Dask cluster with one worker per core, at most one per
         shot), 0 (this process), or a number of local worker processes
     scheduler : the address of an existing Dask scheduler (instead of a local cluster)
@@ -980,14 +1080,60 @@ def refine_many(experiments, observed, shared=(), per_shot=(), loss="poisson", m
     if unknown:
         raise ParameterError(f"refine_many: unknown option {sorted(unknown)[0]!r}")
     setup = _setup(experiments, observed, shared, per_shot, loss, masks, space_group, threads_per_worker)
-    for n in dict(restraints or {}):
+    setup.experiments = list(experiments)
+    restraints = dict(restraints or {})
+    for n in restraints:
         if n not in setup.shared_names + setup.own_names + (["Fhkl"] if setup.has_F else []):
             raise ParameterError(f"restraints: {n!r} is not among the refined parameters")
+    everything = list(shared) + list(per_shot)
+    plan = []
+    for k, st in enumerate(stages or []):
+        st = [st] if isinstance(st, str) else list(st)
+        bad = [n for n in st if n not in everything]
+        if bad:
+            raise ParameterError(f"stages[{k}]: {bad[0]!r} is not among the refined parameters")
+        plan.append(st)
+    plan.append(everything)
     executor = _executor(setup.shots, workers, scheduler)
     try:
-        prob, observations = _build_problem(setup, executor, bounds, restraints, min_observations, min_photons,
-                                            progress)
-        return _run(setup, prob, observations, method, loss, space_group, checkpoint, options, t0)
+        current, scales, dropped, fit = setup.experiments, [1.0] * len(setup.shots), {}, None
+        history, evaluations, iterations, resumed = [], 0, 0, 0
+        for k, names in enumerate(plan):
+            last = k == len(plan) - 1
+            if k:
+                setup = _setup(current, observed, [n for n in shared if n in names],
+                               [n for n in per_shot if n in names], loss, masks, space_group, threads_per_worker,
+                               scales)
+                executor.load(setup.shots)
+            elif len(plan) > 1:
+                setup = _setup(current, observed, [n for n in shared if n in names],
+                               [n for n in per_shot if n in names], loss, masks, space_group, threads_per_worker)
+                executor.load(setup.shots)
+            kept = {n: v for n, v in restraints.items() if n in names}
+            prob, observations = _build_problem(setup, executor, bounds, kept, min_observations, min_photons,
+                                                progress, exclude=dropped)
+            where = checkpoint if checkpoint is None or len(plan) == 1 else os.path.join(checkpoint, f"stage_{k}")
+            fit = _run(setup, prob, observations, method, loss, space_group, where, options, t0, fold_scale=last)
+            dropped = dict(fit.dropped)
+            history += fit.history
+            evaluations += fit.evaluations
+            iterations += fit.iterations
+            resumed += fit.resumed
+            if not last:
+                # dropped shots keep their own values but take the shared ones (the next
+                # stage reads the shared start from the first shot)
+                moved = {n: v for n, v in fit.shared.items() if n != "Fhkl"}
+                if "Fhkl" in fit.shared:
+                    moved["Fhkl"] = fit.shared["Fhkl"]
+                current = [e if e is not None else (set_params(current[i], moved) if moved else current[i])
+                           for i, e in enumerate(fit.experiments)]
+                if "scale" in names:
+                    scales = [p["scale"] if p is not None else scales[i] for i, p in enumerate(fit.per_shot)]
+        fit.history, fit.evaluations, fit.iterations, fit.resumed = history, evaluations, iterations, resumed
+        if len(plan) > 1:
+            fit.start_shared = {n: v for n, v in get_params(experiments[0], [n for n in shared
+                                                                             if n not in ("Fhkl",)]).items()}
+        return fit
     finally:
         executor.close()
 
@@ -1049,7 +1195,7 @@ def _executor(shots, workers, scheduler):
     return _Dask(shots, workers, scheduler)
 
 
-def _setup(experiments, observed, shared, per_shot, loss, masks, space_group, threads):
+def _setup(experiments, observed, shared, per_shot, loss, masks, space_group, threads, scales=None):
     from .experiment import Experiment
     if loss not in LOSSES:
         raise ParameterError(f"loss = {loss!r}; refine_many takes one of {', '.join(LOSSES)}")
@@ -1084,7 +1230,7 @@ def _setup(experiments, observed, shared, per_shot, loss, masks, space_group, th
     own_start = []
     for e in experiments:
         v = get_params(e, [n for n in own_names if n not in SHOT_ONLY])
-        v.update({n: 1.0 for n in own_names if n in SHOT_ONLY})
+        v.update({n: 1.0 if scales is None else float(scales[len(own_start)]) for n in own_names if n in SHOT_ONLY})
         own_start.append(v)
     try:
         threads = int(threads)
@@ -1097,7 +1243,7 @@ def _setup(experiments, observed, shared, per_shot, loss, masks, space_group, th
     return _Setup(shots, shared_names, has_F, own_names, start_shared, own_start, grid0, fmap)
 
 
-def _build_problem(setup, executor, bounds, restraints, min_observations, min_photons, progress):
+def _build_problem(setup, executor, bounds, restraints, min_observations, min_photons, progress, exclude=None):
     """Survey the shots at the start (drop those without spots, find the structure
     factors seen), then the parameter vector, its bounds and restraints."""
     from .refine import _bounds
@@ -1105,7 +1251,7 @@ def _build_problem(setup, executor, bounds, restraints, min_observations, min_ph
     start_shared, own_start, grid0, fmap = setup.start_shared, setup.own_start, setup.grid0, setup.fmap
     restraints = dict(restraints or {})
     nshots = len(shots)
-    dropped = {}
+    dropped = dict(exclude or {})
     # survey at the start: shots without spots, and which structure factors are seen
     shared_state = (start_shared, grid0, fmap.classes if has_F else None)
     own = {s.index: (own_start[s.index], None) for s in shots}
@@ -1114,12 +1260,14 @@ def _build_problem(setup, executor, bounds, restraints, min_observations, min_ph
         from tqdm.auto import tqdm
         bar = tqdm(total=nshots, desc="survey", unit="shot", leave=False)
     try:
-        survey = executor.run("survey", shared_state, own, [s.index for s in shots], bar)
+        survey = executor.run("survey", shared_state, own, [s.index for s in shots if s.index not in dropped], bar)
     finally:
         if bar is not None:
             bar.close()
     seen = {}
     for i in range(nshots):
+        if i in dropped:
+            continue
         r = survey[i]
         if "error" in r:
             dropped[i] = f"cannot be simulated: {r['error']}"
@@ -1187,7 +1335,7 @@ def _build_problem(setup, executor, bounds, restraints, min_observations, min_ph
     return prob, observations
 
 
-def _run(setup, prob, observations, method, loss, space_group, checkpoint, options, t0):
+def _run(setup, prob, observations, method, loss, space_group, checkpoint, options, t0, fold_scale=True):
     shots, shared_names, has_F, own_names = setup.shots, setup.shared_names, setup.has_F, setup.own_names
     fmap, grid0, x0 = setup.fmap, setup.grid0, prob.x0
     ns, nF, nshots = prob.ns, prob.nF, len(shots)
@@ -1232,7 +1380,7 @@ def _run(setup, prob, observations, method, loss, space_group, checkpoint, optio
             continue
         per_shot.append(own_vals[i][0])
         per_sd.append({n: float(np.sqrt(max(v, 0.0))) for n, v in zip(own_names, var_own[i])})
-        exps.append(shot_experiment(shots[i], state[0], state[1], own_vals[i][0]))
+        exps.append(shot_experiment(shots[i], state[0], state[1], own_vals[i][0], fold_scale=fold_scale))
     return ManyFit(shared=out_shared, per_shot=per_shot, shared_uncertainties=out_sd, per_shot_uncertainties=per_sd,
                    history=history, success=success, message=message, dropped=dict(sorted(prob.dropped.items())),
                    experiments=exps, reflections=reflections, iterations=iterations, evaluations=prob.evaluations,

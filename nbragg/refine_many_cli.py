@@ -23,6 +23,7 @@ refine::
     space_group: P 43 21 2
     loss: poisson                 # or l2
     method: gauss_newton          # or lbfgs
+    stages: [[misset_x, misset_y, misset_z, Na, Nb, Nc, scale]]   # refined first, then all
     restraints: {scale: [1.0, 0.1]}
     bounds: {distance: [70, 90]}
     min_observations: 1
@@ -49,7 +50,7 @@ from .errors import ArgumentError, InputFileError, NbraggError, ParameterError, 
 
 _KNOWN = {"shots", "start", "shared", "per_shot", "space_group", "loss", "method", "restraints", "bounds",
           "min_observations", "min_photons", "workers", "threads_per_worker", "max_iterations", "checkpoint",
-          "output", "scheduler", "progress", "ftol", "atol", "gtol", "damping"}
+          "output", "scheduler", "progress", "ftol", "atol", "gtol", "damping", "stages"}
 
 
 class SpecError(InputFileError):
@@ -358,12 +359,17 @@ def _main(argv):
     ap.add_argument("--checkpoint", help="checkpoint directory")
     ap.add_argument("--max-iterations", type=int)
     ap.add_argument("-noprogress", "--no-progress", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log every iteration's loss and damping")
     try:
         a = ap.parse_args(argv)
     except SystemExit as exc:
         if exc.code:
             raise ArgumentError("bad arguments (see nbragg-refine-many --help)") from None
         raise
+    if a.verbose:
+        import logging
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("nbragg.refine_many").setLevel(logging.INFO)
     spec = load_spec(a.spec)
     base_dir = os.path.dirname(os.path.abspath(a.spec))
     shots = spec["shots"]
@@ -404,7 +410,8 @@ def _main(argv):
     fit = refine_many(exps, obs, shared=shared, per_shot=per_shot, loss=spec.get("loss", "poisson"),
                       method=spec.get("method", "gauss_newton"), masks=masks, bounds=bounds, restraints=restraints,
                       space_group=space_group, min_observations=spec.get("min_observations", 1),
-                      min_photons=spec.get("min_photons", 1.0), workers=workers, scheduler=spec.get("scheduler"),
+                      min_photons=spec.get("min_photons", 1.0), stages=spec.get("stages"), workers=workers,
+                      scheduler=spec.get("scheduler"),
                       threads_per_worker=spec.get("threads_per_worker", 1), checkpoint=checkpoint,
                       progress=not a.no_progress and spec.get("progress", True), **options)
     stem = a.output or spec.get("output", "refined")

@@ -178,6 +178,29 @@ def test_lbfgs_reaches_the_same_minimum(case):
             assert abs(a[n] - b[n]) < 0.5 * sd[n]
 
 
+def test_stages_then_everything_and_the_scale_in_the_fluence(case):
+    """A first stage of each shot's own parameters, then all: the stages' iterations add
+    up, a later stage starts where the earlier ended, and the refined experiments carry
+    the per-shot scale in their fluence (they make the fitted image)."""
+    exps, grid, obs = case
+    starts, _ = _perturbed(exps, grid)
+    own = ["misset_x", "misset_y", "Ncells", "scale"]
+    kw = dict(shared=["Fhkl", "distance"], per_shot=own, space_group="P 1", restraints={"scale": (1.0, 0.1)},
+              workers=0, progress=False, max_iterations=8)
+    staged = nbragg.refine_many(starts, obs, stages=[own], **kw)
+    first = nbragg.refine_many(starts, obs, shared=[], per_shot=own, restraints={"scale": (1.0, 0.1)},
+                               workers=0, progress=False, max_iterations=8)
+    assert staged.iterations > first.iterations
+    assert staged.history[:len(first.history)] == first.history
+    assert staged.history[-1] < first.history[-1]
+    k = 1
+    e = staged.experiments[k]
+    assert e.beam.fluence == pytest.approx(starts[k].beam.fluence * staged.per_shot[k]["scale"], rel=1e-12)
+    assert e.crystal.Na == e.crystal.Nb == e.crystal.Nc == pytest.approx(staged.per_shot[k]["Ncells"])
+    with pytest.raises(ParameterError, match=r"stages\[0\]"):
+        nbragg.refine_many(starts, obs, stages=[["cell_b"]], **kw)
+
+
 def test_shots_without_spots_are_dropped_with_the_reason(case):
     exps, grid, obs = case
     dark = exps[1].replace(beam=exps[1].beam.replace(fluence=0.0))
@@ -249,9 +272,9 @@ starts, obs, kw, ckpt, slow = pickle.load(open(sys.argv[1], "rb"))
 if slow:
     import importlib; RM = importlib.import_module("nbragg.refine_many")
     real = RM._Problem.run
-    def run(self, x, mode, label):
+    def run(self, x, mode, label, **kw):
         import time; time.sleep(0.3)
-        return real(self, x, mode, label)
+        return real(self, x, mode, label, **kw)
     RM._Problem.run = run
 fit = nbragg.refine_many(starts, obs, workers=0, checkpoint=ckpt, **kw)
 pickle.dump((fit.history, fit.shared, fit.per_shot, fit.resumed), open(sys.argv[2], "wb"))
