@@ -12,6 +12,7 @@ alternately, and prints the ratio of their wall-clock times.  Timings are median
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -381,6 +382,45 @@ def dataset_throughput(workers, nframes):
     return ds_rate, bare_rate
 
 
+MANY_BASE = ("-cell 79 79 38 90 90 90 -hkl truth.hkl -lambda 1.3 -distance 80 -pixel 0.3 -detpixels 128 "
+             "-oversample 1 -N 10 -gauss_xtal -fluence 1e27")
+
+
+def many_shot_throughput(nshots, iterations, repeat=1):
+    """Wall seconds of refine_many on ``nshots`` 128x128 stills (each shot's misset,
+    Ncells and scale, ``iterations`` Gauss-Newton iterations) with 1 and 2 Dask workers,
+    alternated; cluster start-up included (it is part of a user's run)."""
+    import numpy as np
+    from .dataset import generate, load_spec
+    from .refine_many import refine_many
+    from .refine_many_cli import _dataset_shots, _perturb
+    out = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        with open(os.path.join(tmp, "truth.hkl"), "w") as fh:
+            for h in range(-20, 21):
+                for k in range(-20, 21):
+                    for l in range(-10, 11):
+                        fh.write(f"{h} {k} {l} {20 + rng.rayleigh(100):.2f}\n")
+        spec = {"seed": 19, "images": nshots, "shard_size": 50, "base": MANY_BASE,
+                "vary": {"orientation": "uniform", "Ncells": {"uniform": [8, 12]}},
+                "outputs": {"float": True, "counts": "uint32"}, "compression": "none"}
+        with open(os.path.join(tmp, "stills.json"), "w") as fh:
+            json.dump(spec, fh)
+        generate(load_spec(os.path.join(tmp, "stills.json")), os.path.join(tmp, "stills.h5"), workers=0,
+                 progress=False)
+        exps, obs = _dataset_shots("bench", {"dataset": "stills.h5"}, tmp, None)
+        start = _perturb("bench", {"seed": 7, "misset": 0.05, "relative": {"Ncells": 0.1}}, exps, [], None)
+        own = ["misset_x", "misset_y", "misset_z", "Ncells", "scale"]
+        for _ in range(repeat):
+            for w in (1, 2):
+                t0 = time.perf_counter()
+                refine_many(start, obs, per_shot=own,
+                            restraints={"scale": (1.0, 0.1)}, workers=w, progress=False, max_iterations=iterations)
+                out[w].append(time.perf_counter() - t0)
+    return statistics.median(out[1]), statistics.median(out[2])
+
+
 def _scalar_names():
     from .params import SCALAR_PARAMS
     return SCALAR_PARAMS
@@ -410,6 +450,8 @@ def main(argv=None):
                          "(B2 on 1024x1024)")
     ap.add_argument("--startup", action="store_true",
                     help="time `import nbragg` and the warm nbragg command on a 64x64 image (and --nanobragg's)")
+    ap.add_argument("--many", type=int, metavar="SHOTS",
+                    help="time refine_many on this many 128x128 stills with 1 and 2 Dask workers")
     ap.add_argument("--panels", action="store_true",
                     help="time a detector of 64 panels against one panel of the same pixels (B1 and B2)")
     opts = ap.parse_args(argv)
@@ -499,6 +541,12 @@ def main(argv=None):
         ti, tn, tc = startup_figures(max(opts.repeat, 5), binary)
         print(f"\nstart-up: python -c 'import nbragg' {ti:.3f} s; warm nbragg command on 64x64 {tn:.3f} s"
               + (f"; nanoBragg {tc:.3f} s" if tc is not None else ""))
+    if opts.many:
+        iterations = 3
+        print(f"\nrefine_many: {opts.many} stills of 128x128 ({MANY_BASE}), each shot's misset, Ncells and scale, "
+              f"{iterations} iterations, start-up included:")
+        t1, t2 = many_shot_throughput(opts.many, iterations, opts.repeat)
+        print(f"  1 worker {t1:.1f} s, 2 workers {t2:.1f} s -> {t1 / t2:.2f}x (goal at least 1.7x)")
     if opts.panels:
         for case in ("B1", "B2"):
             print(f"\ndetector of 64 panels against one panel of the same pixels ({case}: {CASES[case]}):")

@@ -571,6 +571,24 @@ class _Problem:
             self.active = [i for i in self.active if i not in failed]
         return res, bool(failed)
 
+    def drop_diverged(self, x):
+        """Drop the shots whose own parameters reached a bound (not a physical limit such
+        as one unit cell): they have wandered off (a misset 2 degrees from its start...)."""
+        from .refine import _at_bounds
+        if not self.np:
+            return
+        for i in list(self.active):
+            own = self.own_slice(i)
+            hit = _at_bounds(self.own_names, x[own], self.lo[own], self.hi[own])
+            if hit:
+                n, side = next(iter(hit.items()))
+                v = x[own][self.own_names.index(n)]
+                self.dropped[i] = f"diverged: {n} reached its {side} bound ({v:g})"
+                self.active.remove(i)
+        if not self.active:
+            raise ManyFitError("every shot diverged: " + "; ".join(f"shot {i}: {r}"
+                                                                    for i, r in sorted(self.dropped.items())))
+
     def restraint_value(self, x):
         v = 0.0
         for at, target, sigma in self.restraints:
@@ -741,9 +759,11 @@ def _gauss_newton(prob, x, options, ckpt):
     max_iter = int(options.get("max_iterations", 50))
     ftol = float(options.get("ftol", 1e-10))
     xtol = float(options.get("xtol", 1e-10))
-    # a Poisson deviance that moves by less than this is statistically still (a structure
-    # factor heading for 0 moves by halves under Gauss-Newton: m ~ F^2)
-    atol = float(options.get("atol", 1e-3 if prob.loss == "poisson" else 0.0))
+    # a Poisson deviance that moves by less than 0.01 per shot is statistically still (one
+    # standard uncertainty of a parameter is worth 1); a structure factor heading for 0
+    # moves by halves under Gauss-Newton (m ~ F^2), and the nearest-index lookup's steps
+    # stall the last digits
+    atol = float(options.get("atol", 0.01 * len(prob.active) if prob.loss == "poisson" else 0.0))
     lam = np.full(len(x), float(options.get("damping", 1e-3)))
     history = []
     it = 0
@@ -780,22 +800,27 @@ def _gauss_newton(prob, x, options, ckpt):
             res_new, _ = prob.run(x_new, "value", f"iteration {it + 1}: trial", drop=False)
             res_new = _finite(res_new)
             worse = [i for i in prob.active if res_new[i]["value"] > res[i]["value"]]
-            improved = set(prob.active) - set(worse)
-            if not improved:
-                continue                      # nothing gained: more damping for everyone
-            if worse:
-                # the shots that lost keep their own parameters (and take only the shared
-                # step), with four times the damping next time
+            if worse and prob.np:
+                # a shot whose loss rose: was it its own step, or the shared one?  Its loss
+                # with the shared step alone says; it keeps its own step if that helps
+                # there, else its own values (and four times the damping next time)
+                held = x_new.copy()
                 for i in worse:
-                    own = prob.own_slice(i)
-                    x_new[own] = x[own]
-                    lam[own] = lam_start[own] * 4.0
+                    held[prob.own_slice(i)] = x[prob.own_slice(i)]
                 if prob.n_shared:
-                    back = _finite(prob.run(x_new, "value", f"iteration {it + 1}: trial", drop=False,
+                    back = _finite(prob.run(held, "value", f"iteration {it + 1}: trial", drop=False,
                                             shots=worse)[0])
                 else:
                     back = {i: res[i] for i in worse}
-                res_new.update(back)
+                for i in worse:
+                    if back[i]["value"] < res_new[i]["value"]:
+                        x_new[prob.own_slice(i)] = x[prob.own_slice(i)]
+                        lam[prob.own_slice(i)] = lam_start[prob.own_slice(i)] * 4.0
+                        res_new[i] = back[i]
+                worse = [i for i in worse if res_new[i] is back[i]]
+            improved = set(prob.active) - set(worse)
+            if not improved and not prob.n_shared:
+                continue                      # nothing gained: more damping for everyone
             f1 = prob.value(x_new, res_new)
             if f1 <= f0:
                 accepted = True
@@ -811,6 +836,7 @@ def _gauss_newton(prob, x, options, ckpt):
                   float(np.median(lam[prob.n_shared:])) if prob.np else 0.0, len(prob.active) - len(improved),
                   float(step.max()), int(step.argmax()))
         x = x_new
+        prob.drop_diverged(x)
         lam[:prob.n_shared] = np.maximum(lam[:prob.n_shared] / 3.0, 1e-12)
         for i in improved:          # a first trial that worked: less damping next time
             own = prob.own_slice(i)
@@ -827,6 +853,7 @@ def _gauss_newton(prob, x, options, ckpt):
 
 
 MAX_TRIALS = 12
+MISSET_RANGE = 2.0      # degrees either side of a shot's starting misset (its default bounds)
 
 
 def _finite(results):
@@ -883,6 +910,7 @@ def _lbfgs(prob, x0, options, ckpt):
             z0 = (x - x0) / scale
             out = optimize.minimize(f, z0, jac=True, method="L-BFGS-B", bounds=list(zip(zlo, zhi)), options=opts)
             x = np.clip(x0 + out.x * scale, prob.lo, prob.hi)
+            prob.drop_diverged(x)
             return x, history, bool(out.success), str(out.message), int(out.nit)
         except _Restart as r:
             x = r.x                       # a shot dropped: start again from here without it
@@ -1043,7 +1071,9 @@ def refine_many(experiments, observed, shared=(), per_shot=(), loss="poisson", m
     method : "gauss_newton" (Levenberg-Marquardt with the Schur complement) or "lbfgs"
     masks : optional sequence of boolean images (True where fitted), one per shot
     bounds : {name: (lower, upper)} applied to the shared value and to every shot's
-        value (defaults as :func:`nbragg.refine`; structure factors >= 0, scale > 0)
+        value (defaults as :func:`nbragg.refine`; structure factors >= 0, scale > 0, a
+        shot's misset within 2 degrees of its start).  A shot whose own parameter reaches
+        a bound (other than a physical limit) has diverged: it is dropped.
     restraints : {name: (target, sigma)}: a term ((value - target) / sigma)^2 per shared
         value (``"Fhkl"``: target None for the starting values, or a grid; sigma a
         number or a grid in the grid's units); for a per-shot name, one term per shot
@@ -1064,8 +1094,9 @@ def refine_many(experiments, observed, shared=(), per_shot=(), loss="poisson", m
     checkpoint : a directory for resuming a killed run
     progress : a tqdm bar per iteration
     options : max_iterations; Gauss-Newton: ftol, atol (stop when an iteration lowers
-        the loss by less than ftol * loss + atol; atol 1e-3 for the Poisson deviance, 0
-        for l2), xtol, damping (the starting Marquardt factor); L-BFGS: ftol, gtol
+        the loss by less than ftol * loss + atol; atol 0.01 per shot for the Poisson
+        deviance, 0 for l2), xtol, damping (the starting Marquardt factor); L-BFGS: ftol,
+        gtol
 
     Returns
     -------
@@ -1298,15 +1329,23 @@ def _build_problem(setup, executor, bounds, restraints, min_observations, min_ph
     lo = np.full(len(x0), -np.inf)
     hi = np.full(len(x0), np.inf)
     user = dict(bounds or {})
+    unknown = [n for n in user if n not in shared_names + own_names + ["Fhkl"]]
+    if unknown:
+        raise ParameterError(f"bounds[{unknown[0]!r}]: {unknown[0]!r} is not among the refined parameters")
     if ns:
-        lo[:ns], hi[:ns] = _bounds(shared_names, user, start_shared)
+        lo[:ns], hi[:ns] = _bounds(shared_names, {n: v for n, v in user.items() if n in shared_names}, start_shared)
     if has_F:
         lo[ns:ns + nF], hi[ns:ns + nF] = user.get("Fhkl", (0.0, np.inf))
     scalar_own = [n for n in own_names if n not in SHOT_ONLY]
     for i in range(nshots):
         a = ns + nF + i * npar
         if scalar_own:
-            l_, h_ = _bounds(scalar_own, user, own_start[i])
+            # a shot's misset stays within MISSET_RANGE of its start unless told otherwise:
+            # one that reaches the edge has diverged (and is dropped)
+            mine = {n: (own_start[i][n] - MISSET_RANGE, own_start[i][n] + MISSET_RANGE)
+                    for n in scalar_own if n.startswith("misset_")}
+            mine.update({n: v for n, v in user.items() if n in scalar_own})
+            l_, h_ = _bounds(scalar_own, mine, own_start[i])
             for n, lv, hv in zip(scalar_own, l_, h_):
                 lo[a + own_names.index(n)], hi[a + own_names.index(n)] = lv, hv
         if "scale" in own_names:

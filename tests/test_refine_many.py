@@ -209,6 +209,14 @@ def test_shots_without_spots_are_dropped_with_the_reason(case):
     assert list(fit.dropped) == [1] and "no spots" in fit.dropped[1]
     assert fit.per_shot[1] is None and fit.experiments[1] is None
     assert fit.per_shot[0] is not None
+    # a shot whose own parameter runs into its bound has diverged: dropped, the rest go on
+    moved = set_params(exps[1], {"misset_x": 0.05})                 # shot 1's truth is at 0.05
+    seen = [obs[0], np.random.default_rng(5).poisson(nbragg.simulate(moved).image).astype(float)]
+    off = [set_params(exps[0], {"misset_x": 0.05}), moved]          # shot 0 starts 0.05 off its truth
+    fit = nbragg.refine_many(off, seen, per_shot=["misset_x"], bounds={"misset_x": (0.045, 0.055)}, workers=0,
+                             progress=False, max_iterations=5)
+    assert list(fit.dropped) == [0] and fit.dropped[0].startswith("diverged: misset_x reached its lower bound")
+    assert fit.per_shot[1] is not None
 
 
 def test_bad_input_is_named():
