@@ -769,8 +769,9 @@ def _gauss_newton(prob, x, options, ckpt):
     it = 0
     resumed = ckpt.load_gn() if ckpt is not None else None
     message, success = "the maximum number of iterations was reached", False
+    still = 0
     if resumed is not None:
-        x, lam, it, history, dropped, done = resumed
+        x, lam, it, history, dropped, done, still = resumed
         prob.resumed = it
         prob.dropped.update(dropped)
         prob.active = [i for i in prob.active if i not in prob.dropped]
@@ -838,13 +839,20 @@ def _gauss_newton(prob, x, options, ckpt):
         x = x_new
         prob.drop_diverged(x)
         lam[:prob.n_shared] = np.maximum(lam[:prob.n_shared] / 3.0, 1e-12)
-        for i in improved:          # a first trial that worked: less damping next time
+        for i in improved:          # the shots that took their own step: less damping next time
             own = prob.own_slice(i)
             lam[own] = np.maximum(lam[own] / 3.0, 1e-12)
         history.append(f1)
+        # still when no shot that refused its step could take a real one next time (its
+        # damping still small: a few shots far from their minimum move the total little
+        # but are not done), or after STILL_ITERATIONS such iterations in a row
+        waiting = [i for i in prob.active if prob.np and i not in improved
+                   and np.min(lam[prob.own_slice(i)]) < SETTLED]
+        small = f0 - f1 <= ftol * abs(f1) + atol or np.all(step <= xtol * np.maximum(np.abs(x), 1.0))
+        still = still + 1 if small else 0
         if ckpt is not None:
-            ckpt.save_gn(x, lam, it, history, prob.dropped)
-        if f0 - f1 <= ftol * abs(f1) + atol or np.all(step <= xtol * np.maximum(np.abs(x), 1.0)):
+            ckpt.save_gn(x, lam, it, history, prob.dropped, still=still)
+        if small and (not waiting or still >= STILL_ITERATIONS):
             message, success = "the loss stopped decreasing", True
             break
     if ckpt is not None:
@@ -853,6 +861,8 @@ def _gauss_newton(prob, x, options, ckpt):
 
 
 MAX_TRIALS = 12
+STILL_ITERATIONS = 5
+SETTLED = 1e3          # a shot's damping past which its steps are too small to matter
 MISSET_RANGE = 2.0      # degrees either side of a shot's starting misset (its default bounds)
 
 
@@ -960,10 +970,10 @@ class _Checkpoint:
         keys = sorted(dropped)
         return np.array(keys, dtype=np.int64), np.array([dropped[k] for k in keys], dtype=str)
 
-    def save_gn(self, x, lam, it, history, dropped, done=None):
+    def save_gn(self, x, lam, it, history, dropped, done=None, still=0):
         """The state after an iteration; ``done`` = (success, message) once the run ended."""
         di, dr = self._dropped_arrays(dropped)
-        self._write_npz("state.npz", x=x, lam=lam, it=it, history=np.array(history), dropped_index=di,
+        self._write_npz("state.npz", x=x, lam=lam, it=it, still=still, history=np.array(history), dropped_index=di,
                         dropped_reason=dr, done=done is not None, success=bool(done and done[0]),
                         message=str(done[1]) if done else "")
 
@@ -974,7 +984,7 @@ class _Checkpoint:
         with np.load(p) as z:
             done = (bool(z["success"]), str(z["message"])) if bool(z["done"]) else None
             return (z["x"].copy(), z["lam"].copy(), int(z["it"]), list(z["history"]),
-                    dict(zip(z["dropped_index"].tolist(), z["dropped_reason"].tolist())), done)
+                    dict(zip(z["dropped_index"].tolist(), z["dropped_reason"].tolist())), done, int(z["still"]))
 
     def save_eval(self, k, x, v, g, dropped):
         di, dr = self._dropped_arrays(dropped)

@@ -323,3 +323,32 @@ def test_killed_run_resumes_to_the_same_answer(case, tmp_path, method):
     assert np.array_equal(a[1]["Fhkl"], b[1]["Fhkl"]) and a[1]["distance"] == b[1]["distance"]
     assert a[2] == b[2]
     assert a[3] == 0 and b[3] >= (1 if method == "gauss_newton" else 4)     # it did resume
+
+
+def test_panel_geometry_as_a_shared_parameter():
+    """A quadrant's shift shared by every shot of a four-panel detector: its gradient is
+    the sum of the shots' and refinement moves it back toward the truth."""
+    from scipy.spatial.transform import Rotation
+    from test_multipanel import _quadrants
+    panels, root = _quadrants(side=32, pixel=0.2, distance=40.0)
+    rng = np.random.default_rng(4)
+    exps = [nbragg.Experiment(
+        beam=nbragg.Beam(wavelength=1.0, fluence=1e28),
+        detector=nbragg.Detector(convention="custom", beam_vector=(0, 0, -1), polar_vector=(1, 0, 0),
+                                 spindle_axis=(1, 0, 0), panels=panels, groups=root),
+        crystal=nbragg.Crystal(cell=(30, 32, 34, 90, 90, 90), Na=8, Nb=8, Nc=8,
+                               orientation=Rotation.random(random_state=rng).as_matrix()),
+        structure=nbragg.Structure(default_F=100), sampling=nbragg.Sampling(oversample=1)) for _ in range(3)]
+    obs = [rng.poisson(nbragg.simulate(e).image).astype(float) for e in exps]
+    name = "group_shift_x[Q1]"
+    starts = [set_params(e, {name: 0.1}) for e in exps]
+    value, g = RM.many_gradient(starts, obs, shared=[name], per_shot=["misset_x"])
+    want = 0.0
+    for e, o in zip(starts, obs):
+        m = nbragg.simulate(e).image
+        u = np.where(m > 0, 2.0 * (1.0 - o / np.where(m > 0, m, 1.0)), 0.0)
+        want += nbragg.gradient(e, [name], u)[name]
+    assert g["shared"][name] == pytest.approx(want, rel=1e-12)
+    fit = nbragg.refine_many(starts, obs, shared=[name], per_shot=["misset_x"], workers=0, progress=False)
+    assert fit.success, fit.message
+    assert abs(fit.shared[name]) < 3 * fit.shared_uncertainties[name] < 0.05
