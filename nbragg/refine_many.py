@@ -320,7 +320,10 @@ def _evaluate_shot(shot, shared_state, own_state, mode):
         # dm/dF from the labelling walk; when every pixel's photons fit its slots (no
         # "other" share) it is exact and gives the structure factors' gradient too
         JF, touched, complete = _fhkl_jacobian(shot, model, sel, scale, exp.structure.Fhkl, fhkl_index)
-        if complete:
+        # with tricubic interpolation (-interpolate, or N <= 2) a sample's F comes from the
+        # neighbouring grid points too: the labels' dm/dF is then the normal matrix's
+        # approximation only, and the gradient comes from the adjoint
+        if complete and not model.scene.fhkl.interpolate:
             out["F_index"] = touched
             out["F_gradient"] = np.asarray(JF.T @ u[sel])
     if (mode == "gradient" and scalar) or (has_F and "F_index" not in out):
