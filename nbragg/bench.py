@@ -542,7 +542,7 @@ def main(argv=None):
         print(f"\nstart-up: python -c 'import nbragg' {ti:.3f} s; warm nbragg command on 64x64 {tn:.3f} s"
               + (f"; nanoBragg {tc:.3f} s" if tc is not None else ""))
     if opts.many:
-        iterations = 3
+        iterations = 6
         print(f"\nrefine_many: {opts.many} stills of 128x128 ({MANY_BASE}), each shot's misset, Ncells and scale, "
               f"{iterations} iterations, start-up included:")
         t1, t2 = many_shot_throughput(opts.many, iterations, opts.repeat)

@@ -446,10 +446,11 @@ def evaluate_shots(shots, shared_state, own_states, mode):
 
 class _Dask:
     """Shots as Dask tasks: each shot sent once to a worker that keeps it, the shared
-    values broadcast per call, a task per few shots of one worker; results collected by
+    values broadcast per call, a task per several shots of one worker; results collected by
     shot index (the caller reduces them in shot order)."""
 
-    CHUNK = 8
+    CHUNK = 8               # shots per task at least; and about this many tasks per worker per pass:
+    TASKS_PER_WORKER = 4    # fewer round trips through the scheduler, still some balance
 
     def __init__(self, shots, workers, scheduler):
         try:
@@ -487,8 +488,9 @@ class _Dask:
         tasks = {}
         for w in sorted(set(self.home[i] for i in active)):
             mine = [i for i in active if self.home[i] == w]
-            for c in range(0, len(mine), self.CHUNK):
-                chunk = mine[c:c + self.CHUNK]
+            size = max(self.CHUNK, -(-len(mine) // self.TASKS_PER_WORKER))
+            for c in range(0, len(mine), size):
+                chunk = mine[c:c + size]
                 fut = self.client.submit(evaluate_shots, [self.shots[i] for i in chunk], state,
                                          [own[i] for i in chunk], mode, workers=[w], pure=False)
                 tasks[fut] = chunk
