@@ -1146,14 +1146,10 @@ def refine_many(experiments, observed, shared=(), per_shot=(), loss="poisson", m
         history, evaluations, iterations, resumed = [], 0, 0, 0
         for k, names in enumerate(plan):
             last = k == len(plan) - 1
-            if k:
+            if len(plan) > 1:           # this stage's names, from where the last one ended
                 setup = _setup(current, observed, [n for n in shared if n in names],
                                [n for n in per_shot if n in names], loss, masks, space_group, threads_per_worker,
                                scales)
-                executor.load(setup.shots)
-            elif len(plan) > 1:
-                setup = _setup(current, observed, [n for n in shared if n in names],
-                               [n for n in per_shot if n in names], loss, masks, space_group, threads_per_worker)
                 executor.load(setup.shots)
             kept = {n: v for n, v in restraints.items() if n in names}
             prob, observations = _build_problem(setup, executor, bounds, kept, min_observations, min_photons,

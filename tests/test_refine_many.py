@@ -369,3 +369,17 @@ def test_interpolated_structure_factors_take_the_adjoint_gradient(case, monkeypa
     a, b = prob.gradient(prob.x0, normal), prob.gradient(prob.x0, plain)
     assert np.abs(a - b).max() <= 1e-12 * np.abs(b).max()
 
+
+
+def test_ncells_is_na_nb_nc_together():
+    """Ncells sets Na = Nb = Nc: the same image as setting the three (the reference), and
+    its derivative is the sum of theirs (the chain rule), both against central differences."""
+    exps, grid = _stills(nshots=1, pix=24)
+    e = set_params(exps[0], {"Na": 5.5, "Nb": 5.5, "Nc": 5.5})
+    by_ncells = set_params(exps[0], {"Ncells": 5.5})
+    assert np.array_equal(nbragg.simulate(by_ncells).image, nbragg.simulate(e).image)
+    w = np.random.default_rng(0).uniform(0.5, 1.5, (24, 24))
+    g = nbragg.gradient(e, ["Ncells", "Na", "Nb", "Nc"], w)
+    assert g["Ncells"] == pytest.approx(g["Na"] + g["Nb"] + g["Nc"], rel=1e-12)
+    chk = nbragg.check_gradients(e, ["Ncells"], upstream=w)
+    assert chk.rows[0][3] <= 1e-6
