@@ -23,13 +23,14 @@ _LAZY = {
     "get_params": "params", "set_params": "params",
     "refine": "refine", "Fit": "refine",
     "refine_many": "refine_many", "ManyFit": "refine_many",
+    "sase_spectrum": "spectrum",
 }
 
 __all__ = [
     "Experiment", "Beam", "Detector", "Panel", "PanelGroup", "Crystal", "Structure", "Sampling", "Response", "Material",
     "simulate", "build_model", "Result", "Stats",
     "gradient", "jacobian", "check_gradients", "GradientCheck", "get_params", "set_params",
-    "refine", "Fit", "refine_many", "ManyFit",
+    "refine", "Fit", "refine_many", "ManyFit", "sase_spectrum",
     "NbraggError", "ArgumentError", "InputFileError", "ParameterError", "BackendError",
 ]
 

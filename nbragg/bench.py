@@ -373,7 +373,7 @@ def dataset_throughput(workers, nframes):
     ds_rate = (len(stamps) - first) / max(stamps[-1] - stamps[0], 1e-9)
     spec = load_spec(_dataset_spec(nframes))
     base = base_experiment(spec)
-    exps = [frame_experiment(base, *frame_parameters(spec, base, i)) for i in range(nframes)]
+    exps = [frame_experiment(base, *frame_parameters(spec, base, i), spec, i) for i in range(nframes)]
     simulate(exps[0], threads=workers)
     t0 = time.perf_counter()
     for e in exps:

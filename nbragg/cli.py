@@ -37,7 +37,8 @@ structure   -hkl FILE   -default_F F   -interpolate -nointerpolate   -dmin A
 beam        -lambda A | -energy eV   -fluence ph/m^2 | -flux ph/s -exposure s -beamsize mm
             -polar k -nopolar   -dispersion % -dispsteps n   -divergence mrad -divsteps n
             -hdivrange -vdivrange mrad  -hdivsteps -vdivsteps n  -round_div -square_div
-            -sourcefile FILE   -source_distance mm
+            -sourcefile FILE   -source_distance mm   -source_weights (honour the file's weights)
+            -spectrum FILE (channels: wavelength_A weight; replaces -dispersion)
 rotation    -phi deg -osc deg -phistep deg -phisteps n   -spindle_axis x y z
 detector    -distance mm | -close_distance mm   -pixel mm   -detpixels n (-detpixels_f/_s)
             -detsize mm   -Xbeam -Ybeam mm | -ORGX -ORGY px | -Xclose -Yclose mm   -pivot beam|sample

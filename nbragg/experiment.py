@@ -115,6 +115,16 @@ class Beam(_Record):
         Weights are ignored, as in nanoBragg.c, unless ``source_weights``: then each
         source's terms are multiplied by its weight (as nonBragg.c does; the image is
         still divided by the number of sources, and sources of a divergence grid weigh 1).
+    spectrum : optional ``(wavelengths_A, weights)``, two 1-D arrays of equal length: an
+        incident spectrum of channels in Angstrom with relative weights (any units; they are
+        normalised to sum to 1, so ``fluence`` stays the total).  It replaces the dispersion
+        list (each divergence direction takes every channel), and ``wavelength`` is then its
+        weighted mean.  A spectrum is not combined with ``sources`` or a dispersion.  See
+        :func:`nbragg.sase_spectrum` for an XFEL-like one.
+    spectrum_shift : Angstrom added to every source wavelength; spectrum_scale : stretch of
+        the wavelengths about their weighted mean (lambda -> mean + scale (lambda - mean)).
+        Both apply to any list of sources (default 0 and 1: no change) and are refinable
+        (``spectrum_shift``, ``spectrum_scale``).
     """
 
     wavelength: float = 1.0
@@ -134,6 +144,9 @@ class Beam(_Record):
     sources: Optional[np.ndarray] = None
     source_distance: float = 10000.0
     source_weights: bool = False
+    spectrum: Optional[tuple] = None
+    spectrum_shift: float = 0.0
+    spectrum_scale: float = 1.0
 
     @classmethod
     def from_energy(cls, energy_ev, **kw):
@@ -167,6 +180,46 @@ class Beam(_Record):
                 raise ParameterError("Beam.sources holds infinite values")
             s.setflags(write=False)
             self._set("sources", s)
+        _finite(n, "spectrum_shift", self.spectrum_shift)
+        _finite(n, "spectrum_scale", self.spectrum_scale, positive=True)
+        self._set("spectrum_shift", float(self.spectrum_shift))
+        self._set("spectrum_scale", float(self.spectrum_scale))
+        if self.spectrum is not None:
+            lam, w = _spectrum(self.spectrum)
+            if self.sources is not None:
+                raise ParameterError("Beam.spectrum and Beam.sources are both given: give the wavelengths in one of them")
+            given = [f for f, none in (("dispersion", 0.0), ("disp_step", 0.0), ("disp_steps", 1))
+                     if getattr(self, f) is not None and getattr(self, f) > none]
+            if given:
+                raise ParameterError(f"Beam.spectrum and Beam.{given[0]} are both given: a spectrum replaces the "
+                                     f"dispersion")
+            self._set("spectrum", (lam, w))
+            self._set("wavelength", float(np.sum(lam * w) / np.sum(w)))
+
+
+def _spectrum(value):
+    """A spectrum's (wavelengths_A, weights), checked and frozen."""
+    try:
+        lam, w = value
+        lam = np.array(lam, dtype=float)
+        w = np.array(w, dtype=float)
+    except (TypeError, ValueError):
+        raise ParameterError(f"Beam.spectrum = {value!r} is not a pair (wavelengths_A, weights)") from None
+    if lam.ndim != 1 or lam.shape != w.shape or lam.size == 0:
+        raise ParameterError(f"Beam.spectrum: wavelengths (shape {lam.shape}) and weights (shape {w.shape}) must "
+                             f"be two 1-D arrays of the same length")
+    bad = np.flatnonzero(~(np.isfinite(lam) & (lam > 0)))
+    if bad.size:
+        raise ParameterError(f"Beam.spectrum: channel {bad[0]} has wavelength {lam[bad[0]]!r} A, not a positive "
+                             f"number")
+    bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
+    if bad.size:
+        raise ParameterError(f"Beam.spectrum: channel {bad[0]} has weight {w[bad[0]]!r}, not a number >= 0")
+    if not np.sum(w) > 0:
+        raise ParameterError("Beam.spectrum: every weight is 0")
+    lam.setflags(write=False)
+    w.setflags(write=False)
+    return lam, w
 
 
 def _pair(obj, name, value, cast=float):
@@ -523,6 +576,13 @@ class Crystal(_Record):
     Na, Nb, Nc : unit cells along a, b, c (floats; values below 1 count as 1).
     shape : square (parallelepiped, default), round, gauss or tophat; fudge : shape factor.
     mosaic_spread : degrees; mosaic_domains : count; mosaic_seed : as ``-mosaic_seed``.
+    mosaic_eta : optional (eta_a, eta_b, eta_c), degrees: anisotropic mosaicity instead of
+        nanoBragg's isotropic spread.  Each domain is rotated by the rotation vector
+        eta_a z_a a^ + eta_b z_b b^ + eta_c z_c c^ (a^, b^, c^ the crystal's unit axes before
+        the spindle rotation; z drawn N(0, 1) from ``mosaic_seed``, the second half of the
+        domains the mirror images of the first), so eta_i is the rms rotation about axis i
+        and the image is smooth in each (refinable as eta_a, eta_b, eta_c).  Domains follow
+        the crystal through the spindle rotation; ``mosaic_domains`` defaults to 10.
     phi0, osc, phistep : degrees; phisteps : count (spindle rotation).
     """
 
@@ -537,6 +597,7 @@ class Crystal(_Record):
     mosaic_spread: Optional[float] = None
     mosaic_domains: Optional[int] = None
     mosaic_seed: int = 12345678
+    mosaic_eta: Optional[Tuple[float, float, float]] = None
     phi0: float = 0.0
     osc: Optional[float] = None
     phistep: Optional[float] = None
@@ -582,6 +643,15 @@ class Crystal(_Record):
         _finite(n, "mosaic_spread", self.mosaic_spread, allow_none=True)
         self._set("mosaic_domains", _int(n, "mosaic_domains", self.mosaic_domains))
         self._set("mosaic_seed", _int(n, "mosaic_seed", self.mosaic_seed, allow_none=False))
+        if self.mosaic_eta is not None:
+            eta = _triple(n, "mosaic_eta", self.mosaic_eta)
+            if min(eta) < 0:
+                raise ParameterError(f"Crystal.mosaic_eta = {eta}: the angles must not be negative")
+            if self.mosaic_spread is not None and self.mosaic_spread != 0:
+                raise ParameterError(f"Crystal.mosaic_eta = {eta} and Crystal.mosaic_spread = "
+                                     f"{self.mosaic_spread!r} are both given: choose anisotropic or isotropic "
+                                     f"mosaicity")
+            self._set("mosaic_eta", eta)
         _finite(n, "phi0", self.phi0)
         _finite(n, "osc", self.osc, allow_none=True)
         _finite(n, "phistep", self.phistep, allow_none=True)

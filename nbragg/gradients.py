@@ -81,7 +81,8 @@ def gradient(exp, names, upstream, backend="cpu", threads=None, detected=False):
     detected : differentiate the detector's expected signal E (see the module)
     Returns
     -------
-    dict name -> float (an array of the grid's shape for ``Fhkl``)
+    dict name -> float (an array of the grid's shape for ``Fhkl``, of the channels for
+    ``spectrum_weights``)
     """
     check_backend(backend)
     names = check_names(names)
@@ -103,11 +104,24 @@ def gradient(exp, names, upstream, backend="cpu", threads=None, detected=False):
             if exp.structure.Fhkl is None:
                 raise ParameterError("parameter 'Fhkl': the experiment has no structure-factor grid (no -hkl)")
             out[n] = raw.Fgrid.copy()
+        elif n == "spectrum_weights":
+            out[n] = spectrum_weights_gradient(model, raw)
         elif n in own:
             out[n] = own_grads[n]
         else:
             out[n] = raw.contract(input_tangent(model, n))
     return out
+
+
+def spectrum_weights_gradient(model, raw):
+    """dL/d(Beam.spectrum weights) from the adjoint's dL/d(source weights)."""
+    from .kernels.scene import field_slice
+    from .models.beam import spectrum_weight_jacobian
+    from .params import get_params
+    get_params(model.experiment, ["spectrum_weights"])          # (says so when there is no spectrum)
+    Jw, Jl = spectrum_weight_jacobian(model.experiment.beam, model.sources)
+    return (Jw.T @ raw.flat[field_slice(model.layout, "weights")]
+            + Jl.T @ raw.flat[field_slice(model.layout, "lambdas")])
 
 
 def jacobian(exp, names, backend="cpu", threads=None, return_image=False, detected=False):
@@ -202,8 +216,8 @@ def check_gradients(exp, names, upstream=None, steps=None, sweep=(1.0, 10 ** -0.
     ``upstream`` defaults to random weights w in [0.5, 1.5); ``steps`` maps names to the
     largest finite-difference step (user units; see :func:`default_step`), which is
     multiplied by each factor in ``sweep``.  Returns a :class:`GradientCheck`: print it
-    for a table, or ``.sweep_table()`` for every step.  ``Fhkl`` is checked on the three
-    grid entries with the largest gradients.
+    for a table, or ``.sweep_table()`` for every step.  ``Fhkl`` and ``spectrum_weights``
+    are checked on the three entries with the largest gradients.
     """
     names = check_names(names)
     check_backend(backend)
@@ -230,18 +244,19 @@ def check_gradients(exp, names, upstream=None, steps=None, sweep=(1.0, 10 ** -0.
         res.rows.append((label, a, best[1], best[2], best[0], trials))
 
     for n in names:
-        if n == "Fhkl":
-            grid = np.array(exp.structure.Fhkl)
+        if n in ("Fhkl", "spectrum_weights"):
+            grid = get_params(exp, [n])[n]
             g = grads[n]
             for flat in np.argsort(-np.abs(g).ravel())[:3]:
                 idx = np.unravel_index(flat, grid.shape)
 
-                def pm(h, idx=idx):
+                def pm(h, idx=idx, n=n):
                     gp, gm = grid.copy(), grid.copy()
                     gp[idx] += h
                     gm[idx] -= h
-                    return loss(set_params(exp, {"Fhkl": gp})), loss(set_params(exp, {"Fhkl": gm}))
-                row(f"Fhkl{[int(i) for i in idx]}", float(g[idx]), pm, 1e-2 * max(abs(grid[idx]), 1.0))
+                    return loss(set_params(exp, {n: gp})), loss(set_params(exp, {n: gm}))
+                h0 = 1e-2 * max(abs(grid[idx]), 1.0) if n == "Fhkl" else 1e-2 * abs(grid[idx])
+                row(f"{n}{[int(i) for i in idx]}", float(g[idx]), pm, h0 or 1e-3)
             continue
         v = get_params(exp, [n])[n]
 

@@ -166,6 +166,8 @@ class _State:
         self.imgfile = None
         self.maskfile = None
         self.sourcefile = None
+        self.spectrumfile = None
+        self.source_weights = False
         self.interpolate = 2
         self.shape = "square"
         self.fudge = 1.0
@@ -523,6 +525,8 @@ HANDLERS = [
     _H(("-hkl",), _ss("-hkl"), 1, _file("hklfile")),
     # nbragg's own (not nanoBragg.c's): matched exactly, never by substring
     _H(("-expt",), _eq("-expt"), 1, _file("exptfile")),
+    _H(("-spectrum",), _eq("-spectrum"), 1, _file("spectrumfile")),
+    _H(("-source_weights",), _eq("-source_weights"), 0, _flag("source_weights")),
     _H(("-expt_index",), _eq("-expt_index"), 1, _set("expt_index", kind="i")),
     _H(("-expt_image",), _eq("-expt_image"), 1, _set("expt_image", kind="i")),
     _H(("-mtz",), _eq("-mtz"), 1, _file("mtzfile")),
@@ -780,6 +784,10 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
     if st.sourcefile is not None:
         from .io.sourcefile import read_sourcefile
         sources = read_sourcefile(_path(st.sourcefile, cwd))
+    spectrum = None
+    if st.spectrumfile is not None:
+        from .io.spectrum import read_spectrum
+        spectrum = read_spectrum(_path(st.spectrumfile, cwd))
     if st.stolfile is not None:
         from .io._text import read_text
         read_text(_path(st.stolfile, cwd), "stol")
@@ -791,7 +799,7 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
     try:
         # records built in this order, so that the first bad value reported is the same
         detector = _detector_record(st, fpixels, spixels, mask_img)
-        beam = _beam_record(st, sources)
+        beam = _beam_record(st, sources, spectrum)
         crystal = _crystal_record(st, crystal_kw, Na, Nb, Nc, fudge)
         sampling = _sampling_record(st)
         exp = Experiment(beam=beam, detector=detector, crystal=crystal, structure=structure, sampling=sampling)
@@ -1146,7 +1154,7 @@ def _detector_record(st, fpixels, spixels, mask_img):
     )
 
 
-def _beam_record(st, sources):
+def _beam_record(st, sources, spectrum=None):
     """The Beam record (A, photons/m^2, mrad, percent) of the parsed SI values."""
     return Beam(
         wavelength=st.lambda0 * 1e10, fluence=st.fluence, polarization=st.polarization,
@@ -1160,7 +1168,7 @@ def _beam_record(st, sources):
         round_div=st.round_div,
         dispersion=st.dispersion * 100.0,
         disp_steps=None if st.dispsteps <= 0 else st.dispsteps,
-        sources=sources,
+        sources=sources, spectrum=spectrum, source_weights=st.source_weights,
     )
 
 
@@ -1194,7 +1202,7 @@ _FIELD_FLAGS = {
     "Beam.wavelength": "-lambda", "Beam.fluence": "-fluence", "Crystal.cell": "-cell",
     "Crystal.fudge": "-fudge", "Crystal.misset": "-misset",
     "Detector.thickness": "-detector_thick", "Detector.absorption_depth": "-detector_abs",
-    "Sampling.dmin": "-dmin",
+    "Sampling.dmin": "-dmin", "Beam.spectrum": "-spectrum",
     **{f"Detector.{v}": f"-{v}" for v in ("fdet_vector", "sdet_vector", "odet_vector", "beam_vector",
                                           "polar_vector", "spindle_axis", "twotheta_axis")},
 }

@@ -45,7 +45,13 @@ panel_rot_x[i] (y, z)     degrees: its rotation about its own fast (slow, normal
 group_shift_x[g] ...      the same for the group g of Detector.groups: its name when
 group_rot_z[g]            unique, or its path ("root", "root/0", "root/0/3": child
                           indices from the top); the group moves as one rigid body
+spectrum_shift            Angstrom added to every source wavelength (Beam.spectrum_shift)
+spectrum_scale            stretch of the wavelengths about their weighted mean
+eta_a eta_b eta_c         anisotropic mosaicity: the domains' rms rotation about the
+                          crystal's a, b and c axes (degrees; Crystal.mosaic_eta)
 Fhkl                      the structure-factor grid (an array of its shape)
+spectrum_weights          the weights of Beam.spectrum's channels (an array; they are
+                          normalised, so the gradient is orthogonal to them)
 ========================  ================================================================
 
 Where nanoBragg is not smooth -- the nearest-index rounding of the F lookup, the -dmin
@@ -85,12 +91,20 @@ _FIELDS = {
     "osc": ("crystal", "osc", None), "polar": ("beam", "polarization", None),
     "water": ("sampling", "water", None),
 }
-SCALAR_PARAMS = tuple(_FIELDS)       # the kernel's; then the response's and the materials'
+SCALAR_PARAMS = tuple(_FIELDS)       # nanoBragg's model; then nbragg's own terms', the response's...
+# the parameters of nbragg's own model terms (spectra, anisotropic mosaicity): every
+# experiment has nanoBragg's parameters, these are for the experiments that use the terms
+TERM_PARAMS = ("spectrum_shift", "spectrum_scale", "eta_a", "eta_b", "eta_c")
+_FIELDS.update({
+    "spectrum_shift": ("beam", "spectrum_shift", None), "spectrum_scale": ("beam", "spectrum_scale", None),
+    "eta_a": ("crystal", "mosaic_eta", 0), "eta_b": ("crystal", "mosaic_eta", 1),
+    "eta_c": ("crystal", "mosaic_eta", 2),
+})
 # the detector response's parameters (name -> Response field): they act after the kernel
 RESPONSE_PARAMS = {"psf_fwhm": "psf_fwhm", "gain": "gain", "response_scale": "scale", "adc": "adc"}
 _FIELDS.update({n: ("response", f, None) for n, f in RESPONSE_PARAMS.items()})
-ARRAY_PARAMS = ("Fhkl",)
-ALL_PARAMS = SCALAR_PARAMS + ARRAY_PARAMS
+ARRAY_PARAMS = ("Fhkl", "spectrum_weights")
+ALL_PARAMS = SCALAR_PARAMS + TERM_PARAMS + ARRAY_PARAMS
 # one parameter per background material i: name_<i> -> the Material field
 INDEXED_PARAMS = {"background_scale": "scale", "background_thickness": "thickness"}
 _INDEXED = re.compile(r"^(%s)_(\d+)$" % "|".join(INDEXED_PARAMS))
@@ -219,7 +233,7 @@ _STEP = 1e-150
 
 def check_names(names, allow_arrays=True):
     names = [names] if isinstance(names, str) else list(names)
-    allowed = ALL_PARAMS if allow_arrays else SCALAR_PARAMS
+    allowed = ALL_PARAMS if allow_arrays else SCALAR_PARAMS + TERM_PARAMS
     for n in names:
         if n not in allowed and indexed(n) is None and n not in RESPONSE_PARAMS and geometry(n) is None:
             listing = ", ".join(allowed + tuple(RESPONSE_PARAMS) + tuple(f"{b}_<i>" for b in INDEXED_PARAMS)
@@ -281,7 +295,7 @@ def _target(exp, name, value, pending=None):
             return rec, "orgx" if name == "beam_x" else "orgy", value / d.pixel_size + 0.5
         return rec, name, value
     if idx is not None:
-        t = list((pending or {}).get(rec, {}).get(fld, getattr(getattr(exp, rec), fld)))
+        t = list((pending or {}).get(rec, {}).get(fld, getattr(getattr(exp, rec), fld)) or (0.0, 0.0, 0.0))
         t[idx] = value
         value = tuple(t)
     return rec, fld, value
@@ -297,6 +311,9 @@ def get_params(exp, names):
                 raise ParameterError("parameter 'Fhkl': the experiment has no structure-factor grid (no -hkl)")
             out[n] = np.array(exp.structure.Fhkl)
             continue
+        if n == "spectrum_weights":
+            out[n] = np.array(_spectrum_of(exp)[1])
+            continue
         if indexed(n):
             i, fld = _material(exp, n)
             out[n] = float(getattr(exp.background[i], fld))
@@ -308,6 +325,7 @@ def get_params(exp, names):
             continue
         _check_response(exp, n)
         _check_one_panel(exp, n)
+        _check_wavelength(exp, n)
         rec, fld, idx = _FIELDS[n]
         if n in ("beam_x", "beam_y"):
             out[n] = float(beam_parameters_mm(exp.detector)[n == "beam_y"])
@@ -322,10 +340,24 @@ def get_params(exp, names):
             osc = resolve_phi(deg2rad(c.phi0), -1.0, -1.0 if c.phistep is None else deg2rad(c.phistep),
                               -1 if c.phisteps is None else c.phisteps)[1]
             out[n] = float(osc * RTD)
+        elif fld == "mosaic_eta" and exp.crystal.mosaic_eta is None:
+            out[n] = 0.0
         else:
             v = getattr(getattr(exp, rec), fld)
             out[n] = float((v[idx] if idx is not None else v) or 0.0)
     return out
+
+
+def _spectrum_of(exp):
+    if exp.beam.spectrum is None:
+        raise ParameterError("parameter 'spectrum_weights': the beam has no spectrum (Beam.spectrum is None)")
+    return exp.beam.spectrum
+
+
+def _check_wavelength(exp, name):
+    if name == "wavelength" and exp.beam.spectrum is not None:
+        raise ParameterError("parameter 'wavelength': the beam's wavelengths are those of its spectrum "
+                             "(Beam.spectrum); refine spectrum_shift or spectrum_scale instead")
 
 
 def set_params(exp, values):
@@ -343,12 +375,20 @@ def set_params(exp, values):
                 raise ParameterError(f"parameter 'Fhkl': shape {grid.shape}, expected {st.Fhkl.shape}")
             changes.setdefault("structure", {})["Fhkl"] = grid
             continue
+        if n == "spectrum_weights":
+            lam, w = _spectrum_of(exp)
+            w = np.asarray(v, dtype=float)
+            if w.shape != lam.shape:
+                raise ParameterError(f"parameter 'spectrum_weights': shape {w.shape}, expected {lam.shape}")
+            changes.setdefault("beam", {})["spectrum"] = (lam, w)
+            continue
         try:
             v = float(v)
         except (TypeError, ValueError):
             raise ParameterError(f"parameter {n!r}: value {v!r} is not a number") from None
         _check_response(exp, n)
         _check_one_panel(exp, n)
+        _check_wavelength(exp, n)
         if geometry(n):
             det = changes.get("detector_record", exp.detector)
             changes["detector_record"] = _with_node_value(det, *_geometry_node(exp, n), v)

@@ -60,7 +60,8 @@ METHODS = ("least_squares", "lbfgs")
 # one unit cell, no water...) has not been held back by its bounds
 PHYSICAL_LIMITS = {"Na": (1.0, np.inf), "Nb": (1.0, np.inf), "Nc": (1.0, np.inf), "Ncells": (1.0, np.inf),
                    "fluence": (0.0, np.inf),
-                   "mosaic_spread": (0.0, np.inf), "osc": (0.0, np.inf), "polar": (-1.0, 1.0),
+                   "mosaic_spread": (0.0, np.inf), "eta_a": (0.0, np.inf), "eta_b": (0.0, np.inf),
+                   "eta_c": (0.0, np.inf), "osc": (0.0, np.inf), "polar": (-1.0, 1.0),
                    "water": (0.0, np.inf), "background_scale": (0.0, np.inf),
                    "background_thickness": (0.0, np.inf), "response_scale": (0.0, np.inf)}
 # default bounds (user units) around the starting value v: physical limits, and no more
@@ -77,6 +78,9 @@ DEFAULT_BOUNDS = {
     "wavelength": lambda v: (0.9 * v, 1.1 * v),
     "distance": lambda v: (0.5 * v, 2.0 * v),
     "mosaic_spread": lambda v: (0.0, max(10.0 * v, 5.0)),
+    **{n: lambda v: (0.0, max(10.0 * v, 5.0)) for n in ("eta_a", "eta_b", "eta_c")},
+    # a stretch of the spectrum, and a shift of a few bandwidths at most
+    "spectrum_scale": lambda v: (0.1 * v, 10.0 * v),
 }
 
 

@@ -134,7 +134,7 @@ def _dataset_shots(spec_path, entry, base_dir, override):
     exps, obs = [], []
     for i in range(*frames):
         v = {n: float(values[n][i]) for n in names if n in values}
-        exps.append(frame_experiment(base, v, orientations[i]))
+        exps.append(frame_experiment(base, v, orientations[i], dspec, i))
         obs.append(FrameRef(path, i, images))
     return exps, obs
 

@@ -84,12 +84,26 @@ def frame_response(spec, values, index):
     return Response(**fields, bits=16 if spec.counts == "uint16" else 32, seed=seed), seed
 
 
-def frame_experiment(base, values, orientation):
+def frame_spectrum(spec, index, wavelength):
+    """Frame ``index``'s incident spectrum (wavelengths_A, weights) about ``wavelength``
+    (Angstrom), or None when the spec draws none -- deterministic."""
+    if not spec.spectrum:
+        return None
+    from ..spectrum import sase_spectrum
+    seed = int(np.random.SeedSequence([spec.seed, index, 5]).generate_state(1)[0])
+    return sase_spectrum(wavelength=wavelength, seed=seed, **spec.spectrum["sase"])
+
+
+def frame_experiment(base, values, orientation, spec=None, index=None):
     """The Experiment of one frame: the base with ``values`` set and ``orientation``
-    applied before the base orientation's misset."""
+    applied before the base orientation's misset; with the ``spec`` and the frame's
+    ``index``, also the frame's spectrum (:func:`frame_spectrum`)."""
     from ..params import set_params
     values = {n: v for n, v in (values or {}).items() if not n.startswith(RESPONSE_PREFIX)}
     exp = set_params(base, values) if values else base
+    spectrum = frame_spectrum(spec, index, exp.beam.wavelength) if spec is not None else None
+    if spectrum is not None:
+        exp = exp.replace(beam=exp.beam.replace(spectrum=spectrum))
     if orientation is not None and not np.allclose(orientation, np.eye(3)):
         U0 = np.eye(3) if exp.crystal.orientation is None else np.asarray(exp.crystal.orientation)
         exp = exp.replace(crystal=exp.crystal.replace(orientation=np.asarray(orientation) @ U0))
@@ -102,7 +116,7 @@ def simulate_frame(spec, index, threads=None, backend="cpu"):
     base = base_experiment(spec)
     values, orientation = frame_parameters(spec, base, index)
     try:
-        exp = frame_experiment(base, values, orientation)
+        exp = frame_experiment(base, values, orientation, spec, index)
     except NbraggError as exc:
         raise DatasetError(f"frame {index}: the drawn parameters make no valid experiment: {exc}") from None
     J = None
@@ -114,6 +128,8 @@ def simulate_frame(spec, index, threads=None, backend="cpu"):
         image = simulate(exp, backend=backend, threads=threads, warn=lambda m: None, precision=spec.precision).image
     out = {"params": np.array([values[n] for n in spec.varied_names()], dtype=np.float64),
            "orientation": orientation}
+    if spec.spectrum:
+        out["spectrum"] = np.column_stack(exp.beam.spectrum)
     if spec.float_out:
         out["photons"] = image.astype(np.float32)
     if spec.response:

@@ -13,6 +13,7 @@ from ..io.atomic import atomic_file, atomic_path
 from .frames import base_experiment, simulate_frame
 from ..labels import COLUMNS as REFLECTION_COLUMNS
 from .spec import COUNT_TYPES, DatasetError
+from ..spectrum import DEFAULT_CHANNELS as SASE_DEFAULT_CHANNELS
 
 
 
@@ -129,6 +130,11 @@ def assemble_shard(spec, output, k, kept=None):
                        "spot_mask": lg.create_dataset("spot_mask", (n, S, F), dtype=np.uint8, chunks=(1, S, F),
                                                       **comp)}
                 rows = []
+            spectra = None
+            if spec.spectrum:
+                channels = spec.spectrum["sase"].get("channels", SASE_DEFAULT_CHANNELS)
+                spectra = nb.create_dataset("spectrum", (n, channels, 2), dtype=np.float64)
+                spectra.attrs["columns"] = np.bytes_("wavelength_A weight")
             completed = nb.create_dataset("completed", (n,), dtype=np.uint8)
             for j, i in enumerate(frames):
                 with _frame_arrays(paths.frame(i), kept, i) as z:
@@ -141,6 +147,8 @@ def assemble_shard(spec, output, k, kept=None):
                     for q, nm in enumerate(names):
                         pars[nm][j] = z["params"][q]
                     ori[j] = z["orientation"]
+                    if spectra is not None:
+                        spectra[j] = z["spectrum"]
                     if jac is not None:
                         for q, nm in enumerate(spec.jacobian):
                             jac[nm][j] = z["jacobian"][q]
@@ -232,6 +240,10 @@ def write_master(spec, output):
             nb.create_virtual_dataset("orientation", vds((N, 3, 3), np.float64, "entry/nbragg/orientation"),
                                       fillvalue=np.nan)
             nb.create_virtual_dataset("completed", vds((N,), np.uint8, "entry/nbragg/completed"), fillvalue=0)
+            if spec.spectrum:
+                channels = spec.spectrum["sase"].get("channels", SASE_DEFAULT_CHANNELS)
+                nb.create_virtual_dataset("spectrum", vds((N, channels, 2), np.float64, "entry/nbragg/spectrum"),
+                                          fillvalue=np.nan)
             if spec.labels:
                 lg = nb.create_group("labels")
                 lg.create_virtual_dataset("reflection", vds((N, S, F), np.int32, "entry/nbragg/labels/reflection"),

@@ -37,6 +37,7 @@ class DatasetSpec:
     response: dict = field(default_factory=dict)
     background: list = field(default_factory=list)
     labels: bool = False
+    spectrum: dict = field(default_factory=dict)
 
     def canonical(self):
         """A JSON text that identifies the content the spec produces."""
@@ -51,6 +52,8 @@ class DatasetSpec:
             content["background"] = self.background
         if self.labels:
             content["labels"] = True
+        if self.spectrum:
+            content["spectrum"] = self.spectrum
         return json.dumps(content, sort_keys=True)
 
     def digest(self):
@@ -73,8 +76,8 @@ class DatasetSpec:
 
     def experiment_names(self):
         """The varied parameters of the experiment, in :mod:`nbragg.params` order."""
-        from ..params import SCALAR_PARAMS
-        return [n for n in SCALAR_PARAMS if n in self.vary]
+        from ..params import SCALAR_PARAMS, TERM_PARAMS
+        return [n for n in SCALAR_PARAMS + TERM_PARAMS if n in self.vary]
 
     def response_names(self):
         """The detector-response fields drawn per frame, as ``response_<field>``."""
@@ -137,7 +140,7 @@ def load_spec(source, base_dir=None):
     if not isinstance(raw, dict):
         _spec_error("expected a mapping at the top level")
     known = {"seed", "images", "shard_size", "base", "vary", "outputs", "compression", "precision", "response",
-             "background"}
+             "background", "spectrum"}
     for k in raw:
         if k not in known:
             _spec_error(f"unknown field {k!r} (known: {', '.join(sorted(known))})")
@@ -172,15 +175,16 @@ def load_spec(source, base_dir=None):
             _spec_error("vary.cell_jitter must be a number")
         for n in ("cell_a", "cell_b", "cell_c"):
             vary.setdefault(n, {"jitter": r})
-    from ..params import SCALAR_PARAMS
+    from ..params import SCALAR_PARAMS, TERM_PARAMS
+    parameters = SCALAR_PARAMS + TERM_PARAMS
     for name, dist in vary.items():
         if name == "orientation":
             if dist not in ("uniform", None, False):
                 _spec_error(f"vary.orientation = {dist!r}: only 'uniform' is known")
             continue
-        if name not in SCALAR_PARAMS:
+        if name not in parameters:
             _spec_error(f"vary.{name}: unknown parameter (choose from orientation, cell_jitter, "
-                        f"{', '.join(SCALAR_PARAMS)})")
+                        f"{', '.join(parameters)})")
         vary[name] = dist = _normalise_dist(name, dist)
         _check_dist(name, dist)
     outputs = raw.get("outputs") or {}
@@ -204,7 +208,7 @@ def load_spec(source, base_dir=None):
     if isinstance(jac, str):
         jac = [jac]
     for n in jac:
-        if n not in SCALAR_PARAMS:
+        if n not in parameters:
             _spec_error(f"outputs.jacobian: unknown parameter {n!r}")
     compression = raw.get("compression", "bitshuffle")
     if compression not in ("bitshuffle", "gzip", "none"):
@@ -214,9 +218,32 @@ def load_spec(source, base_dir=None):
         _spec_error(f"precision = {precision!r}: choose float64 or float32")
     response = _response_spec(raw.get("response"), counts)
     background = _background_spec(raw.get("background"), base_dir)
+    spectrum = _spectrum_spec(raw.get("spectrum"))
     return DatasetSpec(seed=seed, images=images, shard_size=shard_size, base=base, base_dir=base_dir, vary=vary,
                        float_out=float_out, counts=counts, jacobian=list(jac), compression=compression,
-                       precision=precision, response=response, background=background, labels=labels)
+                       precision=precision, response=response, background=background, labels=labels,
+                       spectrum=spectrum)
+
+
+SASE_FIELDS = {"bandwidth": float, "spikes": int, "channels": int, "span": float}
+
+
+def _spectrum_spec(raw):
+    """The spec's ``spectrum``: ``{sase: {bandwidth, spikes, channels, span}}``, a new
+    SASE-like spectrum per frame about the frame's wavelength (nbragg.sase_spectrum)."""
+    if raw in (None, {}):
+        return {}
+    if not isinstance(raw, dict) or list(raw) != ["sase"] or not isinstance(raw["sase"], (dict, type(None))):
+        _spec_error(f"spectrum = {raw!r}: expected {{sase: {{bandwidth: ..., spikes: ..., channels: ...}}}}")
+    out = {}
+    for k, v in (raw["sase"] or {}).items():
+        if k not in SASE_FIELDS:
+            _spec_error(f"spectrum.sase.{k}: unknown field (known: {', '.join(SASE_FIELDS)})")
+        kind = SASE_FIELDS[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v) or not v > 0:
+            _spec_error(f"spectrum.sase.{k} = {v!r}: a positive {'whole number' if kind is int else 'number'}")
+        out[k] = kind(v)
+    return {"sase": out}
 
 
 def _record_fields(where, entry, numbers, others):

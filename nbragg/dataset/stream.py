@@ -83,7 +83,7 @@ def _spec_from_stored(text):
                        vary=c["vary"], float_out=c["float"], counts=c["counts"], jacobian=list(c["jacobian"]),
                        compression=c["compression"], precision=c.get("precision", "float64"),
                        response=c.get("response") or {}, background=c.get("background") or [],
-                       labels=bool(c.get("labels", False)))
+                       labels=bool(c.get("labels", False)), spectrum=c.get("spectrum") or {})
 
 
 def _spec_images(spec):

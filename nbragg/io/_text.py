@@ -1,6 +1,7 @@
 """Helpers shared by the file readers."""
 
 import math
+import re
 
 from ..errors import InputFileError
 
@@ -39,3 +40,21 @@ def parse_float(token, where):
     if not math.isfinite(value):
         raise InputFileError(f"{where}: {token!r} is not a finite number")
     return value
+
+
+def numeric_rows(path, what, separators, columns):
+    """(where, values) for each data line of a text table of numbers: fields split on
+    runs of the characters ``separators``, blank and ``#`` lines skipped.  ``columns``
+    names the columns ("X Y Z weight lambda"): a line with more fields is an error that
+    names the file and line, as is a field that is not a finite number."""
+    split = re.compile("[" + re.escape(separators) + "]+")
+    most = len(columns.split())
+    for lineno, line in enumerate(read_text(path, what).splitlines(), start=1):
+        stripped = line.strip(separators + "\r\n")
+        if not stripped or stripped.startswith("#"):
+            continue
+        fields = [f for f in split.split(stripped) if f]
+        where = f"{what} file {path!r} line {lineno}"
+        if len(fields) > most:
+            raise InputFileError(f"{where}: expected at most {most} columns ({columns}), found {len(fields)}")
+        yield where, [parse_float(tok, where) for tok in fields]

@@ -3,34 +3,22 @@
 X Y Z is the position of the source relative to the sample (any length; only the
 direction is used; missing values default to ``-source_distance`` times the beam
 vector), lambda is in metres (missing: the run's wavelength).  nanoBragg.c reads but
-ignores the weight: every source counts equally, and so does nbragg.  Fields may be
+ignores the weight: every source counts equally, and so does nbragg unless
+``-source_weights`` (Beam.source_weights) is given.  Fields may be
 separated by blanks, tabs, or ``, ; : !``.  Blank lines and ``#`` comment lines are
 skipped.
 """
 
-import re
-
 import numpy as np
 
 from ..errors import InputFileError
-from ._text import parse_float, read_text
-
-_SPLIT = re.compile(r"[ \t,;:!]+")
+from ._text import numeric_rows
 
 
 def read_sourcefile(path):
     """Return an (n, 5) array X Y Z weight lambda_m with NaN for missing columns."""
-    text = read_text(path, "source")
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip(" \t,;:!\r\n")
-        if not stripped or stripped.startswith("#"):
-            continue
-        fields = [f for f in _SPLIT.split(stripped) if f]
-        where = f"source file {path!r} line {lineno}"
-        if len(fields) > 5:
-            raise InputFileError(f"{where}: expected at most 5 columns (X Y Z weight lambda), found {len(fields)}")
-        values = [parse_float(tok, where) for tok in fields]
+    for where, values in numeric_rows(path, "source", " \t,;:!", "X Y Z weight lambda"):
         row = values + [np.nan] * (5 - len(values))
         if len(values) > 4 and values[4] <= 0:
             raise InputFileError(f"{where}: wavelength {values[4]:g} m is not positive")

@@ -53,12 +53,52 @@ def _raw(value, divisor=1.0):
     return -1.0 if value is None else value / divisor
 
 
-def _weights(beam, listing):
+def _weights(beam, listing, channels):
     """Each source's weight in the sum: 1 (nanoBragg.c), or with ``Beam.source_weights``
-    the source file's weight column (nonBragg.c), 1 for the points of a divergence grid."""
+    the source file's weight column (nonBragg.c), 1 for the points of a divergence grid;
+    with a spectrum, its channel's normalised weight times the number of channels (the
+    image is divided by the number of sources, so it is the weighted mean over channels)."""
+    if beam.spectrum is not None:
+        w = np.asarray(beam.spectrum[1])
+        return (len(w) * w / np.sum(w))[channels]
     if not beam.source_weights or beam.sources is None:
         return np.ones(len(listing))
     return np.array([w for (_, _, _, w, _) in listing])
+
+
+def spectrum_weight_jacobian(beam, sources):
+    """(d(source weights), d(source wavelengths)) / d(Beam.spectrum weights): two (n
+    sources, n channels) arrays.  The wavelengths move with the weights through the
+    weighted mean that Beam.spectrum_scale stretches about."""
+    lam0 = np.asarray(beam.spectrum[0], dtype=float) / 1e10
+    w = np.asarray(beam.spectrum[1], dtype=float)
+    n, total = len(w), float(np.sum(w))
+    rows = np.arange(len(sources.channels))
+    Jw = np.zeros((len(rows), n))
+    Jw[rows, sources.channels] = n / total
+    Jw -= (n * w / total ** 2)[sources.channels][:, None]
+    mean = np.sum(lam0 * w) / total
+    dmean = (lam0 - mean) / total
+    Jl = np.broadcast_to((1.0 - beam.spectrum_scale) * dmean, (len(rows), n)).copy()
+    return Jw, Jl
+
+
+def _shifted_and_scaled(beam, lam, weights):
+    """Source wavelengths after Beam.spectrum_scale (about their weighted mean) and
+    Beam.spectrum_shift; unchanged at the defaults (bit for bit)."""
+    scale, shift = beam.spectrum_scale, beam.spectrum_shift
+    if scale != 1.0:
+        w = np.real(weights)
+        mean = np.sum(lam * w) / np.sum(w) if np.sum(w) > 0 else np.mean(lam)
+        lam = mean + scale * (lam - mean)
+    if shift != 0.0:
+        lam = lam + shift / 1e10
+    bad = np.flatnonzero(~(np.real(lam) > 0))
+    if bad.size:
+        raise ParameterError(f"source {bad[0] + 1}: wavelength {np.real(lam[bad[0]]) * 1e10:g} A after "
+                             f"Beam.spectrum_scale = {np.real(scale):g} and spectrum_shift = {np.real(shift):g} A "
+                             f"is not positive")
+    return lam
 
 
 @dataclass
@@ -76,6 +116,7 @@ class Sources:
     disp: tuple
     from_file: bool
     listing: list = field(default_factory=list)       # (X, Y, Z, weight, lambda) as given
+    channels: np.ndarray = None                       # each source's spectrum channel (0 without one)
     divergence_offsets: list = field(default_factory=list)
     lambdas: list = field(default_factory=list)
 
@@ -99,6 +140,9 @@ def resolve_sources(beam, beam_vector, polar_vector):
     listing = []
     offsets = []
     lambdas = [lambda0 * (1.0 + dispstep * t - dispersion / 2.0) for t in range(dispsteps)]
+    if beam.spectrum is not None:
+        lambdas = [x / 1e10 for x in beam.spectrum[0]]
+    channel_of = []
     if beam.sources is not None:
         raw = np.array(beam.sources, dtype=float)
         pos = []
@@ -140,7 +184,8 @@ def resolve_sources(beam, beam_vector, polar_vector):
                     vec = -source_distance * np.asarray(beam_vector, dtype=float)
                     vec = rotate_axis(vec, polar_vector, v)
                     vec = rotate_axis(vec, vert, h)
-                    for lam_t in lambdas:
+                    for c, lam_t in enumerate(lambdas):
+                        channel_of.append(c)
                         listing.append((vec[0], vec[1], vec[2], 0.0, lam_t))
                         pos.append(tuple(vec))
                         lam.append(lam_t)
@@ -161,8 +206,12 @@ def resolve_sources(beam, beam_vector, polar_vector):
         if mag == 0.0:
             raise ParameterError(f"source {i + 1} lies at the sample (X Y Z = 0 0 0): its direction is undefined")
         dirs[i] = u
+    channels = np.array(channel_of if channel_of else [0] * len(listing), dtype=np.int64)
+    weights = _weights(beam, listing, channels)
+    wavelengths = _shifted_and_scaled(beam, np.array(lam), weights)
     return Sources(
-        directions=dirs, wavelengths=np.array(lam), weights=_weights(beam, listing), divsteps=divsteps,
-        dispsteps=dispsteps, hdiv=hdiv, vdiv=vdiv, disp=disp, from_file=beam.sources is not None,
-        listing=listing, divergence_offsets=offsets, lambdas=lambdas,
+        directions=dirs, wavelengths=wavelengths, weights=weights, divsteps=divsteps,
+        dispsteps=len(lambdas) if beam.spectrum is not None else dispsteps, hdiv=hdiv, vdiv=vdiv, disp=disp,
+        from_file=beam.sources is not None, listing=listing, divergence_offsets=offsets, lambdas=lambdas,
+        channels=channels,
     )

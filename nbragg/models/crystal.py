@@ -158,6 +158,42 @@ class CrystalModel:
     volume: float               # Angstrom^3
 
 
+def rotation_vector_matrix(r):
+    """The rotation by the vector r (angle |r| about r / |r|), Rodrigues' formula, written
+    for the complex step too (a series where the angle is small)."""
+    r = [scalar(x) for x in r]
+    t2 = r[0] * r[0] + r[1] * r[1] + r[2] * r[2]
+    if abs(t2) < 1e-6:
+        A = 1.0 - t2 / 6.0 + t2 * t2 / 120.0 - t2 * t2 * t2 / 5040.0
+        B = 0.5 - t2 / 24.0 + t2 * t2 / 720.0 - t2 * t2 * t2 / 40320.0
+    else:
+        t = sqrt(t2)
+        A = sin(t) / t
+        B = (1.0 - cos(t)) / t2
+    K = np.array([[0.0, -r[2], r[1]], [r[2], 0.0, -r[0]], [-r[1], r[0], 0.0]], dtype=np.result_type(*r, float))
+    return np.eye(3) + A * K + B * (K @ K)
+
+
+def anisotropic_draws(domains, seed):
+    """(domains, 3) N(0, 1) draws for the anisotropic mosaic: pairs z, -z (and one 0 when
+    the count is odd), so the domains' mean rotation is none."""
+    half = domains // 2
+    z = np.random.default_rng(seed).standard_normal((half, 3))
+    return np.concatenate([z, -z] + ([np.zeros((1, 3))] if domains % 2 else []))
+
+
+def anisotropic_umats(real0, eta_rad, domains, seed):
+    """Each domain's rotation for ``Crystal.mosaic_eta`` (radians), in the laboratory frame
+    of the unrotated crystal ``real0`` (rows a, b, c)."""
+    axes = [real0[k] / sqrt(dot(real0[k], real0[k])) for k in range(3)]
+    z = anisotropic_draws(domains, seed)
+    out = []
+    for i in range(domains):
+        r = sum(eta_rad[k] * z[i, k] * axes[k] for k in range(3))
+        out.append(rotation_vector_matrix(r))
+    return np.array(out)
+
+
 def resolve_crystal(crystal, spindle, warn=None):
     B = cell_vectors(crystal.cell)
     U0 = np.eye(3) if crystal.orientation is None else np.asarray(crystal.orientation, dtype=float)
@@ -184,25 +220,44 @@ def resolve_crystal(crystal, spindle, warn=None):
             f"{phistep * RTD:g} degrees (-phistep, Crystal.phistep) gives {phisteps} phi steps, so there is "
             f"nothing to simulate; give an oscillation larger than 0, a number of steps "
             f"(-phisteps, Crystal.phisteps), or no phi step")
-    spread, domains = resolve_mosaic(
-        -1.0 if crystal.mosaic_spread is None else deg2rad(crystal.mosaic_spread),
-        -1 if crystal.mosaic_domains is None else crystal.mosaic_domains, warn=warn)
+    anisotropic = crystal.mosaic_eta is not None
+    if not anisotropic:
+        spread, domains = resolve_mosaic(
+            -1.0 if crystal.mosaic_spread is None else deg2rad(crystal.mosaic_spread),
+            -1 if crystal.mosaic_domains is None else crystal.mosaic_domains, warn=warn)
 
-    gen = NRGenerator()
-    idum = gen.seed_cell(-crystal.mosaic_seed)
-    umats = np.empty((domains, 3, 3), dtype=np.result_type(spread, float))
-    axes = np.zeros((domains, 3))
-    angles = np.zeros(domains, dtype=umats.dtype)
-    shrinks = np.zeros(domains)
-    for i in range(domains):
-        u, axis, rot, shrink = mosaic_rotation_umat(spread, idum, gen)
-        if i == 0:   # nanoBragg forces the first domain to be unrotated
-            u, rot, shrink = np.eye(3), 0.0, 0.0
-        umats[i], axes[i], angles[i], shrinks[i] = u, axis, rot, shrink
+    if anisotropic:
+        # domains rotated about the crystal's axes, before the spindle rotation
+        domains = crystal.mosaic_domains or 10
+        eta = [deg2rad(x) for x in crystal.mosaic_eta]
+        umats = anisotropic_umats(real0, eta, domains, crystal.mosaic_seed)
+        axes = np.zeros((domains, 3))
+        angles = np.zeros(domains)
+        shrinks = np.zeros(domains)
+        spread = 0.0
+    else:
+        gen = NRGenerator()
+        idum = gen.seed_cell(-crystal.mosaic_seed)
+        umats = np.empty((domains, 3, 3), dtype=np.result_type(spread, float))
+        axes = np.zeros((domains, 3))
+        angles = np.zeros(domains, dtype=umats.dtype)
+        shrinks = np.zeros(domains)
+        for i in range(domains):
+            u, axis, rot, shrink = mosaic_rotation_umat(spread, idum, gen)
+            if i == 0:   # nanoBragg forces the first domain to be unrotated
+                u, rot, shrink = np.eye(3), 0.0, 0.0
+            umats[i], axes[i], angles[i], shrinks[i] = u, axis, rot, shrink
 
     phis = np.array([phi0 + phistep * t for t in range(phisteps)])
     orient = np.empty((phisteps * domains, 3, 3), dtype=np.result_type(real0, umats, phis))
+    domain_vectors = [real0 @ umats[m].T for m in range(domains)] if anisotropic else None
     for p, phi in enumerate(phis):
+        if anisotropic:
+            for m in range(domains):
+                v = domain_vectors[m]
+                orient[p * domains + m] = (np.array([rotate_axis(x, spindle, phi) for x in v]) if phi != 0.0
+                                           else v)
+            continue
         if phi != 0.0:
             rotated = np.array([rotate_axis(v, spindle, phi) for v in real0])
         else:
