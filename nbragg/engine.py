@@ -34,7 +34,8 @@ from .units import AVOGADRO, R_E_SQR, WATER_F, WATER_MW
 
 log = logging.getLogger("nbragg")
 
-_SHAPE_CODES = {"square": physics.SQUARE, "round": physics.ROUND, "gauss": physics.GAUSS, "tophat": physics.TOPHAT}
+_SHAPE_CODES = {"square": physics.SQUARE, "round": physics.ROUND, "gauss": physics.GAUSS, "tophat": physics.TOPHAT,
+                "gauss_domain": physics.DOMAIN}
 
 
 @dataclass
@@ -144,7 +145,8 @@ def kernel_inputs(exp, det, panels, src, cry, oversample, steps):
         close_distance=per_panel("close_distance"), thickstep=per_panel("thickstep"), mu=per_panel("mu"),
         beam=det.beam, polar_axis=det.polar, kahn=exp.beam.polarization, sources=src.directions,
         lambdas=src.wavelengths, weights=src.weights,
-        orients=cry.orientations, recip=cry.recip0, Na=cry.Na, Nb=cry.Nb, Nc=cry.Nc, fudge=cry.fudge,
+        orients=cry.orientations, recip=cry.recip0, Na=cry.Na, Nb=cry.Nb, Nc=cry.Nc, N_ab=exp.crystal.N_ab,
+        N_ac=exp.crystal.N_ac, N_bc=exp.crystal.N_bc, fudge=cry.fudge,
         default_F=exp.structure.default_F,
         I_bg=WATER_F * WATER_F * R_E_SQR * fluence * water * water * water * 1e6 * AVOGADRO / WATER_MW,
         bg_amount=np.array([m.scale * molecules(m) * cry.mosaic_domains * cry.phisteps for m in exp.background]),
@@ -258,7 +260,8 @@ def build_model(exp, warn=None, panels=None):
         xtal=Crystal(
             orients=_owned(u["orients"], np.float64),
             recip=_owned(u["recip"], np.float64), Na=float(u["Na"]), Nb=float(u["Nb"]),
-            Nc=float(u["Nc"]), fudge=float(u["fudge"]), shape=int(_SHAPE_CODES[cry.shape])),
+            Nc=float(u["Nc"]), N_ab=float(u["N_ab"]), N_ac=float(u["N_ac"]), N_bc=float(u["N_bc"]),
+            fudge=float(u["fudge"]), shape=int(_SHAPE_CODES[cry.shape])),
         fhkl=Structure(
             grid=_owned(st.grid, np.float64), hkl_min=np.array(st.hkl_min, dtype=np.int64),
             hkl_max=np.array(st.hkl_max, dtype=np.int64), has_hkls=bool(st.hkls > 0),

@@ -33,7 +33,7 @@ from .errors import ParameterError
 from .units import DEFAULT_FLUENCE, HC_EV_ANGSTROM
 
 CONVENTIONS = ("mosflm", "denzo", "adxv", "xds", "dials", "custom")
-SHAPES = ("square", "round", "gauss", "tophat")
+SHAPES = ("square", "round", "gauss", "tophat", "gauss_domain")
 
 
 def _finite(obj, name, value, positive=False, nonneg=False, allow_none=False):
@@ -574,7 +574,12 @@ class Crystal(_Record):
     misset : rotations about x, then y, then z, degrees (``-misset``).
     orientation : optional 3x3 rotation applied before the misset (set from ``-mat``).
     Na, Nb, Nc : unit cells along a, b, c (floats; values below 1 count as 1).
-    shape : square (parallelepiped, default), round, gauss or tophat; fudge : shape factor.
+    shape : square (parallelepiped, default), round, gauss or tophat (nanoBragg's), or
+        gauss_domain: a Gaussian domain of the symmetric size matrix N (cells; Na Nb Nc on
+        its diagonal, N_ab N_ac N_bc off it), F_latt = det(N) exp(-|N dhkl|^2 / 0.63 fudge)
+        on the fractional offset dhkl from the nearest node; fudge : shape factor.
+    N_ab, N_ac, N_bc : the gauss_domain size matrix's off-diagonal terms (cells; 0 unless
+        the shape is gauss_domain; N must be positive definite).
     mosaic_spread : degrees; mosaic_domains : count; mosaic_seed : as ``-mosaic_seed``.
     mosaic_eta : optional (eta_a, eta_b, eta_c), degrees: anisotropic mosaicity instead of
         nanoBragg's isotropic spread.  Each domain is rotated by the rotation vector
@@ -592,6 +597,9 @@ class Crystal(_Record):
     Na: float = 1.0
     Nb: float = 1.0
     Nc: float = 1.0
+    N_ab: float = 0.0
+    N_ac: float = 0.0
+    N_bc: float = 0.0
     shape: str = "square"
     fudge: float = 1.0
     mosaic_spread: Optional[float] = None
@@ -639,6 +647,18 @@ class Crystal(_Record):
         if shape not in SHAPES:
             raise ParameterError(f"Crystal.shape = {self.shape!r}; expected one of {', '.join(SHAPES)}")
         self._set("shape", shape)
+        for name in ("N_ab", "N_ac", "N_bc"):
+            _finite(n, name, getattr(self, name))
+            self._set(name, float(getattr(self, name)))
+            if getattr(self, name) != 0.0 and shape != "gauss_domain":
+                raise ParameterError(f"Crystal.{name} = {getattr(self, name)!r}: off-diagonal domain sizes belong "
+                                     f"to shape 'gauss_domain' (Crystal.shape = {shape!r})")
+        if shape == "gauss_domain":
+            N = np.array([[self.Na, self.N_ab, self.N_ac], [self.N_ab, self.Nb, self.N_bc],
+                          [self.N_ac, self.N_bc, self.Nc]])
+            if not np.all(np.linalg.eigvalsh(N) > 0):
+                raise ParameterError(f"Crystal domain size matrix [[Na N_ab N_ac] [N_ab Nb N_bc] [N_ac N_bc Nc]] = "
+                                     f"{N.tolist()} is not positive definite")
         _finite(n, "fudge", self.fudge)
         _finite(n, "mosaic_spread", self.mosaic_spread, allow_none=True)
         self._set("mosaic_domains", _int(n, "mosaic_domains", self.mosaic_domains))

@@ -526,6 +526,7 @@ HANDLERS = [
     # nbragg's own (not nanoBragg.c's): matched exactly, never by substring
     _H(("-expt",), _eq("-expt"), 1, _file("exptfile")),
     _H(("-spectrum",), _eq("-spectrum"), 1, _file("spectrumfile")),
+    _H(("-gauss_domain",), _eq("-gauss_domain"), 0, _shape("gauss_domain")),
     _H(("-source_weights",), _eq("-source_weights"), 0, _flag("source_weights")),
     _H(("-expt_index",), _eq("-expt_index"), 1, _set("expt_index", kind="i")),
     _H(("-expt_image",), _eq("-expt_image"), 1, _set("expt_image", kind="i")),

@@ -11,8 +11,10 @@ import numpy as np
 from .units import RTD
 
 # the words nanoBragg prints for each spot shape, and the short names in its settings
-_SHAPE_NAMES = {"square": "parallelpiped", "round": "ellipsoidal", "gauss": "gaussian", "tophat": "tophat-spot"}
-_SHAPE_KEYS = {"square": "parallelpiped", "round": "ellipsoidal", "gauss": "gaussian", "tophat": "tophat"}
+_SHAPE_NAMES = {"square": "parallelpiped", "round": "ellipsoidal", "gauss": "gaussian", "tophat": "tophat-spot",
+                "gauss_domain": "gaussian domain"}
+_SHAPE_KEYS = {"square": "parallelpiped", "round": "ellipsoidal", "gauss": "gaussian", "tophat": "tophat",
+               "gauss_domain": "gaussian_domain"}
 
 
 def _g(x):

@@ -107,6 +107,10 @@ def lattice(h, k, l, model):
     if c.shape == "round":
         hrad = (d[..., 0] * Na) ** 2 + (d[..., 1] * Nb) ** 2 + (d[..., 2] * Nc) ** 2
         return Na * Nb * Nc * 0.723601254558268 * sinc3_reference(np.pi * np.sqrt(hrad * c.fudge))
+    if c.shape == "gauss_domain":
+        x = model.experiment.crystal
+        N = np.array([[Na, x.N_ab, x.N_ac], [x.N_ab, Nb, x.N_bc], [x.N_ac, x.N_bc, Nc]])
+        return np.linalg.det(N) * np.exp(-((d @ N) ** 2).sum(axis=-1) / 0.63 * c.fudge)
     dq = d @ c.recip0
     rad = (dq ** 2).sum(axis=-1) * (Na * Nb * Nc) ** 2
     if c.shape == "gauss":

@@ -299,3 +299,90 @@ def test_cuda_equals_cpu_for_spectra_and_anisotropic_mosaic():
     for n in names:
         np.testing.assert_allclose(b[n], a[n], rtol=1e-12, atol=1e-12 * np.max(np.abs(a[n])))
 
+
+# ----------------------------------------------------------------------------- domain shape
+
+def _domain(extra="", **kw):
+    exp = _exp("-gauss_domain -N 8 " + extra)
+    sizes = dict(N_ab=1.5, N_ac=-1.0, N_bc=2.0)
+    sizes.update(kw)
+    return exp.replace(crystal=exp.crystal.replace(**sizes))
+
+
+@pytest.mark.parametrize("extra", ["", "-oversample 2 -fudge 1.3", "-mosaic 0.3 -mosaic_dom 3"])
+def test_gauss_domain_against_the_reference(extra):
+    exp = _domain(extra)
+    model = build_model(exp, **QUIET)
+    image = _image(exp)
+    ref = reference_image(model)
+    assert image.max() > 0
+    assert np.abs(image - ref).max() <= 1e-12 * ref.max()
+
+
+def test_gauss_domain_peak_is_the_number_of_cells():
+    """At a node the lattice factor is det N; without off-diagonal terms, Na Nb Nc."""
+    from nbragg.kernels.physics import DOMAIN, lattice_factor
+    xt = build_model(_domain(), **QUIET).scene.xtal
+    assert xt.shape == DOMAIN
+    N = np.array([[8, 1.5, -1.0], [1.5, 8, 2.0], [-1.0, 2.0, 8]])
+    assert lattice_factor(3.0, -2.0, 5.0, 3, -2, 5, xt) == pytest.approx(np.linalg.det(N), rel=1e-14)
+    plain = build_model(_domain(N_ab=0.0, N_ac=0.0, N_bc=0.0), **QUIET).scene.xtal
+    assert lattice_factor(1.0, 1.0, 1.0, 1, 1, 1, plain) == 512.0
+
+
+@pytest.mark.parametrize("extra", ["", "-oversample 2 -mosaic 0.3 -mosaic_dom 3"])
+def test_gauss_domain_gradients_match_central_differences(extra):
+    exp = _domain(extra)
+    names = ["N_ab", "N_ac", "N_bc", "Na", "Nb", "Nc", "cell_b", "misset_x"]
+    check = nbragg.check_gradients(exp, names, steps={n: 0.01 for n in names[:6]})
+    assert check.max_error < 1e-6, check.table()
+    J = nbragg.jacobian(exp, names)
+    u = np.random.default_rng(7).uniform(0.5, 1.5, (24, 24))
+    g = nbragg.gradient(exp, names, u)
+    size = np.abs(J).T @ u.ravel()
+    for p, n in enumerate(names):
+        assert abs(J[:, p] @ u.ravel() - g[n]) <= 1e-12 * size[p], n
+
+
+def test_gauss_domain_errors():
+    with pytest.raises(ParameterError, match="gauss_domain"):
+        nbragg.Crystal(N_ab=1.0)
+    with pytest.raises(ParameterError, match="positive definite"):
+        nbragg.Crystal(shape="gauss_domain", Na=2, Nb=2, Nc=2, N_ab=3.0)
+    with pytest.raises(ParameterError, match="positive definite"):
+        set_params(_domain(), {"N_bc": 9.0})
+
+
+def test_refinement_recovers_a_domain_size_matrix():
+    """A Poisson still of a Gaussian domain with off-diagonal sizes: Na Nb Nc N_ab N_ac N_bc
+    refined from a start 20 % (diagonal) and 1 cell (off-diagonal) off come back within 3
+    reported standard uncertainties."""
+    base = nbragg.Experiment.from_nanobragg_args(
+        ("-cell 60 70 80 90 90 90 -default_F 100 -distance 40 -detpixels 96 -pixel 0.3 -lambda 1.0 "
+         "-misset 10 5 3 -oversample 1 -gauss_domain -fluence 1e28").split(), **QUIET)
+    true = dict(Na=12.0, Nb=10.0, Nc=14.0, N_ab=2.0, N_ac=-1.5, N_bc=3.0)
+    truth = base.replace(crystal=base.crystal.replace(**true))
+    obs = np.random.default_rng(5).poisson(_image(truth)).astype(float)
+    start = set_params(truth, dict(Na=14.4, Nb=8.0, Nc=11.2, N_ab=1.0, N_ac=-0.5, N_bc=2.0))
+    fit = nbragg.refine(start, obs, list(true), loss="poisson")
+    for n, v in true.items():
+        assert abs(fit.values[n] - v) <= 3 * fit.uncertainties[n], fit.table()
+        assert fit.uncertainties[n] < 0.05 * abs(v), fit.table()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed")
+@pytest.mark.filterwarnings("ignore:overflow encountered in scalar add:RuntimeWarning")
+def test_cuda_equals_cpu_for_the_gauss_domain():
+    exp = _domain().replace(detector=_domain().detector.replace(roi=(9, 14, 9, 14)))
+    cpu = _image(exp)
+    gpu = _image(exp, backend="cuda")
+    assert cpu.max() > 0
+    assert np.abs(gpu - cpu).max() <= 1e-12 * cpu.max()
+    u = np.random.default_rng(3).uniform(0.5, 1.5, cpu.shape)
+    names = ["N_ab", "N_ac", "N_bc", "Nb"]
+    a = nbragg.gradient(exp, names, u)
+    b = nbragg.gradient(exp, names, u, backend="cuda")
+    J = nbragg.jacobian(exp, names, backend="cuda")
+    for p, n in enumerate(names):
+        assert b[n] == pytest.approx(a[n], rel=1e-12)
+        assert J[:, p] @ u.ravel() == pytest.approx(a[n], rel=1e-11)

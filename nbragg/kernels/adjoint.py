@@ -24,7 +24,7 @@ from numba import njit, prange
 from .cpu import clipped_roi, fast_path, term
 from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
                       orientations_soa, scattering, signed_square, soa_hkl, solid_angle)
-from .derivs import (LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
+from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
                      capture_partials, direction_vjp, lattice_grad, omega_partials, position_vjp, square_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Scene
@@ -387,6 +387,9 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
             if shape != SQUARE:
                 for j in range(9):
                     g[L.recip + j] += gL * lp[7 + j]
+                g[L.N_ab] += gL * lp[LP_NAB]
+                g[L.N_ac] += gL * lp[LP_NAC]
+                g[L.N_bc] += gL * lp[LP_NBC]
             for j in range(nidx):
                 add_F(gF, g, fidx[j], gFc * fw[j])
             g[L.default_F] += gFc * Fdef

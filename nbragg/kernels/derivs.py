@@ -11,12 +11,14 @@ import math
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
-from .physics import (GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, axis_lattice_grad,
+from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, axis_lattice_grad,
                       flat_grid_index, grid_extent, lagrange4, lagrange4_grad, real, sinc3_grad, sincg_grad, soa_miller,
-                      square_lattice_sq)
+                      square_lattice_sq, domain_cells, domain_offset)
 
-# lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9)
-LP_SIZE = 16
+# lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
+# dL/dN_ab dN_ac dN_bc (the Gaussian domain's off-diagonal terms)
+LP_NAB, LP_NAC, LP_NBC = 16, 17, 18
+LP_SIZE = 19
 
 
 @njit(cache=True, error_model="numpy")
@@ -66,6 +68,26 @@ def lattice_grad(h, k, l, h0, k0, l0, xt, out):
         out[4] = L / Nb + dL_dhrad * 2.0 * dk * dk * Nb
         out[5] = L / Nc + dL_dhrad * 2.0 * dl * dl * Nc
         out[6] = P * ROUND_SCALE * fpx * math.pi * math.pi * hrad / 2.0
+        return L
+    if shape == DOMAIN:
+        ab = xt.N_ab
+        ac = xt.N_ac
+        bc = xt.N_bc
+        x, y, z = domain_offset(dh, dk, dl, xt)
+        rad = x * x + y * y + z * z
+        E = math.exp(-(rad / GAUSS_WIDTH * fudge))
+        L = domain_cells(xt) * E
+        c = -2.0 * L * fudge / GAUSS_WIDTH      # 2 dL/drad
+        out[0] = c * (Na * x + ab * y + ac * z)
+        out[1] = c * (ab * x + Nb * y + bc * z)
+        out[2] = c * (ac * x + bc * y + Nc * z)
+        out[3] = E * (Nb * Nc - bc * bc) + c * x * dh
+        out[4] = E * (Na * Nc - ac * ac) + c * y * dk
+        out[5] = E * (Na * Nb - ab * ab) + c * z * dl
+        out[6] = -L * rad / GAUSS_WIDTH
+        out[LP_NAB] = 2.0 * E * (bc * ac - Nc * ab) + c * (x * dk + y * dh)
+        out[LP_NAC] = 2.0 * E * (ab * bc - Nb * ac) + c * (x * dl + z * dh)
+        out[LP_NBC] = 2.0 * E * (ab * ac - Na * bc) + c * (y * dl + z * dk)
         return L
     dx = dh * recip[0, 0] + dk * recip[1, 0] + dl * recip[2, 0]
     dy = dh * recip[0, 1] + dk * recip[1, 1] + dl * recip[2, 1]

@@ -49,6 +49,7 @@ SQUARE = 0
 ROUND = 1
 GAUSS = 2
 TOPHAT = 3
+DOMAIN = 4     # nbragg's Gaussian domain of a full size matrix (Crystal.shape "gauss_domain")
 
 ROUND_SCALE = 0.723601254558268  # sqrt of the cube/sphere volume ratio (nanoBragg)
 GAUSS_WIDTH = 0.63
@@ -489,6 +490,21 @@ def lookup_F(h, k, l, h0, k0, l0, fs):
     return fs.default_F
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def domain_offset(dh, dk, dl, xt):
+    """N (dh, dk, dl) for the domain's symmetric size matrix N (Na Nb Nc on its diagonal,
+    N_ab N_ac N_bc off it): the fractional offset from the node in units of the spot."""
+    return (xt.Na * dh + xt.N_ab * dk + xt.N_ac * dl, xt.N_ab * dh + xt.Nb * dk + xt.N_bc * dl,
+            xt.N_ac * dh + xt.N_bc * dk + xt.Nc * dl)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def domain_cells(xt):
+    """det N: the domain's number of unit cells (Na Nb Nc without off-diagonal terms)."""
+    return (xt.Na * xt.Nb * xt.Nc + 2.0 * xt.N_ab * xt.N_bc * xt.N_ac - xt.Na * xt.N_bc * xt.N_bc
+            - xt.Nb * xt.N_ac * xt.N_ac - xt.Nc * xt.N_ab * xt.N_ab)
+
+
 @njit(cache=True, error_model="numpy")
 def lattice_factor(h, k, l, h0, k0, l0, xt):
     """F_latt for one orientation sample (``xt``: the scene's Crystal block)."""
@@ -511,6 +527,9 @@ def lattice_factor(h, k, l, h0, k0, l0, xt):
     if shape == ROUND:
         hrad = dh * dh * Na * Na + dk * dk * Nb * Nb + dl * dl * Nc * Nc
         return Na * Nb * Nc * ROUND_SCALE * sinc3(PI * math.sqrt(hrad * xt.fudge))
+    if shape == DOMAIN:
+        x, y, z = domain_offset(dh, dk, dl, xt)
+        return domain_cells(xt) * math.exp(-((x * x + y * y + z * z) / GAUSS_WIDTH * xt.fudge))
     recip = xt.recip
     fudge = xt.fudge
     dx = dh * recip[0, 0] + dk * recip[1, 0] + dl * recip[2, 0]

@@ -70,8 +70,11 @@ class Crystal(NamedTuple):
     Na: float
     Nb: float
     Nc: float
+    N_ab: float               # the Gaussian domain's off-diagonal size terms (shape DOMAIN)
+    N_ac: float
+    N_bc: float
     fudge: float
-    shape: int                # physics.SQUARE, ROUND, GAUSS or TOPHAT
+    shape: int                # physics.SQUARE, ROUND, GAUSS, TOPHAT or DOMAIN
 
 
 class Structure(NamedTuple):
@@ -111,7 +114,7 @@ DIFF = (
     ("det", ("pix0", "fdet", "sdet", "odet", "pixel", "subpixel", "distance", "close_distance", "thickstep",
              "mu")),
     ("beam", ("beam", "polar_axis", "kahn", "sources", "lambdas", "weights")),
-    ("xtal", ("orients", "recip", "Na", "Nb", "Nc", "fudge")),
+    ("xtal", ("orients", "recip", "Na", "Nb", "Nc", "N_ab", "N_ac", "N_bc", "fudge")),
     ("fhkl", ("default_F",)),
     ("samp", ("I_bg", "bg_amount")),
 )

@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from .cpu import clipped_roi, fast_path, term
 from .physics import orientations_soa
-from .derivs import (LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
+from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
                      capture_partials, lattice_grad, omega_partials, square_partials)
 from .physics import (SQUARE, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
                       signed_square, sum_row)
@@ -450,6 +450,7 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
             if xt.shape != SQUARE:
                 for j in range(9):
                     dL += lp[7 + j] * d[p, L.recip + j]
+                dL += lp[LP_NAB] * d[p, L.N_ab] + lp[LP_NAC] * d[p, L.N_ac] + lp[LP_NBC] * d[p, L.N_bc]
             dF = Fh * dh + Fk * dk + Fl * dl + Fdef * d[p, L.default_F]
             dT = aL * dL + aF * dF + d[p, wi] * T0
             dI[p] = (dI[p] + dT) * m + (I + T) * dm[p]
