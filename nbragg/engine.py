@@ -147,7 +147,7 @@ def kernel_inputs(exp, det, panels, src, cry, oversample, steps):
         lambdas=src.wavelengths, weights=src.weights,
         orients=cry.orientations, recip=cry.recip0, Na=cry.Na, Nb=cry.Nb, Nc=cry.Nc, N_ab=exp.crystal.N_ab,
         N_ac=exp.crystal.N_ac, N_bc=exp.crystal.N_bc, fudge=cry.fudge,
-        default_F=exp.structure.default_F,
+        default_F=exp.structure.default_F, B=exp.structure.B_iso * 1e-20,
         I_bg=WATER_F * WATER_F * R_E_SQR * fluence * water * water * water * 1e6 * AVOGADRO / WATER_MW,
         bg_amount=np.array([m.scale * molecules(m) * cry.mosaic_domains * cry.phisteps for m in exp.background]),
         scale=R_E_SQR * fluence / steps,
@@ -265,7 +265,7 @@ def build_model(exp, warn=None, panels=None):
         fhkl=Structure(
             grid=_owned(st.grid, np.float64), hkl_min=np.array(st.hkl_min, dtype=np.int64),
             hkl_max=np.array(st.hkl_max, dtype=np.int64), has_hkls=bool(st.hkls > 0),
-            interpolate=bool(st.interpolate), default_F=float(u["default_F"])),
+            interpolate=bool(st.interpolate), default_F=float(u["default_F"]), B=float(u["B"])),
         samp=Sampling(
             os_omega=bool(s.oversample_omega), os_polar=bool(s.oversample_polar), os_thick=bool(s.oversample_thick),
             dmin=float(s.dmin * 1e-10), I_bg=float(u["I_bg"]), water=bool(s.water != 0.0),

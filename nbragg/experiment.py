@@ -689,6 +689,9 @@ class Structure(_Record):
         grid points the file did not list).
     interpolate : tricubic interpolation between grid points; None = automatic
         (on when any of Na, Nb, Nc is at most 2, as in nanoBragg.c).
+    B_iso : an overall isotropic B factor (Angstrom^2): every Bragg term's F^2 is
+        multiplied by exp(-2 B_iso (sin(theta)/lambda)^2), taken at the sample's scattering
+        vector (0: none, nanoBragg's model).  Refinable as ``B_iso``.
     """
 
     Fhkl: Optional[np.ndarray] = None
@@ -696,9 +699,12 @@ class Structure(_Record):
     hkl_count: Optional[int] = None
     default_F: float = 0.0
     interpolate: Optional[bool] = None
+    B_iso: float = 0.0
 
     def __post_init__(self):
         _finite("Structure", "default_F", self.default_F)
+        _finite("Structure", "B_iso", self.B_iso)
+        self._set("B_iso", float(self.B_iso))
         if self.Fhkl is not None:
             g = np.array(self.Fhkl, dtype=float)
             if g.ndim != 3 or g.size == 0:

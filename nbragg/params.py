@@ -51,6 +51,7 @@ eta_a eta_b eta_c         anisotropic mosaicity: the domains' rms rotation about
                           crystal's a, b and c axes (degrees; Crystal.mosaic_eta)
 N_ab N_ac N_bc            the off-diagonal terms of a gauss_domain crystal's size matrix
                           (unit cells)
+B_iso                     an overall B factor (Angstrom^2; Structure.B_iso)
 Fhkl                      the structure-factor grid (an array of its shape)
 spectrum_weights          the weights of Beam.spectrum's channels (an array; they are
                           normalised, so the gradient is orthogonal to them)
@@ -96,12 +97,13 @@ _FIELDS = {
 SCALAR_PARAMS = tuple(_FIELDS)       # nanoBragg's model; then nbragg's own terms', the response's...
 # the parameters of nbragg's own model terms (spectra, anisotropic mosaicity): every
 # experiment has nanoBragg's parameters, these are for the experiments that use the terms
-TERM_PARAMS = ("spectrum_shift", "spectrum_scale", "eta_a", "eta_b", "eta_c", "N_ab", "N_ac", "N_bc")
+TERM_PARAMS = ("spectrum_shift", "spectrum_scale", "eta_a", "eta_b", "eta_c", "N_ab", "N_ac", "N_bc", "B_iso")
 _FIELDS.update({
     "spectrum_shift": ("beam", "spectrum_shift", None), "spectrum_scale": ("beam", "spectrum_scale", None),
     "eta_a": ("crystal", "mosaic_eta", 0), "eta_b": ("crystal", "mosaic_eta", 1),
     "eta_c": ("crystal", "mosaic_eta", 2),
     "N_ab": ("crystal", "N_ab", None), "N_ac": ("crystal", "N_ac", None), "N_bc": ("crystal", "N_bc", None),
+    "B_iso": ("structure", "B_iso", None),
 })
 # the detector response's parameters (name -> Response field): they act after the kernel
 RESPONSE_PARAMS = {"psf_fwhm": "psf_fwhm", "gain": "gain", "response_scale": "scale", "adc": "adc"}

@@ -177,6 +177,8 @@ def _panel_image(model, det):
                     with np.errstate(divide="ignore"):
                         skip = (model.dmin > 0) & (stol > 0) & (model.dmin > 0.5 / np.where(stol > 0, stol, 1))
                     use = ~skip
+                    # the overall B factor: F^2 exp(-2 B (sin(theta)/lambda)^2), stol in 1/A
+                    dw = np.exp(-2.0 * exp.structure.B_iso * (stol * 1e-10) ** 2)
                     new_polar = polarization_reference(exp.beam.polarization, inc, d, polar_axis)
                     polar = np.where(use & ((polar == 0.0) | samp.oversample_polar), new_polar, polar)
                     for orient in model.crystal.orientations:
@@ -185,7 +187,7 @@ def _panel_image(model, det):
                         Fl = lattice(h, k, l, model)
                         Fc = structure_factor(h, k, l, model.structure)
                         add = use & ~((Fl == 0.0) & (not water))
-                        I = np.where(add, I + w * (Fc ** 2 * Fl ** 2), I)
+                        I = np.where(add, I + w * dw * (Fc ** 2 * Fl ** 2), I)
                         if samp.oversample_thick:
                             I = np.where(add, I * capture, I)
                         if samp.oversample_polar:
@@ -199,7 +201,10 @@ def _panel_image(model, det):
         value = value * polar
     if not samp.oversample_omega:
         value = value * omega
-    image = R_E_SQR * model.fluence * (value + bg) / model.steps
+    return _in_roi(model, det, fi, si, R_E_SQR * model.fluence * (value + bg) / model.steps)
+
+
+def _in_roi(model, det, fi, si, image):
     xmin, xmax, ymin, ymax = det.roi
     keep = (fi >= xmin) & (fi <= xmax) & (si >= ymin) & (si <= ymax)
     if det.mask is not None:

@@ -386,3 +386,81 @@ def test_cuda_equals_cpu_for_the_gauss_domain():
     for p, n in enumerate(names):
         assert b[n] == pytest.approx(a[n], rel=1e-12)
         assert J[:, p] @ u.ravel() == pytest.approx(a[n], rel=1e-11)
+
+
+# ----------------------------------------------------------------------------- B factor
+
+def _with_B(exp, B):
+    return exp.replace(structure=exp.structure.replace(B_iso=B))
+
+
+def test_b_factor_is_the_debye_waller_factor_per_pixel():
+    """One sample per pixel: the image with B is the image without it times
+    exp(-2 B (sin(theta)/lambda)^2) at each pixel's centre (closed form, numpy)."""
+    exp = _exp("-water 0")
+    model = build_model(exp, **QUIET)
+    plain = _image(exp)
+    with_b = _image(_with_B(exp, 25.0))
+    det = model.panels[0]
+    f, s = np.meshgrid(np.arange(24) + 0.5, np.arange(24) + 0.5)
+    P = det.pix0 + (f[..., None] * det.fdet + s[..., None] * det.sdet) * det.pixel
+    d = P / np.linalg.norm(P, axis=-1)[..., None]
+    two_theta = np.arccos(d @ -model.sources.directions[0])
+    stol = np.sin(two_theta / 2) / 1.0      # 1/A, lambda = 1 A
+    expected = plain * np.exp(-2 * 25.0 * stol ** 2)
+    assert plain.max() > 0
+    np.testing.assert_allclose(with_b, expected, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("extra", ["", "-round_xtal -oversample 2 -dispersion 2 -dispsteps 2",
+                                   "-oversample 2 -oversample_omega -oversample_polar"])
+def test_b_factor_against_the_reference(extra):
+    exp = _with_B(_exp(extra), 18.0)
+    model = build_model(exp, **QUIET)
+    image = _image(exp)
+    ref = reference_image(model)
+    assert image.max() > 0
+    assert np.abs(image - ref).max() <= 1e-12 * ref.max()
+
+
+@pytest.mark.parametrize("extra", ["", "-round_xtal -oversample 2 -dispersion 2 -dispsteps 2",
+                                   "-oversample 2 -oversample_omega -oversample_polar -water 0.05"])
+@pytest.mark.parametrize("B", [0.0, 18.0])
+def test_b_factor_gradients_match_central_differences(extra, B):
+    exp = _with_B(_exp(extra), B)
+    names = ["B_iso", "distance", "wavelength", "misset_x", "cell_b"]
+    check = nbragg.check_gradients(exp, names, steps={"B_iso": 0.5})
+    assert check.max_error < 1e-6, check.table()
+    J = nbragg.jacobian(exp, names)
+    u = np.random.default_rng(8).uniform(0.5, 1.5, (24, 24))
+    g = nbragg.gradient(exp, names, u)
+    size = np.abs(J).T @ u.ravel()
+    for p, n in enumerate(names):
+        assert abs(J[:, p] @ u.ravel() - g[n]) <= 1e-12 * size[p], n
+
+
+def test_b_factor_spectrum_and_domain_together_in_float32():
+    exp = _with_B(_with_spectrum(_domain(), [0.99, 1.02], [1.0, 2.0]), 15.0)
+    a = _image(exp)
+    b = _image(exp, precision="float32")
+    assert a.max() > 0
+    assert np.abs(a - b).max() <= 1e-4 * a.max()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed")
+@pytest.mark.filterwarnings("ignore:overflow encountered in scalar add:RuntimeWarning")
+def test_cuda_equals_cpu_with_a_b_factor():
+    small = _with_B(nbragg.Experiment.from_nanobragg_args(
+        (ARGS.replace("-detpixels 24", "-detpixels 6") + " -round_xtal").split(), **QUIET), 20.0)
+    cpu = _image(small)
+    gpu = _image(small, backend="cuda")
+    assert cpu.max() > 0
+    assert np.abs(gpu - cpu).max() <= 1e-12 * cpu.max()
+    u = np.random.default_rng(3).uniform(0.5, 1.5, cpu.shape)
+    names = ["B_iso", "distance", "wavelength"]
+    a = nbragg.gradient(small, names, u)
+    b = nbragg.gradient(small, names, u, backend="cuda")
+    J = nbragg.jacobian(small, names, backend="cuda")
+    for p, n in enumerate(names):
+        assert b[n] == pytest.approx(a[n], rel=1e-12)
+        assert J[:, p] @ u.ravel() == pytest.approx(a[n], rel=1e-11)

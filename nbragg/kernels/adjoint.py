@@ -25,10 +25,10 @@ from .cpu import clipped_roi, fast_path, term
 from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
                       orientations_soa, scattering, signed_square, soa_hkl, solid_angle)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
-                     capture_partials, direction_vjp, lattice_grad, omega_partials, position_vjp, square_partials)
+                     bragg_weight_vjp, capture_partials, direction_vjp, lattice_grad, omega_partials, position_vjp, square_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Scene
-from .physics import SQUARE, axis_lattice_grad, polarization_factor, polarization_grad, square_lattice_sq, sum_row
+from .physics import SQUARE, axis_lattice_grad, bragg_weight, polarization_factor, polarization_grad, square_lattice_sq, sum_row
 
 NCHUNKS = 64   # row chunks; the number depends on the problem only, never on the thread count
 CHUNK_GRID_BYTES = 4 * 2 ** 20   # memory for per-chunk structure-factor partials (at least)
@@ -353,7 +353,8 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
         t = su // nsub
         px, py, pz, R, dx, dy, dz = direction(fpixel, spixel, subF, subS, t, det, beam)
         ix, iy, iz, lam, qx, qy, qz = scattering(sources, lambdas, s, dx, dy, dz)
-        w = beam.weights[s]
+        w = bragg_weight(S, s, qx, qy, qz)
+        gw = 0.0          # dL/dw over the block's terms
         gqx = 0.0
         gqy = 0.0
         gqz = 0.0
@@ -369,7 +370,7 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
             F, Fh, Fk, Fl, nidx, Fdef = F_grad(h, k, l, h0, k0, l0, fs, fidx, fw)
             T0 = F * F * Lt * Lt
             T = w * T0
-            g[L.weights + s] += G * mpow * T0
+            gw += G * mpow * T0
             gT = G * mpow * w
             S_dm += (e + 1) * T * mpow_e
             mpow *= m
@@ -411,6 +412,10 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
                              gm * cap_b * om_b if os_polar else 0.0, fpixel, spixel, subF, subS, t, s, S, g, L,
                              pbuf)
                 G = G * m ** K
+        bx, by, bz = bragg_weight_vjp(S, s, qx, qy, qz, gw, g, L)
+        gqx += bx
+        gqy += by
+        gqz += bz
         # q = (d + src) / lambda
         if gqx != 0.0 or gqy != 0.0 or gqz != 0.0:
             gdx = gqx / lam
@@ -607,11 +612,14 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
                     ix, iy, iz, lam, qx, qy, qz = scattering(sources, lambdas, s, dx, dy, dz)
                     if not S.samp.bragg or beyond_dmin(qx, qy, qz, dmin):
                         continue
-                    w = beam.weights[s]
+                    w = bragg_weight(S, s, qx, qy, qz)
                     gqx, gqy, gqz, terms = square_adjoint(qx, qy, qz, ori, norient, S.xtal, S.fhkl, fflat, G * w, gor,
                                                           sc, ibuf, g, L, gF)
                     I += w * terms
-                    g[L.weights + s] += G * terms
+                    bx, by, bz = bragg_weight_vjp(S, s, qx, qy, qz, G * terms, g, L)
+                    gqx += bx
+                    gqy += by
+                    gqz += bz
                     gdx += gqx / lam
                     gdy += gqy / lam
                     gdz += gqz / lam

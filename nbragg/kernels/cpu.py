@@ -12,7 +12,7 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .physics import (REAL, SQUARE, flat_grid_index, grid_extent, lattice_factor, lookup_F, miller,
+from .physics import (REAL, SQUARE, bragg_weight, flat_grid_index, grid_extent, lattice_factor, lookup_F, miller,
                       orientations_soa, real, soa_miller, square_lattice_sq, sum_fixed)
 from .pixel import add_term, apply_final, specialise
 from .scene import Scene
@@ -55,7 +55,8 @@ def square_terms(qx, qy, qz, ori, xt, fs, fflat, buf, ibuf):
 @njit(cache=True, error_model="numpy", inline="always")
 def term(orients, o, qx, qy, qz, S, s):
     """One orientation's sample for source ``s``: (h, k, l, h0, k0, l0, F_latt, F_cell,
-    counted, T) with the term T = w_s F_cell^2 F_latt^2 (w_s the source's weight).
+    counted, T) with the term T = w F_cell^2 F_latt^2 (w the source's weight times the
+    Debye-Waller factor: physics.bragg_weight).
     nanoBragg skips the structure-factor lookup, and the term, where F_latt is 0 (unless
     there is water background): then F_cell and T are 0 and counted is False."""
     h, k, l, h0, k0, l0 = miller(orients, o, qx, qy, qz)
@@ -63,7 +64,7 @@ def term(orients, o, qx, qy, qz, S, s):
     if F_latt == 0.0 and not S.samp.water:
         return h, k, l, h0, k0, l0, F_latt, 0.0, False, 0.0
     F_cell = lookup_F(h, k, l, h0, k0, l0, S.fhkl)
-    return h, k, l, h0, k0, l0, F_latt, F_cell, True, S.beam.weights[s] * (F_cell * F_cell * F_latt * F_latt)
+    return h, k, l, h0, k0, l0, F_latt, F_cell, True, bragg_weight(S, s, qx, qy, qz) * (F_cell * F_cell * F_latt * F_latt)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -76,7 +77,7 @@ def _forward_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s,
     if W[0]:      # W = (fast, ori, fflat, buf, ibuf), read by index (see pixel.py)
         buf = W[3]
         square_terms(qx, qy, qz, W[1], xt, S.fhkl, W[2], buf, W[4])
-        return I + S.beam.weights[s] * sum_fixed(buf, norient)
+        return I + bragg_weight(S, s, qx, qy, qz) * sum_fixed(buf, norient)
     for m in range(norient):
         h, k, l, h0, k0, l0, F_latt, F_cell, counted, T = term(orients, m, qx, qy, qz, S, s)
         if counted:

@@ -11,7 +11,7 @@ import math
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
-from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, axis_lattice_grad,
+from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, debye_waller, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, axis_lattice_grad,
                       flat_grid_index, grid_extent, lagrange4, lagrange4_grad, real, sinc3_grad, sincg_grad, soa_miller,
                       square_lattice_sq, domain_cells, domain_offset)
 
@@ -19,6 +19,30 @@ from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TO
 # dL/dN_ab dN_ac dN_bc (the Gaussian domain's off-diagonal terms)
 LP_NAB, LP_NAC, LP_NBC = 16, 17, 18
 LP_SIZE = 19
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def bragg_weight_tangent(S, d, L, p, s, qx, qy, qz, dq):
+    """d(bragg_weight)/d(theta_p) along tangent direction p (``dq``: the q tangents)."""
+    w0 = S.beam.weights[s]
+    v = d[p, L.weights + s] - 0.5 * (qx * qx + qy * qy + qz * qz) * w0 * d[p, L.B]
+    if S.fhkl.B != 0.0:
+        v -= w0 * S.fhkl.B * (qx * dq[p, 0] + qy * dq[p, 1] + qz * dq[p, 2])
+    return debye_waller(S, qx, qy, qz) * v
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def bragg_weight_vjp(S, s, qx, qy, qz, gw, g, L):
+    """Pushes gw = dL/d(bragg_weight) to the source's weight and to B; returns its part of
+    dL/dq."""
+    DW = debye_waller(S, qx, qy, qz)
+    g[L.weights + s] += gw * DW
+    w = S.beam.weights[s] * DW
+    g[L.B] -= gw * w * 0.5 * (qx * qx + qy * qy + qz * qz)
+    if S.fhkl.B == 0.0:
+        return 0.0, 0.0, 0.0
+    c = -gw * w * S.fhkl.B
+    return c * qx, c * qy, c * qz
 
 
 @njit(cache=True, error_model="numpy")

@@ -603,6 +603,25 @@ def scattering(sources, lambdas, s, dx, dy, dz):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def debye_waller(S, qx, qy, qz):
+    """exp(-B |q|^2 / 2): the overall B factor's exp(-2 B (sin(theta)/lambda)^2) on a Bragg
+    term's F^2, at the sample's scattering vector (1 without a B factor)."""
+    if S.fhkl.B == 0.0:
+        return 1.0
+    return math.exp(-0.5 * S.fhkl.B * (qx * qx + qy * qy + qz * qz))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def bragg_weight(S, s, qx, qy, qz):
+    """What a Bragg term F_cell^2 F_latt^2 of source ``s`` is multiplied by: the source's
+    weight, times the Debye-Waller factor."""
+    w = S.beam.weights[s]
+    if S.fhkl.B != 0.0:
+        w = w * debye_waller(S, qx, qy, qz)
+    return w
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def soa_hkl(ori, m, qx, qy, qz):
     """Fractional (h, k, l) of orientation m of a (9, m8) orientation block."""
     return (ori[0, m] * qx + ori[1, m] * qy + ori[2, m] * qz,

@@ -84,6 +84,7 @@ class Structure(NamedTuple):
     has_hkls: bool
     interpolate: bool
     default_F: float
+    B: float                  # overall B factor (m^2; 0: none)
 
 
 class Sampling(NamedTuple):
@@ -115,7 +116,7 @@ DIFF = (
              "mu")),
     ("beam", ("beam", "polar_axis", "kahn", "sources", "lambdas", "weights")),
     ("xtal", ("orients", "recip", "Na", "Nb", "Nc", "N_ab", "N_ac", "N_bc", "fudge")),
-    ("fhkl", ("default_F",)),
+    ("fhkl", ("default_F", "B")),
     ("samp", ("I_bg", "bg_amount")),
 )
 FIELDS = tuple(f for _, names in DIFF for f in names) + ("scale",)

@@ -14,9 +14,9 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit, prange
 
 from .cpu import clipped_roi, fast_path, term
-from .physics import orientations_soa
+from .physics import bragg_weight, orientations_soa
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
-                     capture_partials, lattice_grad, omega_partials, square_partials)
+                     bragg_weight_tangent, capture_partials, lattice_grad, omega_partials, square_partials)
 from .physics import (SQUARE, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
                       signed_square, sum_row)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
@@ -29,15 +29,18 @@ T_SCRATCH = SQ_ROWS + 5
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def square_tangent(qx, qy, qz, ori, nreal, xt, fs, fflat, dq, d, L, has_dori, dI, sc, ibuf, w, wi):
-    """Tangents of one block's terms (parallelepiped, nearest F, no -oversample_* flags),
-    weighted by the source's weight ``w`` (at ``wi`` in the layout).
+def square_tangent(qx, qy, qz, ori, nreal, S, s, fflat, dq, d, L, has_dori, dI, sc, ibuf):
+    """Tangents of one block's terms (parallelepiped, nearest F, no -oversample_* flags)
+    of source ``s``, times the term's weight w (physics.bragg_weight).
 
     Adds d(w * sum of terms)/dtheta_p to dI[p] and returns w * the sum of terms.  The per-
     orientation work is done once (vectorised); each parameter then costs three dot
     products, plus one vectorised pass when it moves the orientations.
     """
     n = ori.shape[1]
+    xt = S.xtal
+    fs = S.fhkl
+    w = bragg_weight(S, s, qx, qy, qz)
     square_partials(qx, qy, qz, ori, nreal, xt, fs, fflat, sc, ibuf)
     # dT/d(default_F) per orientation: 2 F F_latt^2 where F is the default, else 0
     if fs.has_hkls:
@@ -100,7 +103,7 @@ def square_tangent(qx, qy, qz, ori, nreal, xt, fs, fflat, dq, d, L, has_dori, dI
                                      + sc[SQ_LK, m] * (b0[m] * qx + b1[m] * qy + b2[m] * qz)
                                      + sc[SQ_LL, m] * (c0[m] * qx + c1[m] * qy + c2[m] * qz))
                 v += sum_row(sc, _T_ORI, n)
-        dI[p] += w * v + d[p, wi] * T
+        dI[p] += w * v + bragg_weight_tangent(S, d, L, p, s, qx, qy, qz, dq) * T
     return w * T
 
 
@@ -406,8 +409,8 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
     lp = W[W_lp]
     npar = dI.shape[0]
     if W[W_fast]:
-        return I + square_tangent(qx, qy, qz, W[W_ori], norient, xt, fs, W[W_fflat], dq, d, L, W[W_has_dori], dI, W[W_sc],
-                                  W[W_ibuf], S.beam.weights[s], L.weights + s)
+        return I + square_tangent(qx, qy, qz, W[W_ori], norient, S, s, W[W_fflat], dq, d, L, W[W_has_dori], dI,
+                                  W[W_sc], W[W_ibuf])
     samp = S.samp
     os_thick = samp.os_thick
     os_polar = samp.os_polar
@@ -424,8 +427,7 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
             v += W[W_dom][p] * (capture if os_thick else 1.0) * (polar if os_polar else 1.0)
         dm[p] = v
     npad = L.npad
-    w = S.beam.weights[s]
-    wi = L.weights + s
+    w = bragg_weight(S, s, qx, qy, qz)
     for o in range(norient):
         # the value is the forward's term, bit for bit; the derivatives come from the _grad
         # twins, whose F_latt carries the sign that goes with their partials
@@ -452,7 +454,7 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
                     dL += lp[7 + j] * d[p, L.recip + j]
                 dL += lp[LP_NAB] * d[p, L.N_ab] + lp[LP_NAC] * d[p, L.N_ac] + lp[LP_NBC] * d[p, L.N_bc]
             dF = Fh * dh + Fk * dk + Fl * dl + Fdef * d[p, L.default_F]
-            dT = aL * dL + aF * dF + d[p, wi] * T0
+            dT = aL * dL + aF * dF + bragg_weight_tangent(S, d, L, p, s, qx, qy, qz, dq) * T0
             dI[p] = (dI[p] + dT) * m + (I + T) * dm[p]
         I = add_term(I, T, samp, capture, polar, omega)
     return I
