@@ -55,6 +55,7 @@ output      -floatfile F -intfile F -noisefile F -pgmfile F   -nonoise -nopgm   
             -adc offset   -seed n   -printout -printout_pixel f s   -noprogress
             -nxmx F (HDF5 NXmx file of the photons and geometry)
 nbragg      -threads n (CPU threads)   -device cpu|cuda   -precision float64|float32
+            -physical (solid angle, polarization, absorption per sample; water scaled once)
             -h / --help (this text)   --version
 
 Example: nbragg -cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 256

@@ -113,8 +113,9 @@ def resolve(exp, warn=None):
     """The set-up: detector, sources, crystal and structure resolved from an Experiment
     the way nanoBragg.c does.  Runs on real values, and on complex ones for the
     complex-step derivatives of the kernel inputs (params.py)."""
-    det = resolve_detector(exp.detector, warn=warn)
-    src = resolve_sources(exp.beam, det.beam, det.polar)
+    physical = exp.physics == "physical"
+    det = resolve_detector(exp.detector, warn=warn, physical=physical)
+    src = resolve_sources(exp.beam, det.beam, det.polar, honour_weights=physical)
     cry = resolve_crystal(exp.crystal, det.spindle, warn=warn)
     return det, src, cry
 
@@ -136,6 +137,8 @@ def kernel_inputs(exp, det, panels, src, cry, oversample, steps):
     values' complex steps."""
     fluence = exp.beam.fluence
     water = exp.sampling.water / 1e6
+    water_molecules = water * water * water * 1e6 * AVOGADRO / WATER_MW      # a cube of water, 1 g/cm^3
+    physical = exp.physics == "physical"
 
     def per_panel(name):
         return np.array([getattr(p, name) for p in panels])
@@ -148,8 +151,13 @@ def kernel_inputs(exp, det, panels, src, cry, oversample, steps):
         orients=cry.orientations, recip=cry.recip0, Na=cry.Na, Nb=cry.Nb, Nc=cry.Nc, N_ab=exp.crystal.N_ab,
         N_ac=exp.crystal.N_ac, N_bc=exp.crystal.N_bc, fudge=cry.fudge,
         default_F=exp.structure.default_F, B=exp.structure.B_iso * 1e-20,
-        I_bg=WATER_F * WATER_F * R_E_SQR * fluence * water * water * water * 1e6 * AVOGADRO / WATER_MW,
-        bg_amount=np.array([m.scale * molecules(m) * cry.mosaic_domains * cry.phisteps for m in exp.background]),
+        # nanoBragg's water starts the pixel's sum (and meets r_e^2 fluence twice); the
+        # physical mode's is an amorphous material of its own (engine.amorphous_tables)
+        I_bg=0.0 if physical else WATER_F * WATER_F * R_E_SQR * fluence * water * water * water * 1e6 * AVOGADRO
+        / WATER_MW,
+        bg_amount=np.array([m.scale * molecules(m) * cry.mosaic_domains * cry.phisteps for m in exp.background]
+                           + ([water_molecules * cry.mosaic_domains * cry.phisteps]
+                              if physical and exp.sampling.water != 0.0 else [])),
         scale=R_E_SQR * fluence / steps,
     )
 
@@ -170,14 +178,18 @@ def molecules(material):
     return density_and_molecules(material)[1]
 
 
-def amorphous_tables(background):
+def amorphous_tables(background, water=False):
     """(stol, F, start): the tables of the materials, concatenated (see
-    kernels.physics.amorphous_F)."""
+    kernels.physics.amorphous_F); with ``water``, then nanoBragg's water: F = 2.57 at every
+    sin(theta)/lambda (the physical mode's)."""
     xs, Fs, start = [], [], [0]
-    for m in background:
-        xs.append(m.parsed.stol_per_m)
-        Fs.append(m.parsed.F)
-        start.append(start[-1] + len(m.parsed.F))
+    tables = [(m.parsed.stol_per_m, m.parsed.F) for m in background]
+    if water:
+        tables.append((np.array([0.0, 1e30]), np.array([WATER_F, WATER_F])))
+    for x, F in tables:
+        xs.append(x)
+        Fs.append(F)
+        start.append(start[-1] + len(F))
     if not xs:
         return np.zeros(0), np.zeros(0), np.zeros(1, dtype=np.int64)
     return np.concatenate(xs), np.concatenate(Fs), np.array(start, dtype=np.int64)
@@ -223,7 +235,9 @@ def build_model(exp, warn=None, panels=None):
     s = exp.sampling
     # without a structure factor anywhere (an amorphous background alone) the Bragg blocks
     # are skipped, and the crystal's size sets no oversampling
-    bragg = bool(st.hkls > 0 or exp.structure.default_F != 0.0 or s.water != 0.0)
+    physical = exp.physics == "physical"
+    # (the physical mode's water is an amorphous term of its own)
+    bragg = bool(st.hkls > 0 or exp.structure.default_F != 0.0 or (s.water != 0.0 and not physical))
     if not bragg:
         rec = 1
     if s.oversample is None or s.oversample <= 0:
@@ -246,7 +260,7 @@ def build_model(exp, warn=None, panels=None):
     nsrc = len(src.wavelengths)
     steps = nsrc * cry.mosaic_domains * cry.phisteps * oversample * oversample
     u = kernel_inputs(exp, det, panel_list, src, cry, oversample, steps)
-    bg_stol, bg_F, bg_start = amorphous_tables(exp.background)
+    bg_stol, bg_F, bg_start = amorphous_tables(exp.background, water=physical and s.water != 0.0)
     for m in exp.background:
         for note in m.notes:
             _warn(note)
@@ -267,8 +281,12 @@ def build_model(exp, warn=None, panels=None):
             hkl_max=np.array(st.hkl_max, dtype=np.int64), has_hkls=bool(st.hkls > 0),
             interpolate=bool(st.interpolate), default_F=float(u["default_F"]), B=float(u["B"])),
         samp=Sampling(
-            os_omega=bool(s.oversample_omega), os_polar=bool(s.oversample_polar), os_thick=bool(s.oversample_thick),
-            dmin=float(s.dmin * 1e-10), I_bg=float(u["I_bg"]), water=bool(s.water != 0.0),
+            # the physical mode takes every factor at every sample (and multiplies the
+            # sample's terms by them: pixel.add_term)
+            os_omega=bool(s.oversample_omega or physical),
+            os_polar=bool(s.oversample_polar or (physical and not exp.beam.nopolar)),
+            os_thick=bool(s.oversample_thick or physical), physical=physical,
+            dmin=float(s.dmin * 1e-10), I_bg=float(u["I_bg"]), water=bool(s.water != 0.0 and not physical),
             bragg=bragg,
             bg_stol=bg_stol, bg_F=bg_F, bg_start=bg_start, bg_amount=_owned(u["bg_amount"], np.float64)),
     )

@@ -34,6 +34,7 @@ from .units import DEFAULT_FLUENCE, HC_EV_ANGSTROM
 
 CONVENTIONS = ("mosflm", "denzo", "adxv", "xds", "dials", "custom")
 SHAPES = ("square", "round", "gauss", "tophat", "gauss_domain")
+PHYSICS = ("nanobragg", "physical")
 
 
 def _finite(obj, name, value, positive=False, nonneg=False, allow_none=False):
@@ -187,7 +188,8 @@ class Beam(_Record):
         if self.spectrum is not None:
             lam, w = _spectrum(self.spectrum)
             if self.sources is not None:
-                raise ParameterError("Beam.spectrum and Beam.sources are both given: give the wavelengths in one of them")
+                raise ParameterError("Beam.spectrum and Beam.sources are both given: give the wavelengths in "
+                                     "one of them")
             given = [f for f, none in (("dispersion", 0.0), ("disp_step", 0.0), ("disp_steps", 1))
                      if getattr(self, f) is not None and getattr(self, f) > none]
             if given:
@@ -892,7 +894,15 @@ class Experiment(_Record):
     amorphous background (a list of :class:`Material`), and optionally the detector's
     response (``Result.detected`` then holds pixel values).  ``provenance`` records a
     file the experiment was read from (:func:`nbragg.io.dials.read_experiments`), so
-    that writing it back keeps what nbragg does not model; the simulation ignores it."""
+    that writing it back keeps what nbragg does not model; the simulation ignores it.
+
+    ``physics`` is ``"nanobragg"`` (nanoBragg.c's numbers, the default) or ``"physical"``:
+    the solid angle, polarization and sensor absorption of every sub-pixel and source
+    multiply that sample's terms (nanoBragg takes them once per pixel, or with
+    ``-oversample_*`` multiplies the running sum by them after every term), sensor layers
+    are thickness / layers apart (nanoBragg: thickness / (layers - 1)), the water
+    background is an amorphous term with these factors, scaled by r_e^2 fluence once
+    (nanoBragg: twice), and a source file's weights count."""
 
     beam: Beam = field(default_factory=Beam)
     detector: Detector = field(default_factory=Detector)
@@ -902,8 +912,11 @@ class Experiment(_Record):
     response: Optional[Response] = None
     background: Tuple[Material, ...] = ()
     provenance: Optional[object] = None
+    physics: str = "nanobragg"
 
     def __post_init__(self):
+        if self.physics not in PHYSICS:
+            raise ParameterError(f"Experiment.physics = {self.physics!r}; expected one of {', '.join(PHYSICS)}")
         bg = self.background
         if isinstance(bg, Material):
             bg = (bg,)

@@ -167,6 +167,7 @@ class _State:
         self.maskfile = None
         self.sourcefile = None
         self.spectrumfile = None
+        self.physics = "nanobragg"
         self.source_weights = False
         self.interpolate = 2
         self.shape = "square"
@@ -417,6 +418,10 @@ def _shape(name):
     return act
 
 
+def _set_physics(st, v, rd):
+    st.physics = "physical"
+
+
 def _mosaic_test(a):
     return ("-mosaic" in a and len(a) == 7) or "-mosaici" in a or "-mosaic_spr" in a
 
@@ -527,6 +532,7 @@ HANDLERS = [
     _H(("-expt",), _eq("-expt"), 1, _file("exptfile")),
     _H(("-spectrum",), _eq("-spectrum"), 1, _file("spectrumfile")),
     _H(("-gauss_domain",), _eq("-gauss_domain"), 0, _shape("gauss_domain")),
+    _H(("-physical",), _eq("-physical"), 0, _set_physics),
     _H(("-source_weights",), _eq("-source_weights"), 0, _flag("source_weights")),
     _H(("-expt_index",), _eq("-expt_index"), 1, _set("expt_index", kind="i")),
     _H(("-expt_image",), _eq("-expt_image"), 1, _set("expt_image", kind="i")),
@@ -803,7 +809,8 @@ def _finish(st, args, warnings, notes, warn, mask_img, cwd):
         beam = _beam_record(st, sources, spectrum)
         crystal = _crystal_record(st, crystal_kw, Na, Nb, Nc, fudge)
         sampling = _sampling_record(st)
-        exp = Experiment(beam=beam, detector=detector, crystal=crystal, structure=structure, sampling=sampling)
+        exp = Experiment(beam=beam, detector=detector, crystal=crystal, structure=structure, sampling=sampling,
+                         physics=st.physics)
     except ParameterError as exc:
         raise ArgumentError(_flagify(str(exc))) from None
     if st.exptfile is not None:

@@ -135,10 +135,16 @@ def _panel_image(model, det):
     os_ = model.oversample
     sub = det.pixel / os_
     fi, si = np.meshgrid(np.arange(F), np.arange(S))
-    water = model.water != 0.0
-    I = np.full((S, F), model.I_bg)
+    physical = exp.physics == "physical"
+    # nanoBragg's water starts the sum; the physical mode's is a per-sample amorphous term
+    water = model.water != 0.0 and not physical
+    I = np.full((S, F), 0.0 if physical else model.I_bg)
     bg = np.zeros((S, F))         # the amorphous background: factors taken per sample
     materials = [(amorphous_reference(m), amount_reference(m, model)) for m in exp.background]
+    if physical and model.water != 0.0:
+        molecules = model.water ** 3 * 1e6 * 6.02214179e23 / 18.0
+        materials.append((lambda stol: np.full(np.shape(stol), 2.57),
+                          molecules * model.crystal.mosaic_domains * model.crystal.phisteps))
     polar = np.full((S, F), 1.0 if exp.beam.nopolar else 0.0)
     omega = np.zeros((S, F))
     capture = np.zeros((S, F))
@@ -187,6 +193,13 @@ def _panel_image(model, det):
                         Fl = lattice(h, k, l, model)
                         Fc = structure_factor(h, k, l, model.structure)
                         add = use & ~((Fl == 0.0) & (not water))
+                        if physical:
+                            # each term times its own sample's factors
+                            factors = new_omega * (new_cap if det.thick != 0.0 else 1.0)
+                            if not exp.beam.nopolar:
+                                factors = factors * new_polar
+                            I = np.where(add, I + w * dw * (Fc ** 2 * Fl ** 2) * factors, I)
+                            continue
                         I = np.where(add, I + w * dw * (Fc ** 2 * Fl ** 2), I)
                         if samp.oversample_thick:
                             I = np.where(add, I * capture, I)
@@ -195,6 +208,8 @@ def _panel_image(model, det):
                         if samp.oversample_omega:
                             I = np.where(add, I * omega, I)
     value = I
+    if physical:
+        return _in_roi(model, det, fi, si, R_E_SQR * model.fluence * (value + bg) / model.steps)
     if not samp.oversample_thick:
         value = value * capture
     if not samp.oversample_polar:

@@ -24,11 +24,13 @@ from numba import njit, prange
 from .cpu import clipped_roi, fast_path, term
 from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
                       orientations_soa, scattering, signed_square, soa_hkl, solid_angle)
-from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
-                     bragg_weight_vjp, capture_partials, direction_vjp, lattice_grad, omega_partials, position_vjp, square_partials)
+from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
+                     SQ_ROWS, SQ_T, F_grad, bragg_weight_vjp, capture_partials, direction_vjp, lattice_grad,
+                     omega_partials, position_vjp, square_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Scene
-from .physics import SQUARE, axis_lattice_grad, bragg_weight, polarization_factor, polarization_grad, square_lattice_sq, sum_row
+from .physics import (SQUARE, axis_lattice_grad, bragg_weight, polarization_factor, polarization_grad,
+                      square_lattice_sq, sum_row)
 
 NCHUNKS = 64   # row chunks; the number depends on the problem only, never on the thread count
 CHUNK_GRID_BYTES = 4 * 2 ** 20   # memory for per-chunk structure-factor partials (at least)
@@ -312,6 +314,7 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
     os_omega = S.samp.os_omega
     os_polar = S.samp.os_polar
     os_thick = S.samp.os_thick
+    physical = S.samp.physical
     shape = xt.shape
     water = S.samp.water
     kahn = beam.kahn
@@ -372,9 +375,13 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
             T = w * T0
             gw += G * mpow * T0
             gT = G * mpow * w
-            S_dm += (e + 1) * T * mpow_e
-            mpow *= m
-            mpow_e *= m
+            if physical:
+                # each term times its own factors: T m, with no powers of m
+                S_dm += T
+            else:
+                S_dm += (e + 1) * T * mpow_e
+                mpow *= m
+                mpow_e *= m
             e += 1
             gL = gT * 2.0 * F * F * Lt
             gFc = gT * 2.0 * F * Lt * Lt
@@ -401,9 +408,10 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
         # the block's multiplier (only with -oversample_* flags)
         if m != 1.0 or os_thick or os_polar or os_omega:
             if K > 0:
-                gm = G * (K * blk_I[b] * m ** (K - 1) + S_dm)
+                gm = G * S_dm if physical else G * (K * blk_I[b] * m ** (K - 1) + S_dm)
                 # the factors of this block, recomputed where they were taken
-                cap_b = capture_fraction(t, dx, dy, dz, det) if os_thick else 1.0
+                sensor = det.thick != 0.0 or not physical
+                cap_b = capture_fraction(t, dx, dy, dz, det) if os_thick and sensor else 1.0
                 pol_b = 1.0
                 if os_polar:
                     pol_b = polarization_factor(kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2])
@@ -411,7 +419,8 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
                 _factors_vjp(gm * cap_b * pol_b if os_omega else 0.0, gm * pol_b * om_b if os_thick else 0.0,
                              gm * cap_b * om_b if os_polar else 0.0, fpixel, spixel, subF, subS, t, s, S, g, L,
                              pbuf)
-                G = G * m ** K
+                if not physical:
+                    G = G * m ** K
         bx, by, bz = bragg_weight_vjp(S, s, qx, qy, qz, gw, g, L)
         gqx += bx
         gqy += by

@@ -64,7 +64,8 @@ def term(orients, o, qx, qy, qz, S, s):
     if F_latt == 0.0 and not S.samp.water:
         return h, k, l, h0, k0, l0, F_latt, 0.0, False, 0.0
     F_cell = lookup_F(h, k, l, h0, k0, l0, S.fhkl)
-    return h, k, l, h0, k0, l0, F_latt, F_cell, True, bragg_weight(S, s, qx, qy, qz) * (F_cell * F_cell * F_latt * F_latt)
+    T = bragg_weight(S, s, qx, qy, qz) * (F_cell * F_cell * F_latt * F_latt)
+    return h, k, l, h0, k0, l0, F_latt, F_cell, True, T
 
 
 @njit(cache=True, error_model="numpy", inline="always")

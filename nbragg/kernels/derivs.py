@@ -11,9 +11,9 @@ import math
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
-from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, debye_waller, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, axis_lattice_grad,
-                      flat_grid_index, grid_extent, lagrange4, lagrange4_grad, real, sinc3_grad, sincg_grad, soa_miller,
-                      square_lattice_sq, domain_cells, domain_offset)
+from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, axis_lattice_grad,
+                      debye_waller, domain_cells, domain_offset, flat_grid_index, grid_extent, lagrange4,
+                      lagrange4_grad, real, sinc3_grad, sincg_grad, soa_miller, square_lattice_sq)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
 # dL/dN_ab dN_ac dN_bc (the Gaussian domain's off-diagonal terms)

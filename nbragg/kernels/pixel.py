@@ -72,6 +72,9 @@ def walk(fpixel, spixel, S, W):
     os_omega = samp.os_omega
     os_polar = samp.os_polar
     os_thick = samp.os_thick
+    # (nanoBragg takes -oversample_thick's capture fraction even without a sensor, where it
+    # is 0; the physical mode keeps 1 there)
+    sensor = det.thick != 0.0 or not samp.physical
     sources = beam.sources
     lambdas = beam.lambdas
     nsrc = sources.shape[0]
@@ -99,7 +102,7 @@ def walk(fpixel, spixel, S, W):
                     omega = solid_angle(R, det)
                     omega_taken(W, S, R, omega, sub)
                 omega_sum += omega
-                if capture == 0.0 or os_thick:
+                if capture == 0.0 or (os_thick and sensor):
                     capture = capture_fraction(t, dx, dy, dz, det)
                     capture_taken(W, S, t, dx, dy, dz, capture, sub)
                 if nbg > 0:
@@ -168,8 +171,11 @@ def _times_factors(I, samp, capture, polar, omega, oversampled):
 @njit(cache=True, error_model="numpy", inline="always")
 def add_term(I, T, samp, capture, polar, omega):
     """The running sum after a term: I + T, then with -oversample_* flags multiplied by
-    each oversampled factor in turn.  Every mode's value goes through here and
-    :func:`apply_final`, so forward, tangent and replay images agree bit for bit."""
+    each oversampled factor in turn; in the physical mode I + T times the sample's factors
+    (no compounding).  Every mode's value goes through here and :func:`apply_final`, so
+    forward, tangent and replay images agree bit for bit."""
+    if samp.physical:
+        return I + _times_factors(T, samp, capture, polar, omega, True)
     return _times_factors(I + T, samp, capture, polar, omega, True)
 
 

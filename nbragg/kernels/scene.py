@@ -91,6 +91,7 @@ class Sampling(NamedTuple):
     os_omega: bool            # -oversample_omega
     os_polar: bool            # -oversample_polar
     os_thick: bool            # -oversample_thick
+    physical: bool            # Experiment.physics "physical": the factors multiply each term, not the sum
     dmin: float               # m; 0 = no cut
     I_bg: float               # water background added to every pixel's sum
     water: bool

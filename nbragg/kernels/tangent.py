@@ -15,8 +15,8 @@ from numba import njit, prange
 
 from .cpu import clipped_roi, fast_path, term
 from .physics import bragg_weight, orientations_soa
-from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T, F_grad,
-                     bragg_weight_tangent, capture_partials, lattice_grad, omega_partials, square_partials)
+from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
+                     SQ_ROWS, SQ_T, F_grad, bragg_weight_tangent, capture_partials, lattice_grad, omega_partials, square_partials)
 from .physics import (SQUARE, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
                       signed_square, sum_row)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
@@ -455,7 +455,10 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
                 dL += lp[LP_NAB] * d[p, L.N_ab] + lp[LP_NAC] * d[p, L.N_ac] + lp[LP_NBC] * d[p, L.N_bc]
             dF = Fh * dh + Fk * dk + Fl * dl + Fdef * d[p, L.default_F]
             dT = aL * dL + aF * dF + bragg_weight_tangent(S, d, L, p, s, qx, qy, qz, dq) * T0
-            dI[p] = (dI[p] + dT) * m + (I + T) * dm[p]
+            if samp.physical:
+                dI[p] += dT * m + T * dm[p]
+            else:
+                dI[p] = (dI[p] + dT) * m + (I + T) * dm[p]
         I = add_term(I, T, samp, capture, polar, omega)
     return I
 

@@ -53,7 +53,7 @@ def _raw(value, divisor=1.0):
     return -1.0 if value is None else value / divisor
 
 
-def _weights(beam, listing, channels):
+def _weights(beam, listing, channels, honour=False):
     """Each source's weight in the sum: 1 (nanoBragg.c), or with ``Beam.source_weights``
     the source file's weight column (nonBragg.c), 1 for the points of a divergence grid;
     with a spectrum, its channel's normalised weight times the number of channels (the
@@ -61,7 +61,7 @@ def _weights(beam, listing, channels):
     if beam.spectrum is not None:
         w = np.asarray(beam.spectrum[1])
         return (len(w) * w / np.sum(w))[channels]
-    if not beam.source_weights or beam.sources is None:
+    if not (beam.source_weights or honour) or beam.sources is None:
         return np.ones(len(listing))
     return np.array([w for (_, _, _, w, _) in listing])
 
@@ -121,8 +121,9 @@ class Sources:
     lambdas: list = field(default_factory=list)
 
 
-def resolve_sources(beam, beam_vector, polar_vector):
-    """Build the source list from a :class:`~nbragg.experiment.Beam` and the beam axes."""
+def resolve_sources(beam, beam_vector, polar_vector, honour_weights=False):
+    """Build the source list from a :class:`~nbragg.experiment.Beam` and the beam axes
+    (``honour_weights``: a source file's weights count, as with Beam.source_weights)."""
     lambda0 = beam.wavelength / 1e10
     source_distance = beam.source_distance / 1000.0
     hdiv = resolve_steps(_raw(beam.hdiv_range, 1000.0), _raw(beam.hdiv_step, 1000.0), beam.hdiv_steps or -1)
@@ -207,7 +208,7 @@ def resolve_sources(beam, beam_vector, polar_vector):
             raise ParameterError(f"source {i + 1} lies at the sample (X Y Z = 0 0 0): its direction is undefined")
         dirs[i] = u
     channels = np.array(channel_of if channel_of else [0] * len(listing), dtype=np.int64)
-    weights = _weights(beam, listing, channels)
+    weights = _weights(beam, listing, channels, honour_weights)
     wavelengths = _shifted_and_scaled(beam, np.array(lam), weights)
     return Sources(
         directions=dirs, wavelengths=wavelengths, weights=weights, divsteps=divsteps,

@@ -99,8 +99,10 @@ def beam_parameters_mm(det):
             det.beam_y if det.beam_y is not None else default[1])
 
 
-def _resolve_thickness(det):
-    """nanoBragg's (thickness, thickstep, thicksteps) rules; returns SI values and mu."""
+def _resolve_thickness(det, physical=False):
+    """nanoBragg's (thickness, thickstep, thicksteps) rules; returns SI values and mu.
+    ``physical``: the layers divide the thickness (nanoBragg spaces a given number of
+    layers thickness / (layers - 1) apart, so they reach one layer deeper)."""
     thick = det.thickness * 1e-6
     step = -1.0 if det.thickstep is None else det.thickstep * 1e-6
     steps = -1 if det.thicksteps is None else det.thicksteps
@@ -110,7 +112,9 @@ def _resolve_thickness(det):
         mu = 0.0
     else:
         mu = 1.0 / (det.absorption_depth * 1e-6)
-    if steps <= 0:
+    if physical and thick > 0.0 and steps >= 1 and step <= 0.0:
+        step = thick / steps          # (nanoBragg makes one layer two)
+    elif steps <= 0:
         if thick < 0.0:
             if step <= 0.0:
                 steps, thick, step = 1, 0.0, 0.0
@@ -134,6 +138,8 @@ def _resolve_thickness(det):
                 if steps <= 1:
                     steps = 2
                 step = thick / (steps - 1)
+    if physical and thick > 0.0 and steps > 0:
+        step = thick / steps
     if thick > 0.0 and mu < 0.0:
         mu = 1.0 / thick
     if thick <= 0.0 or step <= 0.0 or steps <= 0:
@@ -141,8 +147,9 @@ def _resolve_thickness(det):
     return thick, step, steps, mu
 
 
-def resolve_detector(det, warn=None):
-    """Resolve a :class:`~nbragg.experiment.Detector` the way nanoBragg.c does."""
+def resolve_detector(det, warn=None, physical=False):
+    """Resolve a :class:`~nbragg.experiment.Detector` the way nanoBragg.c does (with
+    ``physical``, sensor layers as Experiment.physics "physical" places them)."""
     conv = det.convention
     pixel = det.pixel_size / 1000.0
     fpixels, spixels = det.fpixels, det.spixels
@@ -273,7 +280,7 @@ def resolve_detector(det, warn=None):
         roi = (0, fpixels, 0, spixels)
     else:
         roi = tuple(det.roi)
-    thick, thickstep, thicksteps, mu = _resolve_thickness(det)
+    thick, thickstep, thicksteps, mu = _resolve_thickness(det, physical)
     # (with Detector.panels this nominal panel only carries the beam, polarization and
     # spindle vectors: where it lies does not matter)
     if det.panels is None and (not (close_distance == close_distance) or close_distance == 0.0 and not det.curved):
