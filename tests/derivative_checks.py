@@ -1,0 +1,38 @@
+"""Checks shared by the tests of nbragg's own model terms: the CUDA backend (the
+simulator here) against the CPU, and the tangent kernel's J^T u against the adjoint."""
+
+import numpy as np
+import pytest
+
+import nbragg
+
+QUIET = dict(warn=lambda m: None)
+
+
+def assert_cuda_equals_cpu(exp, names, seed=3, jacobian=True):
+    """The image to 1e-12 of its maximum, and the gradients of ``names`` (and, with
+    ``jacobian``, the CUDA tangent kernel's J^T u) to 1e-12 (1e-11)."""
+    cpu = nbragg.simulate(exp, **QUIET).image
+    gpu = nbragg.simulate(exp, backend="cuda", **QUIET).image
+    assert cpu.max() > 0
+    assert np.abs(gpu - cpu).max() <= 1e-12 * cpu.max()
+    u = np.random.default_rng(seed).uniform(0.5, 1.5, cpu.shape)
+    a = nbragg.gradient(exp, names, u)
+    b = nbragg.gradient(exp, names, u, backend="cuda")
+    for n in names:
+        np.testing.assert_allclose(b[n], a[n], rtol=1e-12, atol=1e-12 * np.max(np.abs(a[n])))
+    if jacobian:
+        J = nbragg.jacobian(exp, names, backend="cuda")
+        for p, n in enumerate(names):
+            assert J[:, p] @ u.ravel() == pytest.approx(a[n], rel=1e-11)
+
+
+def assert_jacobian_matches_gradient(exp, names, seed):
+    """The tangent kernel's J^T u equals the adjoint's gradient to 1e-12 of sum |J| u."""
+    J = nbragg.jacobian(exp, names)
+    shape = nbragg.simulate(exp, **QUIET).image.shape
+    u = np.random.default_rng(seed).uniform(0.5, 1.5, shape)
+    g = nbragg.gradient(exp, names, u)
+    size = np.abs(J).T @ u.ravel()
+    for p, n in enumerate(names):
+        assert abs(J[:, p] @ u.ravel() - g[n]) <= 1e-12 * size[p], n
