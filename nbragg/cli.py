@@ -32,7 +32,7 @@ usage: nbragg [flags]       (nanoBragg.c's flags; the same files are written)
 crystal     -cell a b c al be ga | -mat FILE   -misset x y z | -misset random
             -N n  -Na -Nb -Nc n   -xtalsize mm   -round_xtal -square_xtal -gauss_xtal
             -tophat_spots   -fudge f   -mosaic deg -mosaic_dom n -mosaic_seed n
-            -gauss_domain (Gaussian domain of size matrix N: Crystal.N_ab N_ac N_bc)
+            -gauss_domain (Gaussian domain of size matrix N; N_ab N_ac N_bc from Python)
 structure   -hkl FILE   -default_F F   -interpolate -nointerpolate   -dmin A
             -mtz FILE | -sf_cif FILE  -column LABEL  -sf_dmin A   -model FILE -sf_dmin A  (need gemmi)
 beam        -lambda A | -energy eV   -fluence ph/m^2 | -flux ph/s -exposure s -beamsize mm

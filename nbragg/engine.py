@@ -151,6 +151,7 @@ def kernel_inputs(exp, det, panels, src, cry, oversample, steps):
         orients=cry.orientations, recip=cry.recip0, Na=cry.Na, Nb=cry.Nb, Nc=cry.Nc, N_ab=exp.crystal.N_ab,
         N_ac=exp.crystal.N_ac, N_bc=exp.crystal.N_bc, fudge=cry.fudge,
         default_F=exp.structure.default_F, B=exp.structure.B_iso * 1e-20,
+        beta=aniso_beta(exp.structure.U_aniso, cry.recip0),
         # nanoBragg's water starts the pixel's sum (and meets r_e^2 fluence twice); the
         # physical mode's is an amorphous material of its own (engine.amorphous_tables)
         I_bg=0.0 if physical else WATER_F * WATER_F * R_E_SQR * fluence * water * water * water * 1e6 * AVOGADRO
@@ -160,6 +161,16 @@ def kernel_inputs(exp, det, panels, src, cry, oversample, steps):
                               if physical and exp.sampling.water != 0.0 else [])),
         scale=R_E_SQR * fluence / steps,
     )
+
+
+def aniso_beta(U, recip):
+    """beta_ij = 2 pi^2 U_ij a*_i a*_j (CIF's U_ij, Angstrom^2; a*_i the reciprocal axes'
+    lengths, 1/Angstrom), as (b11, b22, b33, b12, b13, b23); zeros without U."""
+    if U is None:
+        return np.zeros(6)
+    lengths = np.sqrt((recip * recip).sum(axis=1))
+    pairs = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+    return np.array([2.0 * np.pi ** 2 * U[j] * lengths[a] * lengths[b] for j, (a, b) in enumerate(pairs)])
 
 
 def density_and_molecules(material):
@@ -279,7 +290,8 @@ def build_model(exp, warn=None, panels=None):
         fhkl=Structure(
             grid=_owned(st.grid, np.float64), hkl_min=np.array(st.hkl_min, dtype=np.int64),
             hkl_max=np.array(st.hkl_max, dtype=np.int64), has_hkls=bool(st.hkls > 0),
-            interpolate=bool(st.interpolate), default_F=float(u["default_F"]), B=float(u["B"])),
+            interpolate=bool(st.interpolate), default_F=float(u["default_F"]), B=float(u["B"]),
+            beta=_owned(u["beta"], np.float64), aniso=exp.structure.U_aniso is not None),
         samp=Sampling(
             # the physical mode takes every factor at every sample (and multiplies the
             # sample's terms by them: pixel.add_term)

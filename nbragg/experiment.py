@@ -578,7 +578,7 @@ class Crystal(_Record):
     Na, Nb, Nc : unit cells along a, b, c (floats; values below 1 count as 1).
     shape : square (parallelepiped, default), round, gauss or tophat (nanoBragg's), or
         gauss_domain: a Gaussian domain of the symmetric size matrix N (cells; Na Nb Nc on
-        its diagonal, N_ab N_ac N_bc off it), F_latt = det(N) exp(-|N dhkl|^2 / 0.63 fudge)
+        its diagonal, N_ab N_ac N_bc off it), F_latt = det(N) exp(-fudge |N dhkl|^2 / 0.63)
         on the fractional offset dhkl from the nearest node; fudge : shape factor.
     N_ab, N_ac, N_bc : the gauss_domain size matrix's off-diagonal terms (cells; 0 unless
         the shape is gauss_domain; N must be positive definite).
@@ -586,10 +586,14 @@ class Crystal(_Record):
     mosaic_eta : optional (eta_a, eta_b, eta_c), degrees: anisotropic mosaicity instead of
         nanoBragg's isotropic spread.  Each domain is rotated by the rotation vector
         eta_a z_a a^ + eta_b z_b b^ + eta_c z_c c^ (a^, b^, c^ the crystal's unit axes before
-        the spindle rotation; z drawn N(0, 1) from ``mosaic_seed``, the second half of the
-        domains the mirror images of the first), so eta_i is the rms rotation about axis i
-        and the image is smooth in each (refinable as eta_a, eta_b, eta_c).  Domains follow
-        the crystal through the spindle rotation; ``mosaic_domains`` defaults to 10.
+        the spindle rotation; z drawn N(0, 1) from ``mosaic_seed`` and whitened, so that
+        over the domains each component has rms 1 and no correlation; the second half of
+        the domains are the mirror images of the first).  So eta_i is the rms component of
+        the rotation vector along axis i (for an orthogonal cell, the rms rotation about
+        it), and the image is smooth in each (refinable as eta_a, eta_b, eta_c; it is even
+        in each, so a refinement must start from a value above 0).  Domains follow the
+        crystal through the spindle rotation; ``mosaic_domains`` defaults to 10 (at least
+        6).
     phi0, osc, phistep : degrees; phisteps : count (spindle rotation).
     """
 
@@ -673,6 +677,9 @@ class Crystal(_Record):
                 raise ParameterError(f"Crystal.mosaic_eta = {eta} and Crystal.mosaic_spread = "
                                      f"{self.mosaic_spread!r} are both given: choose anisotropic or isotropic "
                                      f"mosaicity")
+            if self.mosaic_domains is not None and self.mosaic_domains < 6:
+                raise ParameterError(f"Crystal.mosaic_domains = {self.mosaic_domains} with Crystal.mosaic_eta: "
+                                     f"anisotropic mosaicity needs at least 6 domains (3 mirror pairs)")
             self._set("mosaic_eta", eta)
         _finite(n, "phi0", self.phi0)
         _finite(n, "osc", self.osc, allow_none=True)
@@ -694,6 +701,10 @@ class Structure(_Record):
     B_iso : an overall isotropic B factor (Angstrom^2): every Bragg term's F^2 is
         multiplied by exp(-2 B_iso (sin(theta)/lambda)^2), taken at the sample's scattering
         vector (0: none, nanoBragg's model).  Refinable as ``B_iso``.
+    U_aniso : optional overall anisotropic displacements (U11, U22, U33, U12, U13, U23),
+        Angstrom^2, in CIF's convention: F is multiplied by
+        exp(-2 pi^2 sum_ij U_ij h_i h_j a*_i a*_j) at the fractional (h, k, l) of each
+        sample.  The matrix must be positive semi-definite.  Refinable as ``U_11 ... U_23``.
     """
 
     Fhkl: Optional[np.ndarray] = None
@@ -702,11 +713,25 @@ class Structure(_Record):
     default_F: float = 0.0
     interpolate: Optional[bool] = None
     B_iso: float = 0.0
+    U_aniso: Optional[tuple] = None
 
     def __post_init__(self):
         _finite("Structure", "default_F", self.default_F)
         _finite("Structure", "B_iso", self.B_iso)
         self._set("B_iso", float(self.B_iso))
+        if self.U_aniso is not None:
+            try:
+                U = tuple(float(v) for v in self.U_aniso)
+            except (TypeError, ValueError):
+                raise ParameterError(f"Structure.U_aniso = {self.U_aniso!r} is not six numbers") from None
+            if len(U) != 6 or not all(math.isfinite(v) for v in U):
+                raise ParameterError(f"Structure.U_aniso = {self.U_aniso!r} is not six finite numbers "
+                                     f"(U11 U22 U33 U12 U13 U23)")
+            M = np.array([[U[0], U[3], U[4]], [U[3], U[1], U[5]], [U[4], U[5], U[2]]])
+            if np.linalg.eigvalsh(M).min() < -1e-12 * max(np.abs(M).max(), 1e-300):
+                raise ParameterError(f"Structure.U_aniso = {U}: the matrix [[U11 U12 U13] [U12 U22 U23] "
+                                     f"[U13 U23 U33]] is not positive semi-definite")
+            self._set("U_aniso", U)
         if self.Fhkl is not None:
             g = np.array(self.Fhkl, dtype=float)
             if g.ndim != 3 or g.size == 0:

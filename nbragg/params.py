@@ -52,6 +52,8 @@ eta_a eta_b eta_c         anisotropic mosaicity: the domains' rms rotation about
 N_ab N_ac N_bc            the off-diagonal terms of a gauss_domain crystal's size matrix
                           (unit cells)
 B_iso                     an overall B factor (Angstrom^2; Structure.B_iso)
+U_11 U_22 U_33            anisotropic displacements (Angstrom^2, CIF's U_ij;
+U_12 U_13 U_23            Structure.U_aniso)
 Fhkl                      the structure-factor grid (an array of its shape)
 spectrum_weights          the weights of Beam.spectrum's channels (an array; they are
                           normalised, so the gradient is orthogonal to them)
@@ -97,14 +99,18 @@ _FIELDS = {
 SCALAR_PARAMS = tuple(_FIELDS)       # nanoBragg's model; then nbragg's own terms', the response's...
 # the parameters of nbragg's own model terms (spectra, anisotropic mosaicity): every
 # experiment has nanoBragg's parameters, these are for the experiments that use the terms
-TERM_PARAMS = ("spectrum_shift", "spectrum_scale", "eta_a", "eta_b", "eta_c", "N_ab", "N_ac", "N_bc", "B_iso")
+TERM_PARAMS = ("spectrum_shift", "spectrum_scale", "eta_a", "eta_b", "eta_c", "N_ab", "N_ac", "N_bc", "B_iso",
+               "U_11", "U_22", "U_33", "U_12", "U_13", "U_23")
 _FIELDS.update({
     "spectrum_shift": ("beam", "spectrum_shift", None), "spectrum_scale": ("beam", "spectrum_scale", None),
     "eta_a": ("crystal", "mosaic_eta", 0), "eta_b": ("crystal", "mosaic_eta", 1),
     "eta_c": ("crystal", "mosaic_eta", 2),
     "N_ab": ("crystal", "N_ab", None), "N_ac": ("crystal", "N_ac", None), "N_bc": ("crystal", "N_bc", None),
     "B_iso": ("structure", "B_iso", None),
+    **{f"U_{ij}": ("structure", "U_aniso", j) for j, ij in enumerate(("11", "22", "33", "12", "13", "23"))},
 })
+# tuple fields that may be None (read as zeros; setting one of their parameters sets them)
+_OPTIONAL_TUPLES = {"mosaic_eta": 3, "U_aniso": 6}
 # the detector response's parameters (name -> Response field): they act after the kernel
 RESPONSE_PARAMS = {"psf_fwhm": "psf_fwhm", "gain": "gain", "response_scale": "scale", "adc": "adc"}
 _FIELDS.update({n: ("response", f, None) for n, f in RESPONSE_PARAMS.items()})
@@ -300,7 +306,8 @@ def _target(exp, name, value, pending=None):
             return rec, "orgx" if name == "beam_x" else "orgy", value / d.pixel_size + 0.5
         return rec, name, value
     if idx is not None:
-        t = list((pending or {}).get(rec, {}).get(fld, getattr(getattr(exp, rec), fld)) or (0.0, 0.0, 0.0))
+        t = list((pending or {}).get(rec, {}).get(fld, getattr(getattr(exp, rec), fld))
+                 or (0.0,) * _OPTIONAL_TUPLES[fld])
         t[idx] = value
         value = tuple(t)
     return rec, fld, value
@@ -345,7 +352,10 @@ def get_params(exp, names):
             osc = resolve_phi(deg2rad(c.phi0), -1.0, -1.0 if c.phistep is None else deg2rad(c.phistep),
                               -1 if c.phisteps is None else c.phisteps)[1]
             out[n] = float(osc * RTD)
-        elif fld == "mosaic_eta" and exp.crystal.mosaic_eta is None:
+        elif fld in _OPTIONAL_TUPLES and getattr(getattr(exp, rec), fld) is None:
+            if fld == "U_aniso":       # (its derivatives need the term switched on)
+                raise ParameterError(f"parameter {n!r}: the structure has no anisotropic displacements "
+                                     f"(Structure.U_aniso is None); set them (zeros will do) to refine them")
             out[n] = 0.0
         else:
             v = getattr(getattr(exp, rec), fld)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import erf
 
 from .errors import ParameterError
 from .units import HC_EV_ANGSTROM
@@ -19,7 +20,8 @@ def sase_spectrum(wavelength=None, energy=None, bandwidth=2e-3, spikes=20, chann
     Self-amplified spontaneous emission starts from noise, so each pulse is a different
     set of longitudinal modes: their centres are drawn from the envelope, their
     intensities from an exponential distribution (a mode's intensity statistics), and
-    each mode is as wide as the envelope divided by the number of modes.
+    each mode is as wide as the envelope divided by the number of modes.  Each channel
+    holds the modes' intensity integrated over its width.
 
     Parameters
     ----------
@@ -51,9 +53,16 @@ def sase_spectrum(wavelength=None, energy=None, bandwidth=2e-3, spikes=20, chann
     centres = rng.normal(mean, fwhm / _FWHM_SIGMA, spikes)
     heights = rng.exponential(1.0, spikes)
     width = fwhm / spikes / _FWHM_SIGMA
-    lam = mean + fwhm * float(span) * (np.linspace(-0.5, 0.5, channels) if channels > 1 else np.zeros(1))
-    w = np.sum(heights[:, None] * np.exp(-0.5 * ((lam[None, :] - centres[:, None]) / width) ** 2), axis=0)
-    if not np.sum(w) > 0:            # every mode far outside the channels (a huge span): the envelope
+    if channels == 1:
+        return np.array([mean]), np.ones(1)
+    lam = mean + fwhm * float(span) * np.linspace(-0.5, 0.5, channels)
+    # each channel takes the modes' intensity over its bin (between the midpoints), so a
+    # mode narrower than a channel keeps its weight wherever it falls
+    step = lam[1] - lam[0]
+    edges = np.concatenate([[lam[0] - step / 2], (lam[1:] + lam[:-1]) / 2, [lam[-1] + step / 2]])
+    cdf = 0.5 * (1.0 + erf((edges[None, :] - centres[:, None]) / (width * math.sqrt(2.0))))
+    w = np.sum(heights[:, None] * np.diff(cdf, axis=1), axis=0)
+    if not np.sum(w) > 0:            # every mode outside the channels: the envelope
         w = np.exp(-0.5 * ((lam - mean) / (fwhm / _FWHM_SIGMA)) ** 2)
     return lam, w / np.sum(w)
 

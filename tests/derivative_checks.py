@@ -36,3 +36,21 @@ def assert_jacobian_matches_gradient(exp, names, seed):
     size = np.abs(J).T @ u.ravel()
     for p, n in enumerate(names):
         assert abs(J[:, p] @ u.ravel() - g[n]) <= 1e-12 * size[p], n
+
+
+def assert_matches_reference(exp):
+    """The kernels' image equals tests/reference.py's numpy model to 1e-12 of its maximum."""
+    from reference import reference_image
+    image = nbragg.simulate(exp, **QUIET).image
+    ref = reference_image(nbragg.build_model(exp, **QUIET))
+    assert image.max() > 0
+    assert np.abs(image - ref).max() <= 1e-12 * ref.max()
+    return image
+
+
+def assert_derivatives(exp, names, seed, steps=None):
+    """The adjoint's gradients of ``names`` against central differences (1e-6), and the
+    tangent kernel against the adjoint."""
+    check = nbragg.check_gradients(exp, names, steps=steps)
+    assert check.max_error < 1e-6, check.table()
+    assert_jacobian_matches_gradient(exp, names, seed)

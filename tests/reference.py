@@ -192,6 +192,13 @@ def _panel_image(model, det):
                         h, k, l = hkl[..., 0], hkl[..., 1], hkl[..., 2]
                         Fl = lattice(h, k, l, model)
                         Fc = structure_factor(h, k, l, model.structure)
+                        U = exp.structure.U_aniso
+                        if U is not None:
+                            # CIF's U_ij: F exp(-2 pi^2 sum_ij U_ij h_i h_j a*_i a*_j)
+                            Um = np.array([[U[0], U[3], U[4]], [U[3], U[1], U[5]], [U[4], U[5], U[2]]])
+                            star = np.linalg.norm(model.crystal.recip0, axis=1)
+                            hs = np.stack([h, k, l], axis=-1) * star
+                            Fc = Fc * np.exp(-2 * np.pi ** 2 * np.einsum("...i,ij,...j->...", hs, Um, hs))
                         add = use & ~((Fl == 0.0) & (not water))
                         if physical:
                             # each term times its own sample's factors

@@ -25,7 +25,7 @@ from .cpu import clipped_roi, fast_path, term
 from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
                       orientations_soa, scattering, signed_square, soa_hkl, solid_angle)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
-                     SQ_ROWS, SQ_T, F_grad, bragg_weight_vjp, capture_partials, direction_vjp, lattice_grad,
+                     SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_vjp, capture_partials, direction_vjp, lattice_grad,
                      omega_partials, position_vjp, square_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Scene
@@ -370,7 +370,7 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
             Lt = lattice_grad(h, k, l, h0, k0, l0, xt, lp)
             if Lt == 0.0 and not water:
                 continue
-            F, Fh, Fk, Fl, nidx, Fdef = F_grad(h, k, l, h0, k0, l0, fs, fidx, fw)
+            F, Fh, Fk, Fl, nidx, Fdef, FU = F_grad(h, k, l, h0, k0, l0, fs, fidx, fw)
             T0 = F * F * Lt * Lt
             T = w * T0
             gw += G * mpow * T0
@@ -401,6 +401,9 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
             for j in range(nidx):
                 add_F(gF, g, fidx[j], gFc * fw[j])
             g[L.default_F] += gFc * Fdef
+            if fs.aniso:
+                for j in range(6):
+                    g[L.beta + j] += gFc * FU * aniso_monomials(h, k, l, j)
             _push_orientation(gor, o, gh, gk, gl, qx, qy, qz)
             gqx += gh * orients[o, 0, 0] + gk * orients[o, 1, 0] + gl * orients[o, 2, 0]
             gqy += gh * orients[o, 0, 1] + gk * orients[o, 1, 1] + gl * orients[o, 2, 1]

@@ -109,9 +109,9 @@ def pixel_value(fpixel, spixel, S, fast, ori, fflat, buf, ibuf):
 @njit(cache=True)
 def fast_path(S):
     """True when the kernels may use the bulk orientation loops (no -oversample_* flags,
-    parallelepiped spots, nearest-neighbour F)."""
+    parallelepiped spots, nearest-neighbour F without anisotropic displacements)."""
     return (not S.samp.os_omega and not S.samp.os_polar and not S.samp.os_thick
-            and S.xtal.shape == SQUARE and not S.fhkl.interpolate)
+            and S.xtal.shape == SQUARE and not S.fhkl.interpolate and not S.fhkl.aniso)
 
 
 @njit(cache=True)

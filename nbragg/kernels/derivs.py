@@ -11,8 +11,8 @@ import math
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
-from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, axis_lattice_grad,
-                      debye_waller, domain_cells, domain_offset, flat_grid_index, grid_extent, lagrange4,
+from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, aniso_exponent,
+                      axis_lattice_grad, debye_waller, domain_cells, domain_offset, flat_grid_index, grid_extent, lagrange4,
                       lagrange4_grad, real, sinc3_grad, sincg_grad, soa_miller, square_lattice_sq)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
@@ -146,9 +146,43 @@ def lattice_grad(h, k, l, h0, k0, l0, xt, out):
 def F_grad(h, k, l, h0, k0, l0, fs, fidx, fw):
     """Structure factor, its derivatives in h, k, l, and the grid entries it used.
 
-    Returns (F, dF/dh, dF/dk, dF/dl, n, dF/d(default_F)); the first n entries of
-    ``fidx``/``fw`` are the flat grid indices and their weights dF/dgrid.
+    Returns (F, dF/dh, dF/dk, dF/dl, n, dF/d(default_F), -F); the first n entries of
+    ``fidx``/``fw`` are the flat grid indices and their weights dF/dgrid.  With
+    anisotropic displacements F carries exp(-h^T beta h), and dF/dbeta_j is the last
+    value times the monomial of beta_j (see :func:`aniso_monomials`; 0 without them).
     """
+    F, Fh, Fk, Fl, n, Fdef = _grid_F_grad(h, k, l, h0, k0, l0, fs, fidx, fw)
+    if not fs.aniso:
+        return F, Fh, Fk, Fl, n, Fdef, 0.0
+    b = fs.beta
+    D = math.exp(-aniso_exponent(h, k, l, b))
+    for j in range(n):
+        fw[j] *= D
+    FD = F * D
+    eh = 2.0 * (b[0] * h + b[3] * k + b[4] * l)
+    ek = 2.0 * (b[3] * h + b[1] * k + b[5] * l)
+    el = 2.0 * (b[4] * h + b[5] * k + b[2] * l)
+    return FD, Fh * D - FD * eh, Fk * D - FD * ek, Fl * D - FD * el, n, Fdef * D, -FD
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def aniso_monomials(h, k, l, j):
+    """d(h^T beta h)/d(beta_j) for beta = (b11, b22, b33, b12, b13, b23)."""
+    if j == 0:
+        return h * h
+    if j == 1:
+        return k * k
+    if j == 2:
+        return l * l
+    if j == 3:
+        return 2.0 * h * k
+    if j == 4:
+        return 2.0 * h * l
+    return 2.0 * k * l
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _grid_F_grad(h, k, l, h0, k0, l0, fs, fidx, fw):
     fgrid = fs.grid
     hmin = fs.hkl_min[0]
     kmin = fs.hkl_min[1]

@@ -448,10 +448,27 @@ def sum_fixed(buf, n):
 # (the kernels read the scene's blocks: det, beam, xtal (xt), fhkl (fs); see scene.py)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def aniso_exponent(h, k, l, beta):
+    """h^T beta h for beta = (b11, b22, b33, b12, b13, b23): the anisotropic displacements'
+    exp(-h^T beta h) on F, at fractional (h, k, l)."""
+    return (beta[0] * h * h + beta[1] * k * k + beta[2] * l * l
+            + 2.0 * (beta[3] * h * k + beta[4] * h * l + beta[5] * k * l))
+
+
 @njit(cache=True, error_model="numpy")
 def lookup_F(h, k, l, h0, k0, l0, fs):
     """Structure factor at fractional (h, k, l): tricubic or nearest, nanoBragg rules
-    (``fs``: the scene's Structure block)."""
+    (``fs``: the scene's Structure block), times exp(-h^T beta h) with anisotropic
+    displacements (Structure.U_aniso)."""
+    F = _grid_F(h, k, l, h0, k0, l0, fs)
+    if fs.aniso:
+        F *= math.exp(-aniso_exponent(h, k, l, fs.beta))
+    return F
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _grid_F(h, k, l, h0, k0, l0, fs):
     fgrid = fs.grid
     hmin = fs.hkl_min[0]
     kmin = fs.hkl_min[1]

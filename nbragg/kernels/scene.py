@@ -85,6 +85,8 @@ class Structure(NamedTuple):
     interpolate: bool
     default_F: float
     B: float                  # overall B factor (m^2; 0: none)
+    beta: np.ndarray          # (6,) anisotropic displacements: F exp(-h^T beta h), (b11 b22 b33 b12 b13 b23)
+    aniso: bool               # beta is in use
 
 
 class Sampling(NamedTuple):
@@ -117,7 +119,7 @@ DIFF = (
              "mu")),
     ("beam", ("beam", "polar_axis", "kahn", "sources", "lambdas", "weights")),
     ("xtal", ("orients", "recip", "Na", "Nb", "Nc", "N_ab", "N_ac", "N_bc", "fudge")),
-    ("fhkl", ("default_F", "B")),
+    ("fhkl", ("default_F", "B", "beta")),
     ("samp", ("I_bg", "bg_amount")),
 )
 FIELDS = tuple(f for _, names in DIFF for f in names) + ("scale",)

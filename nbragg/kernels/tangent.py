@@ -16,7 +16,7 @@ from numba import njit, prange
 from .cpu import clipped_roi, fast_path, term
 from .physics import bragg_weight, orientations_soa
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
-                     SQ_ROWS, SQ_T, F_grad, bragg_weight_tangent, capture_partials, lattice_grad, omega_partials, square_partials)
+                     SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_tangent, capture_partials, lattice_grad, omega_partials, square_partials)
 from .physics import (SQUARE, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
                       signed_square, sum_row)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
@@ -435,7 +435,7 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
         if not counted:
             continue
         Lt = lattice_grad(h, k, l, h0, k0, l0, xt, lp)
-        F, Fh, Fk, Fl, nidx, Fdef = F_grad(h, k, l, h0, k0, l0, fs, W[W_fidx], W[W_fw])
+        F, Fh, Fk, Fl, nidx, Fdef, FU = F_grad(h, k, l, h0, k0, l0, fs, W[W_fidx], W[W_fw])
         T0 = F * F * Lt * Lt
         aL = 2.0 * w * F * F * Lt
         aF = 2.0 * w * F * Lt * Lt
@@ -454,6 +454,9 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
                     dL += lp[7 + j] * d[p, L.recip + j]
                 dL += lp[LP_NAB] * d[p, L.N_ab] + lp[LP_NAC] * d[p, L.N_ac] + lp[LP_NBC] * d[p, L.N_bc]
             dF = Fh * dh + Fk * dk + Fl * dl + Fdef * d[p, L.default_F]
+            if fs.aniso:
+                for j in range(6):
+                    dF += FU * aniso_monomials(h, k, l, j) * d[p, L.beta + j]
             dT = aL * dL + aF * dF + bragg_weight_tangent(S, d, L, p, s, qx, qy, qz, dq) * T0
             if samp.physical:
                 dI[p] += dT * m + T * dm[p]

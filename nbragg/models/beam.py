@@ -56,6 +56,7 @@ def _raw(value, divisor=1.0):
 def _weights(beam, listing, channels, honour=False):
     """Each source's weight in the sum: 1 (nanoBragg.c), or with ``Beam.source_weights``
     the source file's weight column (nonBragg.c), 1 for the points of a divergence grid;
+    with ``honour`` (the physical mode) the column normalised to mean 1;
     with a spectrum, its channel's normalised weight times the number of channels (the
     image is divided by the number of sources, so it is the weighted mean over channels)."""
     if beam.spectrum is not None:
@@ -63,7 +64,16 @@ def _weights(beam, listing, channels, honour=False):
         return (len(w) * w / np.sum(w))[channels]
     if not (beam.source_weights or honour) or beam.sources is None:
         return np.ones(len(listing))
-    return np.array([w for (_, _, _, w, _) in listing])
+    w = np.array([w for (_, _, _, w, _) in listing])
+    if not honour:
+        return w
+    # the physical mode: the fluence shared among the sources by weight, as a spectrum's
+    bad = np.flatnonzero(~(w >= 0))
+    if bad.size:
+        raise ParameterError(f"source {bad[0] + 1}: weight {w[bad[0]]:g} is negative (Beam.sources, -sourcefile)")
+    if not np.sum(w) > 0:
+        raise ParameterError("every source's weight is 0 (Beam.sources, -sourcefile)")
+    return len(w) * w / np.sum(w)
 
 
 def spectrum_weight_jacobian(beam, sources):

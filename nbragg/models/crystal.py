@@ -175,10 +175,14 @@ def rotation_vector_matrix(r):
 
 
 def anisotropic_draws(domains, seed):
-    """(domains, 3) N(0, 1) draws for the anisotropic mosaic: pairs z, -z (and one 0 when
-    the count is odd), so the domains' mean rotation is none."""
+    """(domains, 3) draws for the anisotropic mosaic: N(0, 1) draws whitened so that their
+    second moments over the domains are exactly the identity (each component's rms 1, no
+    correlation), in pairs z, -z (and one 0 when the count is odd), so that the domains'
+    mean rotation is none.  At least 6 domains (3 independent pairs)."""
     half = domains // 2
     z = np.random.default_rng(seed).standard_normal((half, 3))
+    L = np.linalg.cholesky(z.T @ z)
+    z = np.linalg.solve(L, z.T).T * math.sqrt(domains / 2.0)
     return np.concatenate([z, -z] + ([np.zeros((1, 3))] if domains % 2 else []))
 
 
