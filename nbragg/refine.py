@@ -307,7 +307,14 @@ class _Problem:
 
     def fun(self, theta):
         self.nfev += 1
-        _, m = self._model(theta)
+        try:
+            _, m = self._model(theta)
+        except ParameterError as exc:
+            # a trial step to values that make no experiment (a domain matrix that is not
+            # positive definite, a wavelength below 0...): infinite residuals, which the
+            # trust region rejects and shrinks from
+            del exc
+            return np.full(self.obj.obs.shape, np.inf)
         r = self.obj.residuals(m)
         self.history.append(float(np.dot(r, r)))
         return r

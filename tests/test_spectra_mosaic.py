@@ -511,3 +511,16 @@ def test_sase_channels_integrate_the_modes():
     expected = np.array(expected) / np.sum(expected)
     np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-9)
     assert nbragg.sase_spectrum(wavelength=1.0, channels=1)[1].tolist() == [1.0]
+
+
+def test_refinement_rejects_a_step_to_a_domain_matrix_that_is_not_positive_definite():
+    """A trial step that makes no experiment gives infinite residuals, which the trust
+    region rejects (it shrinks and tries again), instead of stopping the fit."""
+    from nbragg.refine import _Problem
+    truth = _domain(N_ab=5.0, N_ac=0.0, N_bc=0.0)
+    obs = _image(truth)
+    problem = _Problem(truth, obs, ["N_ab"], "l2", np.ones(obs.shape, dtype=bool), None, 0.0, 0.0)
+    assert np.all(np.isinf(problem.fun(np.array([9.0]))))        # |N_ab| > 8: not positive definite
+    assert np.all(np.isfinite(problem.fun(np.array([5.0]))))
+    fit = nbragg.refine(set_params(truth, {"N_ab": 7.6}), obs, ["N_ab"], loss="l2")
+    assert fit.values["N_ab"] == pytest.approx(5.0, abs=1e-4)
