@@ -13,7 +13,6 @@ from ..io.atomic import atomic_file, atomic_path
 from .frames import base_experiment, simulate_frame
 from ..labels import COLUMNS as REFLECTION_COLUMNS
 from .spec import COUNT_TYPES, DatasetError
-from ..spectrum import DEFAULT_CHANNELS as SASE_DEFAULT_CHANNELS
 
 
 
@@ -132,8 +131,7 @@ def assemble_shard(spec, output, k, kept=None):
                 rows = []
             spectra = None
             if spec.spectrum:
-                channels = spec.spectrum["sase"].get("channels", SASE_DEFAULT_CHANNELS)
-                spectra = nb.create_dataset("spectrum", (n, channels, 2), dtype=np.float64)
+                spectra = nb.create_dataset("spectrum", (n, spec.spectrum_channels(), 2), dtype=np.float64)
                 spectra.attrs["columns"] = np.bytes_("wavelength_A weight")
             completed = nb.create_dataset("completed", (n,), dtype=np.uint8)
             for j, i in enumerate(frames):
@@ -241,9 +239,8 @@ def write_master(spec, output):
                                       fillvalue=np.nan)
             nb.create_virtual_dataset("completed", vds((N,), np.uint8, "entry/nbragg/completed"), fillvalue=0)
             if spec.spectrum:
-                channels = spec.spectrum["sase"].get("channels", SASE_DEFAULT_CHANNELS)
-                nb.create_virtual_dataset("spectrum", vds((N, channels, 2), np.float64, "entry/nbragg/spectrum"),
-                                          fillvalue=np.nan)
+                nb.create_virtual_dataset("spectrum", vds((N, spec.spectrum_channels(), 2), np.float64,
+                                                          "entry/nbragg/spectrum"), fillvalue=np.nan)
             if spec.labels:
                 lg = nb.create_group("labels")
                 lg.create_virtual_dataset("reflection", vds((N, S, F), np.int32, "entry/nbragg/labels/reflection"),

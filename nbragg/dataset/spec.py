@@ -74,6 +74,13 @@ class DatasetSpec:
     def nshards(self):
         return -(-self.images // self.shard_size)
 
+    def spectrum_channels(self):
+        """Channels of each frame's spectrum (0 when the spec draws none)."""
+        if not self.spectrum:
+            return 0
+        from ..spectrum import DEFAULT_CHANNELS
+        return self.spectrum["sase"].get("channels", DEFAULT_CHANNELS)
+
     def experiment_names(self):
         """The varied parameters of the experiment, in :mod:`nbragg.params` order."""
         from ..params import SCALAR_PARAMS, TERM_PARAMS

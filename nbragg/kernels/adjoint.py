@@ -25,8 +25,8 @@ from .cpu import clipped_roi, fast_path, term
 from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
                       orientations_soa, scattering, signed_square, soa_hkl, solid_angle)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
-                     SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_vjp, capture_partials, direction_vjp, lattice_grad,
-                     omega_partials, position_vjp, square_partials)
+                     SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_vjp, capture_partials, direction_vjp,
+                     lattice_grad, omega_partials, position_vjp, square_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Scene
 from .physics import (SQUARE, axis_lattice_grad, bragg_weight, polarization_factor, polarization_grad,
@@ -315,6 +315,8 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
     os_polar = S.samp.os_polar
     os_thick = S.samp.os_thick
     physical = S.samp.physical
+    # (the physical mode keeps a capture fraction of 1 without a sensor: see pixel.walk)
+    sensor = det.thick != 0.0 or not physical
     shape = xt.shape
     water = S.samp.water
     kahn = beam.kahn
@@ -413,7 +415,6 @@ def pixel_adjoint(fpixel, spixel, gv, S, L, blk_I, blk_m, blk_K, blk_id, rec, fa
             if K > 0:
                 gm = G * S_dm if physical else G * (K * blk_I[b] * m ** (K - 1) + S_dm)
                 # the factors of this block, recomputed where they were taken
-                sensor = det.thick != 0.0 or not physical
                 cap_b = capture_fraction(t, dx, dy, dz, det) if os_thick and sensor else 1.0
                 pol_b = 1.0
                 if os_polar:

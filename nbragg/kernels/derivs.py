@@ -12,8 +12,9 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit
 
 from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, aniso_exponent,
-                      axis_lattice_grad, debye_waller, domain_cells, domain_offset, flat_grid_index, grid_extent, lagrange4,
-                      lagrange4_grad, real, sinc3_grad, sincg_grad, soa_miller, square_lattice_sq)
+                      axis_lattice_grad, bragg_weight, debye_waller, domain_cells, domain_offset, flat_grid_index,
+                      grid_extent, lagrange4, lagrange4_grad, real, sinc3_grad, sincg_grad, soa_miller,
+                      square_lattice_sq)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
 # dL/dN_ab dN_ac dN_bc (the Gaussian domain's off-diagonal terms)
@@ -22,27 +23,32 @@ LP_SIZE = 19
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def bragg_weight_tangent(S, d, L, p, s, qx, qy, qz, dq):
-    """d(bragg_weight)/d(theta_p) along tangent direction p (``dq``: the q tangents)."""
-    w0 = S.beam.weights[s]
-    v = d[p, L.weights + s] - 0.5 * (qx * qx + qy * qy + qz * qz) * w0 * d[p, L.B]
-    if S.fhkl.B != 0.0:
-        v -= w0 * S.fhkl.B * (qx * dq[p, 0] + qy * dq[p, 1] + qz * dq[p, 2])
-    return debye_waller(S, qx, qy, qz) * v
+def bragg_weight_partials(S, s, qx, qy, qz):
+    """(w, dw/dw_s, dw/dB, c) for a Bragg term's weight w = w_s exp(-B |q|^2 / 2)
+    (physics.bragg_weight, its value bit for bit), with dw/dq = c q; once per block."""
+    w = bragg_weight(S, s, qx, qy, qz)
+    return w, debye_waller(S, qx, qy, qz), -0.5 * (qx * qx + qy * qy + qz * qz) * w, -S.fhkl.B * w
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def bragg_weight_tangent(partials, d, L, p, s, qx, qy, qz, dq):
+    """d(bragg_weight)/d(theta_p) along tangent direction p, from the block's
+    :func:`bragg_weight_partials` (``dq``: the q tangents)."""
+    _, dws, dwB, c = partials
+    v = dws * d[p, L.weights + s] + dwB * d[p, L.B]
+    if c != 0.0:
+        v += c * (qx * dq[p, 0] + qy * dq[p, 1] + qz * dq[p, 2])
+    return v
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def bragg_weight_vjp(S, s, qx, qy, qz, gw, g, L):
     """Pushes gw = dL/d(bragg_weight) to the source's weight and to B; returns its part of
     dL/dq."""
-    DW = debye_waller(S, qx, qy, qz)
-    g[L.weights + s] += gw * DW
-    w = S.beam.weights[s] * DW
-    g[L.B] -= gw * w * 0.5 * (qx * qx + qy * qy + qz * qz)
-    if S.fhkl.B == 0.0:
-        return 0.0, 0.0, 0.0
-    c = -gw * w * S.fhkl.B
-    return c * qx, c * qy, c * qz
+    _, dws, dwB, c = bragg_weight_partials(S, s, qx, qy, qz)
+    g[L.weights + s] += gw * dws
+    g[L.B] += gw * dwB
+    return gw * c * qx, gw * c * qy, gw * c * qz
 
 
 @njit(cache=True, error_model="numpy")

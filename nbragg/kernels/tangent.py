@@ -14,9 +14,10 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit, prange
 
 from .cpu import clipped_roi, fast_path, term
-from .physics import bragg_weight, orientations_soa
+from .physics import orientations_soa
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
-                     SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_tangent, capture_partials, lattice_grad, omega_partials, square_partials)
+                     SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_partials, bragg_weight_tangent,
+                     capture_partials, lattice_grad, omega_partials, square_partials)
 from .physics import (SQUARE, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
                       signed_square, sum_row)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
@@ -40,7 +41,8 @@ def square_tangent(qx, qy, qz, ori, nreal, S, s, fflat, dq, d, L, has_dori, dI, 
     n = ori.shape[1]
     xt = S.xtal
     fs = S.fhkl
-    w = bragg_weight(S, s, qx, qy, qz)
+    wp = bragg_weight_partials(S, s, qx, qy, qz)
+    w = wp[0]
     square_partials(qx, qy, qz, ori, nreal, xt, fs, fflat, sc, ibuf)
     # dT/d(default_F) per orientation: 2 F F_latt^2 where F is the default, else 0
     if fs.has_hkls:
@@ -103,7 +105,7 @@ def square_tangent(qx, qy, qz, ori, nreal, S, s, fflat, dq, d, L, has_dori, dI, 
                                      + sc[SQ_LK, m] * (b0[m] * qx + b1[m] * qy + b2[m] * qz)
                                      + sc[SQ_LL, m] * (c0[m] * qx + c1[m] * qy + c2[m] * qz))
                 v += sum_row(sc, _T_ORI, n)
-        dI[p] += w * v + bragg_weight_tangent(S, d, L, p, s, qx, qy, qz, dq) * T
+        dI[p] += w * v + bragg_weight_tangent(wp, d, L, p, s, qx, qy, qz, dq) * T
     return w * T
 
 
@@ -427,7 +429,8 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
             v += W[W_dom][p] * (capture if os_thick else 1.0) * (polar if os_polar else 1.0)
         dm[p] = v
     npad = L.npad
-    w = bragg_weight(S, s, qx, qy, qz)
+    wp = bragg_weight_partials(S, s, qx, qy, qz)
+    w = wp[0]
     for o in range(norient):
         # the value is the forward's term, bit for bit; the derivatives come from the _grad
         # twins, whose F_latt carries the sign that goes with their partials
@@ -457,7 +460,7 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
             if fs.aniso:
                 for j in range(6):
                     dF += FU * aniso_monomials(h, k, l, j) * d[p, L.beta + j]
-            dT = aL * dL + aF * dF + bragg_weight_tangent(S, d, L, p, s, qx, qy, qz, dq) * T0
+            dT = aL * dL + aF * dF + bragg_weight_tangent(wp, d, L, p, s, qx, qy, qz, dq) * T0
             if samp.physical:
                 dI[p] += dT * m + T * dm[p]
             else:

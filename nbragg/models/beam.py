@@ -60,8 +60,7 @@ def _weights(beam, listing, channels, honour=False):
     with a spectrum, its channel's normalised weight times the number of channels (the
     image is divided by the number of sources, so it is the weighted mean over channels)."""
     if beam.spectrum is not None:
-        w = np.asarray(beam.spectrum[1])
-        return (len(w) * w / np.sum(w))[channels]
+        return _mean_one(np.asarray(beam.spectrum[1]))[channels]
     if not (beam.source_weights or honour) or beam.sources is None:
         return np.ones(len(listing))
     w = np.array([w for (_, _, _, w, _) in listing])
@@ -73,6 +72,11 @@ def _weights(beam, listing, channels, honour=False):
         raise ParameterError(f"source {bad[0] + 1}: weight {w[bad[0]]:g} is negative (Beam.sources, -sourcefile)")
     if not np.sum(w) > 0:
         raise ParameterError("every source's weight is 0 (Beam.sources, -sourcefile)")
+    return _mean_one(w)
+
+
+def _mean_one(w):
+    """Weights scaled to mean 1: they share the fluence (the image is divided by their count)."""
     return len(w) * w / np.sum(w)
 
 

@@ -225,21 +225,17 @@ def resolve_crystal(crystal, spindle, warn=None):
             f"nothing to simulate; give an oscillation larger than 0, a number of steps "
             f"(-phisteps, Crystal.phisteps), or no phi step")
     anisotropic = crystal.mosaic_eta is not None
-    if not anisotropic:
-        spread, domains = resolve_mosaic(
-            -1.0 if crystal.mosaic_spread is None else deg2rad(crystal.mosaic_spread),
-            -1 if crystal.mosaic_domains is None else crystal.mosaic_domains, warn=warn)
-
     if anisotropic:
         # domains rotated about the crystal's axes, before the spindle rotation
-        domains = crystal.mosaic_domains or 10
-        eta = [deg2rad(x) for x in crystal.mosaic_eta]
-        umats = anisotropic_umats(real0, eta, domains, crystal.mosaic_seed)
+        spread, domains = 0.0, crystal.mosaic_domains or 10
+        umats = anisotropic_umats(real0, [deg2rad(x) for x in crystal.mosaic_eta], domains, crystal.mosaic_seed)
         axes = np.zeros((domains, 3))
         angles = np.zeros(domains)
         shrinks = np.zeros(domains)
-        spread = 0.0
     else:
+        spread, domains = resolve_mosaic(
+            -1.0 if crystal.mosaic_spread is None else deg2rad(crystal.mosaic_spread),
+            -1 if crystal.mosaic_domains is None else crystal.mosaic_domains, warn=warn)
         gen = NRGenerator()
         idum = gen.seed_cell(-crystal.mosaic_seed)
         umats = np.empty((domains, 3, 3), dtype=np.result_type(spread, float))
@@ -254,13 +250,13 @@ def resolve_crystal(crystal, spindle, warn=None):
 
     phis = np.array([phi0 + phistep * t for t in range(phisteps)])
     orient = np.empty((phisteps * domains, 3, 3), dtype=np.result_type(real0, umats, phis))
+    # the anisotropic domains turn with the crystal (rotated, then turned by phi);
+    # nanoBragg's stay put in the laboratory (turned by phi, then rotated)
     domain_vectors = [real0 @ umats[m].T for m in range(domains)] if anisotropic else None
     for p, phi in enumerate(phis):
         if anisotropic:
-            for m in range(domains):
-                v = domain_vectors[m]
-                orient[p * domains + m] = (np.array([rotate_axis(x, spindle, phi) for x in v]) if phi != 0.0
-                                           else v)
+            for m, v in enumerate(domain_vectors):
+                orient[p * domains + m] = np.array([rotate_axis(x, spindle, phi) for x in v]) if phi != 0.0 else v
             continue
         if phi != 0.0:
             rotated = np.array([rotate_axis(v, spindle, phi) for v in real0])

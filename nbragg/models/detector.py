@@ -113,7 +113,7 @@ def _resolve_thickness(det, physical=False):
     else:
         mu = 1.0 / (det.absorption_depth * 1e-6)
     if physical and thick > 0.0 and steps >= 1 and step <= 0.0:
-        step = thick / steps          # (nanoBragg makes one layer two)
+        pass                          # the layers given (nanoBragg makes one layer two); step below
     elif steps <= 0:
         if thick < 0.0:
             if step <= 0.0:
