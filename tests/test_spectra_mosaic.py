@@ -314,7 +314,8 @@ def test_cuda_equals_cpu_for_spectra_and_anisotropic_mosaic():
     exp = _with_eta(_with_spectrum(nbragg.Experiment.from_nanobragg_args(
         (ARGS.replace("-detpixels 24", "-detpixels 6") + " -gauss_xtal").split(), **QUIET),
         [0.99, 1.02], [1.0, 2.0], spectrum_shift=0.002), (0.3, 0.5, 0.2), domains=6)
-    assert_cuda_equals_cpu(exp, ["spectrum_shift", "spectrum_weights", "eta_b"], jacobian=False)
+    assert_cuda_equals_cpu(exp, ["spectrum_shift", "spectrum_scale", "spectrum_weights", "eta_a", "eta_b", "eta_c"],
+                           jacobian=False)
 
 
 # ----------------------------------------------------------------------------- domain shape
@@ -488,7 +489,7 @@ def test_anisotropic_u_parameters_and_errors():
 def test_cuda_equals_cpu_with_anisotropic_u():
     small = _with_U(nbragg.Experiment.from_nanobragg_args(
         (ARGS.replace("-detpixels 24", "-detpixels 6") + " -round_xtal").split(), **QUIET))
-    assert_cuda_equals_cpu(small, ["U_11", "U_12", "cell_a"])
+    assert_cuda_equals_cpu(small, ["U_11", "U_22", "U_33", "U_12", "U_13", "U_23", "cell_a"])
 
 
 def test_sase_channels_integrate_the_modes():
