@@ -217,22 +217,44 @@ def compare_nanobragg(binary, args, threads, repeat):
 STARTUP_ARGS = "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 64 -pixel 0.1"
 
 
+# the least any command built on cached Numba code pays: the interpreter, numpy and numba
+# imported, and one cached function loaded (Numba's first call initialises its
+# compiler target, cached or not)
+_FLOOR_MODULE = """from numba import njit
+
+
+@njit(cache=True)
+def one(x):
+    return x + 1
+
+
+one(1)
+"""
+
+
 def startup_figures(repeat, binary=None):
     """(seconds of ``python -c "import nbragg"``, of the warm nbragg command on a 64x64
-    image, of the nanoBragg binary on it or None): medians, the commands alternated."""
+    image, of a Python process that loads one cached one-line Numba function, of the
+    nanoBragg binary on it or None): medians, the commands alternated."""
     outputs = ["-floatfile", "float.bin", "-intfile", "int.img", "-nonoise", "-nopgm"]
     env = _package_env()
     with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "numba_floor.py"), "w") as f:
+            f.write(_FLOOR_MODULE)
         imp = [sys.executable, "-c", "import nbragg"]
+        floor = [sys.executable, "-c", "import numba_floor"]
         cmd = [sys.executable, "-m", "nbragg"] + STARTUP_ARGS.split() + outputs + ["-noprogress"]
         _run_process(cmd, env, tmp)          # the kernels compiled or loaded once
-        ti, tn, tc = [], [], []
+        _run_process(floor, dict(env, PYTHONPATH=tmp), tmp)
+        ti, tn, tf, tc = [], [], [], []
         for _ in range(repeat):
             ti.append(_run_process(imp, env, tmp))
             tn.append(_run_process(cmd, env, tmp))
+            tf.append(_run_process(floor, dict(env, PYTHONPATH=tmp), tmp))
             if binary:
                 tc.append(_run_process([binary] + STARTUP_ARGS.split() + outputs, dict(os.environ), tmp))
-    return statistics.median(ti), statistics.median(tn), (statistics.median(tc) if tc else None)
+    return (statistics.median(ti), statistics.median(tn), statistics.median(tf),
+            statistics.median(tc) if tc else None)
 
 
 # the detector-response figure: a B1L image (2048x2048, 0.05 mm pixels) through a Gaussian
@@ -538,9 +560,11 @@ def main(argv=None):
                      f"{t_c / t_api:.2f}x (in process)" if t_c is not None else ""))
     if opts.startup:
         binary = (shutil.which(opts.nanobragg) or opts.nanobragg) if opts.nanobragg else None
-        ti, tn, tc = startup_figures(max(opts.repeat, 5), binary)
+        ti, tn, tf, tc = startup_figures(max(opts.repeat, 5), binary)
         print(f"\nstart-up: python -c 'import nbragg' {ti:.3f} s; warm nbragg command on 64x64 {tn:.3f} s"
-              + (f"; nanoBragg {tc:.3f} s" if tc is not None else ""))
+              + (f"; nanoBragg {tc:.3f} s" if tc is not None else "")
+              + f"\n  floor: a Python process loading one cached one-line Numba function {tf:.3f} s "
+              f"(the command spends {tn - tf:.3f} s beyond it)")
     if opts.many:
         iterations = 6
         print(f"\nrefine_many: {opts.many} stills of 128x128 ({MANY_BASE}), each shot's misset, Ncells and scale, "

@@ -18,10 +18,8 @@ from numba import njit
 
 from .errors import BackendError, ParameterError
 from .experiment import Experiment
-from .kernels import adjoint as A
 from .kernels import cpu as K
 from .kernels import physics
-from .kernels import tangent as T
 from .kernels.precision import cpu_single
 from .kernels.scene import (Beam, Crystal, Detector, Sampling, Scene, Structure, as_single, kernel_layout,
                             layout_of, panel_index, roi_clipped)
@@ -480,6 +478,7 @@ def tangent_image(model, d, backend="cpu", threads=None):
     """The tangent kernel: (J, image) with J (*shape, P) = d(image)/d(theta_p) for the
     tangent directions d (P, layout.size) (see :mod:`nbragg.kernels.scene`), and the
     image (photons) computed in the same pass."""
+    from .kernels import tangent as T      # (derivative kernels: loaded when asked for)
     L = model.layout
     d = _owned(d, np.float64).reshape(-1, L.size)
     P = d.shape[0]
@@ -506,6 +505,7 @@ def adjoint_image(model, upstream, backend="cpu", threads=None, want_image=False
     flat dL/d(scene inputs) in ``model.layout`` (the "scale" entry holds dL/d(scale) times
     the scale, i.e. sum(upstream * image)), gF dL/d(structure-factor grid) (zero when not
     ``want_F``), and with ``want_image`` the image of the pixels with non-zero upstream."""
+    from .kernels import adjoint as A      # (derivative kernels: loaded when asked for)
     L = model.layout
     kL = model.kernel_layout
     scenes = model.scenes

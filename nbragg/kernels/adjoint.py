@@ -542,7 +542,8 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
     where nanoBragg would recompute it later (the caller then uses the general path; a
     pixel's value itself may be negative, with an amorphous F below 0).
 
-    This is the one pixel loop outside :mod:`.pixel`'s walk.  Written as a walk mode
+    This is one of two pixel loops outside :mod:`.pixel`'s walk (the other:
+    :func:`~nbragg.kernels.cpu._forward_row_lanes`).  Written as a walk mode
     (hooks keeping the factors and the first sub-pixel's gradient in a scratch array) it
     ran the B2 gradient 13-17 % slower, measured twice; its blocks are the walk's blocks,
     swept by :func:`square_adjoint`, and its value is the forward's to rounding.

@@ -32,6 +32,7 @@ from numba.core.registry import CPUDispatcher
 from ..errors import BackendError
 from . import adjoint as A
 from . import cpu as K
+from . import physics as PH
 from . import precision as P
 from . import tangent as T
 from .derivs import LP_SIZE
@@ -59,8 +60,8 @@ def device_function(fn, single=False):
     Its Python source is compiled again for the GPU, with every njit function it refers
     to replaced by that function's own twin (or by an entry of ``_OVERRIDES``); with
     ``single``, the single-precision twin (see :mod:`.precision`)."""
-    if fn in _OVERRIDES:
-        return _OVERRIDES[fn]
+    if (fn, single) in _OVERRIDES:
+        return _OVERRIDES[(fn, single)]
     twin = _twins.get((fn, single))
     if twin is not None:
         return twin
@@ -113,7 +114,20 @@ def _add_F_device(gF, g, j, value):
         cuda.atomic.add(gF, (1, j), hi + carry)
 
 
-_OVERRIDES = {A.add_F: _add_F_device}
+@cuda.jit(device=True)
+def _floor_float_device(x):
+    return float64(math.floor(x))
+
+
+@cuda.jit(device=True)
+def _floor_float_device_single(x):
+    return float32(math.floor(x))
+
+
+# CPU functions with GPU versions of their own: (function, single precision) -> device function
+_OVERRIDES = {(A.add_F, False): _add_F_device, (A.add_F, True): _add_F_device,
+              # (numpy's floor, which keeps CPU loops vectorised, has no GPU version)
+              (PH.floor_float, False): _floor_float_device, (PH.floor_float, True): _floor_float_device_single}
 
 
 def fixed_to_float(gF, exponent):

@@ -109,6 +109,14 @@ def cospi(x):
     return _parity_sign(n) * _cospi_reduced(x - n)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def floor_float(x):
+    """floor(x) as a float of x's type.  numpy's floor never leaves floating point (math's
+    returns an integer), so loops over it vectorise, float32 ones at full width; the GPU
+    twins take their own (cuda.py)."""
+    return np.floor(x)
+
+
 @njit(cache=True, error_model="numpy")
 def sinpi_sq_parts(delta, N):
     """(sin(pi N delta)^2-ready numerator, denominator) for |delta| <= 1/2, N > 1.
@@ -118,7 +126,7 @@ def sinpi_sq_parts(delta, N):
     arithmetic in the innermost loop.
     """
     x = N * delta
-    num = _sinpi_reduced(x - real(math.floor(x + 0.5)))
+    num = _sinpi_reduced(x - floor_float(x + 0.5))
     den = _sinpi_reduced(delta)
     if den == 0.0:
         return N, 1.0
@@ -172,15 +180,14 @@ def sinc3(x):
     return 3.0 * (math.sin(x) / x - math.cos(x)) / (x * x)
 
 
-@njit(cache=True, error_model="numpy")
-def polarization_factor(kahn, ix, iy, iz, dx, dy, dz, px, py, pz):
-    """nanoBragg's polarization factor for unit incident i, diffracted d and E-axis p."""
-    c2 = ix * dx + iy * dy + iz * dz
-    c2sqr = c2 * c2
-    s2sqr = 1.0 - c2sqr
-    psi = 0.0
+@njit(cache=True, error_model="numpy", inline="always")
+def polarization_axes(kahn, ix, iy, iz, px, py, pz):
+    """(Bx, By, Bz, Ex, Ey, Ez): the unit vectors B = unit(p x i) and E = unit(i x B) of
+    the polarization factor for incident i and E-vector axis p (zero where undefined, and
+    without Kahn factor, where psi does not matter).  They depend on the source only, so
+    loops over pixels take them once."""
+    bx = by = bz = ex = ey = ez = 0.0
     if kahn != 0.0:
-        # B_in = unit(p x i); E_in = unit(i x B_in)
         bx = py * iz - pz * iy
         by = pz * ix - px * iz
         bz = px * iy - py * ix
@@ -190,9 +197,7 @@ def polarization_factor(kahn, ix, iy, iz, dx, dy, dz, px, py, pz):
             by /= bm
             bz /= bm
         else:
-            bx = 0.0
-            by = 0.0
-            bz = 0.0
+            bx = by = bz = 0.0
         ex = iy * bz - iz * by
         ey = iz * bx - ix * bz
         ez = ix * by - iy * bx
@@ -202,13 +207,31 @@ def polarization_factor(kahn, ix, iy, iz, dx, dy, dz, px, py, pz):
             ey /= em
             ez /= em
         else:
-            ex = 0.0
-            ey = 0.0
-            ez = 0.0
-        eo = dx * ex + dy * ey + dz * ez
-        bo = dx * bx + dy * by + dz * bz
-        psi = -math.atan2(bo, eo)
-    return 0.5 * (1.0 + c2sqr - kahn * math.cos(2.0 * psi) * s2sqr)
+            ex = ey = ez = 0.0
+    return bx, by, bz, ex, ey, ez
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def polarization_with_axes(kahn, ix, iy, iz, dx, dy, dz, bx, by, bz, ex, ey, ez):
+    """nanoBragg's polarization factor 0.5 (1 + cos^2 2theta - kahn cos(2 psi) sin^2 2theta),
+    psi = -atan2(d.B, d.E), with cos(2 psi) = (x^2 - y^2) / (x^2 + y^2) taken without
+    trigonometry (1 where x = y = 0, as atan2(0, 0) = 0 gives): no calls, so loops over
+    pixels vectorise."""
+    c2 = ix * dx + iy * dy + iz * dz
+    c2sqr = c2 * c2
+    s2sqr = 1.0 - c2sqr
+    yv = dx * bx + dy * by + dz * bz
+    xv = dx * ex + dy * ey + dz * ez
+    rr = xv * xv + yv * yv
+    cos2 = (xv * xv - yv * yv) / rr if rr != 0.0 else 1.0
+    return 0.5 * (1.0 + c2sqr - kahn * cos2 * s2sqr)
+
+
+@njit(cache=True, error_model="numpy")
+def polarization_factor(kahn, ix, iy, iz, dx, dy, dz, px, py, pz):
+    """nanoBragg's polarization factor for unit incident i, diffracted d and E-axis p."""
+    bx, by, bz, ex, ey, ez = polarization_axes(kahn, ix, iy, iz, px, py, pz)
+    return polarization_with_axes(kahn, ix, iy, iz, dx, dy, dz, bx, by, bz, ex, ey, ez)
 
 
 @njit(cache=True, error_model="numpy")
@@ -561,8 +584,8 @@ def lattice_factor(h, k, l, h0, k0, l0, xt):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def subpixel_position(fpixel, spixel, subF, subS, t, det, beam):
-    """3-D position (x, y, z) of a sub-pixel in sensor layer t (metres)."""
+def flat_position(fpixel, spixel, subF, subS, t, det):
+    """3-D position (x, y, z) of a sub-pixel in sensor layer t of a flat detector (m)."""
     os = det.oversample
     sub = det.subpixel
     f = det.fdet
@@ -572,12 +595,20 @@ def subpixel_position(fpixel, spixel, subF, subS, t, det, beam):
     Fdet = sub * real(fpixel * os + subF) + sub / 2.0
     Sdet = sub * real(spixel * os + subS) + sub / 2.0
     Odet = real(t) * det.thickstep
-    px = Fdet * f[0] + Sdet * s[0] + Odet * o[0] + p0[0]
-    py = Fdet * f[1] + Sdet * s[1] + Odet * o[1] + p0[1]
-    pz = Fdet * f[2] + Sdet * s[2] + Odet * o[2] + p0[2]
+    return (Fdet * f[0] + Sdet * s[0] + Odet * o[0] + p0[0],
+            Fdet * f[1] + Sdet * s[1] + Odet * o[1] + p0[1],
+            Fdet * f[2] + Sdet * s[2] + Odet * o[2] + p0[2])
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def subpixel_position(fpixel, spixel, subF, subS, t, det, beam):
+    """3-D position (x, y, z) of a sub-pixel in sensor layer t (metres)."""
+    px, py, pz = flat_position(fpixel, spixel, subF, subS, t, det)
     if det.curved:
         # a point at "distance" along the beam, swung about sdet by y/distance and then
         # about fdet by z/distance (nanoBragg's curved detector)
+        f = det.fdet
+        s = det.sdet
         dist = det.distance
         b = beam.beam
         vx = dist * b[0]
@@ -701,13 +732,19 @@ def beyond_dmin(qx, qy, qz, dmin):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def direction(fpixel, spixel, subF, subS, t, det, beam):
-    """(px, py, pz, R, dx, dy, dz): a sub-pixel's position, distance and unit direction."""
-    px, py, pz = subpixel_position(fpixel, spixel, subF, subS, t, det, beam)
+def unit_direction(px, py, pz):
+    """(px, py, pz, R, dx, dy, dz): a position, its distance and unit direction."""
     R = math.sqrt(px * px + py * py + pz * pz)
     if R != 0.0:
         return px, py, pz, R, px / R, py / R, pz / R
     return px, py, pz, R, 0.0, 0.0, 0.0
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def direction(fpixel, spixel, subF, subS, t, det, beam):
+    """(px, py, pz, R, dx, dy, dz): a sub-pixel's position, distance and unit direction."""
+    px, py, pz = subpixel_position(fpixel, spixel, subF, subS, t, det, beam)
+    return unit_direction(px, py, pz)
 
 
 @njit(cache=True, error_model="numpy")

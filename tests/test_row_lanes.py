@@ -1,0 +1,104 @@
+"""The forward kernel's row path (pixels of a row as vector lanes) against the pixel walk.
+
+``_forward_row_lanes`` is the walk's forward mode with the sample loop outside and the
+pixel loop inside; it must give the walk's values bit for bit, in float64 and in the
+single-precision twin, for every quirk it mirrors (first-sample factors, -dmin, layers,
+sources, orientation counts around the 8-wide sum, a structure-factor grid, masks)."""
+
+import numpy as np
+import pytest
+from numba import njit
+
+import nbragg
+from nbragg.engine import build_model
+from nbragg.kernels import cpu as K
+from nbragg.kernels.cpu import _forward_row, clipped_roi
+from nbragg.kernels.physics import orientations_soa
+from nbragg.kernels.precision import cpu_single
+from nbragg.kernels.scene import as_single
+
+BASE = "-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 5 -lambda 1 -distance 60 -pixel 0.4 -detpixels 24"
+
+CASES = {
+    "still": "",
+    "mosaic 30 orientations, oversample 2": "-mosaic 1 -mosaic_dom 10 -phi 0 -osc 1 -phisteps 3 -oversample 2",
+    "9 orientations": "-mosaic 1 -mosaic_dom 9",
+    "17 orientations, sources": "-mosaic 1 -mosaic_dom 17 -divergence 0.3 -divsteps 2 -dispersion 1 -dispsteps 2",
+    "layers, dmin, Kahn factor, ROI and mask": "-detector_thick 100 -detector_abs 300 -detector_thicksteps 3 "
+                                              "-dmin 13.5 -polar 0.8 -oversample 2 -roi 2 20 1 22",
+    "curved, point pixel, no polarization": "-curved_det -point_pixel -nopolar -mosaic 0.5 -mosaic_dom 3",
+    "B factor, off-centre beam, water": "-Xbeam 3 -Ybeam 7 -twotheta 10 -mosaic 1 -mosaic_dom 5 -water 50",
+}
+
+
+@njit(cache=True)
+def _rows_walk(S, image, omega_rows):
+    # (functions named here, not through the module, so that the single-precision twin
+    # calls their twins)
+    xmin, xmax, ymin, ymax = clipped_roi(S.det, image.shape[0], image.shape[1])
+    ori = orientations_soa(S.xtal.orients)
+    for y in range(ymin, ymax + 1):
+        _forward_row(S, y, xmin, xmax, True, ori, S.fhkl.grid.ravel(), image, omega_rows)
+
+
+def _model(extra, tmp_path, grid=False, B_iso=0.0):
+    exp = nbragg.Experiment.from_nanobragg_args((BASE + " " + extra).split(), warn=lambda m: None)
+    if grid:
+        hkl = tmp_path / "F.hkl"
+        rng = np.random.default_rng(3)
+        hkl.write_text("".join(f"{h} {k} {l} {rng.uniform(10, 200):.3f}\n"
+                               for h in range(-6, 5) for k in range(-3, 7) for l in range(-5, 6)))
+        exp = nbragg.Experiment.from_nanobragg_args((BASE + " " + extra + f" -hkl {hkl}").split(),
+                                                    warn=lambda m: None)
+    exp = exp.replace(structure=exp.structure.replace(B_iso=B_iso))
+    return build_model(exp, warn=lambda m: None)
+
+
+def _mask(S):
+    mask = np.ones((S.det.spixels, S.det.fpixels), np.uint8)
+    mask[::5, 1::3] = 0
+    return S._replace(det=S.det._replace(mask=mask, use_mask=True))
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["float64", "float32"])
+@pytest.mark.parametrize("grid", [False, True], ids=["default_F", "grid"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_row_lanes_equal_the_walk(name, grid, single, tmp_path):
+    model = _model(CASES[name], tmp_path, grid, B_iso=8.0 if "B factor" in name else 0.0)
+    S = model.scene
+    if "mask" in name:
+        S = _mask(S)
+    assert K.row_path(S)
+    dtype = np.float32 if single else np.float64
+    forward = cpu_single(K.forward) if single else K.forward
+    walk = cpu_single(_rows_walk) if single else _rows_walk
+    if single:
+        S = as_single(S)
+    lanes_image = np.full((S.det.spixels, S.det.fpixels), -1.0, dtype)
+    lanes_omega = np.zeros(S.det.spixels, dtype)
+    forward(*S, 0, S.det.spixels, lanes_image, lanes_omega)
+    walk_image = np.full_like(lanes_image, -1.0)
+    walk_omega = np.zeros_like(lanes_omega)
+    walk(S, walk_image, walk_omega)
+    assert lanes_image.tobytes() == walk_image.tobytes()
+    assert lanes_omega.tobytes() == walk_omega.tobytes()
+    assert lanes_image.max() > 0
+    if "mask" in name:
+        assert (lanes_image == -1.0).sum() > 0          # masked and out-of-ROI pixels untouched
+    if "dmin" in name:
+        # the cut is active: some pixels keep only part of their samples
+        uncut = build_model(nbragg.Experiment.from_nanobragg_args(
+            (BASE + " " + CASES[name].replace("-dmin 13.5", "")).split(), warn=lambda m: None),
+            warn=lambda m: None)
+        assert not np.array_equal(nbragg.engine.render(uncut)[0], nbragg.engine.render(model)[0])
+
+
+def test_row_path_is_taken_for_cheap_images_only_where_it_applies():
+    model = _model("", None)
+    assert K.row_path(model.scene)
+    # an amorphous background, -oversample_* flags and round spots keep the walk
+    exp = nbragg.Experiment.from_nanobragg_args(BASE.split(), warn=lambda m: None)
+    amorphous = exp.replace(background=[nbragg.Material("water", thickness=0.1)])
+    assert not K.row_path(build_model(amorphous, warn=lambda m: None).scene)
+    assert not K.row_path(_model("-oversample 2 -oversample_omega", None).scene)
+    assert not K.row_path(_model("-round_xtal", None).scene)
