@@ -13,7 +13,7 @@ from numba import njit
 
 from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, aniso_exponent,
                       axis_lattice_grad, bragg_weight, debye_waller, domain_cells, domain_offset, flat_grid_index,
-                      grid_extent, lagrange4, lagrange4_grad, real, sinc3_grad, sincg_grad, soa_miller,
+                      floor_float, grid_extent, lagrange4, lagrange4_grad, sinc3_grad, sincg_grad, soa_hkl,
                       square_lattice_sq)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
@@ -380,10 +380,12 @@ def square_partials(qx, qy, qz, ori, nreal, xt, fs, fflat, sc, ibuf):
     Nb = xt.Nb
     Nc = xt.Nc
     for m in range(n):
-        h, k, l, h0, k0, l0 = soa_miller(ori, m, qx, qy, qz)
-        dh = h - real(h0)
-        dk = k - real(k0)
-        dl = l - real(l0)
+        h, k, l = soa_hkl(ori, m, qx, qy, qz)
+        # h - nanoBragg's ceil(h - 1/2), kept in floating point (ceil(y) = -floor(-y)
+        # exactly), so the loop vectorises without integer conversions
+        dh = h + floor_float(0.5 - h)
+        dk = k + floor_float(0.5 - k)
+        dl = l + floor_float(0.5 - l)
         ga, dga, nga = axis_lattice_grad(dh, Na)
         gb, dgb, ngb = axis_lattice_grad(dk, Nb)
         gc, dgc, ngc = axis_lattice_grad(dl, Nc)
@@ -396,7 +398,8 @@ def square_partials(qx, qy, qz, ori, nreal, xt, fs, fflat, sc, ibuf):
         sc[SQ_LNC, m] = ga * gb * ngc
         sc[SQ_T, m] = square_lattice_sq(dh, dk, dl, Na, Nb, Nc)
         if use_grid:
-            ibuf[m] = flat_grid_index(h0, k0, l0, extent)
+            ibuf[m] = flat_grid_index(int(math.ceil(h - 0.5)), int(math.ceil(k - 0.5)), int(math.ceil(l - 0.5)),
+                                      extent)
     default_F = fs.default_F
     if use_grid:
         for m in range(nreal):

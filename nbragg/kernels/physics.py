@@ -406,7 +406,7 @@ def sincg_grad_flat(delta, N):
     ngs = 1.0 + a * u2 + b * u2 * u2 + N * (-N / 3.0 * u2 + (12.0 * N2 * N - 20.0 * N) / 360.0 * u2 * u2)
     rden = 1.0 / _sinpi_reduced(delta)
     x = N * delta
-    r = x - math.floor(x + 0.5)
+    r = x - floor_float(x + 0.5)
     g = _sinpi_reduced(r) * rden
     dg_dx = math.pi * _cospi_reduced(r) * rden
     dg = N * dg_dx - g * math.pi * _cospi_reduced(delta) * rden
