@@ -43,6 +43,7 @@ _Q10 = 3.398814699264509e-09
 real = float
 REAL = np.float64
 PI = math.pi
+_INV_PI = 1.0 / math.pi
 
 # shape codes
 SQUARE = 0
@@ -177,7 +178,19 @@ def sinc3(x):
     if ax < 0.02:
         x2 = x * x
         return 1.0 - x2 / 10.0 + x2 * x2 / 280.0 - x2 * x2 * x2 / 15120.0
-    return 3.0 * (math.sin(x) / x - math.cos(x)) / (x * x)
+    s, c = sin_cos(x)
+    return 3.0 * (s / x - c) / (x * x)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def sin_cos(x):
+    """(sin x, cos x) from the sinpi/cospi polynomials after one reduction (no calls:
+    about 1e-16 of x from libm's, the rounding of x / pi)."""
+    r = x * _INV_PI
+    n = floor_float(r + 0.5)
+    sign = _parity_sign(n)
+    d = r - n
+    return sign * _sinpi_reduced(d), sign * _cospi_reduced(d)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -287,8 +300,8 @@ def sinc3_grad(x):
     if ax < 0.02:
         f = 1.0 - x2 / 10.0 + x2 * x2 / 280.0 - x2 * x2 * x2 / 15120.0
         return f, -0.2 + x2 / 70.0 - x2 * x2 / 2520.0
-    s = math.sin(x)
-    f = 3.0 * (s / x - math.cos(x)) / x2
+    s, c = sin_cos(x)
+    f = 3.0 * (s / x - c) / x2
     return f, 3.0 * s / (x2 * x) - 3.0 * f / x2
 
 
@@ -479,7 +492,7 @@ def aniso_exponent(h, k, l, beta):
             + 2.0 * (beta[3] * h * k + beta[4] * h * l + beta[5] * k * l))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def lookup_F(h, k, l, h0, k0, l0, fs):
     """Structure factor at fractional (h, k, l): tricubic or nearest, nanoBragg rules
     (``fs``: the scene's Structure block), times exp(-h^T beta h) with anisotropic
@@ -545,7 +558,7 @@ def domain_cells(xt):
             - xt.Nb * xt.N_ac * xt.N_ac - xt.Nc * xt.N_ab * xt.N_ab)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def lattice_factor(h, k, l, h0, k0, l0, xt):
     """F_latt for one orientation sample (``xt``: the scene's Crystal block)."""
     shape = xt.shape
@@ -829,7 +842,7 @@ def _amorphous_rows(samp, m, x):
     return a, min(lo + 2, last) - a + 1
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def amorphous_F(samp, m, stol):
     """F of material m at sin(theta)/lambda ``stol`` (1/m)."""
     a, n = _amorphous_rows(samp, m, stol)
@@ -856,7 +869,7 @@ def _lagrange_value(xs, ys, a, n, x):
     return ys[a]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def amorphous_F_grad(samp, m, stol):
     """(F, dF/dstol) of material m at ``stol`` (1/m): F is amorphous_F's, bit for bit,
     from the same search."""
@@ -888,7 +901,7 @@ def signed_square(F):
     return -F * F if F < 0.0 else F * F
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def amorphous_sum(samp, stol):
     """sum over materials of amount_m sign(F_m) F_m^2 at ``stol``, summed in float64 (a
     declared accumulator: amounts of 1e20 molecules times F^2 can pass float32's range)."""
