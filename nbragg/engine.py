@@ -463,13 +463,13 @@ def _render_cpu(scene, single, threads, progress, done, total):
     with _threads(threads):
         xmin, xmax, ymin, ymax = roi_clipped(scene.det)
         if progress is None:
-            forward(*scene, ymin, ymax, image, omega_rows)
+            forward(*scene, ymin, ymax, image, omega_rows, True)
         else:
             nrows = ymax - ymin + 1
             block = max(1, -(-nrows // 50))
             for y0 in range(ymin, ymax + 1, block):
                 y1 = min(y0 + block - 1, ymax)
-                forward(*scene, y0, y1, image, omega_rows)
+                forward(*scene, y0, y1, image, omega_rows, True)
                 progress(done + y1 - ymin + 1, total)
     return image.astype(np.float64, copy=False), float(omega_rows.astype(np.float64, copy=False).sum())
 

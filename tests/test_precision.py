@@ -27,7 +27,8 @@ def test_twin_computes_in_float32_only():
     model = build_model(_exp("-N 5"), warn=lambda m: None)
     twin = cpu_single(K.forward, cache=False)          # compiled here, so its types can be read
     y0, y1 = 0, model.shape[0] - 1
-    twin(*as_single(model.scene), y0, y1, np.zeros(model.shape, np.float32), np.zeros(model.shape[0], np.float32))
+    twin(*as_single(model.scene), y0, y1, np.zeros(model.shape, np.float32), np.zeros(model.shape[0], np.float32),
+         True)
     # the declared float64 values: the pixel's sum of samples (I, then value; v in the
     # caller), started by the walk's begin hook (np.float64(I_bg), the one call allowed
     # there) and carried through the block and finish hooks (arguments, returns, unpacking,
@@ -60,7 +61,7 @@ def test_twin_computes_in_float32_only():
     leaks = {f: [v for v in names if not carries_the_sum(f, v)] for f, names in float64_variables(twin).items()}
     assert {f: v for f, v in leaks.items() if v} == {}
     # the checker does see float64: the same twin given float64 arrays
-    twin(*model.scene, y0, y1, np.zeros(model.shape), np.zeros(model.shape[0]))
+    twin(*model.scene, y0, y1, np.zeros(model.shape), np.zeros(model.shape[0]), True)
     assert "forward_single" in float64_variables(twin)
 
 

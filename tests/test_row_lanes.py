@@ -7,13 +7,10 @@ sources, orientation counts around the 8-wide sum, a structure-factor grid, mask
 
 import numpy as np
 import pytest
-from numba import njit
 
 import nbragg
 from nbragg.engine import build_model
 from nbragg.kernels import cpu as K
-from nbragg.kernels.cpu import _forward_row, clipped_roi
-from nbragg.kernels.physics import orientations_soa
 from nbragg.kernels.precision import cpu_single
 from nbragg.kernels.scene import as_single
 
@@ -29,16 +26,6 @@ CASES = {
     "curved, point pixel, no polarization": "-curved_det -point_pixel -nopolar -mosaic 0.5 -mosaic_dom 3",
     "B factor, off-centre beam, water": "-Xbeam 3 -Ybeam 7 -twotheta 10 -mosaic 1 -mosaic_dom 5 -water 50",
 }
-
-
-@njit(cache=True)
-def _rows_walk(S, image, omega_rows):
-    # (functions named here, not through the module, so that the single-precision twin
-    # calls their twins)
-    xmin, xmax, ymin, ymax = clipped_roi(S.det, image.shape[0], image.shape[1])
-    ori = orientations_soa(S.xtal.orients)
-    for y in range(ymin, ymax + 1):
-        _forward_row(S, y, xmin, xmax, True, ori, S.fhkl.grid.ravel(), image, omega_rows)
 
 
 def _model(extra, tmp_path, grid=False, B_iso=0.0):
@@ -71,15 +58,14 @@ def test_row_lanes_equal_the_walk(name, grid, single, tmp_path):
     assert K.row_path(S)
     dtype = np.float32 if single else np.float64
     forward = cpu_single(K.forward) if single else K.forward
-    walk = cpu_single(_rows_walk) if single else _rows_walk
     if single:
         S = as_single(S)
     lanes_image = np.full((S.det.spixels, S.det.fpixels), -1.0, dtype)
     lanes_omega = np.zeros(S.det.spixels, dtype)
-    forward(*S, 0, S.det.spixels, lanes_image, lanes_omega)
+    forward(*S, 0, S.det.spixels, lanes_image, lanes_omega, True)
     walk_image = np.full_like(lanes_image, -1.0)
     walk_omega = np.zeros_like(lanes_omega)
-    walk(S, walk_image, walk_omega)
+    forward(*S, 0, S.det.spixels, walk_image, walk_omega, False)
     assert lanes_image.tobytes() == walk_image.tobytes()
     assert lanes_omega.tobytes() == walk_omega.tobytes()
     assert lanes_image.max() > 0

@@ -51,7 +51,7 @@ def bragg_weight_vjp(S, s, qx, qy, qz, gw, g, L):
     return gw * c * qx, gw * c * qy, gw * c * qz
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def lattice_grad(h, k, l, h0, k0, l0, xt, out):
     """F_latt and its partials (written to ``out``, see LP_SIZE); ``xt`` is the scene's
     Crystal block."""
@@ -148,7 +148,7 @@ def lattice_grad(h, k, l, h0, k0, l0, xt, out):
     return 0.0
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def F_grad(h, k, l, h0, k0, l0, fs, fidx, fw):
     """Structure factor, its derivatives in h, k, l, and the grid entries it used.
 
@@ -263,7 +263,7 @@ def rotate_axis_vjp(vx, vy, vz, ax, ay, az, phi, gx, gy, gz):
     return gvx, gvy, gvz, gax, gay, gaz, gphi
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def position_vjp(gx, gy, gz, fpixel, spixel, subF, subS, t, det, beam, L, g):
     """Push the gradient of a sub-pixel position back to pix0/fdet/sdet/odet (and the
     beam and distance for a curved detector); accumulates into ``g`` (layout ``L``)."""
@@ -327,14 +327,14 @@ def position_vjp(gx, gy, gz, fpixel, spixel, subF, subS, t, det, beam, L, g):
     g[L.thickstep] += t * (o[0] * gx + o[1] * gy + o[2] * gz)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def direction_vjp(gdx, gdy, gdz, gR, px, py, pz, R, dx, dy, dz):
     """Gradient of d = P/|P| and R = |P| back to P."""
     t = dx * gdx + dy * gdy + dz * gdz
     return ((gdx - dx * t) / R + gR * dx, (gdy - dy * t) / R + gR * dy, (gdz - dz * t) / R + gR * dz)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def omega_partials(R, det, omega):
     """(domega/dR, domega/dpixel, domega/dclose_distance) at the given omega."""
     if det.point_pixel:
@@ -342,7 +342,7 @@ def omega_partials(R, det, omega):
     return -3.0 * omega / R, 2.0 * omega / det.pixel, omega / det.close_distance
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def capture_partials(t, dx, dy, dz, det):
     """(capture, dcap/dd (3), dcap/dodet (3), dcap/dthickstep, dcap/dmu)."""
     ox, oy, oz = det.odet[0], det.odet[1], det.odet[2]

@@ -492,7 +492,7 @@ def aniso_exponent(h, k, l, beta):
             + 2.0 * (beta[3] * h * k + beta[4] * h * l + beta[5] * k * l))
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def lookup_F(h, k, l, h0, k0, l0, fs):
     """Structure factor at fractional (h, k, l): tricubic or nearest, nanoBragg rules
     (``fs``: the scene's Structure block), times exp(-h^T beta h) with anisotropic
@@ -558,7 +558,7 @@ def domain_cells(xt):
             - xt.Nb * xt.N_ac * xt.N_ac - xt.Nc * xt.N_ab * xt.N_ab)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def lattice_factor(h, k, l, h0, k0, l0, xt):
     """F_latt for one orientation sample (``xt``: the scene's Crystal block)."""
     shape = xt.shape
@@ -842,7 +842,7 @@ def _amorphous_rows(samp, m, x):
     return a, min(lo + 2, last) - a + 1
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def amorphous_F(samp, m, stol):
     """F of material m at sin(theta)/lambda ``stol`` (1/m)."""
     a, n = _amorphous_rows(samp, m, stol)
@@ -869,7 +869,7 @@ def _lagrange_value(xs, ys, a, n, x):
     return ys[a]
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def amorphous_F_grad(samp, m, stol):
     """(F, dF/dstol) of material m at ``stol`` (1/m): F is amorphous_F's, bit for bit,
     from the same search."""
@@ -901,7 +901,7 @@ def signed_square(F):
     return -F * F if F < 0.0 else F * F
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def amorphous_sum(samp, stol):
     """sum over materials of amount_m sign(F_m) F_m^2 at ``stol``, summed in float64 (a
     declared accumulator: amounts of 1e20 molecules times F^2 can pass float32's range)."""

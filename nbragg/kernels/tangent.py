@@ -161,7 +161,7 @@ def _rot_jvp(vx, vy, vz, ax, ay, az, phi, dvx, dvy, dvz, dax, day, daz, dphi):
     return ox, oy, oz, tx, ty, tz
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def _position_jvp(fpixel, spixel, subF, subS, t, det, beam, d, L, flags, dP):
     """Tangents of the sub-pixel position for every direction (written to dP (P, 3))."""
     os = det.oversample
