@@ -242,15 +242,15 @@ def startup_figures(repeat, binary=None):
         with open(os.path.join(tmp, "numba_floor.py"), "w") as f:
             f.write(_FLOOR_MODULE)
         imp = [sys.executable, "-c", "import nbragg"]
-        floor = [sys.executable, "-c", "import numba_floor"]
+        floor = [sys.executable, "-c", "import numba_floor"]      # (-c: the working directory, tmp, on the path)
         cmd = [sys.executable, "-m", "nbragg"] + STARTUP_ARGS.split() + outputs + ["-noprogress"]
         _run_process(cmd, env, tmp)          # the kernels compiled or loaded once
-        _run_process(floor, dict(env, PYTHONPATH=tmp), tmp)
+        _run_process(floor, env, tmp)
         ti, tn, tf, tc = [], [], [], []
         for _ in range(repeat):
             ti.append(_run_process(imp, env, tmp))
             tn.append(_run_process(cmd, env, tmp))
-            tf.append(_run_process(floor, dict(env, PYTHONPATH=tmp), tmp))
+            tf.append(_run_process(floor, env, tmp))
             if binary:
                 tc.append(_run_process([binary] + STARTUP_ARGS.split() + outputs, dict(os.environ), tmp))
     return (statistics.median(ti), statistics.median(tn), statistics.median(tf),

@@ -283,7 +283,7 @@ def reference_reflection_photons(model):
     node each is nearest (ceil(h - 0.5)), times the pixel's factors and r_e^2 fluence /
     steps -- for experiments without -oversample_* flags (plain loops over pixels)."""
     exp = model.experiment
-    beam, polar_axis = model.detector.beam, model.detector.polar
+    polar_axis = model.detector.polar
     out = {}
     scale = R_E_SQR * model.fluence / model.steps
     for det in model.panels:

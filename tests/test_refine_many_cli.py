@@ -1,7 +1,6 @@
 """nbragg-refine-many: shots from an nbragg-dataset file, outputs, one-line errors."""
 
 import json
-import os
 
 import numpy as np
 import pytest

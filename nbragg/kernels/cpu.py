@@ -215,6 +215,9 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
     fs = S.fhkl
     samp = S.samp
     n = xmax - xmin + 1
+    if n <= 0:
+        omega_rows[spixel] = 0.0
+        return
     os = det.oversample
     norient = xt.orients.shape[0]
     n8 = norient // 8 * 8
@@ -325,7 +328,8 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
         fpixel = xmin + p
         if use_mask and mask[spixel, fpixel] == 0:
             continue
-        image[spixel, fpixel] = apply_final(samp, I[p], capture[p], polar[p], omega[p])
+        # (+ 0.0: the walk adds its amorphous sum, 0, which makes -0.0 +0.0)
+        image[spixel, fpixel] = apply_final(samp, I[p], capture[p], polar[p], omega[p]) + np.float64(0.0)
         osum += omega_sum[p]
     omega_rows[spixel] = osum
 

@@ -1,5 +1,7 @@
 """The one pixel walk: nanoBragg's loops over sensor layers, sub-pixels and sources, with
-every quirk of the C, written once.
+every quirk of the C.  (Two loops mirror it for speed, each checked against it: the
+forward kernel's row lanes, :func:`~nbragg.kernels.cpu._forward_row_lanes`, bit for bit,
+and the adjoint's fast path, :func:`~nbragg.kernels.adjoint.pixel_adjoint_fast`.)
 
 * the solid angle is taken at the first sub-pixel (at every one with ``-oversample_omega``),
   the capture fraction at the first sub-pixel of each sensor layer (every one with
@@ -19,8 +21,7 @@ What a kernel does at each step is a *mode*: a set of hooks, small compiled func
 bound into a copy of :func:`walk` (:func:`specialise`, the same recompilation that makes
 the float32 and CUDA twins).  Forward (the image), tangent (forward-mode derivatives),
 adjoint replay (the record the backward sweep reads) and the ``-printout`` tracer are
-modes (the adjoint's fast path is a forward-order loop of its own: see
-:func:`~nbragg.kernels.adjoint.pixel_adjoint_fast`).  A hook receives the mode's work state ``W`` (a tuple of arrays it owns)
+modes.  A hook receives the mode's work state ``W`` (a tuple of arrays it owns)
 and the scene ``S``; the ones a mode does not bind do nothing.  Hooks read ``W`` by index
 (``W[i]``), never by unpacking it or by a named tuple's fields: inlined into a parallel
 loop, Numba keeps the writes made through indexed reads only (the tests catch the others).
