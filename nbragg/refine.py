@@ -309,11 +309,10 @@ class _Problem:
         self.nfev += 1
         try:
             _, m = self._model(theta)
-        except ParameterError as exc:
+        except ParameterError:
             # a trial step to values that make no experiment (a domain matrix that is not
             # positive definite, a wavelength below 0...): infinite residuals, which the
             # trust region rejects and shrinks from
-            del exc
             return np.full(self.obj.obs.shape, np.inf)
         r = self.obj.residuals(m)
         self.history.append(float(np.dot(r, r)))

@@ -8,18 +8,16 @@ from start to end, so the image does not depend on the number of threads.
 The kernels read a :class:`~nbragg.kernels.scene.Scene`: named blocks of SI values.
 """
 
-import math
-import types
 
 import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
 from .physics import (REAL, SQUARE, beyond_dmin, bragg_weight, capture_fraction, flat_grid_index, flat_position,
-                      grid_extent, lattice_factor, lookup_F, miller, orientations_soa, polarization_axes,
+                      grid_extent, lattice_factor, lookup_F, miller, node_offset, orientations_soa, polarization_axes,
                       polarization_with_axes, real, soa_miller, solid_angle, square_lattice_sq, subpixel_position,
                       sum_fixed, unit_direction)
-from .pixel import add_term, apply_final, specialise
+from .pixel import add_term, apply_final, rebound, specialise
 from .scene import Scene
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -73,22 +71,11 @@ def term(orients, o, qx, qy, qz, S, s):
     return h, k, l, h0, k0, l0, F_latt, F_cell, True, T
 
 
-def _inlining(fn, *callees):
-    """A compiled copy of ``fn`` whose calls to ``callees`` are inlined into it."""
-    py = fn.py_func
-    scope = dict(py.__globals__)
-    for c in callees:
-        scope[c.py_func.__name__] = njit(cache=True, error_model="numpy", inline="always")(c.py_func)
-    clone = types.FunctionType(py.__code__, scope, py.__name__, py.__defaults__, py.__closure__)
-    clone.__qualname__ = py.__qualname__ + "_inlined"
-    options = {k: v for k, v in fn.targetoptions.items() if k != "nopython"}
-    return njit(**options)(clone)
-
-
 # the forward walk's terms with the lattice factor and the F lookup inlined: a call per
 # term passes the scene's blocks by value (round spots with 20 domains ran 2.2x slower);
 # the derivative modes keep the calls, which compile faster
-forward_term = _inlining(term, lattice_factor, lookup_F)
+forward_term = rebound(term, "inlined", {c.py_func.__name__: njit(cache=True, error_model="numpy", inline="always")(
+    c.py_func) for c in (lattice_factor, lookup_F)})
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -362,11 +349,8 @@ def _lattice_lanes(ori, m, qx, qy, qz, Na, Nb, Nc, latt, cell, use_grid, extent,
         h = ax * qx[p] + ay * qy[p] + az * qz[p]
         k = bx * qx[p] + by * qy[p] + bz * qz[p]
         l = cx * qx[p] + cy * qy[p] + cz * qz[p]
-        latt[p] = square_lattice_sq(h - np.ceil(h - 0.5), k - np.ceil(k - 0.5), l - np.ceil(l - 0.5), Na, Nb, Nc)
+        latt[p] = square_lattice_sq(node_offset(h), node_offset(k), node_offset(l), Na, Nb, Nc)
     if use_grid:
         for p in range(n):
-            h = ax * qx[p] + ay * qy[p] + az * qz[p]
-            k = bx * qx[p] + by * qy[p] + bz * qz[p]
-            l = cx * qx[p] + cy * qy[p] + cz * qz[p]
-            cell[p] = flat_grid_index(int(math.ceil(h - 0.5)), int(math.ceil(k - 0.5)), int(math.ceil(l - 0.5)),
-                                      extent)
+            h, k, l, h0, k0, l0 = soa_miller(ori, m, qx[p], qy[p], qz[p])
+            cell[p] = flat_grid_index(h0, k0, l0, extent)

@@ -13,7 +13,7 @@ from numba import njit
 
 from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, aniso_exponent,
                       axis_lattice_grad, bragg_weight, debye_waller, domain_cells, domain_offset, flat_grid_index,
-                      floor_float, grid_extent, lagrange4, lagrange4_grad, sinc3_grad, sincg_grad, soa_hkl,
+                      grid_extent, lagrange4, lagrange4_grad, node_offset, sinc3_grad, sincg_grad, soa_hkl,
                       square_lattice_sq)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
@@ -381,11 +381,9 @@ def square_partials(qx, qy, qz, ori, nreal, xt, fs, fflat, sc, ibuf):
     Nc = xt.Nc
     for m in range(n):
         h, k, l = soa_hkl(ori, m, qx, qy, qz)
-        # h - nanoBragg's ceil(h - 1/2), kept in floating point (ceil(y) = -floor(-y)
-        # exactly), so the loop vectorises without integer conversions
-        dh = h + floor_float(0.5 - h)
-        dk = k + floor_float(0.5 - k)
-        dl = l + floor_float(0.5 - l)
+        dh = node_offset(h)
+        dk = node_offset(k)
+        dl = node_offset(l)
         ga, dga, nga = axis_lattice_grad(dh, Na)
         gb, dgb, ngb = axis_lattice_grad(dk, Nb)
         gc, dgc, ngc = axis_lattice_grad(dl, Nc)

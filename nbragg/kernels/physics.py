@@ -118,6 +118,14 @@ def floor_float(x):
     return np.floor(x)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def node_offset(h):
+    """h minus its nearest node as nanoBragg rounds it, ceil(h - 1/2), kept in floating
+    point (ceil(y) = -floor(-y) exactly, and 1/2 - h = -(h - 1/2) exactly), so vector
+    loops need no integer conversions."""
+    return h + floor_float(0.5 - h)
+
+
 @njit(cache=True, error_model="numpy")
 def sinpi_sq_parts(delta, N):
     """(sin(pi N delta)^2-ready numerator, denominator) for |delta| <= 1/2, N > 1.

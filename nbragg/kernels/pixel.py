@@ -276,13 +276,20 @@ def specialise(name, **hooks):
         raise TypeError(f"unknown hooks: {sorted(unknown)}")
     if "block" not in hooks or "finish" not in hooks:
         raise TypeError("a mode needs at least the block and finish hooks")
-    py = walk.py_func
-    scope = dict(py.__globals__)
-    for h in HOOKS:
-        scope[h] = hooks.get(h, _DEFAULTS[h])
-    clone = types.FunctionType(py.__code__, scope, py.__name__, py.__defaults__, py.__closure__)
-    clone.__qualname__ = f"{py.__qualname__}_{name}"
-    options = {k: v for k, v in walk.targetoptions.items() if k != "nopython"}
     # inlined into the mode's pixel function: a call would copy the scene (a tuple of
     # arrays, passed by value) once more per pixel
-    return njit(inline="always", **options)(clone)
+    return rebound(walk, name, {h: hooks.get(h, _DEFAULTS[h]) for h in HOOKS}, inline="always")
+
+
+def rebound(fn, suffix, names, **options):
+    """A compiled copy of the njit function ``fn`` with the global ``names`` ({name:
+    value}) rebound, and with ``options`` on top of ``fn``'s; ``suffix`` tells the copies
+    apart (it is part of the on-disk cache key)."""
+    py = fn.py_func
+    scope = dict(py.__globals__)
+    scope.update(names)
+    clone = types.FunctionType(py.__code__, scope, py.__name__, py.__defaults__, py.__closure__)
+    clone.__qualname__ = f"{py.__qualname__}_{suffix}"
+    opts = {k: v for k, v in fn.targetoptions.items() if k != "nopython"}
+    opts.update(options)
+    return njit(**opts)(clone)
