@@ -496,7 +496,7 @@ def tangent_image(model, d, backend="cpu", threads=None):
         has_dori = np.array([bool(np.any(ori[q, :, :m] != 0)) for q in range(P)])
         flags = T.tangent_flags(dp, kL)
         with _threads(threads):
-            T.tangent(*S, dp, kL, model.scale, has_dori, flags, J[p], image[p])
+            T.tangent(*S, dp, kL, model.scale, has_dori, flags, J[p], image[p], True)
     return (J[0], image[0]) if len(scenes) == 1 else (J, image)
 
 

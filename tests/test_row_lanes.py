@@ -11,8 +11,9 @@ import pytest
 import nbragg
 from nbragg.engine import build_model
 from nbragg.kernels import cpu as K
+from nbragg.kernels import tangent as T
 from nbragg.kernels.precision import cpu_single
-from nbragg.kernels.scene import as_single
+from nbragg.kernels.scene import FIELDS, as_single, field_slice
 
 BASE = "-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 5 -lambda 1 -distance 60 -pixel 0.4 -detpixels 24"
 
@@ -48,6 +49,17 @@ def _model(extra, tmp_path, grid=False, B_iso=0.0, spectrum=None):
     return build_model(exp, warn=lambda m: None)
 
 
+def _case(name, grid, tmp_path):
+    """(model, scene) of case ``name`` (the scene masked where the name says so)."""
+    model = _model(CASES[name], tmp_path, grid, B_iso=8.0 if "B factor" in name else 0.0,
+                   spectrum=((0.98, 1.0, 1.03), (1.0, 3.0, 0.5)) if "spectrum" in name else None)
+    S = model.scene
+    if "mask" in name:
+        S = _mask(S)
+    assert K.row_path(S)
+    return model, S
+
+
 def _mask(S):
     mask = np.ones((S.det.spixels, S.det.fpixels), np.uint8)
     mask[::5, 1::3] = 0
@@ -58,12 +70,7 @@ def _mask(S):
 @pytest.mark.parametrize("grid", [False, True], ids=["default_F", "grid"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_row_lanes_equal_the_walk(name, grid, single, tmp_path):
-    model = _model(CASES[name], tmp_path, grid, B_iso=8.0 if "B factor" in name else 0.0,
-                   spectrum=((0.98, 1.0, 1.03), (1.0, 3.0, 0.5)) if "spectrum" in name else None)
-    S = model.scene
-    if "mask" in name:
-        S = _mask(S)
-    assert K.row_path(S)
+    model, S = _case(name, grid, tmp_path)
     dtype = np.float32 if single else np.float64
     forward = cpu_single(K.forward) if single else K.forward
     if single:
@@ -99,3 +106,55 @@ def test_row_path_is_taken_for_cheap_images_only_where_it_applies():
     assert not K.row_path(build_model(amorphous, warn=lambda m: None).scene)
     assert not K.row_path(_model("-oversample 2 -oversample_omega", None).scene)
     assert not K.row_path(_model("-round_xtal", None).scene)
+
+
+def _tangent_directions(model, rng):
+    """One direction per input field (random values in that field alone), and one that
+    moves every input at once: each of the tangent's flags on its own, and all together."""
+    kL = model.kernel_layout
+    norient = model.scene.xtal.orients.shape[0]
+    rows = []
+    for name in FIELDS:
+        sl = field_slice(kL, name)
+        if sl.stop <= sl.start:
+            continue
+        row = np.zeros(kL.size)
+        row[sl] = rng.normal(size=sl.stop - sl.start)
+        rows.append(row)
+    rows.append(rng.normal(size=kL.size))
+    d = np.array(rows)
+    # the orientations' padding (past the real ones) is not an input
+    ori = d[:, kL.orients:kL.orients + 9 * kL.npad].reshape(len(d), 9, kL.npad)
+    ori[:, :, norient:] = 0.0
+    return d
+
+
+@pytest.mark.parametrize("grid", [False, True], ids=["default_F", "grid"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_tangent_row_lanes_agree_with_the_walk(name, grid, tmp_path):
+    """The tangent kernel's row lanes against its walk: the image bit for bit (the
+    forward's), the derivatives to rounding (they are summed in another order)."""
+    model, S = _case(name, grid, tmp_path)
+    kL = model.kernel_layout
+    d = _tangent_directions(model, np.random.default_rng(5))
+    m = S.xtal.orients.shape[0]
+    ori = d[:, kL.orients:kL.orients + 9 * kL.npad].reshape(len(d), 9, kL.npad)
+    has_dori = np.array([bool(np.any(ori[q, :, :m] != 0)) for q in range(len(d))])
+    flags = T.tangent_flags(d, kL)
+    shape = (S.det.spixels, S.det.fpixels)
+    out = {}
+    for lanes in (True, False):
+        J = np.full(shape + (len(d),), -1.0)
+        image = np.full(shape, -1.0)
+        T.tangent(*S, d, kL, model.scale, has_dori, flags, J, image, lanes)
+        out[lanes] = J, image
+    forward = np.full(shape, -1.0)
+    K.forward(*S, 0, S.det.spixels, forward, np.zeros(S.det.spixels), True)
+    forward[forward != -1.0] *= model.scale
+    assert out[True][1].tobytes() == out[False][1].tobytes() == forward.tobytes()
+    J, Jw = out[True][0], out[False][0]
+    assert np.all((J == -1.0) == (Jw == -1.0))      # the same pixels written
+    for p in range(len(d)):
+        big = np.abs(Jw[..., p]).max()
+        np.testing.assert_allclose(J[..., p], Jw[..., p], rtol=1e-11, atol=1e-12 * big, err_msg=f"direction {p}")
+    assert np.abs(Jw).max() > 0

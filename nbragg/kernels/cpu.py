@@ -15,8 +15,8 @@ from numba import njit, prange
 
 from .physics import (REAL, SQUARE, beyond_dmin, bragg_weight, capture_fraction, flat_grid_index, flat_position,
                       grid_extent, lattice_factor, lookup_F, miller, node_offset, orientations_soa, polarization_axes,
-                      polarization_with_axes, real, soa_miller, solid_angle, square_lattice_sq, subpixel_position,
-                      sum_fixed, unit_direction)
+                      pixel_solid_angle, polarization_with_axes, real, soa_miller, square_lattice_sq,
+                      subpixel_position, sum_fixed, unit_direction, weighted)
 from .pixel import add_term, apply_final, rebound, specialise
 from .scene import Scene
 
@@ -221,6 +221,10 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
     nsrc = sources.shape[0]
     dmin = samp.dmin
     debye = fs.B != 0.0
+    # (loops over the pixels pass scalars, not the scene's blocks: see physics.pixel_solid_angle)
+    pixel = det.pixel
+    close_distance = det.close_distance
+    point_pixel = det.point_pixel
     I = np.empty(n, dtype=np.float64)         # np.float64: the sum stays float64 in twins
     omega = np.zeros(n, dtype=REAL)
     omega_sum = np.zeros(n, dtype=REAL)
@@ -248,18 +252,10 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
             capture[p] = capture0
         for subS in range(os):
             for subF in range(os):
-                if det.curved:
-                    # (sin and cos: a scalar loop)
-                    for p in range(n):
-                        px, py, pz = subpixel_position(xmin + p, spixel, subF, subS, t, det, beam)
-                        R[p] = _unit_lane(px, py, pz, dx, dy, dz, p)
-                else:
-                    for p in range(n):
-                        px, py, pz = flat_position(xmin + p, spixel, subF, subS, t, det)
-                        R[p] = _unit_lane(px, py, pz, dx, dy, dz, p)
+                lane_directions(det, beam, spixel, xmin, n, subF, subS, t, R, dx, dy, dz)
                 for p in range(n):
                     if omega[p] == 0.0:
-                        omega[p] = solid_angle(R[p], det)
+                        omega[p] = pixel_solid_angle(R[p], pixel, close_distance, point_pixel)
                     omega_sum[p] += omega[p]
                 if capture0 == 0.0:
                     # (exp: a scalar loop, run only with sensor layers)
@@ -287,7 +283,7 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
                                                               bx, by, bz, ex, ey, ez)
                     if debye:
                         for p in range(n):
-                            weight[p] = bragg_weight(S, s, qxs[p], qys[p], qzs[p])
+                            weight[p] = weighted(w, fs.B, qxs[p], qys[p], qzs[p])
                     acc[:, :] = 0.0
                     for m in range(norient):
                         _lattice_lanes(ori, m, qxs, qys, qzs, Na, Nb, Nc, latt, cell, use_grid, extent, n)
@@ -305,9 +301,7 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
                                 acc[j, p] += latt[p] * Fdef2
                     for p in range(n):
                         if keep[p]:
-                            total = ((acc[0, p] + acc[1, p]) + (acc[2, p] + acc[3, p])) + (
-                                (acc[4, p] + acc[5, p]) + (acc[6, p] + acc[7, p]))
-                            I[p] += (weight[p] if debye else w) * total
+                            I[p] += (weight[p] if debye else w) * block_total(acc, p)
     use_mask = det.use_mask
     mask = det.mask
     osum = 0.0
@@ -319,6 +313,28 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
         image[spixel, fpixel] = apply_final(samp, I[p], capture[p], polar[p], omega[p]) + np.float64(0.0)
         osum += omega_sum[p]
     omega_rows[spixel] = osum
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def lane_directions(det, beam, spixel, xmin, n, subF, subS, t, R, dx, dy, dz):
+    """Distance R and unit direction d of sub-pixel (subF, subS) in layer t of the n
+    pixels xmin.. of row spixel."""
+    if det.curved:
+        # (sin and cos: a scalar loop)
+        for p in range(n):
+            px, py, pz = subpixel_position(xmin + p, spixel, subF, subS, t, det, beam)
+            R[p] = _unit_lane(px, py, pz, dx, dy, dz, p)
+    else:
+        for p in range(n):
+            px, py, pz = flat_position(xmin + p, spixel, subF, subS, t, det)
+            R[p] = _unit_lane(px, py, pz, dx, dy, dz, p)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def block_total(acc, p):
+    """Lane p's block sum from its eight partial sums acc[:, p], in :func:`sum_fixed`'s
+    order (orientation m went to acc[m % 8] below the last multiple of 8, else acc[0])."""
+    return ((acc[0, p] + acc[1, p]) + (acc[2, p] + acc[3, p])) + ((acc[4, p] + acc[5, p]) + (acc[6, p] + acc[7, p]))
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -12,9 +12,9 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit
 
 from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, aniso_exponent,
-                      axis_lattice_grad, bragg_weight, debye_waller, domain_cells, domain_offset, flat_grid_index,
+                      axis_lattice_grad, domain_cells, domain_offset, flat_grid_index,
                       grid_extent, lagrange4, lagrange4_grad, node_offset, sinc3_grad, sincg_grad, soa_hkl,
-                      square_lattice_sq)
+                      square_lattice_sq, weighted)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
 # dL/dN_ab dN_ac dN_bc (the Gaussian domain's off-diagonal terms)
@@ -26,8 +26,15 @@ LP_SIZE = 19
 def bragg_weight_partials(S, s, qx, qy, qz):
     """(w, dw/dw_s, dw/dB, c) for a Bragg term's weight w = w_s exp(-B |q|^2 / 2)
     (physics.bragg_weight, its value bit for bit), with dw/dq = c q; once per block."""
-    w = bragg_weight(S, s, qx, qy, qz)
-    return w, debye_waller(S, qx, qy, qz), -0.5 * (qx * qx + qy * qy + qz * qz) * w, -S.fhkl.B * w
+    return weight_partials(S.beam.weights[s], S.fhkl.B, qx, qy, qz)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def weight_partials(ws, B, qx, qy, qz):
+    """:func:`bragg_weight_partials` from the source's weight ws and the B factor."""
+    w = weighted(ws, B, qx, qy, qz)
+    dw = weighted(1.0, B, qx, qy, qz)
+    return w, dw, -0.5 * (qx * qx + qy * qy + qz * qz) * w, -B * w
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -334,15 +341,21 @@ def direction_vjp(gdx, gdy, gdz, gR, px, py, pz, R, dx, dy, dz):
     return ((gdx - dx * t) / R + gR * dx, (gdy - dy * t) / R + gR * dy, (gdz - dz * t) / R + gR * dz)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def omega_partials(R, det, omega):
     """(domega/dR, domega/dpixel, domega/dclose_distance) at the given omega."""
-    if det.point_pixel:
+    return solid_angle_partials(R, det.pixel, det.close_distance, det.point_pixel, omega)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def solid_angle_partials(R, pixel, close_distance, point_pixel, omega):
+    """:func:`omega_partials` from the detector's scalars."""
+    if point_pixel:
         return -2.0 * omega / R, 0.0, 0.0
-    return -3.0 * omega / R, 2.0 * omega / det.pixel, omega / det.close_distance
+    return -3.0 * omega / R, 2.0 * omega / pixel, omega / close_distance
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def capture_partials(t, dx, dy, dz, det):
     """(capture, dcap/dd (3), dcap/dodet (3), dcap/dthickstep, dcap/dmu)."""
     ox, oy, oz = det.odet[0], det.odet[1], det.odet[2]

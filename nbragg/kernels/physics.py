@@ -685,9 +685,14 @@ def debye_waller(S, qx, qy, qz):
 def bragg_weight(S, s, qx, qy, qz):
     """What a Bragg term F_cell^2 F_latt^2 of source ``s`` is multiplied by: the source's
     weight, times the Debye-Waller factor."""
-    w = S.beam.weights[s]
-    if S.fhkl.B != 0.0:
-        w = w * debye_waller(S, qx, qy, qz)
+    return weighted(S.beam.weights[s], S.fhkl.B, qx, qy, qz)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def weighted(w, B, qx, qy, qz):
+    """:func:`bragg_weight` from the source's weight w and the B factor."""
+    if B != 0.0:
+        w = w * math.exp(-0.5 * B * (qx * qx + qy * qy + qz * qz))
     return w
 
 
@@ -730,9 +735,16 @@ def flat_grid_index(h0, k0, l0, extent):
 @njit(cache=True, error_model="numpy", inline="always")
 def solid_angle(R, det):
     """Solid angle of a pixel (nanoBragg's, with -point_pixel: 1/R^2)."""
-    if det.point_pixel:
+    return pixel_solid_angle(R, det.pixel, det.close_distance, det.point_pixel)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def pixel_solid_angle(R, pixel, close_distance, point_pixel):
+    """:func:`solid_angle` from the detector's scalars (loops over pixels pass no arrays:
+    each call would count references to every one of them)."""
+    if point_pixel:
         return 1.0 / R / R
-    return det.pixel * det.pixel / R / R * det.close_distance / R
+    return pixel * pixel / R / R * close_distance / R
 
 
 @njit(cache=True, error_model="numpy", inline="always")

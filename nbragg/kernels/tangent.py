@@ -13,11 +13,14 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .cpu import clipped_roi, fast_path, term
-from .physics import orientations_soa
+from .cpu import block_total, clipped_roi, fast_path, lane_directions, row_path, term
+from .physics import (axis_lattice_grad, beyond_dmin, capture_fraction, flat_grid_index, grid_extent, node_offset,
+                      orientations_soa, pixel_solid_angle, polarization_axes, polarization_with_axes, soa_miller,
+                      square_lattice_sq)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
                      SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_partials, bragg_weight_tangent,
-                     capture_partials, lattice_grad, omega_partials, square_partials)
+                     capture_partials, lattice_grad, omega_partials, solid_angle_partials, square_partials,
+                     weight_partials)
 from .physics import (SQUARE, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
                       signed_square, sum_row)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
@@ -509,18 +512,25 @@ def pixel_tangent(fpixel, spixel, S, d, L, dP, dd, dq, dI, dom, dcap, dpol, dm, 
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def tangent(det, beam, xtal, fhkl, samp, d, L, scale, has_dori, flags, J, image):
+def tangent(det, beam, xtal, fhkl, samp, d, L, scale, has_dori, flags, J, image, lanes):
     """J[s, f, p] = d(scaled image)/d(theta_p) for the directions d (P, L.size) in the
-    layout L; ``image`` receives the scaled image.  (The scene comes block by block, as
-    in :func:`~nbragg.kernels.cpu.forward`.)"""
+    layout L; ``image`` receives the scaled image.  ``lanes``: rows take
+    :func:`_tangent_row_lanes` where :func:`~nbragg.kernels.cpu.row_path` allows (False:
+    every pixel walks, as the tests' reference does).  (The scene comes block by block,
+    as in :func:`~nbragg.kernels.cpu.forward`.)"""
     spixels, fpixels = image.shape
     xmin, xmax, ymin, ymax = clipped_roi(det, spixels, fpixels)
     ori = orientations_soa(xtal.orients)
     fflat = fhkl.grid.ravel()
     fast = fast_path(Scene(det, beam, xtal, fhkl, samp))
+    lanes = lanes and row_path(Scene(det, beam, xtal, fhkl, samp))
     for spixel in prange(ymin, ymax + 1):
-        _tangent_row(Scene(det, beam, xtal, fhkl, samp), spixel, xmin, xmax, d, L, scale, has_dori, flags, fast, ori,
-                     fflat, J, image)
+        if lanes:
+            _tangent_row_lanes(Scene(det, beam, xtal, fhkl, samp), spixel, xmin, xmax, d, L, scale, has_dori, flags,
+                               ori, fflat, J, image)
+        else:
+            _tangent_row(Scene(det, beam, xtal, fhkl, samp), spixel, xmin, xmax, d, L, scale, has_dori, flags, fast,
+                         ori, fflat, J, image)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -553,3 +563,317 @@ def _tangent_row(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, fast, ori,
         image[spixel, fpixel] = v * scale
         for p in range(npar):
             J[spixel, fpixel, p] = scale * dI[p] + d[p, L.scale] * v
+
+
+LANE_PARTIALS = 1 << 15    # doubles of orientation partials (9 x orientations x lanes) a row chunk keeps
+
+
+@njit(cache=True, error_model="numpy")
+def _tangent_row_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, ori, fflat, J, image):
+    """One row of the tangent kernel in the :func:`~nbragg.kernels.cpu.row_path` case, its
+    pixels as vector lanes (in chunks whose orientation partials fit in a core's cache):
+    see :func:`_tangent_lanes`."""
+    norient = S.xtal.orients.shape[0]
+    any_dori = False
+    for p in range(d.shape[0]):
+        any_dori = any_dori or has_dori[p]
+    width = xmax - xmin + 1
+    if any_dori:
+        width = max(8, min(width, LANE_PARTIALS // (9 * norient)))
+    for x0 in range(xmin, xmax + 1, width):
+        _tangent_lanes(S, spixel, x0, min(x0 + width - 1, xmax), d, L, scale, has_dori, any_dori, flags, ori, fflat,
+                       J, image)
+
+
+@njit(cache=True, error_model="numpy")
+def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags, ori, fflat, J, image):
+    """Pixels xmin..xmax of row spixel: the tangent walk (``_t_*`` hooks, square blocks)
+    with the sample loop outside and the pixel loop inside, as the forward's row lanes
+    (whose image it gives bit for bit).
+
+    The orientations are where the work is, so their loops make no calls and carry no
+    direction index: each block adds, per pixel, w dT/dq (W*), w dT/dN (SN*), w dT/dF
+    (SD), and per orientation m, w (dT/dh, dT/dk, dT/dl) outer q (O); the directions'
+    tangents of q are contracted with W* per block, those of N, F and the orientations
+    with the sums once, at the end.  The pixel factors and the geometry's tangents
+    (scalar loops over the pixels) are taken where the walk takes them."""
+    det = S.det
+    beam = S.beam
+    xt = S.xtal
+    fs = S.fhkl
+    samp = S.samp
+    n = xmax - xmin + 1
+    if n <= 0:
+        return
+    P = d.shape[0]
+    npad = ori.shape[1]
+    os = det.oversample
+    norient = xt.orients.shape[0]
+    n8 = norient // 8 * 8
+    Na = xt.Na
+    Nb = xt.Nb
+    Nc = xt.Nc
+    use_grid = fs.has_hkls
+    extent = grid_extent(fs)
+    Fdef = fs.default_F
+    kahn = beam.kahn
+    pv = beam.polar_axis
+    sources = beam.sources
+    lambdas = beam.lambdas
+    nsrc = sources.shape[0]
+    dmin = samp.dmin
+    B = fs.B
+    pixel = det.pixel
+    close_distance = det.close_distance
+    point_pixel = det.point_pixel
+    geo = False        # some direction moves the sub-pixels
+    moves_q = False    # ... or the sources or wavelengths
+    for p in range(P):
+        geo = geo or (flags[p] & T_GEO) != 0
+        moves_q = moves_q or (flags[p] & (T_GEO | T_SRC | T_LAM)) != 0
+    I = np.empty(n)
+    dI = np.empty((P, n))
+    omega = np.zeros(n)
+    capture = np.empty(n)
+    polar = np.empty(n)
+    dom = np.zeros((P, n))
+    dcap = np.zeros((P, n))
+    dpol = np.zeros((P, n))
+    R = np.empty(n)
+    dx = np.empty(n)
+    dy = np.empty(n)
+    dz = np.empty(n)
+    qx = np.empty(n)
+    qy = np.empty(n)
+    qz = np.empty(n)
+    keep = np.empty(n, dtype=np.bool_)
+    w = np.empty(n)          # the block's weight, 0 where -dmin cuts it
+    dws = np.empty(n)        # bragg_weight_partials
+    dwB = np.empty(n)
+    cwq = np.empty(n)
+    dd = np.zeros((P, 4, n))
+    dq = np.zeros((P, 3, n))
+    dP1 = np.zeros((P, 3))
+    pb = np.empty(10)
+    acc = np.empty((8, n))
+    Tk = np.empty(n)         # the block's sum where kept, else 0
+    latt = np.empty(n)       # per orientation: F_latt^2, F_latt and its partials
+    Lt = np.empty(n)
+    LH = np.empty(n)
+    LK = np.empty(n)
+    LL = np.empty(n)
+    LNa = np.empty(n)
+    LNb = np.empty(n)
+    LNc = np.empty(n)
+    F = np.full(n, Fdef)
+    isdef = np.ones(n)
+    Wx = np.empty(n)
+    Wy = np.empty(n)
+    Wz = np.empty(n)
+    SNa = np.zeros(n)
+    SNb = np.zeros(n)
+    SNc = np.zeros(n)
+    SD = np.zeros(n)
+    O = np.zeros((9, norient if any_dori else 0, n))
+    polar0 = 1.0 if beam.nopolar else 0.0
+    for x in range(n):
+        I[x] = samp.I_bg
+        polar[x] = polar0
+        for p in range(P):
+            dI[p, x] = d[p, L.I_bg]
+    for t in range(det.thicksteps):
+        capture0 = 1.0 if det.thick == 0.0 else 0.0
+        for x in range(n):
+            capture[x] = capture0
+            for p in range(P):
+                dcap[p, x] = 0.0
+        for subS in range(os):
+            for subF in range(os):
+                lane_directions(det, beam, spixel, xmin, n, subF, subS, t, R, dx, dy, dz)
+                if geo:
+                    for x in range(n):
+                        _position_jvp(xmin + x, spixel, subF, subS, t, det, beam, d, L, flags, dP1)
+                        for p in range(P):
+                            if (flags[p] & T_GEO) == 0:
+                                continue
+                            dR = dx[x] * dP1[p, 0] + dy[x] * dP1[p, 1] + dz[x] * dP1[p, 2]
+                            dd[p, 0, x] = (dP1[p, 0] - dx[x] * dR) / R[x]
+                            dd[p, 1, x] = (dP1[p, 1] - dy[x] * dR) / R[x]
+                            dd[p, 2, x] = (dP1[p, 2] - dz[x] * dR) / R[x]
+                            dd[p, 3, x] = dR
+                for x in range(n):
+                    if omega[x] == 0.0:
+                        omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
+                        oR, opix, oclose = solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])
+                        for p in range(P):
+                            if (flags[p] & (T_GEO | T_OMEGA)) != 0:
+                                dom[p, x] = oR * dd[p, 3, x] + opix * d[p, L.pixel] + oclose * d[p, L.close_distance]
+                if capture0 == 0.0:
+                    for x in range(n):
+                        if capture[x] == 0.0:
+                            capture[x] = capture_fraction(t, dx[x], dy[x], dz[x], det)
+                            _, cdx, cdy, cdz, cox, coy, coz, cts, cmu = capture_partials(t, dx[x], dy[x], dz[x], det)
+                            for p in range(P):
+                                if (flags[p] & (T_GEO | T_CAP)) != 0:
+                                    dcap[p, x] = (cdx * dd[p, 0, x] + cdy * dd[p, 1, x] + cdz * dd[p, 2, x]
+                                                  + cox * d[p, L.odet] + coy * d[p, L.odet + 1]
+                                                  + coz * d[p, L.odet + 2] + cts * d[p, L.thickstep]
+                                                  + cmu * d[p, L.mu])
+                for s in range(nsrc):
+                    ix = -sources[s, 0]
+                    iy = -sources[s, 1]
+                    iz = -sources[s, 2]
+                    lam = lambdas[s]
+                    so = L.sources + 3 * s
+                    wsrc = beam.weights[s]
+                    bx, by, bz, ex, ey, ez = polarization_axes(kahn, ix, iy, iz, pv[0], pv[1], pv[2])
+                    for x in range(n):
+                        qx[x] = (dx[x] - ix) / lam
+                        qy[x] = (dy[x] - iy) / lam
+                        qz[x] = (dz[x] - iz) / lam
+                        keep[x] = not beyond_dmin(qx[x], qy[x], qz[x], dmin)
+                    for x in range(n):
+                        if keep[x] and polar[x] == 0.0:
+                            polar[x] = polarization_with_axes(kahn, ix, iy, iz, dx[x], dy[x], dz[x], bx, by, bz, ex,
+                                                              ey, ez)
+                            polarization_grad(kahn, ix, iy, iz, dx[x], dy[x], dz[x], pv[0], pv[1], pv[2], pb)
+                            for p in range(P):
+                                if (flags[p] & (T_GEO | T_SRC | T_POL)) != 0:
+                                    dpol[p, x] = (pb[0] * d[p, L.kahn] - pb[1] * d[p, so] - pb[2] * d[p, so + 1]
+                                                  - pb[3] * d[p, so + 2] + pb[4] * dd[p, 0, x] + pb[5] * dd[p, 1, x]
+                                                  + pb[6] * dd[p, 2, x] + pb[7] * d[p, L.polar_axis]
+                                                  + pb[8] * d[p, L.polar_axis + 1] + pb[9] * d[p, L.polar_axis + 2])
+                    for x in range(n):
+                        wv, ws, wB, cq = weight_partials(wsrc, B, qx[x], qy[x], qz[x])
+                        w[x] = wv if keep[x] else 0.0
+                        dws[x] = ws
+                        dwB[x] = wB
+                        cwq[x] = cq
+                    if moves_q:
+                        for p in range(P):
+                            if (flags[p] & (T_GEO | T_SRC | T_LAM)) == 0:
+                                continue
+                            dlam = d[p, L.lambdas + s]
+                            for x in range(n):
+                                dq[p, 0, x] = (dd[p, 0, x] + d[p, so] - qx[x] * dlam) / lam
+                                dq[p, 1, x] = (dd[p, 1, x] + d[p, so + 1] - qy[x] * dlam) / lam
+                                dq[p, 2, x] = (dd[p, 2, x] + d[p, so + 2] - qz[x] * dlam) / lam
+                    acc[:, :] = 0.0
+                    Wx[:] = 0.0
+                    Wy[:] = 0.0
+                    Wz[:] = 0.0
+                    for m in range(norient):
+                        ax = ori[0, m]
+                        ay = ori[1, m]
+                        az = ori[2, m]
+                        bxo = ori[3, m]
+                        byo = ori[4, m]
+                        bzo = ori[5, m]
+                        cxo = ori[6, m]
+                        cyo = ori[7, m]
+                        czo = ori[8, m]
+                        for x in range(n):
+                            h = ax * qx[x] + ay * qy[x] + az * qz[x]
+                            k = bxo * qx[x] + byo * qy[x] + bzo * qz[x]
+                            l = cxo * qx[x] + cyo * qy[x] + czo * qz[x]
+                            oh = node_offset(h)
+                            ok = node_offset(k)
+                            ol = node_offset(l)
+                            latt[x] = square_lattice_sq(oh, ok, ol, Na, Nb, Nc)
+                            ga, dga, nga = axis_lattice_grad(oh, Na)
+                            gb, dgb, ngb = axis_lattice_grad(ok, Nb)
+                            gc, dgc, ngc = axis_lattice_grad(ol, Nc)
+                            Lt[x] = ga * gb * gc
+                            LH[x] = dga * gb * gc
+                            LK[x] = ga * dgb * gc
+                            LL[x] = ga * gb * dgc
+                            LNa[x] = nga * gb * gc
+                            LNb[x] = ga * ngb * gc
+                            LNc[x] = ga * gb * ngc
+                        if use_grid:
+                            # (the gather: a loop of its own, so that the others vectorise)
+                            for x in range(n):
+                                h, k, l, h0, k0, l0 = soa_miller(ori, m, qx[x], qy[x], qz[x])
+                                c = flat_grid_index(h0, k0, l0, extent)
+                                F[x] = fflat[c] if c >= 0 else Fdef
+                                isdef[x] = 0.0 if c >= 0 else 1.0
+                        j = m & 7 if m < n8 else 0
+                        for x in range(n):
+                            F2 = F[x] * F[x]
+                            acc[j, x] += latt[x] * F2
+                            c = 2.0 * F2 * Lt[x] * w[x]
+                            gh = c * LH[x]
+                            gk = c * LK[x]
+                            gl = c * LL[x]
+                            Wx[x] += gh * ax + gk * bxo + gl * cxo
+                            Wy[x] += gh * ay + gk * byo + gl * cyo
+                            Wz[x] += gh * az + gk * bzo + gl * czo
+                            SNa[x] += c * LNa[x]
+                            SNb[x] += c * LNb[x]
+                            SNc[x] += c * LNc[x]
+                            SD[x] += isdef[x] * 2.0 * F[x] * Lt[x] * Lt[x] * w[x]
+                        if any_dori:
+                            # (a loop of its own: with all the stores in one, LLVM gives up
+                            # vectorising)
+                            for x in range(n):
+                                c = 2.0 * F[x] * F[x] * Lt[x] * w[x]
+                                gh = c * LH[x]
+                                gk = c * LK[x]
+                                gl = c * LL[x]
+                                O[0, m, x] += gh * qx[x]
+                                O[1, m, x] += gh * qy[x]
+                                O[2, m, x] += gh * qz[x]
+                                O[3, m, x] += gk * qx[x]
+                                O[4, m, x] += gk * qy[x]
+                                O[5, m, x] += gk * qz[x]
+                                O[6, m, x] += gl * qx[x]
+                                O[7, m, x] += gl * qy[x]
+                                O[8, m, x] += gl * qz[x]
+                    for x in range(n):
+                        Tk[x] = 0.0
+                        if keep[x]:
+                            Tk[x] = block_total(acc, x)
+                            I[x] += w[x] * Tk[x]
+                    for p in range(P):
+                        a = d[p, L.weights + s]
+                        b = d[p, L.B]
+                        for x in range(n):
+                            dI[p, x] += (dws[x] * a + dwB[x] * b) * Tk[x]
+                        if (flags[p] & (T_GEO | T_SRC | T_LAM)) != 0:
+                            for x in range(n):
+                                dI[p, x] += (Wx[x] * dq[p, 0, x] + Wy[x] * dq[p, 1, x] + Wz[x] * dq[p, 2, x]
+                                             + cwq[x] * (qx[x] * dq[p, 0, x] + qy[x] * dq[p, 1, x]
+                                                         + qz[x] * dq[p, 2, x]) * Tk[x])
+    # the sums' tangents in N, the default F and the orientations, once
+    for p in range(P):
+        aN = d[p, L.Na]
+        bN = d[p, L.Nb]
+        cN = d[p, L.Nc]
+        dF = d[p, L.default_F]
+        for x in range(n):
+            dI[p, x] += aN * SNa[x] + bN * SNb[x] + cN * SNc[x] + dF * SD[x]
+        if has_dori[p]:
+            for i in range(9):
+                for m in range(norient):
+                    coef = d[p, L.orients + i * npad + m]
+                    if coef != 0.0:
+                        for x in range(n):
+                            dI[p, x] += coef * O[i, m, x]
+    # the factors applied at the end (_t_finish), vectorised across the pixels
+    value = np.empty(n)
+    for x in range(n):
+        value[x] = apply_final(samp, I[x], capture[x], polar[x], omega[x]) + np.float64(0.0)
+        R[x] = final_factor(samp, capture[x], polar[x], omega[x])          # (R: scratch now)
+    for p in range(P):
+        for x in range(n):
+            dI[p, x] = (dI[p, x] * R[x] + I[x] * dcap[p, x] * polar[x] * omega[x]
+                        + I[x] * dpol[p, x] * capture[x] * omega[x] + I[x] * dom[p, x] * capture[x] * polar[x])
+    use_mask = det.use_mask
+    mask = det.mask
+    for x in range(n):
+        fpixel = xmin + x
+        if use_mask and mask[spixel, fpixel] == 0:
+            continue
+        image[spixel, fpixel] = value[x] * scale
+        for p in range(P):
+            J[spixel, fpixel, p] = scale * dI[p, x] + d[p, L.scale] * value[x]
