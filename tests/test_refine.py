@@ -81,8 +81,15 @@ def test_other_losses_converge(truth_and_observed, loss):
     tv = get_params(truth, names)
     start = set_params(truth, {"misset_z": tv["misset_z"] + 0.05, "Nb": 5.3, "beam_x": tv["beam_x"] + 0.05})
     fits = [refine(start, obs, names, loss=loss, method=m, readout=1.0) for m in ("least_squares", "lbfgs")]
-    # both methods find the same minimum of the same objective
-    assert fits[0].final_loss == pytest.approx(fits[1].final_loss, rel=1e-8)
+    # both methods find the same minimum of the same objective.  (The Gaussian loss holds
+    # its variance fixed for a solve and refreshes it until the parameters move less than
+    # 1e-7 of themselves; its final loss, with the variance of the answer, is not
+    # stationary there, so it differs at first order in whatever the two paths leave at
+    # that level, about 1e-8 of it: the methods are compared through the parameters.)
+    if loss == "l2":
+        assert fits[0].final_loss == pytest.approx(fits[1].final_loss, rel=1e-8)
+    for n in names:
+        assert abs(fits[0].values[n] - fits[1].values[n]) <= 1e-3 * fits[0].uncertainties[n], (loss, n)
     # unweighted least squares on Poisson counts is a poorer estimator than the
     # likelihood; its sandwich uncertainty still covers the truth within a few sd
     limit = 3.0 if loss == "gaussian" else 5.0

@@ -135,6 +135,18 @@ def test_tangent_row_lanes_agree_with_the_walk(name, grid, tmp_path):
     """The tangent kernel's row lanes against its walk: the image bit for bit (the
     forward's), the derivatives to rounding (they are summed in another order)."""
     model, S = _case(name, grid, tmp_path)
+    _check_tangent_lanes(model, S)
+
+
+def test_tangent_row_lanes_in_chunks_agree_with_the_walk(tmp_path):
+    """With many orientations a row is taken in chunks of pixels (their per-orientation
+    sums within tangent.LANE_PARTIALS): here 200 orientations, chunks of 18 and 6."""
+    model = _model("-mosaic 1 -mosaic_dom 200", tmp_path)
+    assert 24 > T.LANE_PARTIALS // (9 * model.scene.xtal.orients.shape[0]) > 12
+    _check_tangent_lanes(model, _mask(model.scene))
+
+
+def _check_tangent_lanes(model, S):
     kL = model.kernel_layout
     d = _tangent_directions(model, np.random.default_rng(5))
     m = S.xtal.orients.shape[0]

@@ -673,15 +673,6 @@ def scattering(sources, lambdas, s, dx, dy, dz):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def debye_waller(S, qx, qy, qz):
-    """exp(-B |q|^2 / 2): the overall B factor's exp(-2 B (sin(theta)/lambda)^2) on a Bragg
-    term's F^2, at the sample's scattering vector (1 without a B factor)."""
-    if S.fhkl.B == 0.0:
-        return 1.0
-    return math.exp(-0.5 * S.fhkl.B * (qx * qx + qy * qy + qz * qz))
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def bragg_weight(S, s, qx, qy, qz):
     """What a Bragg term F_cell^2 F_latt^2 of source ``s`` is multiplied by: the source's
     weight, times the Debye-Waller factor."""
@@ -690,7 +681,9 @@ def bragg_weight(S, s, qx, qy, qz):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def weighted(w, B, qx, qy, qz):
-    """:func:`bragg_weight` from the source's weight w and the B factor."""
+    """:func:`bragg_weight` from the source's weight w and the B factor: w times the
+    Debye-Waller factor exp(-B |q|^2 / 2), the overall B's exp(-2 B (sin(theta)/lambda)^2)
+    on F^2."""
     if B != 0.0:
         w = w * math.exp(-0.5 * B * (qx * qx + qy * qy + qz * qz))
     return w

@@ -578,6 +578,8 @@ def _tangent_row_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, ori,
     for p in range(d.shape[0]):
         any_dori = any_dori or has_dori[p]
     width = xmax - xmin + 1
+    if width <= 0:
+        return
     if any_dori:
         width = max(8, min(width, LANE_PARTIALS // (9 * norient)))
     for x0 in range(xmin, xmax + 1, width):
