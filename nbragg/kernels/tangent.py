@@ -565,6 +565,51 @@ def _tangent_row(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, fast, ori,
             J[spixel, fpixel, p] = scale * dI[p] + d[p, L.scale] * v
 
 
+@njit(cache=True, error_model="numpy")
+def _direction_tangents_flat(det, spixel, xmin, n, subF, subS, t, d, L, flags, R, dx, dy, dz, dd):
+    """dd[p, :, x]: the tangents of the unit direction and distance of sub-pixel (subF,
+    subS) in layer t for the pixels xmin.. of row spixel of a flat detector, for the
+    directions that move the geometry (:func:`_position_jvp` and ``_t_subpixel``, one
+    loop over the pixels per direction: the position's tangent is affine in the pixel's
+    fast coordinate)."""
+    os = det.oversample
+    sub = det.subpixel
+    f = det.fdet
+    sv = det.sdet
+    o = det.odet
+    cS = spixel * os + subS + 0.5
+    Sdet = sub * (spixel * os + subS) + sub / 2.0
+    Odet = t * det.thickstep
+    for p in range(d.shape[0]):
+        if (flags[p] & T_GEO) == 0:
+            continue
+        dsub = d[p, L.subpixel]
+        dS = cS * dsub
+        dO = t * d[p, L.thickstep]
+        # the parts that do not depend on the pixel's fast coordinate
+        a0 = d[p, L.pix0] + Sdet * d[p, L.sdet] + dS * sv[0] + Odet * d[p, L.odet] + dO * o[0]
+        a1 = d[p, L.pix0 + 1] + Sdet * d[p, L.sdet + 1] + dS * sv[1] + Odet * d[p, L.odet + 1] + dO * o[1]
+        a2 = d[p, L.pix0 + 2] + Sdet * d[p, L.sdet + 2] + dS * sv[2] + Odet * d[p, L.odet + 2] + dO * o[2]
+        b0 = d[p, L.fdet]
+        b1 = d[p, L.fdet + 1]
+        b2 = d[p, L.fdet + 2]
+        c0 = dsub * f[0]
+        c1 = dsub * f[1]
+        c2 = dsub * f[2]
+        for x in range(n):
+            col = (xmin + x) * os + subF
+            Fdet = sub * col + sub / 2.0
+            cF = col + 0.5
+            P0 = a0 + Fdet * b0 + cF * c0
+            P1 = a1 + Fdet * b1 + cF * c1
+            P2 = a2 + Fdet * b2 + cF * c2
+            dR = dx[x] * P0 + dy[x] * P1 + dz[x] * P2
+            dd[p, 0, x] = (P0 - dx[x] * dR) / R[x]
+            dd[p, 1, x] = (P1 - dy[x] * dR) / R[x]
+            dd[p, 2, x] = (P2 - dz[x] * dR) / R[x]
+            dd[p, 3, x] = dR
+
+
 LANE_PARTIALS = 1 << 15    # doubles of orientation partials (9 x orientations x lanes) a row chunk keeps
 
 
@@ -692,7 +737,9 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
         for subS in range(os):
             for subF in range(os):
                 lane_directions(det, beam, spixel, xmin, n, subF, subS, t, R, dx, dy, dz)
-                if geo:
+                if geo and not det.curved:
+                    _direction_tangents_flat(det, spixel, xmin, n, subF, subS, t, d, L, flags, R, dx, dy, dz, dd)
+                elif geo:
                     for x in range(n):
                         _position_jvp(xmin + x, spixel, subF, subS, t, det, beam, d, L, flags, dP1)
                         for p in range(P):
