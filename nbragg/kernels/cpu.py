@@ -13,10 +13,10 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .physics import (REAL, SQUARE, beyond_dmin, bragg_weight, capture_fraction, flat_grid_index, flat_position,
-                      grid_extent, lattice_factor, lookup_F, miller, node_offset, orientations_soa, polarization_axes,
-                      pixel_solid_angle, polarization_with_axes, real, soa_miller, square_lattice_sq,
-                      subpixel_position, sum_fixed, unit_direction, weighted)
+from .physics import (REAL, SQUARE, axes_hkl, beyond_dmin, bragg_weight, capture_fraction, flat_grid_index,
+                      flat_position, grid_extent, lattice_factor, lookup_F, miller, node_offset, orientation_axes,
+                      orientations_soa, pixel_solid_angle, polarization_axes, polarization_with_axes, real,
+                      soa_miller, square_lattice_sq, subpixel_position, sum_fixed, unit_direction, weighted)
 from .pixel import add_term, apply_final, rebound, specialise
 from .scene import Scene
 
@@ -352,19 +352,9 @@ def _lattice_lanes(ori, m, qx, qy, qz, Na, Nb, Nc, latt, cell, use_grid, extent,
     """latt[p] = F_latt^2 of orientation m at q[p] for p < n (and, with a grid, cell[p]:
     the nearest node's index in it, or -1): :func:`square_terms`'s arithmetic, one
     orientation across pixels."""
-    ax = ori[0, m]
-    ay = ori[1, m]
-    az = ori[2, m]
-    bx = ori[3, m]
-    by = ori[4, m]
-    bz = ori[5, m]
-    cx = ori[6, m]
-    cy = ori[7, m]
-    cz = ori[8, m]
+    A = orientation_axes(ori, m)
     for p in range(n):
-        h = ax * qx[p] + ay * qy[p] + az * qz[p]
-        k = bx * qx[p] + by * qy[p] + bz * qz[p]
-        l = cx * qx[p] + cy * qy[p] + cz * qz[p]
+        h, k, l = axes_hkl(A, qx[p], qy[p], qz[p])
         latt[p] = square_lattice_sq(node_offset(h), node_offset(k), node_offset(l), Na, Nb, Nc)
     if use_grid:
         for p in range(n):

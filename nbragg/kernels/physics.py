@@ -698,6 +698,21 @@ def soa_hkl(ori, m, qx, qy, qz):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def orientation_axes(ori, m):
+    """Orientation m of a (9, m8) orientation block as nine scalars (a_x, a_y, a_z, b_x,
+    ..., c_z), read once before a loop over pixels."""
+    return ori[0, m], ori[1, m], ori[2, m], ori[3, m], ori[4, m], ori[5, m], ori[6, m], ori[7, m], ori[8, m]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def axes_hkl(A, qx, qy, qz):
+    """Fractional (h, k, l) of q for the axes A (:func:`orientation_axes`)."""
+    return (A[0] * qx + A[1] * qy + A[2] * qz,
+            A[3] * qx + A[4] * qy + A[5] * qz,
+            A[6] * qx + A[7] * qy + A[8] * qz)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def soa_miller(ori, m, qx, qy, qz):
     """:func:`miller` for orientation m of a (9, m8) orientation block."""
     h, k, l = soa_hkl(ori, m, qx, qy, qz)

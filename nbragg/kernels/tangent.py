@@ -14,9 +14,9 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit, prange
 
 from .cpu import block_total, clipped_roi, fast_path, lane_directions, row_path, term
-from .physics import (axis_lattice_grad, beyond_dmin, capture_fraction, flat_grid_index, grid_extent, node_offset,
-                      orientations_soa, pixel_solid_angle, polarization_axes, polarization_with_axes, soa_miller,
-                      square_lattice_sq)
+from .physics import (axes_hkl, axis_lattice_grad, beyond_dmin, capture_fraction, flat_grid_index, grid_extent,
+                      node_offset, orientation_axes, orientations_soa, pixel_solid_angle, polarization_axes,
+                      polarization_with_axes, soa_miller, square_lattice_sq)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
                      SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_partials, bragg_weight_tangent,
                      capture_partials, lattice_grad, omega_partials, solid_angle_partials, square_partials,
@@ -812,19 +812,9 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                     Wy[:] = 0.0
                     Wz[:] = 0.0
                     for m in range(norient):
-                        ax = ori[0, m]
-                        ay = ori[1, m]
-                        az = ori[2, m]
-                        bxo = ori[3, m]
-                        byo = ori[4, m]
-                        bzo = ori[5, m]
-                        cxo = ori[6, m]
-                        cyo = ori[7, m]
-                        czo = ori[8, m]
+                        A = orientation_axes(ori, m)
                         for x in range(n):
-                            h = ax * qx[x] + ay * qy[x] + az * qz[x]
-                            k = bxo * qx[x] + byo * qy[x] + bzo * qz[x]
-                            l = cxo * qx[x] + cyo * qy[x] + czo * qz[x]
+                            h, k, l = axes_hkl(A, qx[x], qy[x], qz[x])
                             oh = node_offset(h)
                             ok = node_offset(k)
                             ol = node_offset(l)
@@ -854,9 +844,9 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                             gh = c * LH[x]
                             gk = c * LK[x]
                             gl = c * LL[x]
-                            Wx[x] += gh * ax + gk * bxo + gl * cxo
-                            Wy[x] += gh * ay + gk * byo + gl * cyo
-                            Wz[x] += gh * az + gk * bzo + gl * czo
+                            Wx[x] += gh * A[0] + gk * A[3] + gl * A[6]
+                            Wy[x] += gh * A[1] + gk * A[4] + gl * A[7]
+                            Wz[x] += gh * A[2] + gk * A[5] + gl * A[8]
                             SNa[x] += c * LNa[x]
                             SNb[x] += c * LNb[x]
                             SNc[x] += c * LNc[x]
