@@ -32,8 +32,8 @@ def bragg_weight_partials(S, s, qx, qy, qz):
 @njit(cache=True, error_model="numpy", inline="always")
 def weight_partials(ws, B, qx, qy, qz):
     """:func:`bragg_weight_partials` from the source's weight ws and the B factor."""
-    w = weighted(ws, B, qx, qy, qz)
-    dw = weighted(1.0, B, qx, qy, qz)
+    dw = weighted(1.0, B, qx, qy, qz)     # the Debye-Waller factor (exactly: 1.0 * it)
+    w = ws * dw                            # = weighted(ws, ...), bit for bit, one exp
     return w, dw, -0.5 * (qx * qx + qy * qy + qz * qz) * w, -B * w
 
 
