@@ -29,8 +29,8 @@ from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, 
                      lattice_grad, omega_partials, position_vjp, square_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Scene
-from .physics import (SQUARE, axis_lattice_grad, bragg_weight, polarization_factor, polarization_grad,
-                      square_lattice_sq, sum_row)
+from .physics import (SQUARE, bragg_weight, polarization_factor, polarization_grad,
+                      square_lattice_grad, sum_row)
 
 NCHUNKS = 64   # row chunks; the number depends on the problem only, never on the thread count
 CHUNK_GRID_BYTES = 4 * 2 ** 20   # memory for per-chunk structure-factor partials (at least)
@@ -107,23 +107,20 @@ def square_adjoint(qx, qy, qz, ori, nreal, xt, fs, fflat, G, gor, sc, ibuf, g, L
             dh = h - math.ceil(h - 0.5)
             dk = k - math.ceil(k - 0.5)
             dl = l - math.ceil(l - 0.5)
-            ga, dga, nga = axis_lattice_grad(dh, Na)
-            gb, dgb, ngb = axis_lattice_grad(dk, Nb)
-            gc, dgc, ngc = axis_lattice_grad(dl, Nc)
-            Lt = ga * gb * gc
+            T, Lt, LH, LK, LL, LNa, LNb, LNc = square_lattice_grad(dh, dk, dl, Na, Nb, Nc)
             c = G * 2.0 * F * F * Lt
-            gh = c * dga * gb * gc
-            gk = c * ga * dgb * gc
-            gl = c * ga * gb * dgc
+            gh = c * LH
+            gk = c * LK
+            gl = c * LL
             _push_orientation(gor, m, gh, gk, gl, qx, qy, qz)
             gqx += gh * ori[0, m] + gk * ori[3, m] + gl * ori[6, m]
             gqy += gh * ori[1, m] + gk * ori[4, m] + gl * ori[7, m]
             gqz += gh * ori[2, m] + gk * ori[5, m] + gl * ori[8, m]
-            gNa += c * nga * gb * gc
-            gNb += c * ga * ngb * gc
-            gNc += c * ga * gb * ngc
+            gNa += c * LNa
+            gNb += c * LNb
+            gNc += c * LNc
             # the forward's term; under 8 terms sum_fixed is this running sum
-            S += square_lattice_sq(dh, dk, dl, Na, Nb, Nc) * (F * F)
+            S += T * (F * F)
             gD += G * 2.0 * F * Lt * Lt
         g[L.Na] += gNa
         g[L.Nb] += gNb

@@ -12,9 +12,9 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit
 
 from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, aniso_exponent,
-                      axis_lattice_grad, domain_cells, domain_offset, flat_grid_index,
+                      domain_cells, domain_offset, flat_grid_index,
                       grid_extent, lagrange4, lagrange4_grad, node_offset, sinc3_grad, sincg_grad, soa_hkl,
-                      square_lattice_sq, weighted)
+                      square_lattice_grad, weighted)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
 # dL/dN_ab dN_ac dN_bc (the Gaussian domain's off-diagonal terms)
@@ -397,17 +397,15 @@ def square_partials(qx, qy, qz, ori, nreal, xt, fs, fflat, sc, ibuf):
         dh = node_offset(h)
         dk = node_offset(k)
         dl = node_offset(l)
-        ga, dga, nga = axis_lattice_grad(dh, Na)
-        gb, dgb, ngb = axis_lattice_grad(dk, Nb)
-        gc, dgc, ngc = axis_lattice_grad(dl, Nc)
-        sc[SQ_L, m] = ga * gb * gc
-        sc[SQ_LH, m] = dga * gb * gc
-        sc[SQ_LK, m] = ga * dgb * gc
-        sc[SQ_LL, m] = ga * gb * dgc
-        sc[SQ_LNA, m] = nga * gb * gc
-        sc[SQ_LNB, m] = ga * ngb * gc
-        sc[SQ_LNC, m] = ga * gb * ngc
-        sc[SQ_T, m] = square_lattice_sq(dh, dk, dl, Na, Nb, Nc)
+        T, Lt, LH, LK, LL, LNa, LNb, LNc = square_lattice_grad(dh, dk, dl, Na, Nb, Nc)
+        sc[SQ_L, m] = Lt
+        sc[SQ_LH, m] = LH
+        sc[SQ_LK, m] = LK
+        sc[SQ_LL, m] = LL
+        sc[SQ_LNA, m] = LNa
+        sc[SQ_LNB, m] = LNb
+        sc[SQ_LNC, m] = LNc
+        sc[SQ_T, m] = T
         if use_grid:
             ibuf[m] = flat_grid_index(int(math.ceil(h - 0.5)), int(math.ceil(k - 0.5)), int(math.ceil(l - 0.5)),
                                       extent)

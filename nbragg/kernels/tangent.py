@@ -14,9 +14,9 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit, prange
 
 from .cpu import block_total, clipped_roi, fast_path, lane_directions, row_path, term
-from .physics import (axes_hkl, axis_lattice_grad, beyond_dmin, capture_fraction, flat_grid_index, grid_extent,
+from .physics import (axes_hkl, beyond_dmin, capture_fraction, flat_grid_index, grid_extent,
                       node_offset, orientation_axes, orientations_soa, pixel_solid_angle, polarization_axes,
-                      polarization_with_axes, soa_miller, square_lattice_sq)
+                      polarization_with_axes, soa_miller, square_lattice_grad)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
                      SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_partials, bragg_weight_tangent,
                      capture_partials, lattice_grad, omega_partials, solid_angle_partials, square_partials,
@@ -818,17 +818,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                             oh = node_offset(h)
                             ok = node_offset(k)
                             ol = node_offset(l)
-                            latt[x] = square_lattice_sq(oh, ok, ol, Na, Nb, Nc)
-                            ga, dga, nga = axis_lattice_grad(oh, Na)
-                            gb, dgb, ngb = axis_lattice_grad(ok, Nb)
-                            gc, dgc, ngc = axis_lattice_grad(ol, Nc)
-                            Lt[x] = ga * gb * gc
-                            LH[x] = dga * gb * gc
-                            LK[x] = ga * dgb * gc
-                            LL[x] = ga * gb * dgc
-                            LNa[x] = nga * gb * gc
-                            LNb[x] = ga * ngb * gc
-                            LNc[x] = ga * gb * ngc
+                            latt[x], Lt[x], LH[x], LK[x], LL[x], LNa[x], LNb[x], LNc[x] = square_lattice_grad(
+                                oh, ok, ol, Na, Nb, Nc)
                         if use_grid:
                             # (the gather: a loop of its own, so that the others vectorise)
                             for x in range(n):
