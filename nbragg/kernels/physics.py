@@ -417,10 +417,10 @@ def lagrange4_grad(t):
 @njit(cache=True, error_model="numpy", inline="always")
 def _axis_lattice_parts(delta, N):
     """One axis of :func:`square_lattice_grad`: the forward's (numerator, denominator)
-    as :func:`sinpi_sq_parts` gives them, and :func:`sincg_grad`'s (g, dg/ddelta, dg/dN)
-    without branches (both forms computed, one selected, so loops vectorise), from the
-    same two sines; (1, 1, 1, 0, 0) for an axis with N <= 1, which nanoBragg leaves out
-    of the lattice factor."""
+    from :func:`sinpi_sq_parts`, and :func:`sincg_grad`'s (g, dg/ddelta, dg/dN) without
+    branches (both forms computed, one selected, so loops vectorise); (1, 1, 1, 0, 0) for
+    an axis with N <= 1, which nanoBragg leaves out of the lattice factor.  The sines are
+    the same expressions in both, which the compiler evaluates once."""
     u = math.pi * delta
     N2 = N * N
     u2 = u * u
@@ -429,29 +429,25 @@ def _axis_lattice_parts(delta, N):
     gs = N * (1.0 + a * u2 + b * u2 * u2)
     dgs = math.pi * N * (2.0 * a * u + 4.0 * b * u2 * u)
     ngs = 1.0 + a * u2 + b * u2 * u2 + N * (-N / 3.0 * u2 + (12.0 * N2 * N - 20.0 * N) / 360.0 * u2 * u2)
-    sd = _sinpi_reduced(delta)
+    num, den = sinpi_sq_parts(delta, N)
+    rden = 1.0 / _sinpi_reduced(delta)
     x = N * delta
     r = x - floor_float(x + 0.5)
-    sr = _sinpi_reduced(r)
-    rden = 1.0 / sd
-    g = sr * rden
+    g = _sinpi_reduced(r) * rden
     dg_dx = math.pi * _cospi_reduced(r) * rden
     dg = N * dg_dx - g * math.pi * _cospi_reduced(delta) * rden
     ng = delta * dg_dx
     series = abs(N * u) < 2e-3
     use = N > 1.0
-    node = sd == 0.0
-    return ((N if node else sr) if use else 1.0), ((1.0 if node else sd) if use else 1.0), \
-        ((gs if series else g) if use else 1.0), ((dgs if series else dg) if use else 0.0), \
-        ((ngs if series else ng) if use else 0.0)
+    return (num if use else 1.0), (den if use else 1.0), ((gs if series else g) if use else 1.0), \
+        ((dgs if series else dg) if use else 0.0), ((ngs if series else ng) if use else 0.0)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def square_lattice_grad(dh, dk, dl, Na, Nb, Nc):
     """(F_latt^2 bit for bit as :func:`square_lattice_sq`, F_latt, its partials in h, k,
-    l, and in Na, Nb, Nc) of a parallelepiped at fractional offsets (dh, dk, dl), each
-    axis's sines taken once for the value and the derivatives; what the derivative
-    kernels' vectorised blocks evaluate per orientation."""
+    l, and in Na, Nb, Nc) of a parallelepiped at fractional offsets (dh, dk, dl); what the
+    derivative kernels' vectorised blocks evaluate per orientation."""
     na, da, ga, dga, nga = _axis_lattice_parts(dh, Na)
     nb, db, gb, dgb, ngb = _axis_lattice_parts(dk, Nb)
     nc, dc, gc, dgc, ngc = _axis_lattice_parts(dl, Nc)
