@@ -530,7 +530,7 @@ def adjoint_image(model, upstream, backend="cpu", threads=None, want_image=False
         gF_c = np.zeros((nchunks, grid.size))
         img = image[p] if want_image else np.zeros((0, 0))
         with _threads(threads):
-            A.adjoint(*S, kL, ups[p], model.scale, nchunks, g_c, gF_c, img)
+            A.adjoint(*S, kL, ups[p], model.scale, nchunks, g_c, gF_c, img, True)
         # fixed-order reductions, over chunks and then panels: independent of the thread count
         flat[idx] += g_c.sum(axis=0)
         gF += gF_c.sum(axis=0).reshape(grid.shape)

@@ -21,12 +21,14 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .cpu import clipped_roi, fast_path, term
+from .cpu import LANE_PARTIALS, block_total, clipped_roi, fast_path, lane_directions, row_path, term
 from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
-                      orientations_soa, scattering, signed_square, soa_hkl, solid_angle)
+                      orientations_soa, pixel_solid_angle, polarization_frame, polarization_frame_vjp, scattering,
+                      signed_square, soa_hkl, solid_angle)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
                      SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_vjp, capture_partials, direction_vjp,
-                     lattice_grad, omega_partials, position_vjp, square_partials)
+                     flat_position_vjp, lane_scratch, lane_sums, lattice_grad, omega_partials, orientation_lanes, position_vjp,
+                     solid_angle_partials, square_partials, weight_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Scene
 from .physics import (SQUARE, bragg_weight, polarization_factor, polarization_grad,
@@ -684,15 +686,17 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def adjoint(det, beam, xtal, fhkl, samp, L, upstream, scale, nchunks, g_c, gF_c, image):
+def adjoint(det, beam, xtal, fhkl, samp, L, upstream, scale, nchunks, g_c, gF_c, image, lanes):
     """Partial gradients per chunk of rows (summed by the caller in chunk order).
 
     ``upstream`` (spixels, fpixels) is dL/dI for the scaled image; ``g_c`` (nchunks,
     L.size) and ``gF_c`` (nchunks, grid size) receive each chunk's dL/d(inputs) in the
     layout ``L`` (see :mod:`.scene`).  ``image``, when it has the image's shape, receives
     the (scaled) image of the pixels with non-zero upstream, which the adjoint computes
-    anyway (pass a (0, 0) array to skip it).  (The scene comes block by block, as in
-    :func:`~nbragg.kernels.cpu.forward`.)
+    anyway (pass a (0, 0) array to skip it).  ``lanes``: rows take
+    :func:`_adjoint_row_lanes` where :func:`~nbragg.kernels.cpu.row_path` allows (False:
+    every pixel is swept on its own, as the tests' reference does).  (The scene comes
+    block by block, as in :func:`~nbragg.kernels.cpu.forward`.)
     """
     spixels, fpixels = upstream.shape
     xmin, xmax, ymin, ymax = clipped_roi(det, spixels, fpixels)
@@ -700,16 +704,17 @@ def adjoint(det, beam, xtal, fhkl, samp, L, upstream, scale, nchunks, g_c, gF_c,
     ori = orientations_soa(xtal.orients)
     fflat = fhkl.grid.ravel()
     fast = fast_path(Scene(det, beam, xtal, fhkl, samp))
+    lanes = lanes and row_path(Scene(det, beam, xtal, fhkl, samp))
     want_image = image.shape[0] == spixels and image.shape[1] == fpixels   # (0, 0): no image
     for c in prange(nchunks):
         r0 = ymin + (c * nrows) // nchunks
         r1 = ymin + ((c + 1) * nrows) // nchunks
-        _adjoint_rows(Scene(det, beam, xtal, fhkl, samp), L, r0, r1, xmin, xmax, upstream, scale, fast, ori, fflat,
-                      g_c[c], gF_c[c], want_image, image)
+        _adjoint_rows(Scene(det, beam, xtal, fhkl, samp), L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori,
+                      fflat, g_c[c], gF_c[c], want_image, image)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, ori, fflat, g, gF, want_image, image):
+def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori, fflat, g, gF, want_image, image):
     """Rows r0..r1-1 of the adjoint, accumulating into one chunk's g and gF (a call per
     chunk: see cpu._forward_row)."""
     det = S.det
@@ -731,8 +736,18 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, ori, fflat, g
     fidx = np.empty(64, dtype=np.int64)
     fw = np.empty(64)
     gor = orientation_rows(g, L)
+    todo = np.empty(max(xmax - xmin + 1, 0), dtype=np.int64)
     for spixel in range(r0, r1):
-        for fpixel in range(xmin, xmax + 1):
+        ntodo = 0
+        if lanes:
+            ntodo = _adjoint_row_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF, gor,
+                                       want_image, image, todo)
+        else:
+            for fpixel in range(xmin, xmax + 1):
+                todo[ntodo] = fpixel
+                ntodo += 1
+        for i in range(ntodo):
+            fpixel = todo[i]
             if use_mask and mask[spixel, fpixel] == 0:
                 continue
             gv = upstream[spixel, fpixel] * scale
@@ -748,3 +763,357 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, ori, fflat, g
                                   g, gor, gF)
             if want_image:
                 image[spixel, fpixel] = v * scale
+
+
+@njit(cache=True, error_model="numpy")
+def _adjoint_row_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF, gor, want_image, image, todo):
+    """One row of the adjoint in the :func:`~nbragg.kernels.cpu.row_path` case, its pixels
+    as vector lanes, in chunks whose orientation partials fit in a core's cache (as the
+    tangent's: see :func:`_adjoint_lanes`).  Writes to ``todo`` the pixels the lanes leave
+    to the per-pixel sweep and returns how many."""
+    width = xmax - xmin + 1
+    if width <= 0:
+        return 0
+    width = max(8, min(width, LANE_PARTIALS // (9 * S.xtal.orients.shape[0])))
+    ntodo = 0
+    for x0 in range(xmin, xmax + 1, width):
+        ntodo = _adjoint_lanes(S, L, spixel, x0, min(x0 + width - 1, xmax), upstream, scale, ori, fflat, g, gF, gor,
+                               want_image, image, todo, ntodo)
+    return ntodo
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _position_vjp_lanes(det, L, g, spixel, xmin, n, subF, subS, t, act, gdx, gdy, gdz, gR, R, dx, dy, dz):
+    """:func:`direction_vjp` and :func:`position_vjp` for sub-pixel (subF, subS) of layer t
+    of the pixels xmin.. of a flat detector's row, the lanes in ``act`` only: the
+    position is affine in the pixel's fast coordinate, so the geometry's partials are
+    sums over the lanes."""
+    os = det.oversample
+    sub = det.subpixel
+    f = det.fdet
+    sx = 0.0
+    sy = 0.0
+    sz = 0.0
+    fx = 0.0
+    fy = 0.0
+    fz = 0.0
+    cf = 0.0
+    for x in range(n):
+        u = dx[x] * gdx[x] + dy[x] * gdy[x] + dz[x] * gdz[x]
+        px = (gdx[x] - dx[x] * u) / R[x] + gR[x] * dx[x]
+        py = (gdy[x] - dy[x] * u) / R[x] + gR[x] * dy[x]
+        pz = (gdz[x] - dz[x] * u) / R[x] + gR[x] * dz[x]
+        px = px if act[x] else 0.0
+        py = py if act[x] else 0.0
+        pz = pz if act[x] else 0.0
+        col = (xmin + x) * os + subF
+        Fdet = sub * col + sub / 2.0
+        sx += px
+        sy += py
+        sz += pz
+        fx += Fdet * px
+        fy += Fdet * py
+        fz += Fdet * pz
+        cf += (col + 0.5) * (f[0] * px + f[1] * py + f[2] * pz)
+    flat_position_vjp(sx, sy, sz, fx, fy, fz, cf, sub * (spixel * os + subS) + sub / 2.0, spixel * os + subS + 0.5, t,
+                      det, L, g)
+
+
+@njit(cache=True, error_model="numpy")
+def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF, gor, want_image, image, todo, ntodo):
+    """Pixels xmin..xmax of row spixel: :func:`pixel_adjoint_fast` with the sample loop
+    outside and the pixel loop inside, as the forward's and the tangent's row lanes.
+
+    The pixel factors and their partials come first (omega at the first sub-pixel, the
+    capture fraction at the last layer's first, the polarization at the first sample),
+    so each lane's upstream on the terms, G = dL/dI omega capture polar, is known before
+    the blocks.  Per block :func:`~nbragg.kernels.derivs.orientation_lanes` adds per
+    pixel dL/dq (W*), dL/dN (SN*), dL/dF (SD) and per orientation dL/d(orientation) (O),
+    summed over the lanes once, at the end.  A pixel whose factor is zero where the walk would
+    take it again later, or whose polarization -dmin moves past its first sample, goes to
+    ``todo`` for the per-pixel sweep.  Returns the new length of ``todo``."""
+    det = S.det
+    beam = S.beam
+    xt = S.xtal
+    fs = S.fhkl
+    samp = S.samp
+    n = xmax - xmin + 1
+    os = det.oversample
+    norient = xt.orients.shape[0]
+    kahn = beam.kahn
+    pv = beam.polar_axis
+    sources = beam.sources
+    lambdas = beam.lambdas
+    nsrc = sources.shape[0]
+    dmin = samp.dmin
+    B = fs.B
+    pixel = det.pixel
+    close_distance = det.close_distance
+    point_pixel = det.point_pixel
+    use_mask = det.use_mask
+    mask = det.mask
+    gv = np.empty(n)
+    act = np.empty(n, dtype=np.bool_)     # the lanes this sweep differentiates
+    G = np.empty(n)
+    I = np.empty(n)
+    omega = np.empty(n)
+    capture = np.ones(n)
+    polar = np.ones(n)
+    oR = np.empty(n)
+    opix = np.empty(n)
+    oclose = np.empty(n)
+    pol_kahn = np.zeros(n)   # the polarization's partials: dp/dkahn, dp/d(i.d), dp/d(d.E), dp/d(d.B)
+    pol_c2 = np.zeros(n)
+    pol_x = np.zeros(n)
+    pol_y = np.zeros(n)
+    R0 = np.empty(n)
+    d0x = np.empty(n)
+    d0y = np.empty(n)
+    d0z = np.empty(n)
+    g0x = np.zeros(n)
+    g0y = np.zeros(n)
+    g0z = np.zeros(n)
+    R = np.empty(n)
+    dx = np.empty(n)
+    dy = np.empty(n)
+    dz = np.empty(n)
+    gdx = np.empty(n)
+    gdy = np.empty(n)
+    gdz = np.empty(n)
+    gR = np.zeros(n)
+    qx = np.empty(n)
+    qy = np.empty(n)
+    qz = np.empty(n)
+    keep = np.empty(n, dtype=np.bool_)
+    w = np.empty(n)
+    Gw = np.empty(n)
+    dws = np.empty(n)        # weight_partials
+    dwB = np.empty(n)
+    cwq = np.empty(n)
+    Tk = np.empty(n)
+    sc = lane_scratch(n, fs.default_F)
+    sums = lane_sums(n, norient)
+    acc = sums.acc
+    Wx = sums.Wx
+    Wy = sums.Wy
+    Wz = sums.Wz
+    SNa = sums.SNa
+    SNb = sums.SNb
+    SNc = sums.SNc
+    SD = sums.SD
+    O = sums.O
+    pb = np.empty(10)
+    # ---- the pixel factors, where the walk takes them
+    for x in range(n):
+        v = upstream[spixel, xmin + x] * scale
+        gv[x] = 0.0 if use_mask and mask[spixel, xmin + x] == 0 else v
+    lane_directions(det, beam, spixel, xmin, n, 0, 0, 0, R0, d0x, d0y, d0z)
+    for x in range(n):
+        omega[x] = pixel_solid_angle(R0[x], pixel, close_distance, point_pixel)
+        oR[x], opix[x], oclose[x] = solid_angle_partials(R0[x], pixel, close_distance, point_pixel, omega[x])
+    tl = det.thicksteps - 1
+    if det.thick != 0.0:
+        # (exp: a scalar loop, run only with sensor layers)
+        lane_directions(det, beam, spixel, xmin, n, 0, 0, tl, R, dx, dy, dz)
+        for x in range(n):
+            capture[x] = capture_partials(tl, dx[x], dy[x], dz[x], det)[0]
+    # the polarization at the first sample: its value, and what its gradient needs (the
+    # partials in i and the E-vector axis go through the source's frame B, E once, at
+    # the end: see polarization_frame_vjp)
+    ix0 = -sources[0, 0]
+    iy0 = -sources[0, 1]
+    iz0 = -sources[0, 2]
+    Bx, By, Bz, bm, Ex, Ey, Ez, em = polarization_frame(ix0, iy0, iz0, pv[0], pv[1], pv[2])
+    framed = bm != 0.0 and em != 0.0
+    if not beam.nopolar:
+        lam = lambdas[0]
+        for x in range(n):
+            c2 = ix0 * d0x[x] + iy0 * d0y[x] + iz0 * d0z[x]
+            c2sqr = c2 * c2
+            s2sqr = 1.0 - c2sqr
+            yv = Bx * d0x[x] + By * d0y[x] + Bz * d0z[x]
+            xv = Ex * d0x[x] + Ey * d0y[x] + Ez * d0z[x]
+            rr = xv * xv + yv * yv
+            psi = framed and rr != 0.0
+            cos2 = (xv * xv - yv * yv) / rr if psi else 1.0
+            sin2 = -2.0 * xv * yv / rr if psi else 0.0
+            dp_dpsi = kahn * sin2 * s2sqr
+            cut = beyond_dmin((d0x[x] - ix0) / lam, (d0y[x] - iy0) / lam, (d0z[x] - iz0) / lam, dmin)
+            polar[x] = 0.0 if cut else 0.5 * (1.0 + c2sqr - kahn * cos2 * s2sqr)
+            pol_kahn[x] = -0.5 * cos2 * s2sqr
+            pol_c2[x] = c2 * (1.0 + kahn * cos2)
+            pol_x[x] = dp_dpsi * yv / rr if psi else 0.0        # dp/dpsi dpsi/dx, x = d.E
+            pol_y[x] = dp_dpsi * -xv / rr if psi else 0.0       # dp/dpsi dpsi/dy, y = d.B
+    for x in range(n):
+        live = gv[x] != 0.0
+        act[x] = live and omega[x] != 0.0 and capture[x] != 0.0 and polar[x] != 0.0
+        if live and not act[x]:
+            todo[ntodo] = xmin + x
+            ntodo += 1
+        G[x] = gv[x] * (omega[x] * capture[x] * polar[x]) if act[x] else 0.0
+        I[x] = samp.I_bg
+    # ---- every block once, in the walk's order
+    for t in range(det.thicksteps):
+        for subS in range(os):
+            for subF in range(os):
+                first = t == 0 and subS == 0 and subF == 0
+                lane_directions(det, beam, spixel, xmin, n, subF, subS, t, R, dx, dy, dz)
+                gdx[:] = 0.0
+                gdy[:] = 0.0
+                gdz[:] = 0.0
+                for s in range(nsrc):
+                    ix = -sources[s, 0]
+                    iy = -sources[s, 1]
+                    iz = -sources[s, 2]
+                    lam = lambdas[s]
+                    wsrc = beam.weights[s]
+                    gws = 0.0
+                    gwB = 0.0
+                    for x in range(n):
+                        qx[x] = (dx[x] - ix) / lam
+                        qy[x] = (dy[x] - iy) / lam
+                        qz[x] = (dz[x] - iz) / lam
+                        keep[x] = not beyond_dmin(qx[x], qy[x], qz[x], dmin)
+                        wv, dws[x], dwB[x], cwq[x] = weight_partials(wsrc, B, qx[x], qy[x], qz[x])
+                        w[x] = wv if keep[x] else 0.0
+                        Gw[x] = G[x] * w[x]
+                    orientation_lanes(ori, norient, qx, qy, qz, Gw, xt, fs, fflat, True, gF, sc, sums, n)
+                    # the block's sum, its weight's gradient, and dL/dq to the sub-pixel and source
+                    sgx = 0.0
+                    sgy = 0.0
+                    sgz = 0.0
+                    sgl = 0.0
+                    for x in range(n):
+                        Tk[x] = 0.0
+                        if keep[x]:
+                            Tk[x] = block_total(acc, x)
+                            I[x] += w[x] * Tk[x]
+                        gw = G[x] * Tk[x]
+                        gws += gw * dws[x]
+                        gwB += gw * dwB[x]
+                        gqx = (Wx[x] + gw * cwq[x] * qx[x]) / lam
+                        gqy = (Wy[x] + gw * cwq[x] * qy[x]) / lam
+                        gqz = (Wz[x] + gw * cwq[x] * qz[x]) / lam
+                        gdx[x] += gqx
+                        gdy[x] += gqy
+                        gdz[x] += gqz
+                        sgx += gqx
+                        sgy += gqy
+                        sgz += gqz
+                        sgl += gqx * qx[x] + gqy * qy[x] + gqz * qz[x]
+                    g[L.weights + s] += gws
+                    g[L.B] += gwB
+                    g[L.sources + 3 * s] += sgx
+                    g[L.sources + 3 * s + 1] += sgy
+                    g[L.sources + 3 * s + 2] += sgz
+                    g[L.lambdas + s] -= sgl
+                if first:
+                    # (pushed at the end, with the factors' gradients)
+                    g0x[:] = gdx
+                    g0y[:] = gdy
+                    g0z[:] = gdz
+                elif det.curved:
+                    for x in range(n):
+                        if act[x]:
+                            gpx, gpy, gpz = direction_vjp(gdx[x], gdy[x], gdz[x], 0.0, 0.0, 0.0, 0.0, R[x], dx[x],
+                                                          dy[x], dz[x])
+                            position_vjp(gpx, gpy, gpz, xmin + x, spixel, subF, subS, t, det, beam, L, g)
+                else:
+                    _position_vjp_lanes(det, L, g, spixel, xmin, n, subF, subS, t, act, gdx, gdy, gdz, gR, R, dx,
+                                        dy, dz)
+    # ---- the sums, and the factors' gradients now that each pixel's sum is known
+    sG = 0.0
+    svalue = 0.0
+    spix = 0.0
+    sclose = 0.0
+    skahn = 0.0
+    si0 = 0.0         # sums of dL/d(i.d) d, dL/d(d.E) d and dL/d(d.B) d
+    si1 = 0.0
+    si2 = 0.0
+    sE0 = 0.0
+    sE1 = 0.0
+    sE2 = 0.0
+    sB0 = 0.0
+    sB1 = 0.0
+    sB2 = 0.0
+    sNa = 0.0
+    sNb = 0.0
+    sNc = 0.0
+    sD = 0.0
+    for x in range(n):
+        value = apply_final(samp, I[x], capture[x], polar[x], omega[x]) + np.float64(0.0)
+        g_om = gv[x] * I[x] * capture[x] * polar[x]
+        g_pol = gv[x] * I[x] * omega[x] * capture[x]
+        gR[x] = g_om * oR[x]
+        gc2 = g_pol * pol_c2[x]
+        gx = g_pol * pol_x[x]
+        gy = g_pol * pol_y[x]
+        g0x[x] += gc2 * ix0 + gy * Bx + gx * Ex
+        g0y[x] += gc2 * iy0 + gy * By + gx * Ey
+        g0z[x] += gc2 * iz0 + gy * Bz + gx * Ez
+        if act[x]:
+            sG += G[x]
+            svalue += gv[x] * value
+            spix += g_om * opix[x]
+            sclose += g_om * oclose[x]
+            skahn += g_pol * pol_kahn[x]
+            si0 += gc2 * d0x[x]
+            si1 += gc2 * d0y[x]
+            si2 += gc2 * d0z[x]
+            sE0 += gx * d0x[x]
+            sE1 += gx * d0y[x]
+            sE2 += gx * d0z[x]
+            sB0 += gy * d0x[x]
+            sB1 += gy * d0y[x]
+            sB2 += gy * d0z[x]
+            sNa += SNa[x]
+            sNb += SNb[x]
+            sNc += SNc[x]
+            sD += SD[x]
+            if want_image:
+                image[spixel, xmin + x] = value * scale
+    g[L.I_bg] += sG
+    g[L.scale] += svalue
+    g[L.pixel] += spix
+    g[L.close_distance] += sclose
+    if not beam.nopolar:
+        gix = si0
+        giy = si1
+        giz = si2
+        if framed:
+            fix, fiy, fiz, gpx, gpy, gpz = polarization_frame_vjp(ix0, iy0, iz0, pv[0], pv[1], pv[2], Bx, By, Bz, bm,
+                                                                  Ex, Ey, Ez, em, sE0, sE1, sE2, sB0, sB1, sB2)
+            gix += fix
+            giy += fiy
+            giz += fiz
+            g[L.polar_axis] += gpx
+            g[L.polar_axis + 1] += gpy
+            g[L.polar_axis + 2] += gpz
+        g[L.kahn] += skahn
+        g[L.sources] -= gix
+        g[L.sources + 1] -= giy
+        g[L.sources + 2] -= giz
+    g[L.Na] += sNa
+    g[L.Nb] += sNb
+    g[L.Nc] += sNc
+    g[L.default_F] += sD
+    if det.curved:
+        for x in range(n):
+            if act[x]:
+                gpx, gpy, gpz = direction_vjp(g0x[x], g0y[x], g0z[x], gR[x], 0.0, 0.0, 0.0, R0[x], d0x[x], d0y[x],
+                                              d0z[x])
+                position_vjp(gpx, gpy, gpz, xmin + x, spixel, 0, 0, 0, det, beam, L, g)
+    else:
+        _position_vjp_lanes(det, L, g, spixel, xmin, n, 0, 0, 0, act, g0x, g0y, g0z, gR, R0, d0x, d0y, d0z)
+    if det.thick != 0.0:
+        for x in range(n):
+            if act[x]:
+                g_cap = gv[x] * I[x] * omega[x] * polar[x]
+                _factors_vjp(0.0, g_cap, 0.0, xmin + x, spixel, 0, 0, tl, 0, S, g, L, pb)
+    for i in range(9):
+        for m in range(norient):
+            v = 0.0
+            for x in range(n):
+                v += O[i, m, x]
+            gor[i, m] += v
+    return ntodo

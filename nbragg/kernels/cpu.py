@@ -330,6 +330,11 @@ def lane_directions(det, beam, spixel, xmin, n, subF, subS, t, R, dx, dy, dz):
             R[p] = _unit_lane(px, py, pz, dx, dy, dz, p)
 
 
+# doubles of per-orientation partials (9 x orientations x pixels) that a chunk of a row's
+# lanes keeps in the derivative kernels (tangent and adjoint): within a core's cache
+LANE_PARTIALS = 1 << 15
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def block_total(acc, p):
     """Lane p's block sum from its eight partial sums acc[:, p], in :func:`sum_fixed`'s

@@ -7,13 +7,15 @@ for the values.
 """
 
 import math
+from typing import NamedTuple
 
+import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
 from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, aniso_exponent,
-                      domain_cells, domain_offset, flat_grid_index,
-                      grid_extent, lagrange4, lagrange4_grad, node_offset, sinc3_grad, sincg_grad, soa_hkl,
+                      axes_hkl, domain_cells, domain_offset, flat_grid_index, grid_extent, lagrange4, lagrange4_grad,
+                      node_offset, orientation_axes, sinc3_grad, sincg_grad, soa_hkl, soa_miller,
                       square_lattice_grad, weighted)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
@@ -318,19 +320,32 @@ def position_vjp(gx, gy, gz, fpixel, spixel, subF, subS, t, det, beam, L, g):
         gx = 0.0
         gy = gphi1 / D
         gz = gphi2 / D
+    flat_position_vjp(gx, gy, gz, Fdet * gx, Fdet * gy, Fdet * gz, cF * (f[0] * gx + f[1] * gy + f[2] * gz),
+                      Sdet, cS, t, det, L, g)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def flat_position_vjp(gx, gy, gz, fgx, fgy, fgz, cfg, Sdet, cS, t, det, L, g):
+    """The flat-detector part of :func:`position_vjp` for sub-pixels of one row, slow
+    coordinate and layer: (gx, gy, gz) the gradient of their positions, fg it times each
+    one's fast coordinate Fdet, cfg the sum of (column + 1/2) (fdet . gradient); sums over
+    a row's pixels may be pushed at once."""
+    s = det.sdet
+    o = det.odet
+    Odet = t * det.thickstep
     g[L.pix0] += gx
     g[L.pix0 + 1] += gy
     g[L.pix0 + 2] += gz
-    g[L.fdet] += Fdet * gx
-    g[L.fdet + 1] += Fdet * gy
-    g[L.fdet + 2] += Fdet * gz
+    g[L.fdet] += fgx
+    g[L.fdet + 1] += fgy
+    g[L.fdet + 2] += fgz
     g[L.sdet] += Sdet * gx
     g[L.sdet + 1] += Sdet * gy
     g[L.sdet + 2] += Sdet * gz
     g[L.odet] += Odet * gx
     g[L.odet + 1] += Odet * gy
     g[L.odet + 2] += Odet * gz
-    g[L.subpixel] += cF * (f[0] * gx + f[1] * gy + f[2] * gz) + cS * (s[0] * gx + s[1] * gy + s[2] * gz)
+    g[L.subpixel] += cfg + cS * (s[0] * gx + s[1] * gy + s[2] * gz)
     g[L.thickstep] += t * (o[0] * gx + o[1] * gy + o[2] * gz)
 
 
@@ -422,3 +437,139 @@ def square_partials(qx, qy, qz, ori, nreal, xt, fs, fflat, sc, ibuf):
     for m in range(n):
         F = sc[SQ_F, m]
         sc[SQ_T, m] = sc[SQ_T, m] * (F * F)
+
+
+class LaneScratch(NamedTuple):
+    """Per-orientation values across a row's pixel lanes (see :func:`orientation_lanes`)."""
+    latt: np.ndarray     # F_latt^2
+    Lt: np.ndarray       # F_latt, and its partials in h, k, l and in Na, Nb, Nc
+    LH: np.ndarray
+    LK: np.ndarray
+    LL: np.ndarray
+    LNa: np.ndarray
+    LNb: np.ndarray
+    LNc: np.ndarray
+    F: np.ndarray        # F of the nearest node, and 1 where that is the default F
+    isdef: np.ndarray
+    cell: np.ndarray     # its flat index in the grid (-1 outside)
+
+
+class LaneSums(NamedTuple):
+    """What the derivative kernels' row lanes add up per pixel over a block's orientations
+    (see :func:`orientation_lanes`)."""
+    acc: np.ndarray      # (8, n): the forward's eight partial sums of F^2 F_latt^2
+    Wx: np.ndarray       # sum over the block of wt dT/dq
+    Wy: np.ndarray
+    Wz: np.ndarray
+    SNa: np.ndarray      # sums over all blocks of wt dT/dN and wt dT/dF(default)
+    SNb: np.ndarray
+    SNc: np.ndarray
+    SD: np.ndarray
+    O: np.ndarray        # (9, orientations, n): sums of wt (dT/dh, dT/dk, dT/dl) outer q
+
+
+@njit(cache=True, error_model="numpy")
+def lane_scratch(n, Fdef):
+    return LaneScratch(np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n),
+                       np.empty(n), np.full(n, Fdef), np.ones(n), np.full(n, -1, dtype=np.int64))
+
+
+@njit(cache=True, error_model="numpy")
+def lane_sums(n, norient):
+    return LaneSums(np.empty((8, n)), np.empty(n), np.empty(n), np.empty(n), np.zeros(n), np.zeros(n), np.zeros(n),
+                    np.zeros(n), np.zeros((9, norient, n)))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def orientation_lanes(ori, norient, qx, qy, qz, wt, xt, fs, fflat, want_O, gF, sc, sums, n):
+    """One block's orientations (parallelepiped spots, nearest F) across n pixel lanes at
+    scattering vectors q, each lane's terms T = F^2 F_latt^2 weighted by wt: the forward's
+    partial sums (``acc``, reset here: :func:`~nbragg.kernels.cpu.block_total` gives the
+    block's sum), and dT/dq contracted over the block (``W*``, reset here), dT/dN and
+    dT/dF(default) summed over blocks, and with ``want_O`` dT/d(orientation) per
+    orientation; with a grid and a non-empty ``gF``, dT/dF of each node is added to it.
+
+    What the tangent's and the adjoint's row lanes share (the tangent weights a term by
+    the source's weight, the adjoint by that times the pixel's upstream): the orientation
+    loops make no calls and carry no parameter index, so LLVM vectorises them."""
+    Na = xt.Na
+    Nb = xt.Nb
+    Nc = xt.Nc
+    use_grid = fs.has_hkls
+    extent = grid_extent(fs)
+    Fdef = fs.default_F
+    scatter = use_grid and gF.shape[0] > 0
+    n8 = norient // 8 * 8
+    acc = sums.acc
+    Wx = sums.Wx
+    Wy = sums.Wy
+    Wz = sums.Wz
+    SNa = sums.SNa
+    SNb = sums.SNb
+    SNc = sums.SNc
+    SD = sums.SD
+    O = sums.O
+    latt = sc.latt
+    Lt = sc.Lt
+    LH = sc.LH
+    LK = sc.LK
+    LL = sc.LL
+    LNa = sc.LNa
+    LNb = sc.LNb
+    LNc = sc.LNc
+    F = sc.F
+    isdef = sc.isdef
+    cell = sc.cell
+    acc[:, :] = 0.0
+    Wx[:] = 0.0
+    Wy[:] = 0.0
+    Wz[:] = 0.0
+    for m in range(norient):
+        A = orientation_axes(ori, m)
+        for x in range(n):
+            h, k, l = axes_hkl(A, qx[x], qy[x], qz[x])
+            latt[x], Lt[x], LH[x], LK[x], LL[x], LNa[x], LNb[x], LNc[x] = square_lattice_grad(
+                node_offset(h), node_offset(k), node_offset(l), Na, Nb, Nc)
+        if use_grid:
+            # (the gather: a loop of its own, so that the others vectorise)
+            for x in range(n):
+                h, k, l, h0, k0, l0 = soa_miller(ori, m, qx[x], qy[x], qz[x])
+                c = flat_grid_index(h0, k0, l0, extent)
+                cell[x] = c
+                F[x] = fflat[c] if c >= 0 else Fdef
+                isdef[x] = 0.0 if c >= 0 else 1.0
+        j = m & 7 if m < n8 else 0
+        for x in range(n):
+            F2 = F[x] * F[x]
+            acc[j, x] += latt[x] * F2
+            c = 2.0 * F2 * Lt[x] * wt[x]
+            gh = c * LH[x]
+            gk = c * LK[x]
+            gl = c * LL[x]
+            Wx[x] += gh * A[0] + gk * A[3] + gl * A[6]
+            Wy[x] += gh * A[1] + gk * A[4] + gl * A[7]
+            Wz[x] += gh * A[2] + gk * A[5] + gl * A[8]
+            SNa[x] += c * LNa[x]
+            SNb[x] += c * LNb[x]
+            SNc[x] += c * LNc[x]
+            SD[x] += isdef[x] * 2.0 * F[x] * Lt[x] * Lt[x] * wt[x]
+        if want_O:
+            # (a loop of its own: with all the stores in one, LLVM gives up vectorising)
+            for x in range(n):
+                c = 2.0 * F[x] * F[x] * Lt[x] * wt[x]
+                gh = c * LH[x]
+                gk = c * LK[x]
+                gl = c * LL[x]
+                O[0, m, x] += gh * qx[x]
+                O[1, m, x] += gh * qy[x]
+                O[2, m, x] += gh * qz[x]
+                O[3, m, x] += gk * qx[x]
+                O[4, m, x] += gk * qy[x]
+                O[5, m, x] += gk * qz[x]
+                O[6, m, x] += gl * qx[x]
+                O[7, m, x] += gl * qy[x]
+                O[8, m, x] += gl * qz[x]
+        if scatter:
+            for x in range(n):
+                if cell[x] >= 0 and wt[x] != 0.0:
+                    gF[cell[x]] += 2.0 * F[x] * Lt[x] * Lt[x] * wt[x]

@@ -314,6 +314,58 @@ def sinc3_grad(x):
     return f, 3.0 * s / (x2 * x) - 3.0 * f / x2
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def polarization_frame(ix, iy, iz, px, py, pz):
+    """(Bx, By, Bz, |b|, Ex, Ey, Ez, |e|) of :func:`polarization_grad`: B = unit(b),
+    b = p x i, and E = unit(e), e = i x B, for incident i and E-vector axis p (B and E
+    left unnormalised where |b| or |e| is 0, where they are not used)."""
+    bx = py * iz - pz * iy
+    by = pz * ix - px * iz
+    bz = px * iy - py * ix
+    bm = math.sqrt(bx * bx + by * by + bz * bz)
+    if bm == 0.0:
+        return bx, by, bz, bm, 0.0, 0.0, 0.0, 0.0
+    Bx = bx / bm
+    By = by / bm
+    Bz = bz / bm
+    ex = iy * Bz - iz * By
+    ey = iz * Bx - ix * Bz
+    ez = ix * By - iy * Bx
+    em = math.sqrt(ex * ex + ey * ey + ez * ez)
+    if em == 0.0:
+        return Bx, By, Bz, bm, ex, ey, ez, em
+    return Bx, By, Bz, bm, ex / em, ey / em, ez / em, em
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def polarization_frame_vjp(ix, iy, iz, px, py, pz, Bx, By, Bz, bm, Ex, Ey, Ez, em, gEx, gEy, gEz, gBx, gBy, gBz):
+    """Gradients (gE, gB) of :func:`polarization_frame`'s E and B (gB: the part of B's
+    gradient that does not come through E) pushed back to i and p: (gi, gp).  Linear in
+    (gE, gB), so a sum of pixels' gradients may be pushed back at once."""
+    # through E = unit(e), e = i x B
+    t = Ex * gEx + Ey * gEy + Ez * gEz
+    gex = (gEx - Ex * t) / em
+    gey = (gEy - Ey * t) / em
+    gez = (gEz - Ez * t) / em
+    # gi += B x ge ; gB += ge x i
+    gix = By * gez - Bz * gey
+    giy = Bz * gex - Bx * gez
+    giz = Bx * gey - By * gex
+    gBx = gBx + (gey * iz - gez * iy)
+    gBy = gBy + (gez * ix - gex * iz)
+    gBz = gBz + (gex * iy - gey * ix)
+    # through B = unit(b), b = p x i
+    t = Bx * gBx + By * gBy + Bz * gBz
+    gbx = (gBx - Bx * t) / bm
+    gby = (gBy - By * t) / bm
+    gbz = (gBz - Bz * t) / bm
+    # gp = i x gb ; gi += gb x p
+    gix += gby * pz - gbz * py
+    giy += gbz * px - gbx * pz
+    giz += gbx * py - gby * px
+    return gix, giy, giz, iy * gbz - iz * gby, iz * gbx - ix * gbz, ix * gby - iy * gbx
+
+
 @njit(cache=True, error_model="numpy")
 def polarization_grad(kahn, ix, iy, iz, dx, dy, dz, px, py, pz, out):
     """Polarization factor and its partials.
@@ -327,67 +379,28 @@ def polarization_grad(kahn, ix, iy, iz, dx, dy, dz, px, py, pz, out):
     s2sqr = 1.0 - c2sqr
     for j in range(10):
         out[j] = 0.0
-    # B = unit(axis x i), E = unit(i x B)
-    bx = py * iz - pz * iy
-    by = pz * ix - px * iz
-    bz = px * iy - py * ix
-    bm = math.sqrt(bx * bx + by * by + bz * bz)
+    Bx, By, Bz, bm, Ex, Ey, Ez, em = polarization_frame(ix, iy, iz, px, py, pz)
     cos2 = 1.0
     sin2 = 0.0
     dpsi_dix = dpsi_diy = dpsi_diz = 0.0
     dpsi_ddx = dpsi_ddy = dpsi_ddz = 0.0
     dpsi_dpx = dpsi_dpy = dpsi_dpz = 0.0
-    if bm != 0.0:
-        Bx = bx / bm
-        By = by / bm
-        Bz = bz / bm
-        ex = iy * Bz - iz * By
-        ey = iz * Bx - ix * Bz
-        ez = ix * By - iy * Bx
-        em = math.sqrt(ex * ex + ey * ey + ez * ez)
-        if em != 0.0:
-            Ex = ex / em
-            Ey = ey / em
-            Ez = ez / em
-            yv = Bx * dx + By * dy + Bz * dz
-            xv = Ex * dx + Ey * dy + Ez * dz
-            rr = xv * xv + yv * yv
-            if rr != 0.0:
-                # psi = -atan2(y, x): cos(2 psi) and sin(2 psi) without trigonometry
-                cos2 = (xv * xv - yv * yv) / rr
-                sin2 = -2.0 * xv * yv / rr
-                dpsi_dy = -xv / rr
-                dpsi_dx = yv / rr
-                dpsi_ddx = dpsi_dy * Bx + dpsi_dx * Ex
-                dpsi_ddy = dpsi_dy * By + dpsi_dx * Ey
-                dpsi_ddz = dpsi_dy * Bz + dpsi_dx * Ez
-                # through E = unit(e), e = i x B
-                gEx = dpsi_dx * dx
-                gEy = dpsi_dx * dy
-                gEz = dpsi_dx * dz
-                t = Ex * gEx + Ey * gEy + Ez * gEz
-                gex = (gEx - Ex * t) / em
-                gey = (gEy - Ey * t) / em
-                gez = (gEz - Ez * t) / em
-                # gi += B x ge ; gB += ge x i
-                dpsi_dix = By * gez - Bz * gey
-                dpsi_diy = Bz * gex - Bx * gez
-                dpsi_diz = Bx * gey - By * gex
-                gBx = dpsi_dy * dx + (gey * iz - gez * iy)
-                gBy = dpsi_dy * dy + (gez * ix - gex * iz)
-                gBz = dpsi_dy * dz + (gex * iy - gey * ix)
-                # through B = unit(b), b = axis x i
-                t = Bx * gBx + By * gBy + Bz * gBz
-                gbx = (gBx - Bx * t) / bm
-                gby = (gBy - By * t) / bm
-                gbz = (gBz - Bz * t) / bm
-                # gaxis = i x gb ; gi += gb x axis
-                dpsi_dpx = iy * gbz - iz * gby
-                dpsi_dpy = iz * gbx - ix * gbz
-                dpsi_dpz = ix * gby - iy * gbx
-                dpsi_dix += gby * pz - gbz * py
-                dpsi_diy += gbz * px - gbx * pz
-                dpsi_diz += gbx * py - gby * px
+    if bm != 0.0 and em != 0.0:
+        yv = Bx * dx + By * dy + Bz * dz
+        xv = Ex * dx + Ey * dy + Ez * dz
+        rr = xv * xv + yv * yv
+        if rr != 0.0:
+            # psi = -atan2(y, x): cos(2 psi) and sin(2 psi) without trigonometry
+            cos2 = (xv * xv - yv * yv) / rr
+            sin2 = -2.0 * xv * yv / rr
+            dpsi_dy = -xv / rr
+            dpsi_dx = yv / rr
+            dpsi_ddx = dpsi_dy * Bx + dpsi_dx * Ex
+            dpsi_ddy = dpsi_dy * By + dpsi_dx * Ey
+            dpsi_ddz = dpsi_dy * Bz + dpsi_dx * Ez
+            dpsi_dix, dpsi_diy, dpsi_diz, dpsi_dpx, dpsi_dpy, dpsi_dpz = polarization_frame_vjp(
+                ix, iy, iz, px, py, pz, Bx, By, Bz, bm, Ex, Ey, Ez, em,
+                dpsi_dx * dx, dpsi_dx * dy, dpsi_dx * dz, dpsi_dy * dx, dpsi_dy * dy, dpsi_dy * dz)
     p = 0.5 * (1.0 + c2sqr - kahn * cos2 * s2sqr)
     dp_dc2 = c2 * (1.0 + kahn * cos2)
     dp_dpsi = kahn * sin2 * s2sqr

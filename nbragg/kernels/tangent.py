@@ -13,14 +13,13 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .cpu import block_total, clipped_roi, fast_path, lane_directions, row_path, term
-from .physics import (axes_hkl, beyond_dmin, capture_fraction, flat_grid_index, grid_extent,
-                      node_offset, orientation_axes, orientations_soa, pixel_solid_angle, polarization_axes,
-                      polarization_with_axes, soa_miller, square_lattice_grad)
+from .cpu import LANE_PARTIALS, block_total, clipped_roi, fast_path, lane_directions, row_path, term
+from .physics import (beyond_dmin, capture_fraction, orientations_soa, pixel_solid_angle, polarization_axes,
+                      polarization_with_axes)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
                      SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_partials, bragg_weight_tangent,
-                     capture_partials, lattice_grad, omega_partials, solid_angle_partials, square_partials,
-                     weight_partials)
+                     capture_partials, lane_scratch, lane_sums, lattice_grad, omega_partials, orientation_lanes,
+                     solid_angle_partials, square_partials, weight_partials)
 from .physics import (SQUARE, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
                       signed_square, sum_row)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
@@ -610,9 +609,6 @@ def _direction_tangents_flat(det, spixel, xmin, n, subF, subS, t, d, L, flags, R
             dd[p, 3, x] = dR
 
 
-LANE_PARTIALS = 1 << 15    # doubles of orientation partials (9 x orientations x lanes) a row chunk keeps
-
-
 @njit(cache=True, error_model="numpy")
 def _tangent_row_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, ori, fflat, J, image):
     """One row of the tangent kernel in the :func:`~nbragg.kernels.cpu.row_path` case, its
@@ -656,13 +652,6 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     npad = ori.shape[1]
     os = det.oversample
     norient = xt.orients.shape[0]
-    n8 = norient // 8 * 8
-    Na = xt.Na
-    Nb = xt.Nb
-    Nc = xt.Nc
-    use_grid = fs.has_hkls
-    extent = grid_extent(fs)
-    Fdef = fs.default_F
     kahn = beam.kahn
     pv = beam.polar_axis
     sources = beam.sources
@@ -702,26 +691,14 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     dq = np.zeros((P, 3, n))
     dP1 = np.zeros((P, 3))
     pb = np.empty(10)
-    acc = np.empty((8, n))
     Tk = np.empty(n)         # the block's sum where kept, else 0
-    latt = np.empty(n)       # per orientation: F_latt^2, F_latt and its partials
-    Lt = np.empty(n)
-    LH = np.empty(n)
-    LK = np.empty(n)
-    LL = np.empty(n)
-    LNa = np.empty(n)
-    LNb = np.empty(n)
-    LNc = np.empty(n)
-    F = np.full(n, Fdef)
-    isdef = np.ones(n)
-    Wx = np.empty(n)
-    Wy = np.empty(n)
-    Wz = np.empty(n)
-    SNa = np.zeros(n)
-    SNb = np.zeros(n)
-    SNc = np.zeros(n)
-    SD = np.zeros(n)
-    O = np.zeros((9, norient if any_dori else 0, n))
+    sc = lane_scratch(n, fs.default_F)
+    sums = lane_sums(n, norient if any_dori else 0)
+    acc = sums.acc
+    Wx = sums.Wx
+    Wy = sums.Wy
+    Wz = sums.Wz
+    no_gF = np.empty(0)
     polar0 = 1.0 if beam.nopolar else 0.0
     for x in range(n):
         I[x] = samp.I_bg
@@ -807,58 +784,7 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                                 dq[p, 0, x] = (dd[p, 0, x] + d[p, so] - qx[x] * dlam) / lam
                                 dq[p, 1, x] = (dd[p, 1, x] + d[p, so + 1] - qy[x] * dlam) / lam
                                 dq[p, 2, x] = (dd[p, 2, x] + d[p, so + 2] - qz[x] * dlam) / lam
-                    acc[:, :] = 0.0
-                    Wx[:] = 0.0
-                    Wy[:] = 0.0
-                    Wz[:] = 0.0
-                    for m in range(norient):
-                        A = orientation_axes(ori, m)
-                        for x in range(n):
-                            h, k, l = axes_hkl(A, qx[x], qy[x], qz[x])
-                            oh = node_offset(h)
-                            ok = node_offset(k)
-                            ol = node_offset(l)
-                            latt[x], Lt[x], LH[x], LK[x], LL[x], LNa[x], LNb[x], LNc[x] = square_lattice_grad(
-                                oh, ok, ol, Na, Nb, Nc)
-                        if use_grid:
-                            # (the gather: a loop of its own, so that the others vectorise)
-                            for x in range(n):
-                                h, k, l, h0, k0, l0 = soa_miller(ori, m, qx[x], qy[x], qz[x])
-                                c = flat_grid_index(h0, k0, l0, extent)
-                                F[x] = fflat[c] if c >= 0 else Fdef
-                                isdef[x] = 0.0 if c >= 0 else 1.0
-                        j = m & 7 if m < n8 else 0
-                        for x in range(n):
-                            F2 = F[x] * F[x]
-                            acc[j, x] += latt[x] * F2
-                            c = 2.0 * F2 * Lt[x] * w[x]
-                            gh = c * LH[x]
-                            gk = c * LK[x]
-                            gl = c * LL[x]
-                            Wx[x] += gh * A[0] + gk * A[3] + gl * A[6]
-                            Wy[x] += gh * A[1] + gk * A[4] + gl * A[7]
-                            Wz[x] += gh * A[2] + gk * A[5] + gl * A[8]
-                            SNa[x] += c * LNa[x]
-                            SNb[x] += c * LNb[x]
-                            SNc[x] += c * LNc[x]
-                            SD[x] += isdef[x] * 2.0 * F[x] * Lt[x] * Lt[x] * w[x]
-                        if any_dori:
-                            # (a loop of its own: with all the stores in one, LLVM gives up
-                            # vectorising)
-                            for x in range(n):
-                                c = 2.0 * F[x] * F[x] * Lt[x] * w[x]
-                                gh = c * LH[x]
-                                gk = c * LK[x]
-                                gl = c * LL[x]
-                                O[0, m, x] += gh * qx[x]
-                                O[1, m, x] += gh * qy[x]
-                                O[2, m, x] += gh * qz[x]
-                                O[3, m, x] += gk * qx[x]
-                                O[4, m, x] += gk * qy[x]
-                                O[5, m, x] += gk * qz[x]
-                                O[6, m, x] += gl * qx[x]
-                                O[7, m, x] += gl * qy[x]
-                                O[8, m, x] += gl * qz[x]
+                    orientation_lanes(ori, norient, qx, qy, qz, w, xt, fs, fflat, any_dori, no_gF, sc, sums, n)
                     for x in range(n):
                         Tk[x] = 0.0
                         if keep[x]:
@@ -881,14 +807,14 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
         cN = d[p, L.Nc]
         dF = d[p, L.default_F]
         for x in range(n):
-            dI[p, x] += aN * SNa[x] + bN * SNb[x] + cN * SNc[x] + dF * SD[x]
+            dI[p, x] += aN * sums.SNa[x] + bN * sums.SNb[x] + cN * sums.SNc[x] + dF * sums.SD[x]
         if has_dori[p]:
             for i in range(9):
                 for m in range(norient):
                     coef = d[p, L.orients + i * npad + m]
                     if coef != 0.0:
                         for x in range(n):
-                            dI[p, x] += coef * O[i, m, x]
+                            dI[p, x] += coef * sums.O[i, m, x]
     # the factors applied at the end (_t_finish), vectorised across the pixels
     value = np.empty(n)
     for x in range(n):
