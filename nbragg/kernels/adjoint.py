@@ -23,7 +23,7 @@ from numba import njit, prange
 
 from .cpu import LANE_PARTIALS, block_total, clipped_roi, fast_path, lane_directions, row_path, term
 from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
-                      orientations_soa, pixel_solid_angle, polarization_frame, polarization_frame_vjp, scattering,
+                      orientations_soa, pixel_solid_angle, polarization_frame, polarization_frame_vjp, polarization_parts, scattering,
                       signed_square, soa_hkl, solid_angle)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
                      SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_vjp, capture_partials, direction_vjp,
@@ -862,7 +862,7 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     oR = np.empty(n)
     opix = np.empty(n)
     oclose = np.empty(n)
-    pol_kahn = np.zeros(n)   # the polarization's partials: dp/dkahn, dp/d(i.d), dp/d(d.E), dp/d(d.B)
+    pol_kahn = np.zeros(n)   # the polarization's partials (polarization_parts)
     pol_c2 = np.zeros(n)
     pol_x = np.zeros(n)
     pol_y = np.zeros(n)
@@ -928,22 +928,10 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     if not beam.nopolar:
         lam = lambdas[0]
         for x in range(n):
-            c2 = ix0 * d0x[x] + iy0 * d0y[x] + iz0 * d0z[x]
-            c2sqr = c2 * c2
-            s2sqr = 1.0 - c2sqr
-            yv = Bx * d0x[x] + By * d0y[x] + Bz * d0z[x]
-            xv = Ex * d0x[x] + Ey * d0y[x] + Ez * d0z[x]
-            rr = xv * xv + yv * yv
-            psi = framed and rr != 0.0
-            cos2 = (xv * xv - yv * yv) / rr if psi else 1.0
-            sin2 = -2.0 * xv * yv / rr if psi else 0.0
-            dp_dpsi = kahn * sin2 * s2sqr
+            p1, pol_kahn[x], pol_c2[x], pol_x[x], pol_y[x] = polarization_parts(
+                kahn, ix0, iy0, iz0, d0x[x], d0y[x], d0z[x], Bx, By, Bz, Ex, Ey, Ez, framed)
             cut = beyond_dmin((d0x[x] - ix0) / lam, (d0y[x] - iy0) / lam, (d0z[x] - iz0) / lam, dmin)
-            polar[x] = 0.0 if cut else 0.5 * (1.0 + c2sqr - kahn * cos2 * s2sqr)
-            pol_kahn[x] = -0.5 * cos2 * s2sqr
-            pol_c2[x] = c2 * (1.0 + kahn * cos2)
-            pol_x[x] = dp_dpsi * yv / rr if psi else 0.0        # dp/dpsi dpsi/dx, x = d.E
-            pol_y[x] = dp_dpsi * -xv / rr if psi else 0.0       # dp/dpsi dpsi/dy, y = d.B
+            polar[x] = 0.0 if cut else p1
     for x in range(n):
         live = gv[x] != 0.0
         act[x] = live and omega[x] != 0.0 and capture[x] != 0.0 and polar[x] != 0.0

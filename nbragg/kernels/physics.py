@@ -366,6 +366,47 @@ def polarization_frame_vjp(ix, iy, iz, px, py, pz, Bx, By, Bz, bm, Ex, Ey, Ez, e
     return gix, giy, giz, iy * gbz - iz * gby, iz * gbx - ix * gbz, ix * gby - iy * gbx
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def polarization_frame_jvp(ix, iy, iz, px, py, pz, Bx, By, Bz, bm, Ex, Ey, Ez, em, dix, diy, diz, dpx, dpy, dpz):
+    """Tangents (dB, dE) of :func:`polarization_frame`'s B and E along (di, dp)."""
+    # b = p x i
+    dbx = dpy * iz - dpz * iy + py * diz - pz * diy
+    dby = dpz * ix - dpx * iz + pz * dix - px * diz
+    dbz = dpx * iy - dpy * ix + px * diy - py * dix
+    t = Bx * dbx + By * dby + Bz * dbz
+    dBx = (dbx - Bx * t) / bm
+    dBy = (dby - By * t) / bm
+    dBz = (dbz - Bz * t) / bm
+    # e = i x B
+    dex = diy * Bz - diz * By + iy * dBz - iz * dBy
+    dey = diz * Bx - dix * Bz + iz * dBx - ix * dBz
+    dez = dix * By - diy * Bx + ix * dBy - iy * dBx
+    t = Ex * dex + Ey * dey + Ez * dez
+    return dBx, dBy, dBz, (dex - Ex * t) / em, (dey - Ey * t) / em, (dez - Ez * t) / em
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def polarization_parts(kahn, ix, iy, iz, dx, dy, dz, Bx, By, Bz, Ex, Ey, Ez, framed):
+    """(p, dp/dkahn, dp/dc, dp/dx, dp/dy) of the polarization factor p (bit for bit
+    :func:`polarization_with_axes`'s) as a function of kahn, c = i.d, x = d.E and y = d.B,
+    for a source's frame from :func:`polarization_frame` (``framed``: |b| and |e| are not
+    0); no calls, so loops over pixels vectorise.  With the frame's tangents or
+    gradients (:func:`polarization_frame_jvp`, :func:`polarization_frame_vjp`) they give
+    :func:`polarization_grad`'s partials."""
+    c2 = ix * dx + iy * dy + iz * dz
+    c2sqr = c2 * c2
+    s2sqr = 1.0 - c2sqr
+    yv = dx * Bx + dy * By + dz * Bz
+    xv = dx * Ex + dy * Ey + dz * Ez
+    rr = xv * xv + yv * yv
+    psi = framed and rr != 0.0
+    cos2 = (xv * xv - yv * yv) / rr if psi else 1.0
+    sin2 = -2.0 * xv * yv / rr if psi else 0.0
+    dp_dpsi = kahn * sin2 * s2sqr
+    return (0.5 * (1.0 + c2sqr - kahn * cos2 * s2sqr), -0.5 * cos2 * s2sqr, c2 * (1.0 + kahn * cos2),
+            dp_dpsi * yv / rr if psi else 0.0, dp_dpsi * -xv / rr if psi else 0.0)
+
+
 @njit(cache=True, error_model="numpy")
 def polarization_grad(kahn, ix, iy, iz, dx, dy, dz, px, py, pz, out):
     """Polarization factor and its partials.

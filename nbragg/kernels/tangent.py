@@ -14,8 +14,8 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit, prange
 
 from .cpu import LANE_PARTIALS, block_total, clipped_roi, fast_path, lane_directions, row_path, term
-from .physics import (beyond_dmin, capture_fraction, orientations_soa, pixel_solid_angle, polarization_axes,
-                      polarization_with_axes)
+from .physics import (beyond_dmin, capture_fraction, orientations_soa, pixel_solid_angle, polarization_frame,
+                      polarization_frame_jvp, polarization_parts)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
                      SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_partials, bragg_weight_tangent,
                      capture_partials, lane_scratch, lane_sums, lattice_grad, omega_partials, orientation_lanes,
@@ -690,7 +690,6 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     dd = np.zeros((P, 4, n))
     dq = np.zeros((P, 3, n))
     dP1 = np.zeros((P, 3))
-    pb = np.empty(10)
     Tk = np.empty(n)         # the block's sum where kept, else 0
     sc = lane_scratch(n, fs.default_F)
     sums = lane_sums(n, norient if any_dori else 0)
@@ -700,6 +699,13 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     Wz = sums.Wz
     no_gF = np.empty(0)
     polar0 = 1.0 if beam.nopolar else 0.0
+    pending = 0 if beam.nopolar else n      # lanes whose polarization is still to be taken
+    om_pending = False                      # ... whose solid angle is (0 at the first sub-pixel)
+    fresh = np.empty(n, dtype=np.bool_)
+    pk = np.empty(n)         # polarization_parts (and solid_angle_partials)
+    pc = np.empty(n)
+    pX = np.empty(n)
+    pY = np.empty(n)
     for x in range(n):
         I[x] = samp.I_bg
         polar[x] = polar0
@@ -713,6 +719,7 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                 dcap[p, x] = 0.0
         for subS in range(os):
             for subF in range(os):
+                first_sub = t == 0 and subS == 0 and subF == 0
                 lane_directions(det, beam, spixel, xmin, n, subF, subS, t, R, dx, dy, dz)
                 if geo and not det.curved:
                     _direction_tangents_flat(det, spixel, xmin, n, subF, subS, t, d, L, flags, R, dx, dy, dz, dd)
@@ -727,13 +734,30 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                             dd[p, 1, x] = (dP1[p, 1] - dy[x] * dR) / R[x]
                             dd[p, 2, x] = (dP1[p, 2] - dz[x] * dR) / R[x]
                             dd[p, 3, x] = dR
-                for x in range(n):
-                    if omega[x] == 0.0:
+                if first_sub:
+                    # the solid angle where the walk takes it (at the first sub-pixel: it is
+                    # not 0 where R is finite)
+                    for x in range(n):
                         omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
-                        oR, opix, oclose = solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])
-                        for p in range(P):
-                            if (flags[p] & (T_GEO | T_OMEGA)) != 0:
-                                dom[p, x] = oR * dd[p, 3, x] + opix * d[p, L.pixel] + oclose * d[p, L.close_distance]
+                        pk[x], pc[x], pX[x] = solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])
+                    for p in range(P):
+                        if (flags[p] & (T_GEO | T_OMEGA)) != 0:
+                            dpix = d[p, L.pixel]
+                            dclose = d[p, L.close_distance]
+                            for x in range(n):
+                                dom[p, x] = pk[x] * dd[p, 3, x] + pc[x] * dpix + pX[x] * dclose
+                elif om_pending:
+                    for x in range(n):
+                        if omega[x] == 0.0:
+                            omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
+                            oR, opix, oclose = solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])
+                            for p in range(P):
+                                if (flags[p] & (T_GEO | T_OMEGA)) != 0:
+                                    dom[p, x] = (oR * dd[p, 3, x] + opix * d[p, L.pixel]
+                                                 + oclose * d[p, L.close_distance])
+                om_pending = False
+                for x in range(n):
+                    om_pending = om_pending or omega[x] == 0.0
                 if capture0 == 0.0:
                     for x in range(n):
                         if capture[x] == 0.0:
@@ -752,23 +776,45 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                     lam = lambdas[s]
                     so = L.sources + 3 * s
                     wsrc = beam.weights[s]
-                    bx, by, bz, ex, ey, ez = polarization_axes(kahn, ix, iy, iz, pv[0], pv[1], pv[2])
                     for x in range(n):
                         qx[x] = (dx[x] - ix) / lam
                         qy[x] = (dy[x] - iy) / lam
                         qz[x] = (dz[x] - iz) / lam
                         keep[x] = not beyond_dmin(qx[x], qy[x], qz[x], dmin)
-                    for x in range(n):
-                        if keep[x] and polar[x] == 0.0:
-                            polar[x] = polarization_with_axes(kahn, ix, iy, iz, dx[x], dy[x], dz[x], bx, by, bz, ex,
-                                                              ey, ez)
-                            polarization_grad(kahn, ix, iy, iz, dx[x], dy[x], dz[x], pv[0], pv[1], pv[2], pb)
-                            for p in range(P):
-                                if (flags[p] & (T_GEO | T_SRC | T_POL)) != 0:
-                                    dpol[p, x] = (pb[0] * d[p, L.kahn] - pb[1] * d[p, so] - pb[2] * d[p, so + 1]
-                                                  - pb[3] * d[p, so + 2] + pb[4] * dd[p, 0, x] + pb[5] * dd[p, 1, x]
-                                                  + pb[6] * dd[p, 2, x] + pb[7] * d[p, L.polar_axis]
-                                                  + pb[8] * d[p, L.polar_axis + 1] + pb[9] * d[p, L.polar_axis + 2])
+                    if pending > 0:
+                        # the polarization where the walk takes it, at the first kept sample;
+                        # its tangents in i and the E-vector axis through the source's frame
+                        Bx, By, Bz, bm, Ex, Ey, Ez, em = polarization_frame(ix, iy, iz, pv[0], pv[1], pv[2])
+                        framed = bm != 0.0 and em != 0.0
+                        for x in range(n):
+                            fresh[x] = keep[x] and polar[x] == 0.0
+                            p1, pk[x], pc[x], pX[x], pY[x] = polarization_parts(kahn, ix, iy, iz, dx[x], dy[x], dz[x],
+                                                                                Bx, By, Bz, Ex, Ey, Ez, framed)
+                            polar[x] = p1 if fresh[x] else polar[x]
+                        for p in range(P):
+                            if (flags[p] & (T_GEO | T_SRC | T_POL)) == 0:
+                                continue
+                            dix = -d[p, so]
+                            diy = -d[p, so + 1]
+                            diz = -d[p, so + 2]
+                            dBx = dBy = dBz = dEx = dEy = dEz = 0.0
+                            if framed:
+                                dBx, dBy, dBz, dEx, dEy, dEz = polarization_frame_jvp(
+                                    ix, iy, iz, pv[0], pv[1], pv[2], Bx, By, Bz, bm, Ex, Ey, Ez, em, dix, diy, diz,
+                                    d[p, L.polar_axis], d[p, L.polar_axis + 1], d[p, L.polar_axis + 2])
+                            dk = d[p, L.kahn]
+                            for x in range(n):
+                                v = (pk[x] * dk
+                                     + pc[x] * (dix * dx[x] + diy * dy[x] + diz * dz[x]
+                                                + ix * dd[p, 0, x] + iy * dd[p, 1, x] + iz * dd[p, 2, x])
+                                     + pX[x] * (dEx * dx[x] + dEy * dy[x] + dEz * dz[x]
+                                                + Ex * dd[p, 0, x] + Ey * dd[p, 1, x] + Ez * dd[p, 2, x])
+                                     + pY[x] * (dBx * dx[x] + dBy * dy[x] + dBz * dz[x]
+                                                + Bx * dd[p, 0, x] + By * dd[p, 1, x] + Bz * dd[p, 2, x]))
+                                dpol[p, x] = v if fresh[x] else dpol[p, x]
+                        pending = 0
+                        for x in range(n):
+                            pending += 1 if polar[x] == 0.0 else 0
                     for x in range(n):
                         wv, ws, wB, cq = weight_partials(wsrc, B, qx[x], qy[x], qz[x])
                         w[x] = wv if keep[x] else 0.0
