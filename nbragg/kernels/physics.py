@@ -238,15 +238,8 @@ def polarization_with_axes(kahn, ix, iy, iz, dx, dy, dz, bx, by, bz, ex, ey, ez)
     """nanoBragg's polarization factor 0.5 (1 + cos^2 2theta - kahn cos(2 psi) sin^2 2theta),
     psi = -atan2(d.B, d.E), with cos(2 psi) = (x^2 - y^2) / (x^2 + y^2) taken without
     trigonometry (1 where x = y = 0, as atan2(0, 0) = 0 gives): no calls, so loops over
-    pixels vectorise."""
-    c2 = ix * dx + iy * dy + iz * dz
-    c2sqr = c2 * c2
-    s2sqr = 1.0 - c2sqr
-    yv = dx * bx + dy * by + dz * bz
-    xv = dx * ex + dy * ey + dz * ez
-    rr = xv * xv + yv * yv
-    cos2 = (xv * xv - yv * yv) / rr if rr != 0.0 else 1.0
-    return 0.5 * (1.0 + c2sqr - kahn * cos2 * s2sqr)
+    pixels vectorise.  (B and E zero where undefined: see :func:`polarization_axes`.)"""
+    return polarization_parts(kahn, ix, iy, iz, dx, dy, dz, bx, by, bz, ex, ey, ez, True)[0]
 
 
 @njit(cache=True, error_model="numpy")
@@ -387,10 +380,12 @@ def polarization_frame_jvp(ix, iy, iz, px, py, pz, Bx, By, Bz, bm, Ex, Ey, Ez, e
 
 @njit(cache=True, error_model="numpy", inline="always")
 def polarization_parts(kahn, ix, iy, iz, dx, dy, dz, Bx, By, Bz, Ex, Ey, Ez, framed):
-    """(p, dp/dkahn, dp/dc, dp/dx, dp/dy) of the polarization factor p (bit for bit
-    :func:`polarization_with_axes`'s) as a function of kahn, c = i.d, x = d.E and y = d.B,
-    for a source's frame from :func:`polarization_frame` (``framed``: |b| and |e| are not
-    0); no calls, so loops over pixels vectorise.  With the frame's tangents or
+    """(p, dp/dkahn, dp/dc, dp/dx, dp/dy) of nanoBragg's polarization factor
+    p = 0.5 (1 + c^2 - kahn cos(2 psi) (1 - c^2)), psi = -atan2(y, x), as a function of kahn,
+    c = i.d, x = d.E and y = d.B, for a source's frame from :func:`polarization_frame`
+    (``framed``: |b| and |e| are not 0); cos(2 psi) = (x^2 - y^2) / (x^2 + y^2) without
+    trigonometry, 1 where x = y = 0 (as atan2(0, 0) = 0 gives); no calls, so loops over
+    pixels vectorise.  With the frame's tangents or
     gradients (:func:`polarization_frame_jvp`, :func:`polarization_frame_vjp`) they give
     :func:`polarization_grad`'s partials."""
     c2 = ix * dx + iy * dy + iz * dz

@@ -672,9 +672,13 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     omega = np.zeros(n)
     capture = np.empty(n)
     polar = np.empty(n)
-    dom = np.zeros((P, n))
-    dcap = np.zeros((P, n))
-    dpol = np.zeros((P, n))
+    # the factors' tangents and the directions' (rows of the directions that move them
+    # only: the others read zrow, zero4)
+    dom = np.empty((P, n))
+    dcap = np.empty((P, n))
+    dpol = np.empty((P, n))
+    zrow = np.zeros(n)
+    zero4 = np.zeros((4, n))
     R = np.empty(n)
     dx = np.empty(n)
     dy = np.empty(n)
@@ -687,8 +691,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     dws = np.empty(n)        # bragg_weight_partials
     dwB = np.empty(n)
     cwq = np.empty(n)
-    dd = np.zeros((P, 4, n))
-    dq = np.zeros((P, 3, n))
+    dd = np.empty((P, 4, n))
+    dq = np.empty((P, 3, n))
     dP1 = np.zeros((P, 3))
     Tk = np.empty(n)         # the block's sum where kept, else 0
     sc = lane_scratch(n, fs.default_F)
@@ -706,6 +710,9 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     pc = np.empty(n)
     pX = np.empty(n)
     pY = np.empty(n)
+    for p in range(P):
+        if (flags[p] & (T_GEO | T_SRC | T_POL)) != 0:
+            dpol[p, :] = 0.0
     for x in range(n):
         I[x] = samp.I_bg
         polar[x] = polar0
@@ -715,8 +722,10 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
         capture0 = 1.0 if det.thick == 0.0 else 0.0
         for x in range(n):
             capture[x] = capture0
+        if capture0 == 0.0:
             for p in range(P):
-                dcap[p, x] = 0.0
+                if (flags[p] & (T_GEO | T_CAP)) != 0:
+                    dcap[p, :] = 0.0
         for subS in range(os):
             for subF in range(os):
                 first_sub = t == 0 and subS == 0 and subF == 0
@@ -742,10 +751,11 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                         pk[x], pc[x], pX[x] = solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])
                     for p in range(P):
                         if (flags[p] & (T_GEO | T_OMEGA)) != 0:
+                            ddp = dd[p] if (flags[p] & T_GEO) != 0 else zero4
                             dpix = d[p, L.pixel]
                             dclose = d[p, L.close_distance]
                             for x in range(n):
-                                dom[p, x] = pk[x] * dd[p, 3, x] + pc[x] * dpix + pX[x] * dclose
+                                dom[p, x] = pk[x] * ddp[3, x] + pc[x] * dpix + pX[x] * dclose
                 elif om_pending:
                     for x in range(n):
                         if omega[x] == 0.0:
@@ -753,7 +763,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                             oR, opix, oclose = solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])
                             for p in range(P):
                                 if (flags[p] & (T_GEO | T_OMEGA)) != 0:
-                                    dom[p, x] = (oR * dd[p, 3, x] + opix * d[p, L.pixel]
+                                    ddp = dd[p] if (flags[p] & T_GEO) != 0 else zero4
+                                    dom[p, x] = (oR * ddp[3, x] + opix * d[p, L.pixel]
                                                  + oclose * d[p, L.close_distance])
                 om_pending = False
                 for x in range(n):
@@ -765,7 +776,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                             _, cdx, cdy, cdz, cox, coy, coz, cts, cmu = capture_partials(t, dx[x], dy[x], dz[x], det)
                             for p in range(P):
                                 if (flags[p] & (T_GEO | T_CAP)) != 0:
-                                    dcap[p, x] = (cdx * dd[p, 0, x] + cdy * dd[p, 1, x] + cdz * dd[p, 2, x]
+                                    ddp = dd[p] if (flags[p] & T_GEO) != 0 else zero4
+                                    dcap[p, x] = (cdx * ddp[0, x] + cdy * ddp[1, x] + cdz * ddp[2, x]
                                                   + cox * d[p, L.odet] + coy * d[p, L.odet + 1]
                                                   + coz * d[p, L.odet + 2] + cts * d[p, L.thickstep]
                                                   + cmu * d[p, L.mu])
@@ -803,14 +815,15 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                                     ix, iy, iz, pv[0], pv[1], pv[2], Bx, By, Bz, bm, Ex, Ey, Ez, em, dix, diy, diz,
                                     d[p, L.polar_axis], d[p, L.polar_axis + 1], d[p, L.polar_axis + 2])
                             dk = d[p, L.kahn]
+                            ddp = dd[p] if (flags[p] & T_GEO) != 0 else zero4
                             for x in range(n):
                                 v = (pk[x] * dk
                                      + pc[x] * (dix * dx[x] + diy * dy[x] + diz * dz[x]
-                                                + ix * dd[p, 0, x] + iy * dd[p, 1, x] + iz * dd[p, 2, x])
+                                                + ix * ddp[0, x] + iy * ddp[1, x] + iz * ddp[2, x])
                                      + pX[x] * (dEx * dx[x] + dEy * dy[x] + dEz * dz[x]
-                                                + Ex * dd[p, 0, x] + Ey * dd[p, 1, x] + Ez * dd[p, 2, x])
+                                                + Ex * ddp[0, x] + Ey * ddp[1, x] + Ez * ddp[2, x])
                                      + pY[x] * (dBx * dx[x] + dBy * dy[x] + dBz * dz[x]
-                                                + Bx * dd[p, 0, x] + By * dd[p, 1, x] + Bz * dd[p, 2, x]))
+                                                + Bx * ddp[0, x] + By * ddp[1, x] + Bz * ddp[2, x]))
                                 dpol[p, x] = v if fresh[x] else dpol[p, x]
                         pending = 0
                         for x in range(n):
@@ -826,10 +839,11 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                             if (flags[p] & (T_GEO | T_SRC | T_LAM)) == 0:
                                 continue
                             dlam = d[p, L.lambdas + s]
+                            ddp = dd[p] if (flags[p] & T_GEO) != 0 else zero4
                             for x in range(n):
-                                dq[p, 0, x] = (dd[p, 0, x] + d[p, so] - qx[x] * dlam) / lam
-                                dq[p, 1, x] = (dd[p, 1, x] + d[p, so + 1] - qy[x] * dlam) / lam
-                                dq[p, 2, x] = (dd[p, 2, x] + d[p, so + 2] - qz[x] * dlam) / lam
+                                dq[p, 0, x] = (ddp[0, x] + d[p, so] - qx[x] * dlam) / lam
+                                dq[p, 1, x] = (ddp[1, x] + d[p, so + 1] - qy[x] * dlam) / lam
+                                dq[p, 2, x] = (ddp[2, x] + d[p, so + 2] - qz[x] * dlam) / lam
                     orientation_lanes(ori, norient, qx, qy, qz, w, xt, fs, fflat, any_dori, no_gF, sc, sums, n)
                     for x in range(n):
                         Tk[x] = 0.0
@@ -867,9 +881,12 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
         value[x] = apply_final(samp, I[x], capture[x], polar[x], omega[x]) + np.float64(0.0)
         R[x] = final_factor(samp, capture[x], polar[x], omega[x])          # (R: scratch now)
     for p in range(P):
+        cap_p = dcap[p] if det.thick != 0.0 and (flags[p] & (T_GEO | T_CAP)) != 0 else zrow
+        pol_p = dpol[p] if not beam.nopolar and (flags[p] & (T_GEO | T_SRC | T_POL)) != 0 else zrow
+        om_p = dom[p] if (flags[p] & (T_GEO | T_OMEGA)) != 0 else zrow
         for x in range(n):
-            dI[p, x] = (dI[p, x] * R[x] + I[x] * dcap[p, x] * polar[x] * omega[x]
-                        + I[x] * dpol[p, x] * capture[x] * omega[x] + I[x] * dom[p, x] * capture[x] * polar[x])
+            dI[p, x] = (dI[p, x] * R[x] + I[x] * cap_p[x] * polar[x] * omega[x]
+                        + I[x] * pol_p[x] * capture[x] * omega[x] + I[x] * om_p[x] * capture[x] * polar[x])
     use_mask = det.use_mask
     mask = det.mask
     for x in range(n):
