@@ -180,16 +180,20 @@ def _adjoint(model, S, upstream, lanes):
     g_c = np.zeros((nchunks, kL.size))
     gF_c = np.zeros((nchunks, S.fhkl.grid.size))
     image = np.zeros(shape)
-    A.adjoint(*S, kL, upstream, model.scale, nchunks, g_c, gF_c, image, lanes)
-    return g_c.sum(axis=0), gF_c.sum(axis=0), image
+    swept = A.adjoint(*S, kL, upstream, model.scale, nchunks, g_c, gF_c, image, lanes)
+    return g_c.sum(axis=0), gF_c.sum(axis=0), image, swept
 
 
-def _check_adjoint_lanes(model, S, seed=7):
+def _check_adjoint_lanes(model, S, seed=7, cut=False):
     rng = np.random.default_rng(seed)
     upstream = rng.normal(size=(S.det.spixels, S.det.fpixels))
     upstream[3, :] = 0.0            # pixels without upstream are skipped by both
-    g, gF, image = _adjoint(model, S, upstream, True)
-    gw, gFw, imagew = _adjoint(model, S, upstream, False)
+    g, gF, image, swept = _adjoint(model, S, upstream, True)
+    gw, gFw, imagew, swept_w = _adjoint(model, S, upstream, False)
+    # the lanes take every pixel but those whose polarization -dmin moves past the first
+    # sample, which they leave to the per-pixel sweep
+    assert swept_w > 0
+    assert (0 < swept < swept_w) if cut else swept == 0
     # the image: the per-pixel sweep's to rounding (both take the polarization and capture
     # fraction from their derivative twins), zero where the upstream is
     np.testing.assert_allclose(image, imagew, rtol=1e-14, atol=0)
@@ -216,7 +220,12 @@ def test_adjoint_row_lanes_agree_with_the_per_pixel_sweep(name, grid, tmp_path):
     """The adjoint's row lanes against its per-pixel sweep (pixel_adjoint_fast, and the
     walk's replay for the pixels the lanes leave to it): every partial to rounding."""
     model, S = _case(name, grid, tmp_path)
-    _check_adjoint_lanes(model, S)
+    _check_adjoint_lanes(model, S, cut="dmin" in name)
+
+
+def test_adjoint_row_lanes_on_a_curved_detector_with_a_kahn_factor(tmp_path):
+    model = _model("-curved_det -polar 0.7 -mosaic 0.5 -mosaic_dom 3 -oversample 2 -roi 1 20 2 22", tmp_path)
+    _check_adjoint_lanes(model, _mask(model.scene))
 
 
 def test_adjoint_row_lanes_in_chunks_agree_with_the_per_pixel_sweep(tmp_path):

@@ -23,12 +23,12 @@ from numba import njit, prange
 
 from .cpu import LANE_PARTIALS, block_total, clipped_roi, fast_path, lane_directions, row_path, term
 from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
-                      orientations_soa, pixel_solid_angle, polarization_frame, polarization_frame_vjp, polarization_parts, scattering,
-                      signed_square, soa_hkl, solid_angle)
+                      orientations_soa, pixel_solid_angle, polarization_frame, polarization_frame_vjp,
+                      polarization_parts, scattering, signed_square, soa_hkl, solid_angle)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
                      SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_vjp, capture_partials, direction_vjp,
-                     flat_position_vjp, lane_scratch, lane_sums, lattice_grad, omega_partials, orientation_lanes, position_vjp,
-                     solid_angle_partials, square_partials, weight_partials)
+                     flat_position_vjp, lane_scratch, lane_sums, lattice_grad, omega_partials, orientation_lanes,
+                     position_vjp, solid_angle_partials, square_partials, weight_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Scene
 from .physics import (SQUARE, bragg_weight, polarization_factor, polarization_grad,
@@ -541,8 +541,9 @@ def pixel_adjoint_fast(fpixel, spixel, gv, S, L, ori, norient, fflat, sc, ibuf, 
     where nanoBragg would recompute it later (the caller then uses the general path; a
     pixel's value itself may be negative, with an amorphous F below 0).
 
-    This is one of two pixel loops outside :mod:`.pixel`'s walk (the other:
-    :func:`~nbragg.kernels.cpu._forward_row_lanes`).  Written as a walk mode
+    This is one of the loops outside :mod:`.pixel`'s walk (with the row lanes: this
+    module's :func:`_adjoint_lanes`, which mirrors this function across a row's pixels,
+    and the forward's and the tangent's).  Written as a walk mode
     (hooks keeping the factors and the first sub-pixel's gradient in a scratch array) it
     ran the B2 gradient 13-17 % slower, measured twice; its blocks are the walk's blocks,
     swept by :func:`square_adjoint`, and its value is the forward's to rounding.
@@ -696,7 +697,8 @@ def adjoint(det, beam, xtal, fhkl, samp, L, upstream, scale, nchunks, g_c, gF_c,
     anyway (pass a (0, 0) array to skip it).  ``lanes``: rows take
     :func:`_adjoint_row_lanes` where :func:`~nbragg.kernels.cpu.row_path` allows (False:
     every pixel is swept on its own, as the tests' reference does).  (The scene comes
-    block by block, as in :func:`~nbragg.kernels.cpu.forward`.)
+    block by block, as in :func:`~nbragg.kernels.cpu.forward`.)  Returns how many pixels
+    were swept one by one (with the lanes: those they left).
     """
     spixels, fpixels = upstream.shape
     xmin, xmax, ymin, ymax = clipped_roi(det, spixels, fpixels)
@@ -706,17 +708,19 @@ def adjoint(det, beam, xtal, fhkl, samp, L, upstream, scale, nchunks, g_c, gF_c,
     fast = fast_path(Scene(det, beam, xtal, fhkl, samp))
     lanes = lanes and row_path(Scene(det, beam, xtal, fhkl, samp))
     want_image = image.shape[0] == spixels and image.shape[1] == fpixels   # (0, 0): no image
+    swept = 0
     for c in prange(nchunks):
         r0 = ymin + (c * nrows) // nchunks
         r1 = ymin + ((c + 1) * nrows) // nchunks
-        _adjoint_rows(Scene(det, beam, xtal, fhkl, samp), L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori,
-                      fflat, g_c[c], gF_c[c], want_image, image)
+        swept += _adjoint_rows(Scene(det, beam, xtal, fhkl, samp), L, r0, r1, xmin, xmax, upstream, scale, fast, lanes,
+                               ori, fflat, g_c[c], gF_c[c], want_image, image)
+    return swept
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori, fflat, g, gF, want_image, image):
     """Rows r0..r1-1 of the adjoint, accumulating into one chunk's g and gF (a call per
-    chunk: see cpu._forward_row)."""
+    chunk: see cpu._forward_row); returns how many pixels it swept one by one."""
     det = S.det
     use_mask = det.use_mask
     mask = det.mask
@@ -737,6 +741,7 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori, f
     fw = np.empty(64)
     gor = orientation_rows(g, L)
     todo = np.empty(max(xmax - xmin + 1, 0), dtype=np.int64)
+    swept = 0
     for spixel in range(r0, r1):
         ntodo = 0
         if lanes:
@@ -753,6 +758,7 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori, f
             gv = upstream[spixel, fpixel] * scale
             if gv == 0.0:
                 continue
+            swept += 1
             done = False
             v = 0.0
             if fast:
@@ -763,6 +769,7 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori, f
                                   g, gor, gF)
             if want_image:
                 image[spixel, fpixel] = v * scale
+    return swept
 
 
 @njit(cache=True, error_model="numpy")
@@ -827,9 +834,10 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     The pixel factors and their partials come first (omega at the first sub-pixel, the
     capture fraction at the last layer's first, the polarization at the first sample),
     so each lane's upstream on the terms, G = dL/dI omega capture polar, is known before
-    the blocks.  Per block :func:`~nbragg.kernels.derivs.orientation_lanes` adds per
-    pixel dL/dq (W*), dL/dN (SN*), dL/dF (SD) and per orientation dL/d(orientation) (O),
-    summed over the lanes once, at the end.  A pixel whose factor is zero where the walk would
+    the blocks.  Per block :func:`~nbragg.kernels.derivs.orientation_lanes` gives per
+    pixel dL/dq (W*, pushed to the sub-pixel and source at once) and adds dL/dN (SN*),
+    dL/dF (SD) and per orientation dL/d(orientation) (O), which are summed over the lanes
+    once, at the end.  A pixel whose factor is zero where the walk would
     take it again later, or whose polarization -dmin moves past its first sample, goes to
     ``todo`` for the per-pixel sweep.  Returns the new length of ``todo``."""
     det = S.det
@@ -880,7 +888,8 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     gdx = np.empty(n)
     gdy = np.empty(n)
     gdz = np.empty(n)
-    gR = np.zeros(n)
+    gR = np.empty(n)         # dL/dR at the first sub-pixel (the solid angle's), known at the end
+    no_gR = np.zeros(n)      # ... and at the others
     qx = np.empty(n)
     qy = np.empty(n)
     qz = np.empty(n)
@@ -1007,7 +1016,7 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
                                                           dy[x], dz[x])
                             position_vjp(gpx, gpy, gpz, xmin + x, spixel, subF, subS, t, det, beam, L, g)
                 else:
-                    _position_vjp_lanes(det, L, g, spixel, xmin, n, subF, subS, t, act, gdx, gdy, gdz, gR, R, dx,
+                    _position_vjp_lanes(det, L, g, spixel, xmin, n, subF, subS, t, act, gdx, gdy, gdz, no_gR, R, dx,
                                         dy, dz)
     # ---- the sums, and the factors' gradients now that each pixel's sum is known
     sG = 0.0

@@ -490,7 +490,8 @@ def orientation_lanes(ori, norient, qx, qy, qz, wt, xt, fs, fflat, want_O, gF, s
     orientation; with a grid and a non-empty ``gF``, dT/dF of each node is added to it.
 
     What the tangent's and the adjoint's row lanes share (the tangent weights a term by
-    the source's weight, the adjoint by that times the pixel's upstream): the orientation
+    the block's Bragg weight, the adjoint by that times the upstream and the pixel's
+    factors, G): the orientation
     loops make no calls and carry no parameter index, so LLVM vectorises them."""
     Na = xt.Na
     Nb = xt.Nb

@@ -1,7 +1,9 @@
 """The one pixel walk: nanoBragg's loops over sensor layers, sub-pixels and sources, with
-every quirk of the C.  (Two loops mirror it for speed, each checked against it: the
-forward kernel's row lanes, :func:`~nbragg.kernels.cpu._forward_row_lanes`, bit for bit,
-and the adjoint's fast path, :func:`~nbragg.kernels.adjoint.pixel_adjoint_fast`.)
+every quirk of the C.  (Loops that mirror it for speed, each checked against it: the
+forward kernel's row lanes, :func:`~nbragg.kernels.cpu._forward_row_lanes`, bit for bit;
+the tangent's, :func:`~nbragg.kernels.tangent._tangent_lanes`; the adjoint's fast path,
+:func:`~nbragg.kernels.adjoint.pixel_adjoint_fast`, and its row lanes,
+:func:`~nbragg.kernels.adjoint._adjoint_lanes`.)
 
 * the solid angle is taken at the first sub-pixel (at every one with ``-oversample_omega``),
   the capture fraction at the first sub-pixel of each sensor layer (every one with

@@ -706,10 +706,13 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     pending = 0 if beam.nopolar else n      # lanes whose polarization is still to be taken
     om_pending = False                      # ... whose solid angle is (0 at the first sub-pixel)
     fresh = np.empty(n, dtype=np.bool_)
-    pk = np.empty(n)         # polarization_parts (and solid_angle_partials)
+    pk = np.empty(n)         # polarization_parts
     pc = np.empty(n)
     pX = np.empty(n)
     pY = np.empty(n)
+    oR = np.empty(n)         # solid_angle_partials
+    opix = np.empty(n)
+    oclose = np.empty(n)
     for p in range(P):
         if (flags[p] & (T_GEO | T_SRC | T_POL)) != 0:
             dpol[p, :] = 0.0
@@ -744,28 +747,28 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                             dd[p, 2, x] = (dP1[p, 2] - dz[x] * dR) / R[x]
                             dd[p, 3, x] = dR
                 if first_sub:
-                    # the solid angle where the walk takes it (at the first sub-pixel: it is
-                    # not 0 where R is finite)
+                    # the solid angle where the walk takes it: at the first sub-pixel, and
+                    # again at the next where it is 0 there
                     for x in range(n):
                         omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
-                        pk[x], pc[x], pX[x] = solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])
+                        oR[x], opix[x], oclose[x] = solid_angle_partials(R[x], pixel, close_distance, point_pixel,
+                                                                         omega[x])
                     for p in range(P):
                         if (flags[p] & (T_GEO | T_OMEGA)) != 0:
                             ddp = dd[p] if (flags[p] & T_GEO) != 0 else zero4
                             dpix = d[p, L.pixel]
                             dclose = d[p, L.close_distance]
                             for x in range(n):
-                                dom[p, x] = pk[x] * ddp[3, x] + pc[x] * dpix + pX[x] * dclose
+                                dom[p, x] = oR[x] * ddp[3, x] + opix[x] * dpix + oclose[x] * dclose
                 elif om_pending:
                     for x in range(n):
                         if omega[x] == 0.0:
                             omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
-                            oR, opix, oclose = solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])
+                            a, b, c = solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])
                             for p in range(P):
                                 if (flags[p] & (T_GEO | T_OMEGA)) != 0:
                                     ddp = dd[p] if (flags[p] & T_GEO) != 0 else zero4
-                                    dom[p, x] = (oR * ddp[3, x] + opix * d[p, L.pixel]
-                                                 + oclose * d[p, L.close_distance])
+                                    dom[p, x] = a * ddp[3, x] + b * d[p, L.pixel] + c * d[p, L.close_distance]
                 om_pending = False
                 for x in range(n):
                     om_pending = om_pending or omega[x] == 0.0
