@@ -3,21 +3,22 @@
 A re-implementation of James Holton and Ken Frankel's nanoBragg (far-field diffraction
 from a perfect-lattice nanocrystal onto a pixel detector).
 
-``import nbragg`` loads the records (Experiment, Beam, Detector...) only; the engine,
-gradients and refinement -- and Numba with them -- load on first use of their names.
+``import nbragg`` loads nothing heavy: the records (Experiment, Beam, Detector...) and
+NumPy load on first use of their names, the engine, gradients and refinement -- and Numba
+with them -- on first use of theirs.
 """
 
 import importlib
 import importlib.util
 
 from .errors import ArgumentError, BackendError, InputFileError, NbraggError, ParameterError
-from .experiment import (Beam, Crystal, Detector, Experiment, Material, Panel, PanelGroup, Response, Sampling,
-                         Structure)
 
 __version__ = "0.1.0"
 
 # name -> the module that defines it, imported when the name is first used
 _LAZY = {
+    **{name: "experiment" for name in ("Experiment", "Beam", "Crystal", "Detector", "Material", "Panel",
+                                       "PanelGroup", "Response", "Sampling", "Structure")},
     "simulate": "engine", "build_model": "engine", "Result": "engine", "Stats": "engine",
     "gradient": "gradients", "jacobian": "gradients", "check_gradients": "gradients", "GradientCheck": "gradients",
     "get_params": "params", "set_params": "params",

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from .resident import run_command
 
-sys.exit(main())
+sys.exit(run_command("nbragg"))

@@ -12,6 +12,7 @@ alternately, and prints the ratio of their wall-clock times.  Timings are median
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -198,8 +199,10 @@ def _run_process(cmd, env, cwd):
     return dt
 
 
-def compare_nanobragg(binary, args, threads, repeat):
-    """Alternate nanoBragg and the nbragg command line; returns (t_c, t_nbragg) medians."""
+def compare_nanobragg(binary, args, threads, repeat, resident_env=None):
+    """Alternate nanoBragg, the nbragg command line by itself and (given ``resident_env``,
+    see :func:`resident_server`) on a resident server; returns the medians (t_c,
+    t_nbragg, t_resident or None)."""
     outputs = ["-floatfile", "float.bin", "-intfile", "int.img", "-nonoise", "-nopgm"]
     with tempfile.TemporaryDirectory() as tmp:
         env_c = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -207,11 +210,31 @@ def compare_nanobragg(binary, args, threads, repeat):
         c_cmd = [binary] + args.split() + outputs
         n_cmd = [sys.executable, "-m", "nbragg"] + args.split() + outputs + ["-threads", str(threads), "-noprogress"]
         _run_process(n_cmd, env_n, tmp)  # warm the compile cache
-        tc, tn = [], []
+        tc, tn, tr = [], [], []
         for _ in range(repeat):
             tc.append(_run_process(c_cmd, env_c, tmp))
             tn.append(_run_process(n_cmd, env_n, tmp))
-        return statistics.median(tc), statistics.median(tn)
+            if resident_env:
+                tr.append(_run_process(n_cmd, resident_env, tmp))
+        return statistics.median(tc), statistics.median(tn), (statistics.median(tr) if tr else None)
+
+
+@contextlib.contextmanager
+def resident_server():
+    """A resident server (nbragg-resident) of this checkout in a private socket directory
+    for the benchmark's run; yields the environment whose commands run on it."""
+    folder = tempfile.mkdtemp(prefix="nbrb")
+    try:
+        os.chmod(folder, 0o700)
+        env = _package_env(NBRAGG_RESIDENT="on", NBRAGG_RESIDENT_DIR=folder)
+        cmd = [sys.executable, "-m", "nbragg.resident"]
+        subprocess.run(cmd + ["start", "--idle", "600"], env=env, check=True, stdout=subprocess.DEVNULL)
+        try:
+            yield env
+        finally:
+            subprocess.run(cmd + ["stop"], env=env, stdout=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 STARTUP_ARGS = "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 64 -pixel 0.1"
@@ -232,10 +255,11 @@ one(1)
 """
 
 
-def startup_figures(repeat, binary=None):
+def startup_figures(repeat, binary=None, resident_env=None):
     """(seconds of ``python -c "import nbragg"``, of the warm nbragg command on a 64x64
     image, of a Python process that loads one cached one-line Numba function, of the
-    nanoBragg binary on it or None): medians, the commands alternated."""
+    nanoBragg binary on it or None, of the command on a resident server or None):
+    medians, the commands alternated."""
     outputs = ["-floatfile", "float.bin", "-intfile", "int.img", "-nonoise", "-nopgm"]
     env = _package_env()
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,15 +270,17 @@ def startup_figures(repeat, binary=None):
         cmd = [sys.executable, "-m", "nbragg"] + STARTUP_ARGS.split() + outputs + ["-noprogress"]
         _run_process(cmd, env, tmp)          # the kernels compiled or loaded once
         _run_process(floor, env, tmp)
-        ti, tn, tf, tc = [], [], [], []
+        ti, tn, tf, tc, tr = [], [], [], [], []
         for _ in range(repeat):
             ti.append(_run_process(imp, env, tmp))
             tn.append(_run_process(cmd, env, tmp))
             tf.append(_run_process(floor, env, tmp))
             if binary:
                 tc.append(_run_process([binary] + STARTUP_ARGS.split() + outputs, dict(os.environ), tmp))
+            if resident_env:
+                tr.append(_run_process(cmd, resident_env, tmp))
     return (statistics.median(ti), statistics.median(tn), statistics.median(tf),
-            statistics.median(tc) if tc else None)
+            statistics.median(tc) if tc else None, statistics.median(tr) if tr else None)
 
 
 # the detector-response figure: a B1L image (2048x2048, 0.05 mm pixels) through a Gaussian
@@ -287,6 +313,7 @@ def response_figures(repeat, noisify_binary=None):
 def _package_env(**extra):
     """The environment for a command of this package (this checkout first on the path)."""
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    extra.setdefault("NBRAGG_RESIDENT", "off")      # (whatever server the machine runs)
     return dict(os.environ, **extra, PYTHONPATH=os.pathsep.join(
         [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
 
@@ -472,6 +499,9 @@ def main(argv=None):
                          "(B2 on 1024x1024)")
     ap.add_argument("--startup", action="store_true",
                     help="time `import nbragg` and the warm nbragg command on a 64x64 image (and --nanobragg's)")
+    ap.add_argument("--resident", action="store_true",
+                    help="also time the commands (--nanobragg, --startup) on a resident server (nbragg-resident), "
+                         "started for the run in a private directory")
     ap.add_argument("--many", type=int, metavar="SHOTS",
                     help="time refine_many on this many 128x128 stills with 1 and 2 Dask workers")
     ap.add_argument("--panels", action="store_true",
@@ -532,10 +562,12 @@ def main(argv=None):
         if opts.nanobragg:
             binary = shutil.which(opts.nanobragg) or opts.nanobragg
             for t in threads:
-                tc, tn = compare_nanobragg(binary, args, t, opts.repeat)
+                with resident_server() if opts.resident else contextlib.nullcontext() as renv:
+                    tc, tn, tr = compare_nanobragg(binary, args, t, opts.repeat, renv)
                 kern = time_forward(model, t, opts.repeat)
                 print(f"  vs nanoBragg threads={t}: nanoBragg {tc:7.3f} s, nbragg command {tn:7.3f} s "
-                      f"-> speed ratio {tc / tn:5.2f}x (whole process); kernel only {tc / kern:5.2f}x")
+                      f"-> speed ratio {tc / tn:5.2f}x (whole process); kernel only {tc / kern:5.2f}x"
+                      + (f"; on a resident server {tr:7.3f} s -> {tc / tr:5.2f}x" if tr is not None else ""))
     if opts.response:
         binary = (shutil.which(opts.noisify) or opts.noisify) if opts.noisify else None
         t_api, t_cmd, t_c = response_figures(opts.repeat, binary)
@@ -561,8 +593,10 @@ def main(argv=None):
                      f"{t_c / t_api:.2f}x (in process)" if t_c is not None else ""))
     if opts.startup:
         binary = (shutil.which(opts.nanobragg) or opts.nanobragg) if opts.nanobragg else None
-        ti, tn, tf, tc = startup_figures(max(opts.repeat, 5), binary)
+        with resident_server() if opts.resident else contextlib.nullcontext() as renv:
+            ti, tn, tf, tc, tr = startup_figures(max(opts.repeat, 5), binary, renv)
         print(f"\nstart-up: python -c 'import nbragg' {ti:.3f} s; warm nbragg command on 64x64 {tn:.3f} s"
+              + (f" by itself, {tr:.3f} s on a resident server" if tr is not None else "")
               + (f"; nanoBragg {tc:.3f} s" if tc is not None else "")
               + f"\n  floor: a Python process loading one cached one-line Numba function {tf:.3f} s "
               f"(the command spends {tn - tf:.3f} s beyond it)")

@@ -261,7 +261,7 @@ def run(argv, stdout=None, stderr=None):
         if bar is not None:
             bar.close()
     f32 = image.astype(np.float32)
-    stats = engine.compute_stats(model, f32.astype(np.float64), omega_sum)
+    stats = engine.compute_stats(model, f32, omega_sum)
     if o.printout:
         from .trace import printout_lines
         for line in printout_lines(model, f32, o.printout_pixel):

@@ -613,7 +613,7 @@ def _c_stats(images, masks, use_mask, rois):
             for f in range(xmin, xmax + 1):
                 if use_mask[p] and masks[p, s, f] == 0:
                     continue
-                v = images[p, s, f]
+                v = np.float64(images[p, s, f])       # (float32 images: sums in double, as the C)
                 if v > max_I:
                     max_I = v
                     mp = p
@@ -632,7 +632,7 @@ def _c_stats(images, masks, use_mask, rois):
         xmin, xmax, ymin, ymax = rois[p, 0], rois[p, 1], rois[p, 2], rois[p, 3]
         for s in range(ymin, ymax + 1):
             for f in range(xmin, xmax + 1):
-                t = images[p, s, f] - avg
+                t = np.float64(images[p, s, f]) - avg
                 dev += t * t
                 m += 1
     if m <= 1:
@@ -644,7 +644,9 @@ def compute_stats(model, image, omega_sum):
     """max_I (and where), mean, rms over ROI & mask; rmsd over the ROI (as nanoBragg.c).
     Over all panels of a multi-panel detector, the maximum's panel in ``max_I_panel``."""
     dets = [S.det for S in model.scenes]
-    images = np.ascontiguousarray(image, dtype=np.float64).reshape((len(dets),) + model.shape[-2:])
+    image = np.asarray(image)
+    images = np.ascontiguousarray(image, dtype=image.dtype if image.dtype == np.float32 else np.float64)
+    images = images.reshape((len(dets),) + model.shape[-2:])
     use_mask = np.array([d.use_mask for d in dets])
     if use_mask.any():
         masks = np.stack([d.mask if d.use_mask else np.ones(images.shape[1:], np.uint8) for d in dets])

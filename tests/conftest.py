@@ -8,6 +8,9 @@ from pathlib import Path
 # CUDA kernels are tested under Numba's CUDA simulator unless a run asks for the GPU
 # (NUMBA_ENABLE_CUDASIM=0); this must happen before numba is imported.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+# commands run by themselves, whatever resident server the machine has (test_resident
+# starts its own)
+os.environ["NBRAGG_RESIDENT"] = "off"
 
 import numpy as np
 import pytest

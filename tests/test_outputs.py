@@ -56,6 +56,50 @@ def test_pgm_bit_exact_from_c_float_image(name):
     assert data == (GOLDEN / name / "image.pgm").read_bytes()
 
 
+def _numpy_int_image(img, roi, scale, adc):
+    # the C's arithmetic as whole-image numpy steps (the obviously-correct reference)
+    test = np.clip(img.astype(np.float32).astype(np.float64) * scale + adc, 0.0, 65535.0)
+    with np.errstate(invalid="ignore"):
+        out = np.floor((test + 0.5).astype(np.float32)).astype(np.uint16)
+    out[np.isnan(test)] = 0
+    return _numpy_outside_roi_zero(out, roi)
+
+
+def _numpy_pgm_image(img, roi, scale):
+    v = np.minimum(img.astype(np.float32).astype(np.float64) * scale, 255.0)
+    with np.errstate(invalid="ignore"):
+        out = np.trunc(v).astype(np.int64).astype(np.uint8)
+    out[~np.isfinite(v)] = 0
+    return _numpy_outside_roi_zero(out, roi)
+
+
+def _numpy_outside_roi_zero(img, roi):
+    xmin, xmax, ymin, ymax = roi
+    keep = np.zeros(img.shape, dtype=bool)
+    keep[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
+    img[~keep] = 0
+    return img
+
+
+@pytest.mark.parametrize("roi", [(0, 36, 0, 28), (3, 20, 5, 9), (-4, 50, -2, 70), (10, 5, 0, 28)])
+def test_int_and_pgm_images_at_the_edges_match_the_cs_arithmetic(roi):
+    rng = np.random.default_rng(5)
+    img = rng.uniform(-3.0, 3000.0, (29, 37)).astype(np.float32)
+    img[0, :6] = [-1e-9, 65535.4999 / 20.0, 65535.5 / 20.0, 1e30, -1e30, np.nan]
+    img[1, :3] = [np.inf, -np.inf, 0.0249999]
+    img[2, :4] = [12.7, -12.7, -300.0, 255.0 / 20.0]
+    for scale, adc in ((20.0, 40.0), (20.0, 0.0), (0.37, 10.0)):
+        assert np.array_equal(c_int_image(img, roi, scale, adc), _numpy_int_image(img, roi, scale, adc))
+        assert np.array_equal(c_pgm_image(img, roi, scale), _numpy_pgm_image(img, roi, scale))
+
+
+def test_statistics_of_a_float32_image_are_those_of_its_doubles():
+    from nbragg.engine import compute_stats
+    case, parsed, model = _setup(SMV_CASES[0])
+    f32 = golden_image(case)
+    assert compute_stats(model, f32, 0.0) == compute_stats(model, f32.astype(np.float64), 0.0)
+
+
 GEOMETRY_KEYS = ["SIZE1", "SIZE2", "PIXEL_SIZE", "DISTANCE", "WAVELENGTH", "BEAM_CENTER_X", "BEAM_CENTER_Y",
                  "ADXV_CENTER_X", "ADXV_CENTER_Y", "MOSFLM_CENTER_X", "MOSFLM_CENTER_Y", "DENZO_X_BEAM",
                  "DENZO_Y_BEAM", "XDS_ORGX", "XDS_ORGY", "CLOSE_DISTANCE", "PHI", "OSC_RANGE", "TWOTHETA"]

@@ -1,0 +1,751 @@
+"""A resident nbragg: commands served by a process that has already loaded Numba.
+
+A plain ``nbragg`` run spends most of a second before its first pixel: the interpreter,
+NumPy, Numba, Numba's registries (which import parts of SciPy) and the cached kernels.
+``nbragg-resident start`` starts a server that pays this once.  While it runs,
+``nbragg``, ``nbragg-noisify``, ``nbragg-nonbragg`` and ``nbragg-refine`` hand their
+arguments, working directory, environment, umask and terminal (the file descriptors of
+stdin, stdout and stderr) to it; for each command the server forks a copy of itself that
+runs the command exactly as the plain command would, writing straight to the caller's
+terminal and files, and the caller exits with the copy's status.  Ctrl-C (or any
+SIGINT, SIGTERM, SIGHUP) reaches the copy; a caller that dies takes its copy with it.
+
+The server is found by a key: nbragg's sources, the Python interpreter, the NumPy and
+Numba installations and the ``NUMBA_*`` environment (which Numba reads once, at import).
+A command whose key has no server -- after an upgrade, an edit, another environment --
+runs by itself as before, so a server is never stale.  The server exits after
+``--idle`` seconds without a command (default 1800) or on ``nbragg-resident stop``.
+
+``NBRAGG_RESIDENT=off`` makes a command ignore a server; ``NBRAGG_RESIDENT_DIR`` sets the
+directory of the socket (default ``$XDG_RUNTIME_DIR/nbragg``, else ``nbragg-UID`` in the
+temporary directory; it must belong to the user and be closed to others).  POSIX only.
+The long-running ``nbragg-dataset`` and ``nbragg-refine-many`` always run by themselves.
+
+This module imports only the standard library until the server starts: a command that
+finds no server has paid a few milliseconds for looking.
+"""
+
+import hashlib
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+
+# command name -> (module, function): the commands a server runs
+COMMANDS = {
+    "nbragg": ("nbragg.cli", "main"),
+    "nbragg-noisify": ("nbragg.noisify_cli", "main"),
+    "nbragg-nonbragg": ("nbragg.nonbragg_cli", "main"),
+    "nbragg-refine": ("nbragg.refine_cli", "main"),
+}
+# what a server imports before it listens: the commands and what they load on their first run
+_WARM_MODULES = ("nbragg.cli", "nbragg.noisify_cli", "nbragg.nonbragg_cli", "nbragg.refine_cli",
+                 "nbragg.engine", "nbragg.nbargs", "nbragg.report", "nbragg.io.atomic", "nbragg.io.smv",
+                 "nbragg.noisify", "nbragg.noise", "nbragg.response", "nbragg.gradients", "nbragg.refine",
+                 "nbragg.trace")
+DEFAULT_IDLE_S = 1800.0
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_HEADER = struct.Struct("!I")        # the request's length, before its JSON
+_MAX_REQUEST = 16 << 20
+
+
+class ResidentError(Exception):
+    """The resident server cannot be started, reached or stopped (message for the user)."""
+
+
+# ----------------------------------------------------------------------------- the key
+
+def _install_stamp(module):
+    """Where ``module`` is installed and when that was last changed, without importing it."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return "absent"
+    origin = getattr(spec, "origin", None) if spec else None
+    if not origin:
+        return "absent"
+    try:
+        return f"{origin}:{os.stat(origin).st_mtime_ns}"
+    except OSError:
+        return origin
+
+
+def server_key(environ=None):
+    """The hex key a command and a server must share: nbragg's sources (every .py file,
+    path and bytes), the interpreter, NumPy's and Numba's installations, ``NUMBA_*``."""
+    environ = os.environ if environ is None else environ
+    h = hashlib.sha256()
+    for part in (os.path.realpath(sys.executable), sys.version, _PKG_DIR, _install_stamp("numpy"), _install_stamp("numba")):
+        h.update(part.encode() + b"\0")
+    for name in sorted(environ):
+        if name.startswith("NUMBA_"):
+            h.update(f"{name}={environ[name]}".encode() + b"\0")
+    for root, dirs, files in os.walk(_PKG_DIR):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                h.update(os.path.relpath(path, _PKG_DIR).encode() + b"\0")
+                with open(path, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()[:20]
+
+
+def socket_dir(create=False):
+    """The directory of the servers' sockets: ``NBRAGG_RESIDENT_DIR``, else
+    ``$XDG_RUNTIME_DIR/nbragg``, else ``nbragg-UID`` in the temporary directory.  With
+    ``create``, made (mode 0700) when missing.  Raises ResidentError when it is not the
+    user's own or others may enter it."""
+    path = os.environ.get("NBRAGG_RESIDENT_DIR")
+    if not path:
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if runtime and os.path.isdir(runtime):
+            path = os.path.join(runtime, "nbragg")
+        else:
+            import tempfile
+            path = os.path.join(tempfile.gettempdir(), f"nbragg-{os.getuid()}")
+    if create:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ResidentError(f"cannot create the socket directory {path}: {exc.strerror}") from None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path            # (no directory: no server)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not stat.S_ISDIR(st.st_mode):
+        raise ResidentError(f"socket directory {path} must be a directory of user {os.getuid()} "
+                            f"closed to others (found owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); "
+                            "set NBRAGG_RESIDENT_DIR to another")
+    return path
+
+
+def socket_path(create=False):
+    return os.path.join(socket_dir(create), f"resident-{server_key()}.sock")
+
+
+# ----------------------------------------------------------------------------- the command's side
+
+def _connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+def _send_request(s, request, fds=()):
+    body = json.dumps(request).encode()
+    header = _HEADER.pack(len(body))
+    if fds:
+        socket.send_fds(s, [header], list(fds))
+    else:
+        s.sendall(header)
+    s.sendall(body)
+
+
+def _read_line(s, buffer):
+    """The next line from the server (without its newline), or None at its end."""
+    while b"\n" not in buffer:
+        chunk = s.recv(4096)
+        if not chunk:
+            return None
+        buffer += chunk
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode()
+
+
+def forward(command, argv):
+    """Run ``command argv`` on a resident server: its exit status, or None when there is
+    no server for this installation and environment (or it did not take the command),
+    and the caller should run the command itself."""
+    if os.name != "posix" or os.environ.get("NBRAGG_RESIDENT", "").lower() in ("0", "off", "no", "false"):
+        return None
+    try:
+        path = socket_path()
+    except ResidentError:
+        return None
+    if not os.path.exists(path):
+        return None
+    s = _connect(path)
+    if s is None:
+        return None
+    with s:
+        try:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            streams = [getattr(sys, n) for n in ("stdin", "stdout", "stderr")]
+            request = {"command": command, "argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ),
+                       "umask": umask,
+                       "encodings": [[getattr(st, "encoding", None), getattr(st, "errors", None)] for st in streams]}
+            for st in streams[1:]:
+                if st is not None:
+                    st.flush()
+            _send_request(s, request, fds=(0, 1, 2))
+            buffer = bytearray()
+            first = _read_line(s, buffer)
+        except (OSError, ValueError):   # (a closed stdin, an environment JSON cannot carry, a server gone)
+            return None
+        if first is None or not first.startswith("pid "):
+            return None
+        pid = int(first[4:])
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {sig: signal.signal(sig, lambda signum, frame: _kill(pid, signum)) for sig in forwarded}
+        try:
+            while True:
+                try:
+                    line = _read_line(s, buffer)
+                    break
+                except InterruptedError:    # pragma: no cover - PEP 475 retries these
+                    continue
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if line is None or not line.startswith("exit "):
+            print(f"{command}: error: the resident server (socket {path}) went away while running the command",
+                  file=sys.stderr)
+            return 1
+        return int(line[5:])
+
+
+def _kill(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass
+
+
+def run_command(command, argv=None):
+    """A console entry point: ``command`` on a resident server when one is up for this
+    installation, else in this process."""
+    argv = sys.argv[1:] if argv is None else argv
+    status = forward(command, argv)
+    if status is not None:
+        return status
+    module, function = COMMANDS[command]
+    return getattr(importlib.import_module(module), function)(argv)
+
+
+def nbragg():
+    return run_command("nbragg")
+
+
+def nbragg_noisify():
+    return run_command("nbragg-noisify")
+
+
+def nbragg_nonbragg():
+    return run_command("nbragg-nonbragg")
+
+
+def nbragg_refine():
+    return run_command("nbragg-refine")
+
+
+# ----------------------------------------------------------------------------- the server
+
+def warm():
+    """Import what the commands use, initialise Numba's registries and load the cached
+    serial kernels (never compiling; never a parallel one, whose loading starts Numba's
+    thread layer, which a fork would break).
+    Returns the number of kernel signatures loaded."""
+    for name in _WARM_MODULES:
+        importlib.import_module(name)
+    from numba.core.registry import cpu_target
+    cpu_target.target_context.refresh()
+    cpu_target.typing_context.refresh()
+    return _load_cached_kernels(cpu_target.target_context)
+
+
+def _load_cached_kernels(target_context):
+    """Load every cached signature of nbragg's jitted functions whose cache entry is
+    current (same bytecode, same machine): compile() then reads it from disk."""
+    from numba.core.dispatcher import Dispatcher
+    codegen = target_context.codegen()
+    loaded = 0
+    seen = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("nbragg") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            if not isinstance(value, Dispatcher) or id(value) in seen:
+                continue
+            if value.targetoptions.get("parallel"):
+                continue               # (loading one starts Numba's thread layer, which a fork breaks)
+            seen.add(id(value))
+            cache = getattr(value, "_cache", None)
+            try:
+                index = cache._cache_file._load_index()
+            except Exception:          # (no cache, or a Numba whose cache is laid out otherwise)
+                continue
+            for key in index:
+                try:
+                    if cache._index_key(key[0], codegen) != key or key[0] in value.overloads:
+                        continue
+                    value.compile(key[0])
+                    loaded += 1
+                except Exception:      # a stale or unreadable entry: the command compiles it
+                    continue
+    return loaded
+
+
+def _recv_request(conn):
+    header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
+    try:
+        while len(header) < _HEADER.size:
+            more = conn.recv(_HEADER.size - len(header))
+            if not more:
+                raise ConnectionError("request cut short")
+            header += more
+        (size,) = _HEADER.unpack(header)
+        if size > _MAX_REQUEST:
+            raise ConnectionError("request too large")
+        body = bytearray()
+        while len(body) < size:
+            more = conn.recv(min(1 << 16, size - len(body)))
+            if not more:
+                raise ConnectionError("request cut short")
+            body += more
+        return json.loads(body), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _rebuild_stream(fd, mode, encoding, errors):
+    import io
+    tty = os.isatty(fd)
+    if mode == "r":
+        return io.TextIOWrapper(io.BufferedReader(io.FileIO(fd, "r", closefd=False)),
+                                encoding=encoding, errors=errors)
+    return io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)), encoding=encoding,
+                            errors=errors, line_buffering=tty or fd == 2, write_through=fd == 2)
+
+
+def _exit_status(code):
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)      # sys.exit("message"): printed, status 1
+    return 1
+
+
+def _leave_server(inherited):
+    """In a forked copy: the server's signal handling undone, its descriptors closed."""
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.set_wakeup_fd(-1)
+    for fd in inherited:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# the spare's warm-up: a small still through the engine, as a command's first image
+_SPARE_ARGS = "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 16 -pixel 0.1"
+
+
+def _spare(sock, inherited):
+    """In a forked spare: load the common path's parallel kernels and start Numba's threads
+    (a small image rendered), say "ready", then wait for the one request the server hands
+    over and run it as :func:`_child` does; never returns.  A server with a ready spare
+    starts a command without loading anything."""
+    try:
+        _leave_server(inherited)
+        try:
+            from .engine import simulate
+            from .experiment import Experiment
+            simulate(Experiment.from_nanobragg_args(_SPARE_ARGS), warn=lambda m: None)
+        except Exception:          # (the command will say what is wrong, if anything is)
+            pass
+        sock.sendall(b"r")
+        request, fds = _recv_request(sock)
+        sock.close()
+    except BaseException:
+        os._exit(0)
+    _child(request, fds, [])
+
+
+def _child(request, fds, inherited):
+    """In the forked copy: become the caller's process and run its command; never returns."""
+    status = 1
+    try:
+        _leave_server(inherited)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        encodings = request.get("encodings") or [[None, None]] * 3
+        sys.stdin = _rebuild_stream(0, "r", *encodings[0])
+        sys.stdout = _rebuild_stream(1, "w", *encodings[1])
+        sys.stderr = _rebuild_stream(2, "w", *encodings[2])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        import tempfile
+        tempfile.tempdir = None                 # (the caller's TMPDIR)
+        os.umask(request["umask"])
+        os.chdir(request["cwd"])
+        command = request["command"]
+        sys.argv = [command] + request["argv"]
+        module, function = COMMANDS[command]
+        try:
+            status = _exit_status(getattr(importlib.import_module(module), function)(request["argv"]))
+        except SystemExit as exc:
+            status = _exit_status(exc.code)
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt", file=sys.stderr)
+            status = 130
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+
+def serve(idle_s=DEFAULT_IDLE_S, log=None):
+    """Warm up, listen on this installation's socket and run commands until ``idle_s``
+    seconds pass without one or a stop request comes (then running commands finish)."""
+    def say(msg):
+        if log:
+            print(time.strftime("%Y-%m-%d %H:%M:%S ") + msg, file=log, flush=True)
+    own_key = server_key()
+    path = os.path.join(socket_dir(create=True), f"resident-{own_key}.sock")
+    t0 = time.perf_counter()
+    loaded = warm()
+    say(f"warm in {time.perf_counter() - t0:.2f} s ({loaded} cached kernel signatures loaded)")
+    temporary = f"{path}.{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(temporary)
+        os.replace(temporary, path)            # (a second server started at once replaces the first)
+    except OSError as exc:
+        listener.close()
+        raise ResidentError(f"cannot listen on {path}: {exc.strerror}") from None
+    own_inode = os.stat(path).st_ino
+    listener.listen(64)
+    listener.setblocking(False)
+    os.chdir("/")
+    wake_r, wake_w = socket.socketpair()
+    for s in (wake_r, wake_w):
+        s.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, lambda *a: stopping.append(True))
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, "accept")
+    selector.register(wake_r, selectors.EVENT_READ, "wake")
+    running = {}                # pid -> the caller's connection
+    state = {"served": 0, "from_spare": 0, "last": time.monotonic(), "listening": True}
+    spare = {"pid": None, "sock": None, "ready": False, "enabled": True}
+    started = time.time()
+    say(f"listening on {path} (pid {os.getpid()}, idle exit after {idle_s:g} s)")
+
+    def stop_listening():
+        if state["listening"]:
+            state["listening"] = False
+            selector.unregister(listener)
+            try:
+                if os.stat(path).st_ino == own_inode:
+                    os.unlink(path)
+            except OSError:
+                pass
+            listener.close()
+
+    def inherited(*more):
+        fds = [wake_r.fileno(), wake_w.fileno()] + [c.fileno() for c in running.values()] + list(more)
+        if state["listening"]:
+            fds.append(listener.fileno())
+        if log:
+            fds.append(log.fileno())
+        if spare["sock"] is not None:
+            fds.append(spare["sock"].fileno())
+        return fds
+
+    def make_spare():
+        for stream in (sys.stdout, sys.stderr, log):
+            if stream is not None:
+                stream.flush()
+        mine, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            _spare(theirs, inherited(mine.fileno()))
+        theirs.close()
+        spare.update(pid=pid, sock=mine, ready=False)
+        selector.register(mine, selectors.EVENT_READ, "spare")
+
+    def drop_spare(kill):
+        if spare["sock"] is not None:
+            try:
+                selector.unregister(spare["sock"])
+            except (KeyError, ValueError):
+                pass
+            spare["sock"].close()
+            if kill:
+                _kill(spare["pid"], signal.SIGTERM)
+        spare.update(pid=None, sock=None, ready=False)
+
+    def reap():
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == spare["pid"]:         # a spare died before it was used: no more of them
+                drop_spare(kill=False)
+                spare["enabled"] = False
+                say(f"the spare exited ({os.waitstatus_to_exitcode(wait_status)}); commands fork afresh")
+                continue
+            conn = running.pop(pid, None)
+            if conn is None:
+                continue
+            state["last"] = time.monotonic()
+            code = os.waitstatus_to_exitcode(wait_status)
+            try:
+                selector.unregister(conn)
+            except (KeyError, ValueError):
+                pass
+            try:
+                conn.sendall(f"exit {code if code >= 0 else 128 - code}\n".encode())
+            except OSError:
+                pass
+            conn.close()
+
+    def answer(conn, request, fds):
+        """Run the request's command in a forked copy, or answer a status/stop query."""
+        op = request.get("op", "run")
+        if op != "run" or request.get("command") not in COMMANDS or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            if op in ("status", "stop"):
+                if op == "stop":
+                    stopping.append(True)
+                reply = {"pid": os.getpid(), "key": own_key, "socket": path, "running": len(running),
+                         "served": state["served"], "from_spare": state["from_spare"], "spare_ready": spare["ready"],
+                         "uptime_s": round(time.time() - started, 1), "idle_s": idle_s}
+                conn.sendall((json.dumps(reply) + "\n").encode())
+            else:
+                conn.sendall(b"refused\n")
+            conn.close()
+            return
+        pid = None
+        if spare["ready"]:              # hand it to the warm spare
+            try:
+                _send_request(spare["sock"], request, fds)
+                pid = spare["pid"]
+                state["from_spare"] += 1
+            except OSError:
+                pass
+            drop_spare(kill=pid is None)
+        if pid is None:
+            for stream in (sys.stdout, sys.stderr, log):
+                if stream is not None:
+                    stream.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(request, fds, inherited(conn.fileno()))
+        for fd in fds:
+            os.close(fd)
+        state["served"] += 1
+        running[pid] = conn
+        selector.register(conn, selectors.EVENT_READ, pid)
+        try:
+            conn.sendall(f"pid {pid}\n".encode())
+        except OSError:
+            _kill(pid, signal.SIGTERM)
+
+    try:
+        while True:
+            if stopping:
+                stop_listening()
+                drop_spare(kill=True)
+                if not running:
+                    break
+            timeout = None if running or not state["listening"] else idle_s - (time.monotonic() - state["last"])
+            if timeout is not None and timeout <= 0:
+                say("idle; exiting")
+                break
+            if spare["enabled"] and spare["pid"] is None and not running and state["listening"]:
+                make_spare()
+            for key, _ in selector.select(timeout):
+                if key.data == "wake":
+                    try:
+                        while wake_r.recv(512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif key.data == "spare":
+                    try:
+                        said = spare["sock"].recv(1)
+                    except OSError:
+                        said = b""
+                    if said == b"r":
+                        spare["ready"] = True
+                    else:                   # (gone; reap() says so)
+                        selector.unregister(spare["sock"])
+                elif key.data == "accept":
+                    try:
+                        conn, _ = listener.accept()
+                    except BlockingIOError:
+                        continue
+                    state["last"] = time.monotonic()
+                    conn.setblocking(True)
+                    conn.settimeout(10.0)
+                    try:
+                        request, fds = _recv_request(conn)
+                        conn.settimeout(None)
+                        answer(conn, request, fds)
+                    except (OSError, ValueError, ConnectionError) as exc:
+                        say(f"bad request: {exc}")
+                        conn.close()
+                    except Exception:          # a bug here must not take the server down with it
+                        import traceback
+                        say("error answering a request:\n" + traceback.format_exc())
+                        conn.close()
+                else:                   # a caller's connection: it closed, so its command goes too
+                    try:
+                        data = key.fileobj.recv(64)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        selector.unregister(key.fileobj)
+                        _kill(key.data, signal.SIGTERM)
+            reap()
+    finally:
+        stop_listening()
+        drop_spare(kill=True)
+        say(f"exited after {state['served']} command(s)")
+    return state["served"]
+
+
+# ----------------------------------------------------------------------------- nbragg-resident
+
+def query(op="status", path=None):
+    """The server's reply to ``op`` (status or stop) as a dict, or None when none answers."""
+    path = path or socket_path()
+    s = _connect(path) if os.path.exists(path) else None
+    if s is None:
+        return None
+    with s:
+        try:
+            s.settimeout(10.0)
+            _send_request(s, {"op": op})
+            line = _read_line(s, bytearray())
+        except OSError:
+            return None
+    return json.loads(line) if line else None
+
+
+def start(idle_s=DEFAULT_IDLE_S, wait_s=600.0):
+    """Start a server for this installation in the background (if none answers) and wait
+    until it listens; returns its status."""
+    import subprocess
+    path = socket_path(create=True)
+    status = query("status", path)
+    if status is not None:
+        return status
+    log_path = path[:-len(".sock")] + ".log"
+    with open(log_path, "a") as log:
+        # (this very package first on the path, whatever the working directory holds)
+        code = (f"import sys; sys.path.insert(0, {os.path.dirname(_PKG_DIR)!r}); from nbragg.resident import main; "
+                f"sys.exit(main(['serve', '--idle', {repr(idle_s)!r}, '--log', {log_path!r}]))")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        status = query("status", path)
+        if status is not None:
+            return status
+        if proc.poll() is not None:
+            raise ResidentError(f"the server exited with status {proc.returncode} before listening; see {log_path}")
+        time.sleep(0.05)
+    raise ResidentError(f"the server did not listen within {wait_s:g} s; see {log_path}")
+
+
+USAGE = """\
+usage: nbragg-resident start [--idle SECONDS] | stop | status
+
+start   start a server for this installation in the background (one per installation and
+        NUMBA_* environment); nbragg, nbragg-noisify, nbragg-nonbragg and nbragg-refine
+        then run on it, skipping the second of start-up.  It exits after --idle seconds
+        without a command (default 1800).
+stop    stop it (commands still running finish first)
+status  print its process id, socket, uptime and commands served (exit 1 if none runs)
+NBRAGG_RESIDENT=off makes commands ignore it.
+"""
+
+
+def main(argv=None):
+    from .errors import report, help_or_version
+    argv = sys.argv[1:] if argv is None else list(argv)
+    early = help_or_version("nbragg-resident", USAGE, argv, sys.stdout)
+    if early is not None:
+        return early
+    if os.name != "posix":
+        return report("nbragg-resident", ResidentError("a resident server needs a POSIX system (fork, Unix sockets)"))
+    if not argv or argv[0] not in ("start", "stop", "status", "serve"):
+        return report("nbragg-resident", ResidentError(
+            f"expected start, stop or status, got {argv[0] if argv else 'nothing'!r}"))
+    op, rest = argv[0], argv[1:]
+    idle_s, log_path = DEFAULT_IDLE_S, None
+    while rest:
+        flag = rest.pop(0)
+        if flag in ("--idle", "--log") and rest:
+            value = rest.pop(0)
+            if flag == "--log":
+                log_path = value
+                continue
+            try:
+                idle_s = float(value)
+            except ValueError:
+                idle_s = -1.0
+            if not idle_s > 0:
+                return report("nbragg-resident", ResidentError(f"--idle: value {value!r} must be a positive number of seconds"))
+        else:
+            return report("nbragg-resident", ResidentError(f"unexpected argument {flag!r}"))
+    try:
+        if op == "serve":
+            with open(log_path, "a") if log_path else open(os.devnull, "w") as log:
+                serve(idle_s, log)
+            return 0
+        if op == "start":
+            status = start(idle_s)
+            print(f"nbragg-resident: running, pid {status['pid']}, socket {status['socket']}")
+            return 0
+        status = query(op)
+        if status is None:
+            print("nbragg-resident: no server runs for this installation")
+            return 1 if op == "status" else 0
+        if op == "stop":
+            print(f"nbragg-resident: stopped pid {status['pid']} after {status['served']} command(s)")
+        else:
+            print(f"nbragg-resident: running, pid {status['pid']}, socket {status['socket']}, "
+                  f"up {status['uptime_s']:g} s, {status['served']} command(s) served, {status['running']} running")
+        return 0
+    except ResidentError as exc:
+        return report("nbragg-resident", exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

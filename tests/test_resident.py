@@ -1,0 +1,272 @@
+"""The resident server: commands run on it exactly as by themselves, and it is never stale.
+
+Each test starts its own server in a private socket directory (NBRAGG_RESIDENT_DIR) and
+runs the command line as a user would, ``python -m nbragg``, comparing with the command
+run by itself (NBRAGG_RESIDENT=off, which the rest of the suite sets)."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the resident server needs fork and Unix sockets")
+
+ARGS = "-cell 100 100 100 90 90 90 -misset 10 5 3 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 48 -pixel 0.2"
+# long enough (tens of seconds) to be interrupted while it runs
+SLOW = ("-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 8 -lambda 1.5 -distance 100 -detpixels 128 "
+        "-pixel 0.4 -mosaic 0.5 -mosaic_dom 400 -phi 0.1 -osc 0.5 -phisteps 40 -oversample 3")
+
+
+def _env(socket_dir, **extra):
+    env = dict(os.environ, NBRAGG_RESIDENT_DIR=str(socket_dir), NBRAGG_RESIDENT="on")
+    env.update(extra)
+    return env
+
+
+def _resident(env, *args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "nbragg.resident", *args], env=env, capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _status(env):
+    """The server's status as a dict (None when none answers), asked as a library user would."""
+    code = "import json, nbragg.resident as r; print(json.dumps(r.query('status')))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def _nbragg(args, cwd, env, **kw):
+    return subprocess.run([sys.executable, "-m", "nbragg"] + args.split(), cwd=cwd, env=env, capture_output=True,
+                          text=True, **kw)
+
+
+@contextlib.contextmanager
+def _socket_dir(mode=0o700):
+    """(env, directory) for servers of a test's own; any server there is stopped afterwards.
+    The directory is short: a Unix socket's path is limited to about a hundred bytes."""
+    socket_dir = tempfile.mkdtemp(prefix="nbr", dir="/tmp")
+    os.chmod(socket_dir, mode)
+    env = _env(socket_dir)
+    try:
+        yield env, socket_dir
+    finally:
+        if mode == 0o700:
+            _resident(env, "stop", check=False)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def server():
+    """(env, socket dir) of a running server."""
+    with _socket_dir() as (env, socket_dir):
+        _resident(env, "start", "--idle", "300")
+        yield env, socket_dir
+
+
+def _wait_for_spare(env):
+    deadline = time.monotonic() + 120
+    while not _status(env)["spare_ready"]:
+        assert time.monotonic() < deadline, "no spare got ready"
+        time.sleep(0.05)
+
+
+def test_a_command_on_the_server_writes_what_it_writes_by_itself(server, tmp_path):
+    env, _ = server
+    _wait_for_spare(env)
+    outputs = "-floatfile f.bin -intfile i.img -noisefile n.img -pgmfile p.pgm -seed 7"
+    (tmp_path / "own").mkdir()
+    (tmp_path / "served").mkdir()
+    own = _nbragg(ARGS + " " + outputs, tmp_path / "own", dict(env, NBRAGG_RESIDENT="off"))
+    before = _status(env)
+    served = _nbragg(ARGS + " " + outputs, tmp_path / "served", env)
+    assert own.returncode == served.returncode == 0, own.stderr + served.stderr
+    after = _status(env)
+    assert after["served"] == before["served"] + 1                  # (it did go through the server,
+    assert after["from_spare"] == before["from_spare"] + 1          # to the warm spare)
+    assert served.stdout == own.stdout and served.stderr == own.stderr
+    for name in ("f.bin", "i.img", "n.img", "p.pgm"):
+        assert (tmp_path / "served" / name).read_bytes() == (tmp_path / "own" / name).read_bytes(), name
+
+
+def test_a_command_while_another_runs_forks_afresh(server, tmp_path):
+    env, _ = server
+    _wait_for_spare(env)
+    slow = subprocess.Popen([sys.executable, "-m", "nbragg"] + (SLOW + " -floatfile slow.bin -noprogress").split(),
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while _status(env)["running"] == 0:
+            assert slow.poll() is None and time.monotonic() < deadline, slow.communicate()
+            time.sleep(0.05)
+        before = _status(env)
+        assert not before["spare_ready"]             # (the spare took the slow one; none is made meanwhile)
+        outputs = "-floatfile f.bin -intfile i.img -nonoise -nopgm"
+        served = _nbragg(ARGS + " " + outputs, tmp_path, env)
+        after = _status(env)
+        assert served.returncode == 0, served.stderr
+        assert after["served"] == before["served"] + 1 and after["from_spare"] == before["from_spare"]
+        (tmp_path / "own").mkdir()
+        own = _nbragg(ARGS + " " + outputs, tmp_path / "own", dict(env, NBRAGG_RESIDENT="off"))
+        assert served.stdout == own.stdout
+        for name in ("f.bin", "i.img"):
+            assert (tmp_path / name).read_bytes() == (tmp_path / "own" / name).read_bytes()
+    finally:
+        slow.kill()
+        slow.wait()
+
+
+def test_the_callers_directory_umask_environment_and_stdin_are_the_commands(server, tmp_path):
+    env, _ = server
+    (tmp_path / "F.hkl").write_text("0 0 0 100\n1 0 0 50\n")
+    os.chdir(tmp_path)
+    # the umask the caller has; the environment the caller has (its TMPDIR among it)
+    mine = tmp_path / "tmp"
+    mine.mkdir()
+    code = ("import os, sys; os.umask(0o027); from nbragg.resident import run_command; "
+            "sys.exit(run_command('nbragg', sys.argv[1:]))")
+    before = _status(env)["served"]
+    proc = subprocess.run([sys.executable, "-c", code] + (ARGS + " -hkl F.hkl -floatfile out/f.bin").split(),
+                          cwd=tmp_path, env=dict(env, TMPDIR=str(mine)), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "-floatfile" in proc.stderr      # (no such directory: out/)
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run([sys.executable, "-c", code] + (ARGS + " -hkl F.hkl -floatfile out/f.bin").split(),
+                          cwd=tmp_path, env=dict(env, TMPDIR=str(mine)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _status(env)["served"] == before + 2
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "f.bin").st_mode) == 0o640
+
+
+def test_a_user_error_on_the_server_is_one_line_and_status_2(server, tmp_path):
+    env, _ = server
+    proc = _nbragg(ARGS + " -N banana -floatfile f.bin", tmp_path, env)
+    own = _nbragg(ARGS + " -N banana -floatfile f.bin", tmp_path, dict(env, NBRAGG_RESIDENT="off"))
+    assert proc.returncode == own.returncode == 2
+    assert proc.stderr == own.stderr and proc.stderr.startswith("nbragg: error:") and "banana" in proc.stderr
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_other_commands_run_on_the_server(server, tmp_path):
+    env, _ = server
+    assert _nbragg(ARGS + " -floatfile f.bin -nonoise -nopgm", tmp_path, env).returncode == 0
+    before = _status(env)["served"]
+    args = ["-floatfile", "f.bin", "-detpixels", "48", "-noisefile", "n.img", "-nopgm", "-seed", "3"]
+    runs = []
+    code = "import sys; from nbragg.resident import run_command; sys.exit(run_command('nbragg-noisify'))"
+    for mode in ("on", "off"):
+        runs.append(subprocess.run([sys.executable, "-c", code] + args, cwd=tmp_path, env=dict(env, NBRAGG_RESIDENT=mode),
+                                   capture_output=True, text=True))
+        shutil.move(tmp_path / "n.img", tmp_path / f"n_{mode}.img")
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    assert runs[0].stdout == runs[1].stdout
+    assert (tmp_path / "n_on.img").read_bytes() == (tmp_path / "n_off.img").read_bytes()
+    assert _status(env)["served"] == before + 1
+
+
+def test_another_numba_environment_or_off_runs_by_itself(server, tmp_path):
+    env, _ = server
+    before = _status(env)["served"]
+    for extra in ({"NUMBA_BOUNDSCHECK": "0"}, {"NBRAGG_RESIDENT": "off"}):
+        proc = _nbragg(ARGS + " -floatfile f.bin -nonoise -nopgm", tmp_path, dict(env, **extra))
+        assert proc.returncode == 0, proc.stderr
+    assert _status(env)["served"] == before
+
+
+def test_ctrl_c_reaches_the_command_and_no_image_is_written(server, tmp_path):
+    env, _ = server
+    proc = subprocess.Popen([sys.executable, "-m", "nbragg"] + (SLOW + " -floatfile f.bin -noprogress").split(),
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while _status(env)["running"] == 0:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "KeyboardInterrupt" in err
+    assert not (tmp_path / "f.bin").exists()
+    assert _status(env)["running"] == 0
+
+
+def test_a_caller_that_dies_takes_its_command_with_it(server, tmp_path):
+    env, _ = server
+    proc = subprocess.Popen([sys.executable, "-m", "nbragg"] + (SLOW + " -floatfile f.bin -noprogress").split(),
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while _status(env)["running"] == 0:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _status(env)["running"]:
+        assert time.monotonic() < deadline, "the orphaned command still runs"
+        time.sleep(0.05)
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_a_dead_server_is_passed_over_and_replaced(tmp_path):
+    with _socket_dir() as (env, _):
+        _resident(env, "start", "--idle", "300")
+        pid = _status(env)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        assert _status(env) is None                                       # (its socket is left behind)
+        proc = _nbragg(ARGS + " -floatfile f.bin -nonoise -nopgm", tmp_path, env)
+        assert proc.returncode == 0, proc.stderr
+        assert _resident(env, "status", check=False).returncode == 1
+        _resident(env, "start", "--idle", "300")
+        assert _status(env)["pid"] != pid
+
+
+def test_an_idle_server_exits_and_takes_its_socket(tmp_path):
+    with _socket_dir() as (env, socket_dir):
+        _resident(env, "start", "--idle", "1")
+        deadline = time.monotonic() + 30
+        while [n for n in os.listdir(socket_dir) if n.endswith(".sock")]:
+            assert time.monotonic() < deadline, "the idle server is still there"
+            time.sleep(0.1)
+        assert _status(env) is None
+
+
+def test_a_directory_others_may_enter_is_refused(tmp_path):
+    with _socket_dir(0o777) as (env, socket_dir):
+        proc = _resident(env, "start", check=False)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("nbragg-resident: error:") and socket_dir in proc.stderr and "777" in proc.stderr
+        proc = _nbragg(ARGS + " -floatfile f.bin -nonoise -nopgm", tmp_path, env)    # (runs by itself)
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("args, needle", [([], "nothing"), (["launch"], "'launch'"),
+                                          (["start", "--idle", "-5"], "--idle"), (["start", "--idle", "x"], "'x'"),
+                                          (["stop", "--now"], "'--now'")])
+def test_bad_arguments_are_one_line_and_status_2(args, needle, tmp_path):
+    proc = _resident(_env(tmp_path / "none"), *args, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("nbragg-resident: error:") and needle in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_the_key_follows_the_sources_and_numba_environment(tmp_path, monkeypatch):
+    from nbragg import resident
+    base = resident.server_key({})
+    assert resident.server_key({"NUMBA_NUM_THREADS": "1"}) != base
+    assert resident.server_key({"NBRAGG_SOMETHING": "1", "HOME": "/x"}) == base
+    # a copy of the package with one source changed has another key
+    copy = tmp_path / "nbragg"
+    shutil.copytree(resident._PKG_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    monkeypatch.setattr(resident, "_PKG_DIR", str(copy))
+    copied = resident.server_key({})
+    with open(copy / "cli.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    assert resident.server_key({}) != copied
