@@ -5,7 +5,8 @@ mosaic domains * sensor layers, per second) of the forward kernel for the standa
 cases at 1 and 2 threads, or on the GPU with ``--backend cuda`` (whole call, with the
 copies to and from the device, and the kernel alone).  With ``--nanobragg PATH`` it also runs that nanoBragg
 binary and ``nbragg`` (the command line, as a separate process) on the same arguments,
-alternately, and prints the ratio of their wall-clock times.  Timings are medians of
+alternately, and prints the ratio of their wall-clock times (with ``--resident``, also the
+command on a resident server started for the run).  Timings are medians of
 ``--repeat`` runs; compare ratios from one run, not absolute times across machines.
 """
 

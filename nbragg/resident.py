@@ -77,15 +77,48 @@ def _install_stamp(module):
         return origin
 
 
+# environment variables a process reads at start-up (Python, Numba, OpenMP, the locale):
+# a command whose values differ from the server's runs by itself
+_KEYED_ENV_PREFIXES = ("NUMBA_", "PYTHON", "OMP_", "GOMP_", "KMP_", "LC_")
+_KEYED_ENV = ("LANG",)
+
+
+def _process_settings():
+    """What a forked copy would inherit from the server rather than the caller: the CPU
+    affinity, the nice value, the control group and the resource limits."""
+    parts = []
+    if hasattr(os, "sched_getaffinity"):
+        parts.append(sorted(os.sched_getaffinity(0)))
+    try:
+        parts.append(os.getpriority(os.PRIO_PROCESS, 0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        with open("/proc/self/cgroup") as fh:
+            parts.append(fh.read())
+    except OSError:
+        pass
+    try:
+        import resource
+        parts.append([resource.getrlimit(getattr(resource, n)) for n in ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_DATA",
+                      "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_STACK", "RLIMIT_CORE") if hasattr(resource, n)])
+    except ImportError:
+        pass
+    return repr(parts)
+
+
 def server_key(environ=None):
     """The hex key a command and a server must share: nbragg's sources (every .py file,
-    path and bytes), the interpreter, NumPy's and Numba's installations, ``NUMBA_*``."""
+    path and bytes), the interpreter and its flags, NumPy's and Numba's installations, the
+    environment Python, Numba, OpenMP and the locale read at start-up, and the process's
+    CPU affinity, nice value, control group and resource limits."""
     environ = os.environ if environ is None else environ
     h = hashlib.sha256()
-    for part in (os.path.realpath(sys.executable), sys.version, _PKG_DIR, _install_stamp("numpy"), _install_stamp("numba")):
+    for part in (os.path.realpath(sys.executable), sys.version, repr(tuple(sys.flags)), _PKG_DIR,
+                 _install_stamp("numpy"), _install_stamp("numba"), _process_settings()):
         h.update(part.encode() + b"\0")
     for name in sorted(environ):
-        if name.startswith("NUMBA_"):
+        if name.startswith(_KEYED_ENV_PREFIXES) or name in _KEYED_ENV:
             h.update(f"{name}={environ[name]}".encode() + b"\0")
     for root, dirs, files in os.walk(_PKG_DIR):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
@@ -117,18 +150,34 @@ def socket_dir(create=False):
         except OSError as exc:
             raise ResidentError(f"cannot create the socket directory {path}: {exc.strerror}") from None
     try:
-        st = os.stat(path)
+        st = os.lstat(path)        # (a symbolic link is refused: it could be pointed elsewhere later)
     except OSError:
         return path            # (no directory: no server)
     if st.st_uid != os.getuid() or st.st_mode & 0o077 or not stat.S_ISDIR(st.st_mode):
-        raise ResidentError(f"socket directory {path} must be a directory of user {os.getuid()} "
-                            f"closed to others (found owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); "
-                            "set NBRAGG_RESIDENT_DIR to another")
+        raise ResidentError(f"socket directory {path} must be a directory (not a link) of user {os.getuid()} "
+                            f"closed to others (found owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}"
+                            f"{', a link' if stat.S_ISLNK(st.st_mode) else ''}); set NBRAGG_RESIDENT_DIR to another")
     return path
 
 
+_MAX_SOCKET_PATH = 100          # (sun_path holds 104-108 bytes; the server binds a longer name first)
+
+
 def socket_path(create=False):
-    return os.path.join(socket_dir(create), f"resident-{server_key()}.sock")
+    path = os.path.join(socket_dir(create), f"resident-{server_key()}.sock")
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH - 8:
+        raise ResidentError(f"socket path {path} is too long for a Unix socket; set NBRAGG_RESIDENT_DIR to a "
+                            "shorter directory")
+    return path
+
+
+def _peer_is_me(s):
+    """Whether the process at the other end of Unix socket ``s`` runs as this user (where
+    the system says; elsewhere the directory's permissions are the guard)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return True
+    pid, uid, gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid == os.getuid()
 
 
 # ----------------------------------------------------------------------------- the command's side
@@ -137,10 +186,12 @@ def _connect(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(path)
+        if _peer_is_me(s):
+            return s
     except OSError:
-        s.close()
-        return None
-    return s
+        pass
+    s.close()
+    return None
 
 
 def _send_request(s, request, fds=()):
@@ -168,9 +219,16 @@ def _read_line(s, buffer):
 def forward(command, argv):
     """Run ``command argv`` on a resident server: its exit status, or None when there is
     no server for this installation and environment (or it did not take the command),
-    and the caller should run the command itself."""
+    and the caller should run the command itself.  The command's own stdin, stdout and
+    stderr are the file descriptors 0, 1 and 2 (a console script's); a command the server
+    runs that dies by a signal makes this process die by the same signal."""
     if os.name != "posix" or os.environ.get("NBRAGG_RESIDENT", "").lower() in ("0", "off", "no", "false"):
         return None
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:        # (a closed one: the socket would take its number)
+            return None
     try:
         path = socket_path()
     except ResidentError:
@@ -186,36 +244,61 @@ def forward(command, argv):
             os.umask(umask)
             streams = [getattr(sys, n) for n in ("stdin", "stdout", "stderr")]
             request = {"command": command, "argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ),
-                       "umask": umask,
-                       "encodings": [[getattr(st, "encoding", None), getattr(st, "errors", None)] for st in streams]}
+                       "umask": umask, "streams": [_stream_settings(st) for st in streams]}
             for st in streams[1:]:
                 if st is not None:
                     st.flush()
             _send_request(s, request, fds=(0, 1, 2))
             buffer = bytearray()
             first = _read_line(s, buffer)
-        except (OSError, ValueError):   # (a closed stdin, an environment JSON cannot carry, a server gone)
+        except (OSError, ValueError):   # (an environment JSON cannot carry, a server gone)
             return None
         if first is None or not first.startswith("pid "):
             return None
         pid = int(first[4:])
-        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        previous = {sig: signal.signal(sig, lambda signum, frame: _kill(pid, signum)) for sig in forwarded}
+        previous = {}
         try:
-            while True:
-                try:
-                    line = _read_line(s, buffer)
-                    break
-                except InterruptedError:    # pragma: no cover - PEP 475 retries these
-                    continue
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                previous[sig] = signal.signal(sig, lambda signum, frame: _kill(pid, signum))
+        except ValueError:         # (not the main thread: no forwarding; a dying caller still ends it)
+            pass
+        try:
+            line = _read_line(s, buffer)
+        except OSError:
+            line = None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if line is None or not line.startswith("exit "):
-            print(f"{command}: error: the resident server (socket {path}) went away while running the command",
-                  file=sys.stderr)
-            return 1
-        return int(line[5:])
+    if line is None or not line.startswith(("exit ", "signal ")):
+        _kill(pid, signal.SIGTERM)
+        print(f"{command}: error: the resident server (socket {path}) went away while running the command; "
+              "stopped it", file=sys.stderr)
+        return 1
+    if line.startswith("signal "):            # die as the command did (a shell loop stops on Ctrl-C)
+        signum = int(line[7:])
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        except (OSError, ValueError):
+            pass
+        return 128 + signum
+    return int(line[5:])
+
+
+def _stream_settings(stream):
+    """What the caller's interpreter set up for a standard stream (encoding, buffering)."""
+    if stream is None:
+        return {}
+    import io
+    return {"encoding": getattr(stream, "encoding", None), "errors": getattr(stream, "errors", None),
+            "line_buffering": getattr(stream, "line_buffering", False),
+            "write_through": getattr(stream, "write_through", False),
+            "unbuffered": isinstance(getattr(stream, "buffer", None), io.RawIOBase)}   # (python -u)
 
 
 def _kill(pid, signum):
@@ -323,14 +406,17 @@ def _recv_request(conn):
         raise
 
 
-def _rebuild_stream(fd, mode, encoding, errors):
+def _rebuild_stream(fd, mode, settings):
+    """A standard stream on ``fd`` as the caller's interpreter had it."""
     import io
-    tty = os.isatty(fd)
+    raw = io.FileIO(fd, mode, closefd=False)
     if mode == "r":
-        return io.TextIOWrapper(io.BufferedReader(io.FileIO(fd, "r", closefd=False)),
-                                encoding=encoding, errors=errors)
-    return io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)), encoding=encoding,
-                            errors=errors, line_buffering=tty or fd == 2, write_through=fd == 2)
+        buffered = io.BufferedReader(raw)
+    else:
+        buffered = raw if settings.get("unbuffered") else io.BufferedWriter(raw)
+    return io.TextIOWrapper(buffered, encoding=settings.get("encoding"), errors=settings.get("errors"),
+                            newline="\n", line_buffering=bool(settings.get("line_buffering")),
+                            write_through=bool(settings.get("write_through")))
 
 
 def _exit_status(code):
@@ -342,8 +428,24 @@ def _exit_status(code):
     return 1
 
 
-def _leave_server(inherited):
+def _die_with(parent):
+    """Linux: this process gets SIGTERM when ``parent`` (the server) dies, so that a
+    command whose server was killed does not run on with nobody waiting for it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:                           # (it died before that)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _leave_server(inherited, parent):
     """In a forked copy: the server's signal handling undone, its descriptors closed."""
+    _die_with(parent)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -359,13 +461,13 @@ def _leave_server(inherited):
 _SPARE_ARGS = "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 16 -pixel 0.1"
 
 
-def _spare(sock, inherited):
+def _spare(sock, inherited, parent):
     """In a forked spare: load the common path's parallel kernels and start Numba's threads
     (a small image rendered), say "ready", then wait for the one request the server hands
     over and run it as :func:`_child` does; never returns.  A server with a ready spare
     starts a command without loading anything."""
     try:
-        _leave_server(inherited)
+        _leave_server(inherited, parent)
         try:
             from .engine import simulate
             from .experiment import Experiment
@@ -377,21 +479,22 @@ def _spare(sock, inherited):
         sock.close()
     except BaseException:
         os._exit(0)
-    _child(request, fds, [])
+    _child(request, fds, [], None)
 
 
-def _child(request, fds, inherited):
+def _child(request, fds, inherited, parent):
     """In the forked copy: become the caller's process and run its command; never returns."""
     status = 1
     try:
-        _leave_server(inherited)
+        if parent is not None:
+            _leave_server(inherited, parent)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        encodings = request.get("encodings") or [[None, None]] * 3
-        sys.stdin = _rebuild_stream(0, "r", *encodings[0])
-        sys.stdout = _rebuild_stream(1, "w", *encodings[1])
-        sys.stderr = _rebuild_stream(2, "w", *encodings[2])
+        settings = request.get("streams") or [{}] * 3
+        sys.stdin = _rebuild_stream(0, "r", settings[0])
+        sys.stdout = _rebuild_stream(1, "w", settings[1])
+        sys.stderr = _rebuild_stream(2, "w", settings[2])
         os.environ.clear()
         os.environ.update(request["env"])
         import tempfile
@@ -405,29 +508,47 @@ def _child(request, fds, inherited):
             status = _exit_status(getattr(importlib.import_module(module), function)(request["argv"]))
         except SystemExit as exc:
             status = _exit_status(exc.code)
-        except KeyboardInterrupt:
-            print("KeyboardInterrupt", file=sys.stderr)
-            status = 130
+    except KeyboardInterrupt:           # as Python does: the traceback, then death by SIGINT
+        import traceback
+        traceback.print_exc()
+        status = -signal.SIGINT
     except BaseException:
         import traceback
         traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
+        for name in ("stdout", "stderr"):       # a failed last write is an error, as in Python (120)
             try:
-                stream.flush()
-            except Exception:
-                pass
+                getattr(sys, name).flush()
+            except Exception as exc:
+                try:
+                    os.write(2, f"Exception ignored on flushing sys.{name}:\n{exc!r}\n".encode())
+                except OSError:
+                    pass
+                if status == 0:
+                    status = 120
+        if status < 0:
+            signal.signal(-status, signal.SIG_DFL)
+            os.kill(os.getpid(), -status)
         os._exit(status)
 
 
-def serve(idle_s=DEFAULT_IDLE_S, log=None):
+def serve(idle_s=DEFAULT_IDLE_S, log=None, expect_key=None):
     """Warm up, listen on this installation's socket and run commands until ``idle_s``
     seconds pass without one or a stop request comes (then running commands finish)."""
     def say(msg):
         if log:
             print(time.strftime("%Y-%m-%d %H:%M:%S ") + msg, file=log, flush=True)
+    # the import path without the working directory (or anything relative to it): the
+    # copies run in the callers' directories, whose files must not shadow modules
+    sys.path[:] = [p for p in sys.path if p and os.path.isabs(p)]
     own_key = server_key()
+    if expect_key is not None and own_key != expect_key:
+        raise ResidentError(f"this server's key {own_key} is not its starter's {expect_key}: the two processes "
+                            "differ in interpreter, flags, environment or process settings")
+    server_pid = os.getpid()
     path = os.path.join(socket_dir(create=True), f"resident-{own_key}.sock")
+    if query("status", path) is not None:
+        raise ResidentError(f"a server already listens on {path}")
     t0 = time.perf_counter()
     loaded = warm()
     say(f"warm in {time.perf_counter() - t0:.2f} s ({loaded} cached kernel signatures loaded)")
@@ -438,7 +559,7 @@ def serve(idle_s=DEFAULT_IDLE_S, log=None):
         os.replace(temporary, path)            # (a second server started at once replaces the first)
     except OSError as exc:
         listener.close()
-        raise ResidentError(f"cannot listen on {path}: {exc.strerror}") from None
+        raise ResidentError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     own_inode = os.stat(path).st_ino
     listener.listen(64)
     listener.setblocking(False)
@@ -472,7 +593,8 @@ def serve(idle_s=DEFAULT_IDLE_S, log=None):
             listener.close()
 
     def inherited(*more):
-        fds = [wake_r.fileno(), wake_w.fileno()] + [c.fileno() for c in running.values()] + list(more)
+        fds = [wake_r.fileno(), wake_w.fileno(), selector.fileno()] + [c.fileno() for c in running.values()]
+        fds += list(more)
         if state["listening"]:
             fds.append(listener.fileno())
         if log:
@@ -488,7 +610,7 @@ def serve(idle_s=DEFAULT_IDLE_S, log=None):
         mine, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:
-            _spare(theirs, inherited(mine.fileno()))
+            _spare(theirs, inherited(mine.fileno()), server_pid)
         theirs.close()
         spare.update(pid=pid, sock=mine, ready=False)
         selector.register(mine, selectors.EVENT_READ, "spare")
@@ -527,7 +649,7 @@ def serve(idle_s=DEFAULT_IDLE_S, log=None):
             except (KeyError, ValueError):
                 pass
             try:
-                conn.sendall(f"exit {code if code >= 0 else 128 - code}\n".encode())
+                conn.sendall((f"exit {code}" if code >= 0 else f"signal {-code}").encode() + b"\n")
             except OSError:
                 pass
             conn.close()
@@ -549,6 +671,7 @@ def serve(idle_s=DEFAULT_IDLE_S, log=None):
                 conn.sendall(b"refused\n")
             conn.close()
             return
+        state["last"] = time.monotonic()
         pid = None
         if spare["ready"]:              # hand it to the warm spare
             try:
@@ -564,7 +687,7 @@ def serve(idle_s=DEFAULT_IDLE_S, log=None):
                     stream.flush()
             pid = os.fork()
             if pid == 0:
-                _child(request, fds, inherited(conn.fileno()))
+                _child(request, fds, inherited(conn.fileno()), server_pid)
         for fd in fds:
             os.close(fd)
         state["served"] += 1
@@ -609,10 +732,11 @@ def serve(idle_s=DEFAULT_IDLE_S, log=None):
                         conn, _ = listener.accept()
                     except BlockingIOError:
                         continue
-                    state["last"] = time.monotonic()
                     conn.setblocking(True)
-                    conn.settimeout(10.0)
+                    conn.settimeout(2.0)       # (a request comes at once; a stalled caller holds the rest up)
                     try:
+                        if not _peer_is_me(conn):
+                            raise ConnectionError("a caller of another user")
                         request, fds = _recv_request(conn)
                         conn.settimeout(None)
                         answer(conn, request, fds)
@@ -659,28 +783,35 @@ def query(op="status", path=None):
 
 def start(idle_s=DEFAULT_IDLE_S, wait_s=600.0):
     """Start a server for this installation in the background (if none answers) and wait
-    until it listens; returns its status."""
+    until it listens; returns its status.  Two starts at once make one server."""
+    import fcntl
     import subprocess
     path = socket_path(create=True)
-    status = query("status", path)
-    if status is not None:
-        return status
-    log_path = path[:-len(".sock")] + ".log"
-    with open(log_path, "a") as log:
-        # (this very package first on the path, whatever the working directory holds)
-        code = (f"import sys; sys.path.insert(0, {os.path.dirname(_PKG_DIR)!r}); from nbragg.resident import main; "
-                f"sys.exit(main(['serve', '--idle', {repr(idle_s)!r}, '--log', {log_path!r}]))")
-        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, close_fds=True)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+    stem = path[:-len(".sock")]
+    with open(stem + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)          # (released when the file closes)
         status = query("status", path)
         if status is not None:
             return status
-        if proc.poll() is not None:
-            raise ResidentError(f"the server exited with status {proc.returncode} before listening; see {log_path}")
-        time.sleep(0.05)
-    raise ResidentError(f"the server did not listen within {wait_s:g} s; see {log_path}")
+        log_path = stem + ".log"
+        # started in the directory above this package, so that it imports this very nbragg;
+        # the server then drops the working directory from its import path
+        code = (f"import sys; from nbragg.resident import main; sys.exit(main(['serve', '--idle', "
+                f"{repr(idle_s)!r}, '--log', {log_path!r}, '--key', {server_key()!r}]))")
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(_PKG_DIR),
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                    close_fds=True)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            status = query("status", path)
+            if status is not None:
+                return status
+            if proc.poll() is not None:
+                raise ResidentError(f"the server exited with status {proc.returncode} before listening; "
+                                    f"see {log_path}")
+            time.sleep(0.05)
+        raise ResidentError(f"the server did not listen within {wait_s:g} s; see {log_path}")
 
 
 USAGE = """\
@@ -708,13 +839,16 @@ def main(argv=None):
         return report("nbragg-resident", ResidentError(
             f"expected start, stop or status, got {argv[0] if argv else 'nothing'!r}"))
     op, rest = argv[0], argv[1:]
-    idle_s, log_path = DEFAULT_IDLE_S, None
+    idle_s, log_path, expect_key = DEFAULT_IDLE_S, None, None
     while rest:
         flag = rest.pop(0)
-        if flag in ("--idle", "--log") and rest:
+        if flag in ("--idle", "--log", "--key") and rest:
             value = rest.pop(0)
             if flag == "--log":
                 log_path = value
+                continue
+            if flag == "--key":
+                expect_key = value
                 continue
             try:
                 idle_s = float(value)
@@ -727,7 +861,7 @@ def main(argv=None):
     try:
         if op == "serve":
             with open(log_path, "a") if log_path else open(os.devnull, "w") as log:
-                serve(idle_s, log)
+                serve(idle_s, log, expect_key)
             return 0
         if op == "start":
             status = start(idle_s)
@@ -738,7 +872,8 @@ def main(argv=None):
             print("nbragg-resident: no server runs for this installation")
             return 1 if op == "status" else 0
         if op == "stop":
-            print(f"nbragg-resident: stopped pid {status['pid']} after {status['served']} command(s)")
+            print(f"nbragg-resident: stopping pid {status['pid']} after {status['served']} command(s)"
+                  + (f"; {status['running']} running finish first" if status["running"] else ""))
         else:
             print(f"nbragg-resident: running, pid {status['pid']}, socket {status['socket']}, "
                   f"up {status['uptime_s']:g} s, {status['served']} command(s) served, {status['running']} running")

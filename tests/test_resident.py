@@ -125,26 +125,66 @@ def test_a_command_while_another_runs_forks_afresh(server, tmp_path):
         slow.wait()
 
 
-def test_the_callers_directory_umask_environment_and_stdin_are_the_commands(server, tmp_path):
+def test_the_callers_directory_and_umask_are_the_commands(server, tmp_path):
     env, _ = server
     (tmp_path / "F.hkl").write_text("0 0 0 100\n1 0 0 50\n")
-    os.chdir(tmp_path)
-    # the umask the caller has; the environment the caller has (its TMPDIR among it)
-    mine = tmp_path / "tmp"
-    mine.mkdir()
     code = ("import os, sys; os.umask(0o027); from nbragg.resident import run_command; "
             "sys.exit(run_command('nbragg', sys.argv[1:]))")
     before = _status(env)["served"]
-    proc = subprocess.run([sys.executable, "-c", code] + (ARGS + " -hkl F.hkl -floatfile out/f.bin").split(),
-                          cwd=tmp_path, env=dict(env, TMPDIR=str(mine)), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
+    cmd = [sys.executable, "-c", code] + (ARGS + " -hkl F.hkl -floatfile out/f.bin").split()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "-floatfile" in proc.stderr      # (no such directory: out/)
     (tmp_path / "out").mkdir()
-    proc = subprocess.run([sys.executable, "-c", code] + (ARGS + " -hkl F.hkl -floatfile out/f.bin").split(),
-                          cwd=tmp_path, env=dict(env, TMPDIR=str(mine)), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert _status(env)["served"] == before + 2
     assert stat.S_IMODE(os.stat(tmp_path / "out" / "f.bin").st_mode) == 0o640
+
+
+def _probe(argv):
+    """A command for the test below: what it finds of its process, as JSON on stdout."""
+    import tempfile
+    print(json.dumps({"argv": argv, "sys_argv": sys.argv, "cwd": os.getcwd(), "env": os.environ.get("PROBE"),
+                      "tmp": tempfile.gettempdir(), "umask": os.umask(0), "stdin": sys.stdin.read(),
+                      "line_buffering": sys.stdout.line_buffering, "write_through": sys.stdout.write_through}))
+    return int(argv[0])
+
+
+@pytest.mark.parametrize("write_through", [False, True])      # (True: python -u, PYTHONUNBUFFERED)
+def test_the_copy_takes_the_callers_process(tmp_path, monkeypatch, write_through):
+    """_child, the copy's side, on its own: argv, directory, environment (TMPDIR too),
+    umask, stdin, stdout's buffering and the exit status are the request's."""
+    from nbragg import resident
+    monkeypatch.setitem(resident.COMMANDS, "probe", ("test_resident", "_probe"))
+    (tmp_path / "tmp").mkdir()
+    request = {"command": "probe", "argv": ["7", "x y"], "cwd": str(tmp_path), "umask": 0o027,
+               "env": {"PROBE": "here", "TMPDIR": str(tmp_path / "tmp")},
+               "streams": [{}, {"encoding": "utf-8", "line_buffering": False, "write_through": write_through,
+                                "unbuffered": write_through}, {}]}
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.write(stdin_w, b"from the caller")
+    os.close(stdin_w)
+    pid = os.fork()
+    if pid == 0:                                  # (the copy; it never returns)
+        resident._child(request, [stdin_r, out_w, os.dup(2)], [out_r], None)
+    os.close(stdin_r)
+    os.close(out_w)
+    with os.fdopen(out_r) as fh:
+        seen = json.loads(fh.read())
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 7
+    # stdout buffered as the caller's was: a failed last write makes a success status 120
+    request["argv"][0] = "0"
+    pid = os.fork()
+    if pid == 0:
+        resident._child(request, [os.open(os.devnull, os.O_RDONLY), os.open("/dev/full", os.O_WRONLY),
+                                  os.open(os.devnull, os.O_WRONLY)], [], None)
+    _, full_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(full_status) == (1 if write_through else 120)
+    assert seen == {"argv": ["7", "x y"], "sys_argv": ["probe", "7", "x y"], "cwd": str(tmp_path), "env": "here",
+                    "tmp": str(tmp_path / "tmp"), "umask": 0o027, "stdin": "from the caller",
+                    "line_buffering": False, "write_through": write_through}
 
 
 def test_a_user_error_on_the_server_is_one_line_and_status_2(server, tmp_path):
@@ -173,16 +213,45 @@ def test_other_commands_run_on_the_server(server, tmp_path):
     assert _status(env)["served"] == before + 1
 
 
-def test_another_numba_environment_or_off_runs_by_itself(server, tmp_path):
+def test_another_start_up_environment_or_off_runs_by_itself(server, tmp_path):
     env, _ = server
     before = _status(env)["served"]
-    for extra in ({"NUMBA_BOUNDSCHECK": "0"}, {"NBRAGG_RESIDENT": "off"}):
+    for extra in ({"NUMBA_BOUNDSCHECK": "0"}, {"PYTHONHASHSEED": "123"}, {"OMP_PROC_BIND": "true"},
+                  {"NBRAGG_RESIDENT": "off"}):
         proc = _nbragg(ARGS + " -floatfile f.bin -nonoise -nopgm", tmp_path, dict(env, **extra))
         assert proc.returncode == 0, proc.stderr
     assert _status(env)["served"] == before
 
 
-def test_ctrl_c_reaches_the_command_and_no_image_is_written(server, tmp_path):
+def _interrupted(env, cwd, served):
+    """(returncode, stderr) of a slow command sent SIGINT while it renders."""
+    before = _status(env)["served"]
+    proc = subprocess.Popen([sys.executable, "-m", "nbragg"] + (SLOW + " -floatfile f.bin -noprogress").split(),
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    if served:
+        while _status(env)["running"] == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+    time.sleep(3.0)                    # (well into the image, by itself too)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert _status(env)["served"] == before + served
+    return proc.returncode, err
+
+
+def test_ctrl_c_reaches_the_command_which_dies_as_it_would_by_itself(server, tmp_path):
+    env, _ = server
+    (tmp_path / "own").mkdir()
+    own = _interrupted(dict(env, NBRAGG_RESIDENT="off"), tmp_path / "own", 0)
+    served = _interrupted(env, tmp_path, 1)
+    assert own[0] == served[0] == -signal.SIGINT              # (a shell loop stops on Ctrl-C)
+    assert own[1].rstrip().endswith("KeyboardInterrupt") and served[1].rstrip().endswith("KeyboardInterrupt")
+    assert not (tmp_path / "f.bin").exists()
+    assert _status(env)["running"] == 0
+
+
+def test_a_command_whose_server_dies_is_stopped(server, tmp_path):
     env, _ = server
     proc = subprocess.Popen([sys.executable, "-m", "nbragg"] + (SLOW + " -floatfile f.bin -noprogress").split(),
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -190,12 +259,33 @@ def test_ctrl_c_reaches_the_command_and_no_image_is_written(server, tmp_path):
     while _status(env)["running"] == 0:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    os.kill(_status(env)["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "KeyboardInterrupt" in err
-    assert not (tmp_path / "f.bin").exists()
-    assert _status(env)["running"] == 0
+    assert proc.returncode == 1 and "went away" in err
+    time.sleep(2.0)
+    assert not (tmp_path / "f.bin").exists()          # (the command did not run on without its caller)
+
+
+def test_a_write_error_on_stdout_fails_as_by_itself(server, tmp_path):
+    env, _ = server
+    codes = []
+    for mode in ("off", "on"):
+        with open("/dev/full", "w") as full:
+            codes.append(subprocess.run([sys.executable, "-m", "nbragg"] + (ARGS + " -floatfile f.bin").split(),
+                                        cwd=tmp_path, env=dict(env, NBRAGG_RESIDENT=mode), stdout=full,
+                                        stderr=subprocess.PIPE).returncode)
+    assert codes[0] == codes[1] != 0       # (120 when stdout is buffered, 1 under PYTHONUNBUFFERED)
+
+
+def test_a_closed_stdin_runs_by_itself(server, tmp_path):
+    env, _ = server
+    before = _status(env)["served"]
+    code = ("import os, sys; os.close(0); from nbragg.resident import run_command; "
+            "sys.exit(run_command('nbragg', sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code] + (ARGS + " -floatfile f.bin").split(), cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _status(env)["served"] == before
 
 
 def test_a_caller_that_dies_takes_its_command_with_it(server, tmp_path):
@@ -227,6 +317,18 @@ def test_a_dead_server_is_passed_over_and_replaced(tmp_path):
         assert _resident(env, "status", check=False).returncode == 1
         _resident(env, "start", "--idle", "300")
         assert _status(env)["pid"] != pid
+
+
+def test_two_starts_at_once_make_one_server():
+    with _socket_dir() as (env, socket_dir):
+        starts = [subprocess.Popen([sys.executable, "-m", "nbragg.resident", "start", "--idle", "300"], env=env,
+                                   stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=120)[0] for p in starts]
+        assert [p.returncode for p in starts] == [0, 0]
+        pid = _status(env)["pid"]
+        assert all(f"pid {pid}," in out for out in outs), outs
+        servers = subprocess.run(["pgrep", "-f", f"--log {socket_dir}"], capture_output=True, text=True).stdout
+        assert servers.split() == [str(pid)] or not servers      # (pgrep may be missing)
 
 
 def test_an_idle_server_exits_and_takes_its_socket(tmp_path):
