@@ -57,6 +57,7 @@ output      -floatfile F -intfile F -noisefile F -pgmfile F   -nonoise -nopgm   
 nbragg      -threads n (CPU threads)   -device cpu|cuda   -precision float64|float32
             -physical (solid angle, polarization, absorption per sample; water scaled once)
             -h / --help (this text)   --version
+many runs   nbragg-resident start (a server that skips the second of start-up; stop, status)
 
 Example: nbragg -cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 256
 """
