@@ -26,7 +26,13 @@ SLOW = ("-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 8 -lambda 1.5 
 
 
 def _env(socket_dir, **extra):
-    env = dict(os.environ, NBRAGG_RESIDENT_DIR=str(socket_dir), NBRAGG_RESIDENT="on")
+    """The environment of a test's commands and server: its socket directory, and the
+    nbragg under test first on the path (whatever is installed), so that every process
+    imports the same package and finds the same key."""
+    import nbragg
+    here = os.path.dirname(os.path.dirname(os.path.abspath(nbragg.__file__)))
+    path = [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, NBRAGG_RESIDENT_DIR=str(socket_dir), NBRAGG_RESIDENT="on", PYTHONPATH=os.pathsep.join(path))
     env.update(extra)
     return env
 
