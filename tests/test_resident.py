@@ -147,50 +147,61 @@ def test_the_callers_directory_and_umask_are_the_commands(server, tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "out" / "f.bin").st_mode) == 0o640
 
 
+# The copy's side (_child) on its own, in a process of its own: forking the test process,
+# which has Numba's and JAX's threads, could deadlock the copy.
+_COPY_SCRIPT = r"""
+import json, os, sys, tempfile
+from nbragg import resident
+
 def _probe(argv):
-    """A command for the test below: what it finds of its process, as JSON on stdout."""
-    import tempfile
     print(json.dumps({"argv": argv, "sys_argv": sys.argv, "cwd": os.getcwd(), "env": os.environ.get("PROBE"),
                       "tmp": tempfile.gettempdir(), "umask": os.umask(0), "stdin": sys.stdin.read(),
                       "line_buffering": sys.stdout.line_buffering, "write_through": sys.stdout.write_through}))
     return int(argv[0])
 
+resident.COMMANDS["probe"] = ("__main__", "_probe")
+tempfile.gettempdir()                          # (as a server has: its own, cached)
+request = json.loads(sys.argv[1])
+stdin_r, stdin_w = os.pipe()
+out_r, out_w = os.pipe()
+os.write(stdin_w, b"from the caller")
+os.close(stdin_w)
+pid = os.fork()
+if pid == 0:
+    resident._child(request, [stdin_r, out_w, os.dup(2)], [out_r], None)
+os.close(stdin_r)
+os.close(out_w)
+with os.fdopen(out_r) as fh:
+    seen = json.loads(fh.read())
+status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+request["argv"][0] = "0"                      # (a success whose last write fails)
+pid = os.fork()
+if pid == 0:
+    resident._child(request, [os.open(os.devnull, os.O_RDONLY), os.open("/dev/full", os.O_WRONLY),
+                              os.open(os.devnull, os.O_WRONLY)], [], None)
+full = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps({"seen": seen, "status": status, "full": full}))
+"""
+
 
 @pytest.mark.parametrize("write_through", [False, True])      # (True: python -u, PYTHONUNBUFFERED)
-def test_the_copy_takes_the_callers_process(tmp_path, monkeypatch, write_through):
-    """_child, the copy's side, on its own: argv, directory, environment (TMPDIR too),
-    umask, stdin, stdout's buffering and the exit status are the request's."""
-    from nbragg import resident
-    monkeypatch.setitem(resident.COMMANDS, "probe", ("test_resident", "_probe"))
+def test_the_copy_takes_the_callers_process(tmp_path, write_through):
+    """argv, directory, environment (TMPDIR too), umask, stdin, stdout's buffering and the
+    exit status are the request's; a failed last write makes a success 120, as in Python."""
     (tmp_path / "tmp").mkdir()
     request = {"command": "probe", "argv": ["7", "x y"], "cwd": str(tmp_path), "umask": 0o027,
                "env": {"PROBE": "here", "TMPDIR": str(tmp_path / "tmp")},
                "streams": [{}, {"encoding": "utf-8", "line_buffering": False, "write_through": write_through,
                                 "unbuffered": write_through}, {}]}
-    stdin_r, stdin_w = os.pipe()
-    out_r, out_w = os.pipe()
-    os.write(stdin_w, b"from the caller")
-    os.close(stdin_w)
-    pid = os.fork()
-    if pid == 0:                                  # (the copy; it never returns)
-        resident._child(request, [stdin_r, out_w, os.dup(2)], [out_r], None)
-    os.close(stdin_r)
-    os.close(out_w)
-    with os.fdopen(out_r) as fh:
-        seen = json.loads(fh.read())
-    _, wait_status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(wait_status) == 7
-    # stdout buffered as the caller's was: a failed last write makes a success status 120
-    request["argv"][0] = "0"
-    pid = os.fork()
-    if pid == 0:
-        resident._child(request, [os.open(os.devnull, os.O_RDONLY), os.open("/dev/full", os.O_WRONLY),
-                                  os.open(os.devnull, os.O_WRONLY)], [], None)
-    _, full_status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(full_status) == (1 if write_through else 120)
-    assert seen == {"argv": ["7", "x y"], "sys_argv": ["probe", "7", "x y"], "cwd": str(tmp_path), "env": "here",
-                    "tmp": str(tmp_path / "tmp"), "umask": 0o027, "stdin": "from the caller",
-                    "line_buffering": False, "write_through": write_through}
+    proc = subprocess.run([sys.executable, "-c", _COPY_SCRIPT, json.dumps(request)], env=_env(tmp_path),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["status"] == 7
+    assert got["full"] == (1 if write_through else 120)
+    assert got["seen"] == {"argv": ["7", "x y"], "sys_argv": ["probe", "7", "x y"], "cwd": str(tmp_path),
+                           "env": "here", "tmp": str(tmp_path / "tmp"), "umask": 0o027, "stdin": "from the caller",
+                           "line_buffering": False, "write_through": write_through}
 
 
 def test_a_user_error_on_the_server_is_one_line_and_status_2(server, tmp_path):
