@@ -16,7 +16,9 @@ A command whose key has no server -- after an upgrade, an edit, another environm
 runs by itself as before, so a server is never stale.  The server exits after
 ``--idle`` seconds without a command (default 1800) or on ``nbragg-resident stop``.
 
-``NBRAGG_RESIDENT=off`` makes a command ignore a server; ``NBRAGG_RESIDENT_DIR`` sets the
+``NBRAGG_RESIDENT=off`` makes a command ignore a server, ``NBRAGG_RESIDENT=auto`` makes a
+command that finds none start one in the background (for the commands after it) and run
+by itself; ``NBRAGG_RESIDENT_DIR`` sets the
 directory of the socket (default ``$XDG_RUNTIME_DIR/nbragg``, else ``nbragg-UID`` in the
 temporary directory; it must belong to the user and be closed to others).  POSIX only.
 The long-running ``nbragg-dataset`` and ``nbragg-refine-many`` always run by themselves.
@@ -222,7 +224,8 @@ def forward(command, argv):
     and the caller should run the command itself.  The command's own stdin, stdout and
     stderr are the file descriptors 0, 1 and 2 (a console script's); a command the server
     runs that dies by a signal makes this process die by the same signal."""
-    if os.name != "posix" or os.environ.get("NBRAGG_RESIDENT", "").lower() in ("0", "off", "no", "false"):
+    mode = os.environ.get("NBRAGG_RESIDENT", "").lower()
+    if os.name != "posix" or mode in ("0", "off", "no", "false"):
         return None
     for fd in (0, 1, 2):
         try:
@@ -233,10 +236,10 @@ def forward(command, argv):
         path = socket_path()
     except ResidentError:
         return None
-    if not os.path.exists(path):
-        return None
-    s = _connect(path)
+    s = _connect(path) if os.path.exists(path) else None
     if s is None:
+        if mode == "auto":
+            _start_in_background()
         return None
     with s:
         try:
@@ -288,6 +291,18 @@ def forward(command, argv):
             pass
         return 128 + signum
     return int(line[5:])
+
+
+def _start_in_background():
+    """NBRAGG_RESIDENT=auto: start a server for the commands after this one, without
+    waiting for it (two at once make one; see :func:`start`)."""
+    import subprocess
+    try:
+        subprocess.Popen([sys.executable, "-c", "import sys; from nbragg.resident import main; sys.exit(main(['start']))"],
+                         cwd=os.path.dirname(_PKG_DIR), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    except OSError:
+        pass
 
 
 def _stream_settings(stream):
@@ -823,7 +838,8 @@ start   start a server for this installation in the background (one per installa
         without a command (default 1800).
 stop    stop it (commands still running finish first)
 status  print its process id, socket, uptime and commands served (exit 1 if none runs)
-NBRAGG_RESIDENT=off makes commands ignore it.
+NBRAGG_RESIDENT=off makes commands ignore it; NBRAGG_RESIDENT=auto makes a command that
+finds none start one in the background for the commands after it.
 """
 
 

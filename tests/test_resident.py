@@ -348,6 +348,22 @@ def test_two_starts_at_once_make_one_server():
         assert servers.split() == [str(pid)] or not servers      # (pgrep may be missing)
 
 
+def test_auto_starts_a_server_for_the_commands_after(tmp_path):
+    with _socket_dir() as (env, _):
+        env = dict(env, NBRAGG_RESIDENT="auto")
+        first = _nbragg(ARGS + " -floatfile f1.bin -nonoise -nopgm", tmp_path, env)
+        assert first.returncode == 0, first.stderr          # (by itself, starting one meanwhile)
+        deadline = time.monotonic() + 120
+        while _status(env) is None:
+            assert time.monotonic() < deadline, "no server came up"
+            time.sleep(0.1)
+        second = _nbragg(ARGS + " -floatfile f2.bin -nonoise -nopgm", tmp_path, env)
+        assert second.returncode == 0, second.stderr
+        assert _status(env)["served"] == 1
+        assert second.stdout == first.stdout.replace("f1.bin", "f2.bin")
+        assert (tmp_path / "f1.bin").read_bytes() == (tmp_path / "f2.bin").read_bytes()
+
+
 def test_an_idle_server_exits_and_takes_its_socket(tmp_path):
     with _socket_dir() as (env, socket_dir):
         _resident(env, "start", "--idle", "1")
