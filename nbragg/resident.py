@@ -5,23 +5,30 @@ NumPy, Numba, Numba's registries (which import parts of SciPy) and the cached ke
 ``nbragg-resident start`` starts a server that pays this once.  While it runs,
 ``nbragg``, ``nbragg-noisify``, ``nbragg-nonbragg`` and ``nbragg-refine`` hand their
 arguments, working directory, environment, umask and terminal (the file descriptors of
-stdin, stdout and stderr) to it; for each command the server forks a copy of itself that
-runs the command exactly as the plain command would, writing straight to the caller's
-terminal and files, and the caller exits with the copy's status.  Ctrl-C (or any
-SIGINT, SIGTERM, SIGHUP) reaches the copy; a caller that dies takes its copy with it.
+stdin, stdout and stderr) to it; for each command the server forks a copy of itself --
+usually a spare forked ahead, whose kernels are loaded and Numba's threads started --
+that runs the command exactly as the plain command would, writing straight to the
+caller's terminal and files, and the caller exits with the copy's status, or dies by the
+signal that killed it.  SIGINT, SIGTERM, SIGHUP and SIGQUIT reach the copy; a caller that
+dies, or a server that dies, takes the copy with it.
 
-The server is found by a key: nbragg's sources, the Python interpreter, the NumPy and
-Numba installations and the ``NUMBA_*`` environment (which Numba reads once, at import).
-A command whose key has no server -- after an upgrade, an edit, another environment --
-runs by itself as before, so a server is never stale.  The server exits after
-``--idle`` seconds without a command (default 1800) or on ``nbragg-resident stop``.
+The server itself never starts Numba's threads (GNU OpenMP does not survive a fork): it
+imports, builds Numba's registries and loads the cached serial kernels only.
+
+The server is found by a key (:func:`server_key`): nbragg's sources, the interpreter and
+its flags, the NumPy and Numba installations, the environment read at start-up and the
+process settings a copy would take from the server (CPU affinity, nice, control group,
+limits).  A command whose key has no server -- after an upgrade, an edit, in another
+environment or batch job -- runs by itself as before, so a server is never stale.  The
+server exits after ``--idle`` seconds without a command (default 1800) or on
+``nbragg-resident stop``.
 
 ``NBRAGG_RESIDENT=off`` makes a command ignore a server, ``NBRAGG_RESIDENT=auto`` makes a
 command that finds none start one in the background (for the commands after it) and run
-by itself; ``NBRAGG_RESIDENT_DIR`` sets the
-directory of the socket (default ``$XDG_RUNTIME_DIR/nbragg``, else ``nbragg-UID`` in the
-temporary directory; it must belong to the user and be closed to others).  POSIX only.
-The long-running ``nbragg-dataset`` and ``nbragg-refine-many`` always run by themselves.
+by itself; ``NBRAGG_RESIDENT_DIR`` sets the directory of the socket (default
+``$XDG_RUNTIME_DIR/nbragg``, else ``nbragg-UID`` in the temporary directory; it must
+belong to the user, not be a link and be closed to others).  POSIX only.  The
+long-running ``nbragg-dataset`` and ``nbragg-refine-many`` always run by themselves.
 
 This module imports only the standard library until the server starts: a command that
 finds no server has paid a few milliseconds for looking.
@@ -362,7 +369,11 @@ def warm():
     from numba.core.registry import cpu_target
     cpu_target.target_context.refresh()
     cpu_target.typing_context.refresh()
-    return _load_cached_kernels(cpu_target.target_context)
+    loaded = _load_cached_kernels(cpu_target.target_context)
+    from numba.np.ufunc import parallel
+    if getattr(parallel, "_is_initialized", False):     # (every copy would die on its first image)
+        raise ResidentError("Numba's threads were started while warming up; a forking server cannot run")
+    return loaded
 
 
 def _load_cached_kernels(target_context):
