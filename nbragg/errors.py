@@ -42,9 +42,18 @@ def console_main(prog, run, argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return run(argv)
+        status = run(argv)
+        sys.stdout.flush()           # (here, where a reader that left is caught, not at exit)
+        return status
     except NbraggError as exc:
         return report(prog, exc)
+    except BrokenPipeError:          # (nbragg ... | head): the reader left; no traceback
+        import os
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (nothing left to flush at exit)
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
 
 
 def console_streams(stdout=None, stderr=None):

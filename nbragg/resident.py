@@ -253,8 +253,9 @@ def forward(command, argv):
             umask = os.umask(0o022)
             os.umask(umask)
             streams = [getattr(sys, n) for n in ("stdin", "stdout", "stderr")]
+            ignored = [int(sig) for sig in _FORWARDED if signal.getsignal(sig) == signal.SIG_IGN]   # (nohup)
             request = {"command": command, "argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ),
-                       "umask": umask, "streams": [_stream_settings(st) for st in streams]}
+                       "umask": umask, "streams": [_stream_settings(st) for st in streams], "ignored": ignored}
             for st in streams[1:]:
                 if st is not None:
                     st.flush()
@@ -268,8 +269,9 @@ def forward(command, argv):
         pid = int(first[4:])
         previous = {}
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-                previous[sig] = signal.signal(sig, lambda signum, frame: _kill(pid, signum))
+            for sig in _FORWARDED:
+                if int(sig) not in ignored:
+                    previous[sig] = signal.signal(sig, lambda signum, frame: _kill(pid, signum))
         except ValueError:         # (not the main thread: no forwarding; a dying caller still ends it)
             pass
         try:
@@ -321,6 +323,10 @@ def _stream_settings(stream):
             "line_buffering": getattr(stream, "line_buffering", False),
             "write_through": getattr(stream, "write_through", False),
             "unbuffered": isinstance(getattr(stream, "buffer", None), io.RawIOBase)}   # (python -u)
+
+
+# the signals a caller passes on to its command (those it ignores, the command ignores)
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT) if os.name == "posix" else ()
 
 
 def _kill(pid, signum):
@@ -514,6 +520,8 @@ def _child(request, fds, inherited, parent):
     try:
         if parent is not None:
             _leave_server(inherited, parent)
+        for sig in request.get("ignored", ()):
+            signal.signal(sig, signal.SIG_IGN)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -843,10 +851,12 @@ def start(idle_s=DEFAULT_IDLE_S, wait_s=600.0):
 USAGE = """\
 usage: nbragg-resident start [--idle SECONDS] | stop | status
 
-start   start a server for this installation in the background (one per installation and
-        NUMBA_* environment); nbragg, nbragg-noisify, nbragg-nonbragg and nbragg-refine
-        then run on it, skipping the second of start-up.  It exits after --idle seconds
-        without a command (default 1800).
+start   start a server in the background; nbragg, nbragg-noisify, nbragg-nonbragg and
+        nbragg-refine then run on it, skipping the second of start-up.  It serves the
+        commands started like it: the same installation, interpreter and flags, start-up
+        environment (NUMBA_*, PYTHON*, OMP_*, locale), CPU affinity, nice value, control
+        group and limits; others run by themselves.  It exits after --idle seconds without
+        a command (default 1800).
 stop    stop it (commands still running finish first)
 status  print its process id, socket, uptime and commands served (exit 1 if none runs)
 NBRAGG_RESIDENT=off makes commands ignore it; NBRAGG_RESIDENT=auto makes a command that
@@ -864,12 +874,14 @@ def main(argv=None):
         return report("nbragg-resident", ResidentError("a resident server needs a POSIX system (fork, Unix sockets)"))
     if not argv or argv[0] not in ("start", "stop", "status", "serve"):
         return report("nbragg-resident", ResidentError(
-            f"expected start, stop or status, got {argv[0] if argv else 'nothing'!r}"))
+            f"expected start, stop or status (see --help), got {argv[0] if argv else 'nothing'!r}"))
     op, rest = argv[0], argv[1:]
     idle_s, log_path, expect_key = DEFAULT_IDLE_S, None, None
     while rest:
         flag = rest.pop(0)
-        if flag in ("--idle", "--log", "--key") and rest:
+        if flag in ("--idle", "--log", "--key"):
+            if not rest:
+                return report("nbragg-resident", ResidentError(f"{flag} needs a value"))
             value = rest.pop(0)
             if flag == "--log":
                 log_path = value
@@ -900,7 +912,7 @@ def main(argv=None):
             return 1 if op == "status" else 0
         if op == "stop":
             print(f"nbragg-resident: stopping pid {status['pid']} after {status['served']} command(s)"
-                  + (f"; {status['running']} running finish first" if status["running"] else ""))
+                  + (f"; the {status['running']} command(s) running finish first" if status["running"] else ""))
         else:
             print(f"nbragg-resident: running, pid {status['pid']}, socket {status['socket']}, "
                   f"up {status['uptime_s']:g} s, {status['served']} command(s) served, {status['running']} running")

@@ -79,6 +79,14 @@ def server():
         yield env, socket_dir
 
 
+def _until_running(env, proc):
+    """Wait until the server runs a command (``proc``'s, which must not have ended)."""
+    deadline = time.monotonic() + 60
+    while _status(env)["running"] == 0:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
 def _wait_for_spare(env):
     deadline = time.monotonic() + 120
     while not _status(env)["spare_ready"]:
@@ -110,10 +118,7 @@ def test_a_command_while_another_runs_forks_afresh(server, tmp_path):
     slow = subprocess.Popen([sys.executable, "-m", "nbragg"] + (SLOW + " -floatfile slow.bin -noprogress").split(),
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while _status(env)["running"] == 0:
-            assert slow.poll() is None and time.monotonic() < deadline, slow.communicate()
-            time.sleep(0.05)
+        _until_running(env, slow)
         before = _status(env)
         assert not before["spare_ready"]             # (the spare took the slow one; none is made meanwhile)
         outputs = "-floatfile f.bin -intfile i.img -nonoise -nopgm"
@@ -245,11 +250,8 @@ def _interrupted(env, cwd, served):
     before = _status(env)["served"]
     proc = subprocess.Popen([sys.executable, "-m", "nbragg"] + (SLOW + " -floatfile f.bin -noprogress").split(),
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
     if served:
-        while _status(env)["running"] == 0:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
+        _until_running(env, proc)
     time.sleep(3.0)                    # (well into the image, by itself too)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -272,10 +274,7 @@ def test_a_command_whose_server_dies_is_stopped(server, tmp_path):
     env, _ = server
     proc = subprocess.Popen([sys.executable, "-m", "nbragg"] + (SLOW + " -floatfile f.bin -noprogress").split(),
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while _status(env)["running"] == 0:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    _until_running(env, proc)
     os.kill(_status(env)["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "went away" in err
@@ -294,6 +293,37 @@ def test_a_write_error_on_stdout_fails_as_by_itself(server, tmp_path):
     assert codes[0] == codes[1] != 0       # (120 when stdout is buffered, 1 under PYTHONUNBUFFERED)
 
 
+def test_a_reader_that_left_ends_the_command_quietly_as_by_itself(server, tmp_path):
+    env, _ = server
+    results = []
+    for mode in ("off", "on"):
+        read_end, write_end = os.pipe()
+        os.close(read_end)                       # (nbragg ... | head, head gone)
+        proc = subprocess.run([sys.executable, "-m", "nbragg"] + (ARGS + " -floatfile f.bin").split(), cwd=tmp_path,
+                              env=dict(env, NBRAGG_RESIDENT=mode), stdout=write_end, stderr=subprocess.PIPE,
+                              text=True)
+        os.close(write_end)
+        results.append((proc.returncode, proc.stderr))
+    assert results[0] == results[1] == (1, "")
+
+
+def test_a_signal_the_caller_ignores_the_command_ignores(server, tmp_path):
+    env, _ = server
+    # nohup's way: SIGHUP ignored before the command starts
+    code = ("import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+            "from nbragg.resident import run_command; sys.exit(run_command('nbragg', sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code] + (SLOW + " -floatfile f.bin -noprogress").split(),
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _until_running(env, proc)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None and _status(env)["running"] == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_closed_stdin_runs_by_itself(server, tmp_path):
     env, _ = server
     before = _status(env)["served"]
@@ -309,10 +339,7 @@ def test_a_caller_that_dies_takes_its_command_with_it(server, tmp_path):
     env, _ = server
     proc = subprocess.Popen([sys.executable, "-m", "nbragg"] + (SLOW + " -floatfile f.bin -noprogress").split(),
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while _status(env)["running"] == 0:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    _until_running(env, proc)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 30
