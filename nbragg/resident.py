@@ -568,99 +568,170 @@ def _child(request, fds, inherited, parent):
 
 def serve(idle_s=DEFAULT_IDLE_S, log=None, expect_key=None):
     """Warm up, listen on this installation's socket and run commands until ``idle_s``
-    seconds pass without one or a stop request comes (then running commands finish)."""
-    def say(msg):
-        if log:
-            print(time.strftime("%Y-%m-%d %H:%M:%S ") + msg, file=log, flush=True)
-    # the import path without the working directory (or anything relative to it): the
-    # copies run in the callers' directories, whose files must not shadow modules
-    sys.path[:] = [p for p in sys.path if p and os.path.isabs(p)]
-    own_key = server_key()
-    if expect_key is not None and own_key != expect_key:
-        raise ResidentError(f"this server's key {own_key} is not its starter's {expect_key}: the two processes "
-                            "differ in interpreter, flags, environment or process settings")
-    server_pid = os.getpid()
-    path = os.path.join(socket_dir(create=True), f"resident-{own_key}.sock")
-    if query("status", path) is not None:
-        raise ResidentError(f"a server already listens on {path}")
-    t0 = time.perf_counter()
-    loaded = warm()
-    say(f"warm in {time.perf_counter() - t0:.2f} s ({loaded} cached kernel signatures loaded)")
-    temporary = f"{path}.{os.getpid()}"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(temporary)
-        os.replace(temporary, path)            # (a second server started at once replaces the first)
-    except OSError as exc:
-        listener.close()
-        raise ResidentError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-    own_inode = os.stat(path).st_ino
-    listener.listen(64)
-    listener.setblocking(False)
-    os.chdir("/")
-    wake_r, wake_w = socket.socketpair()
-    for s in (wake_r, wake_w):
-        s.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-    signal.signal(signal.SIGCHLD, lambda *a: None)
-    stopping = []
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, lambda *a: stopping.append(True))
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ, "accept")
-    selector.register(wake_r, selectors.EVENT_READ, "wake")
-    running = {}                # pid -> the caller's connection
-    state = {"served": 0, "from_spare": 0, "last": time.monotonic(), "listening": True}
-    spare = {"pid": None, "sock": None, "ready": False, "enabled": True}
-    started = time.time()
-    say(f"listening on {path} (pid {os.getpid()}, idle exit after {idle_s:g} s)")
+    seconds pass without one or a stop request comes (then running commands finish).
+    Returns the number of commands served."""
+    return _Server(idle_s, log, expect_key).run()
 
-    def stop_listening():
-        if state["listening"]:
-            state["listening"] = False
-            selector.unregister(listener)
+
+class _Server:
+    """The listening process: one thread, a selector over the listening socket, a
+    wake-up socket for SIGCHLD, the callers' connections and the spare's socket."""
+
+    def __init__(self, idle_s, log, expect_key):
+        self.idle_s, self.log = idle_s, log
+        # the import path without the working directory (or anything relative to it): the
+        # copies run in the callers' directories, whose files must not shadow modules
+        sys.path[:] = [p for p in sys.path if p and os.path.isabs(p)]
+        self.key = server_key()
+        if expect_key is not None and self.key != expect_key:
+            raise ResidentError(f"this server's key {self.key} is not its starter's {expect_key}: the two "
+                                "processes differ in interpreter, flags, environment or process settings")
+        self.pid = os.getpid()
+        self.path = os.path.join(socket_dir(create=True), f"resident-{self.key}.sock")
+        if query("status", self.path) is not None:
+            raise ResidentError(f"a server already listens on {self.path}")
+        t0 = time.perf_counter()
+        loaded = warm()
+        self.say(f"warm in {time.perf_counter() - t0:.2f} s ({loaded} cached kernel signatures loaded)")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            temporary = f"{self.path}.{self.pid}"
+            self.listener.bind(temporary)
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            self.listener.close()
+            raise ResidentError(f"cannot listen on {self.path}: {exc.strerror or exc}") from None
+        self.inode = os.stat(self.path).st_ino
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        os.chdir("/")
+        self.wake_r, self.wake_w = socket.socketpair()
+        for end in (self.wake_r, self.wake_w):
+            end.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        self.stopping = False
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, self._stop)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.running = {}                     # pid -> the caller's connection
+        self.listening = True
+        self.served = self.from_spare = 0
+        self.last = time.monotonic()
+        self.started = time.time()
+        self.spare_pid = self.spare_sock = None
+        self.spare_ready, self.spares = False, True
+        self.say(f"listening on {self.path} (pid {self.pid}, idle exit after {idle_s:g} s)")
+
+    def say(self, msg):
+        if self.log:
+            print(time.strftime("%Y-%m-%d %H:%M:%S ") + msg, file=self.log, flush=True)
+
+    def _stop(self, *args):
+        self.stopping = True
+
+    def run(self):
+        try:
+            while True:
+                if self.stopping:
+                    self.stop_listening()
+                    self.drop_spare(kill=True)
+                    if not self.running:
+                        break
+                timeout = None
+                if self.listening and not self.running:
+                    timeout = self.idle_s - (time.monotonic() - self.last)
+                    if timeout <= 0:
+                        self.say("idle; exiting")
+                        break
+                    if self.spares and self.spare_pid is None:
+                        self.make_spare()
+                for key, _ in self.selector.select(timeout):
+                    if key.data == "wake":
+                        self.drain_wake_ups()
+                    elif key.data == "spare":
+                        self.hear_spare()
+                    elif key.data == "accept":
+                        self.accept()
+                    else:
+                        self.hear_caller(key.fileobj, key.data)
+                self.reap()
+        finally:
+            self.stop_listening()
+            self.drop_spare(kill=True)
+            self.say(f"exited after {self.served} command(s)")
+        return self.served
+
+    def stop_listening(self):
+        if self.listening:
+            self.listening = False
+            self.selector.unregister(self.listener)
             try:
-                if os.stat(path).st_ino == own_inode:
-                    os.unlink(path)
+                if os.stat(self.path).st_ino == self.inode:    # (still ours)
+                    os.unlink(self.path)
             except OSError:
                 pass
-            listener.close()
+            self.listener.close()
 
-    def inherited(*more):
-        fds = [wake_r.fileno(), wake_w.fileno(), selector.fileno()] + [c.fileno() for c in running.values()]
-        fds += list(more)
-        if state["listening"]:
-            fds.append(listener.fileno())
-        if log:
-            fds.append(log.fileno())
-        if spare["sock"] is not None:
-            fds.append(spare["sock"].fileno())
+    def inherited(self, *more):
+        """The server's descriptors, which a forked copy closes."""
+        fds = [self.wake_r.fileno(), self.wake_w.fileno(), self.selector.fileno()]
+        fds += [c.fileno() for c in self.running.values()] + list(more)
+        if self.listening:
+            fds.append(self.listener.fileno())
+        if self.log:
+            fds.append(self.log.fileno())
+        if self.spare_sock is not None:
+            fds.append(self.spare_sock.fileno())
         return fds
 
-    def make_spare():
-        for stream in (sys.stdout, sys.stderr, log):
+    def flush(self):
+        for stream in (sys.stdout, sys.stderr, self.log):
             if stream is not None:
                 stream.flush()
+
+    def make_spare(self):
+        self.flush()
         mine, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:
-            _spare(theirs, inherited(mine.fileno()), server_pid)
+            _spare(theirs, self.inherited(mine.fileno()), self.pid)
         theirs.close()
-        spare.update(pid=pid, sock=mine, ready=False)
-        selector.register(mine, selectors.EVENT_READ, "spare")
+        self.spare_pid, self.spare_sock, self.spare_ready = pid, mine, False
+        self.selector.register(mine, selectors.EVENT_READ, "spare")
 
-    def drop_spare(kill):
-        if spare["sock"] is not None:
+    def drop_spare(self, kill):
+        if self.spare_sock is not None:
             try:
-                selector.unregister(spare["sock"])
+                self.selector.unregister(self.spare_sock)
             except (KeyError, ValueError):
                 pass
-            spare["sock"].close()
+            self.spare_sock.close()
             if kill:
-                _kill(spare["pid"], signal.SIGTERM)
-        spare.update(pid=None, sock=None, ready=False)
+                _kill(self.spare_pid, signal.SIGTERM)
+        self.spare_pid = self.spare_sock = None
+        self.spare_ready = False
 
-    def reap():
+    def hear_spare(self):
+        try:
+            said = self.spare_sock.recv(1)
+        except OSError:
+            said = b""
+        if said == b"r":
+            self.spare_ready = True
+        else:                           # (gone; reap() says so)
+            self.selector.unregister(self.spare_sock)
+
+    def drain_wake_ups(self):
+        try:
+            while self.wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def reap(self):
         while True:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
@@ -668,18 +739,18 @@ def serve(idle_s=DEFAULT_IDLE_S, log=None, expect_key=None):
                 return
             if pid == 0:
                 return
-            if pid == spare["pid"]:         # a spare died before it was used: no more of them
-                drop_spare(kill=False)
-                spare["enabled"] = False
-                say(f"the spare exited ({os.waitstatus_to_exitcode(wait_status)}); commands fork afresh")
+            if pid == self.spare_pid:        # a spare died before it was used: no more of them
+                self.drop_spare(kill=False)
+                self.spares = False
+                self.say(f"the spare exited ({os.waitstatus_to_exitcode(wait_status)}); commands fork afresh")
                 continue
-            conn = running.pop(pid, None)
+            conn = self.running.pop(pid, None)
             if conn is None:
                 continue
-            state["last"] = time.monotonic()
+            self.last = time.monotonic()
             code = os.waitstatus_to_exitcode(wait_status)
             try:
-                selector.unregister(conn)
+                self.selector.unregister(conn)
             except (KeyError, ValueError):
                 pass
             try:
@@ -688,7 +759,43 @@ def serve(idle_s=DEFAULT_IDLE_S, log=None, expect_key=None):
                 pass
             conn.close()
 
-    def answer(conn, request, fds):
+    def accept(self):
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(True)
+        conn.settimeout(2.0)           # (a request comes at once; a stalled caller holds the rest up)
+        try:
+            if not _peer_is_me(conn):
+                raise ConnectionError("a caller of another user")
+            request, fds = _recv_request(conn)
+            conn.settimeout(None)
+            self.answer(conn, request, fds)
+        except (OSError, ValueError, ConnectionError) as exc:
+            self.say(f"bad request: {exc}")
+            conn.close()
+        except Exception:              # a bug here must not take the server down with it
+            import traceback
+            self.say("error answering a request:\n" + traceback.format_exc())
+            conn.close()
+
+    def hear_caller(self, conn, pid):
+        """A caller's connection is readable: it closed, so its command goes too."""
+        try:
+            data = conn.recv(64)
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(conn)
+            _kill(pid, signal.SIGTERM)
+
+    def status(self):
+        return {"pid": self.pid, "key": self.key, "socket": self.path, "running": len(self.running),
+                "served": self.served, "from_spare": self.from_spare, "spare_ready": self.spare_ready,
+                "uptime_s": round(time.time() - self.started, 1), "idle_s": self.idle_s}
+
+    def answer(self, conn, request, fds):
         """Run the request's command in a forked copy, or answer a status/stop query."""
         op = request.get("op", "run")
         if op != "run" or request.get("command") not in COMMANDS or len(fds) != 3:
@@ -696,105 +803,36 @@ def serve(idle_s=DEFAULT_IDLE_S, log=None, expect_key=None):
                 os.close(fd)
             if op in ("status", "stop"):
                 if op == "stop":
-                    stopping.append(True)
-                reply = {"pid": os.getpid(), "key": own_key, "socket": path, "running": len(running),
-                         "served": state["served"], "from_spare": state["from_spare"], "spare_ready": spare["ready"],
-                         "uptime_s": round(time.time() - started, 1), "idle_s": idle_s}
-                conn.sendall((json.dumps(reply) + "\n").encode())
+                    self.stopping = True
+                conn.sendall((json.dumps(self.status()) + "\n").encode())
             else:
                 conn.sendall(b"refused\n")
             conn.close()
             return
-        state["last"] = time.monotonic()
+        self.last = time.monotonic()
         pid = None
-        if spare["ready"]:              # hand it to the warm spare
+        if self.spare_ready:                # hand it to the warm spare
             try:
-                _send_request(spare["sock"], request, fds)
-                pid = spare["pid"]
-                state["from_spare"] += 1
+                _send_request(self.spare_sock, request, fds)
+                pid = self.spare_pid
+                self.from_spare += 1
             except OSError:
                 pass
-            drop_spare(kill=pid is None)
+            self.drop_spare(kill=pid is None)
         if pid is None:
-            for stream in (sys.stdout, sys.stderr, log):
-                if stream is not None:
-                    stream.flush()
+            self.flush()
             pid = os.fork()
             if pid == 0:
-                _child(request, fds, inherited(conn.fileno()), server_pid)
+                _child(request, fds, self.inherited(conn.fileno()), self.pid)
         for fd in fds:
             os.close(fd)
-        state["served"] += 1
-        running[pid] = conn
-        selector.register(conn, selectors.EVENT_READ, pid)
+        self.served += 1
+        self.running[pid] = conn
+        self.selector.register(conn, selectors.EVENT_READ, pid)
         try:
             conn.sendall(f"pid {pid}\n".encode())
         except OSError:
             _kill(pid, signal.SIGTERM)
-
-    try:
-        while True:
-            if stopping:
-                stop_listening()
-                drop_spare(kill=True)
-                if not running:
-                    break
-            timeout = None if running or not state["listening"] else idle_s - (time.monotonic() - state["last"])
-            if timeout is not None and timeout <= 0:
-                say("idle; exiting")
-                break
-            if spare["enabled"] and spare["pid"] is None and not running and state["listening"]:
-                make_spare()
-            for key, _ in selector.select(timeout):
-                if key.data == "wake":
-                    try:
-                        while wake_r.recv(512):
-                            pass
-                    except BlockingIOError:
-                        pass
-                elif key.data == "spare":
-                    try:
-                        said = spare["sock"].recv(1)
-                    except OSError:
-                        said = b""
-                    if said == b"r":
-                        spare["ready"] = True
-                    else:                   # (gone; reap() says so)
-                        selector.unregister(spare["sock"])
-                elif key.data == "accept":
-                    try:
-                        conn, _ = listener.accept()
-                    except BlockingIOError:
-                        continue
-                    conn.setblocking(True)
-                    conn.settimeout(2.0)       # (a request comes at once; a stalled caller holds the rest up)
-                    try:
-                        if not _peer_is_me(conn):
-                            raise ConnectionError("a caller of another user")
-                        request, fds = _recv_request(conn)
-                        conn.settimeout(None)
-                        answer(conn, request, fds)
-                    except (OSError, ValueError, ConnectionError) as exc:
-                        say(f"bad request: {exc}")
-                        conn.close()
-                    except Exception:          # a bug here must not take the server down with it
-                        import traceback
-                        say("error answering a request:\n" + traceback.format_exc())
-                        conn.close()
-                else:                   # a caller's connection: it closed, so its command goes too
-                    try:
-                        data = key.fileobj.recv(64)
-                    except OSError:
-                        data = b""
-                    if not data:
-                        selector.unregister(key.fileobj)
-                        _kill(key.data, signal.SIGTERM)
-            reap()
-    finally:
-        stop_listening()
-        drop_spare(kill=True)
-        say(f"exited after {state['served']} command(s)")
-    return state["served"]
 
 
 # ----------------------------------------------------------------------------- nbragg-resident
