@@ -172,8 +172,9 @@ def socket_dir(create=False):
 _MAX_SOCKET_PATH = 100          # (sun_path holds 104-108 bytes; the server binds a longer name first)
 
 
-def socket_path(create=False):
-    path = os.path.join(socket_dir(create), f"resident-{server_key()}.sock")
+def socket_path(create=False, key=None):
+    """The socket of the server for ``key`` (default: this process's :func:`server_key`)."""
+    path = os.path.join(socket_dir(create), f"resident-{key or server_key()}.sock")
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH - 8:
         raise ResidentError(f"socket path {path} is too long for a Unix socket; set NBRAGG_RESIDENT_DIR to a "
                             "shorter directory")
@@ -307,11 +308,19 @@ def _start_in_background():
     waiting for it (two at once make one; see :func:`start`)."""
     import subprocess
     try:
-        subprocess.Popen([sys.executable, "-c", "import sys; from nbragg.resident import main; sys.exit(main(['start']))"],
-                         cwd=os.path.dirname(_PKG_DIR), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        _launch(["start"], subprocess.DEVNULL)
     except OSError:
         pass
+
+
+def _launch(args, output):
+    """``nbragg-resident ARGS`` of this very package in a session of its own: run from the
+    directory above the package, so that it imports this nbragg (a server then drops the
+    working directory from its import path)."""
+    import subprocess
+    code = f"import sys; from nbragg.resident import main; sys.exit(main({args!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(_PKG_DIR), stdin=subprocess.DEVNULL,
+                            stdout=output, stderr=output, start_new_session=True, close_fds=True)
 
 
 def _stream_settings(stream):
@@ -343,8 +352,12 @@ def run_command(command, argv=None):
     status = forward(command, argv)
     if status is not None:
         return status
+    return _entry_point(command)(argv)
+
+
+def _entry_point(command):
     module, function = COMMANDS[command]
-    return getattr(importlib.import_module(module), function)(argv)
+    return getattr(importlib.import_module(module), function)
 
 
 def nbragg():
@@ -537,9 +550,8 @@ def _child(request, fds, inherited, parent):
         os.chdir(request["cwd"])
         command = request["command"]
         sys.argv = [command] + request["argv"]
-        module, function = COMMANDS[command]
         try:
-            status = _exit_status(getattr(importlib.import_module(module), function)(request["argv"]))
+            status = _exit_status(_entry_point(command)(request["argv"]))
         except SystemExit as exc:
             status = _exit_status(exc.code)
     except KeyboardInterrupt:           # as Python does: the traceback, then death by SIGINT
@@ -587,7 +599,7 @@ class _Server:
             raise ResidentError(f"this server's key {self.key} is not its starter's {expect_key}: the two "
                                 "processes differ in interpreter, flags, environment or process settings")
         self.pid = os.getpid()
-        self.path = os.path.join(socket_dir(create=True), f"resident-{self.key}.sock")
+        self.path = socket_path(create=True, key=self.key)
         if query("status", self.path) is not None:
             raise ResidentError(f"a server already listens on {self.path}")
         t0 = time.perf_counter()
@@ -857,8 +869,8 @@ def start(idle_s=DEFAULT_IDLE_S, wait_s=600.0):
     """Start a server for this installation in the background (if none answers) and wait
     until it listens; returns its status.  Two starts at once make one server."""
     import fcntl
-    import subprocess
-    path = socket_path(create=True)
+    key = server_key()
+    path = socket_path(create=True, key=key)
     stem = path[:-len(".sock")]
     with open(stem + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)          # (released when the file closes)
@@ -866,14 +878,8 @@ def start(idle_s=DEFAULT_IDLE_S, wait_s=600.0):
         if status is not None:
             return status
         log_path = stem + ".log"
-        # started in the directory above this package, so that it imports this very nbragg;
-        # the server then drops the working directory from its import path
-        code = (f"import sys; from nbragg.resident import main; sys.exit(main(['serve', '--idle', "
-                f"{repr(idle_s)!r}, '--log', {log_path!r}, '--key', {server_key()!r}]))")
         with open(log_path, "a") as log:
-            proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(_PKG_DIR),
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                    close_fds=True)
+            proc = _launch(["serve", "--idle", repr(idle_s), "--log", log_path, "--key", key], log)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             status = query("status", path)
