@@ -140,9 +140,9 @@ def test_tangent_row_lanes_agree_with_the_walk(name, grid, tmp_path):
 
 def test_tangent_row_lanes_in_chunks_agree_with_the_walk(tmp_path):
     """With many orientations a row is taken in chunks of pixels (their per-orientation
-    sums within tangent.LANE_PARTIALS): here 200 orientations, chunks of 18 and 6."""
+    sums within cpu.LANE_PARTIALS): here 200 orientations, chunks of 16 and 8."""
     model = _model("-mosaic 1 -mosaic_dom 200", tmp_path)
-    assert 24 > T.LANE_PARTIALS // (9 * model.scene.xtal.orients.shape[0]) > 12
+    assert model.shape[1] == 24 and T.lane_chunk(24, model.scene.xtal.orients.shape[0]) == 16
     _check_tangent_lanes(model, _mask(model.scene))
 
 

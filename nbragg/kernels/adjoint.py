@@ -21,7 +21,7 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .cpu import LANE_PARTIALS, block_total, clipped_roi, fast_path, lane_directions, row_path, term
+from .cpu import block_total, clipped_roi, fast_path, lane_directions, row_path, term
 from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
                       orientations_soa, pixel_solid_angle, polarization_frame, polarization_frame_vjp,
                       polarization_parts, scattering, signed_square, soa_hkl, solid_angle)
@@ -34,6 +34,7 @@ from .scene import Scene
 from .physics import (SQUARE, bragg_weight, polarization_factor, polarization_grad,
                       square_lattice_grad, sum_row)
 
+ADJOINT_LANES = 128   # a row's pixels taken as lanes at once (a multiple of 16: see cpu.lane_chunk)
 NCHUNKS = 64   # row chunks; the number depends on the problem only, never on the thread count
 CHUNK_GRID_BYTES = 4 * 2 ** 20   # memory for per-chunk structure-factor partials (at least)
 
@@ -775,13 +776,13 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori, f
 @njit(cache=True, error_model="numpy")
 def _adjoint_row_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF, gor, want_image, image, todo):
     """One row of the adjoint in the :func:`~nbragg.kernels.cpu.row_path` case, its pixels
-    as vector lanes, in chunks whose orientation partials fit in a core's cache (as the
-    tangent's: see :func:`_adjoint_lanes`).  Writes to ``todo`` the pixels the lanes leave
-    to the per-pixel sweep and returns how many."""
+    as vector lanes, in chunks of ADJOINT_LANES (whose per-lane arrays stay in a core's
+    first-level cache: see :func:`_adjoint_lanes`).  Writes to ``todo`` the pixels the
+    lanes leave to the per-pixel sweep and returns how many."""
     width = xmax - xmin + 1
     if width <= 0:
         return 0
-    width = max(8, min(width, LANE_PARTIALS // (9 * S.xtal.orients.shape[0])))
+    width = min(width, ADJOINT_LANES)
     ntodo = 0
     for x0 in range(xmin, xmax + 1, width):
         ntodo = _adjoint_lanes(S, L, spixel, x0, min(x0 + width - 1, xmax), upstream, scale, ori, fflat, g, gF, gor,
@@ -835,9 +836,9 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     capture fraction at the last layer's first, the polarization at the first sample),
     so each lane's upstream on the terms, G = dL/dI omega capture polar, is known before
     the blocks.  Per block :func:`~nbragg.kernels.derivs.orientation_lanes` gives per
-    pixel dL/dq (W*, pushed to the sub-pixel and source at once) and adds dL/dN (SN*),
-    dL/dF (SD) and per orientation dL/d(orientation) (O), which are summed over the lanes
-    once, at the end.  A pixel whose factor is zero where the walk would
+    pixel dL/dq (W*, pushed to the sub-pixel and source at once) and adds dL/dN, dL/dF
+    and per orientation dL/d(orientation), summed over the lanes (into ``sums.gN`` and
+    ``gor``).  A pixel whose factor is zero where the walk would
     take it again later, or whose polarization -dmin moves past its first sample, goes to
     ``todo`` for the per-pixel sweep.  Returns the new length of ``todo``."""
     det = S.det
@@ -901,16 +902,11 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     cwq = np.empty(n)
     Tk = np.empty(n)
     sc = lane_scratch(n, fs.default_F)
-    sums = lane_sums(n, norient)
+    sums = lane_sums(n, norient, False)
     acc = sums.acc
     Wx = sums.Wx
     Wy = sums.Wy
     Wz = sums.Wz
-    SNa = sums.SNa
-    SNb = sums.SNb
-    SNc = sums.SNc
-    SD = sums.SD
-    O = sums.O
     pb = np.empty(10)
     # ---- the pixel factors, where the walk takes them
     for x in range(n):
@@ -974,7 +970,7 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
                         wv, dws[x], dwB[x], cwq[x] = weight_partials(wsrc, B, qx[x], qy[x], qz[x])
                         w[x] = wv if keep[x] else 0.0
                         Gw[x] = G[x] * w[x]
-                    orientation_lanes(ori, norient, qx, qy, qz, Gw, xt, fs, fflat, True, gF, sc, sums, n)
+                    orientation_lanes(ori, norient, qx, qy, qz, Gw, xt, fs, fflat, False, True, gF, gor, sc, sums, n)
                     # the block's sum, its weight's gradient, and dL/dq to the sub-pixel and source
                     sgx = 0.0
                     sgy = 0.0
@@ -1033,10 +1029,6 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     sB0 = 0.0
     sB1 = 0.0
     sB2 = 0.0
-    sNa = 0.0
-    sNb = 0.0
-    sNc = 0.0
-    sD = 0.0
     for x in range(n):
         value = apply_final(samp, I[x], capture[x], polar[x], omega[x]) + np.float64(0.0)
         g_om = gv[x] * I[x] * capture[x] * polar[x]
@@ -1063,10 +1055,6 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
             sB0 += gy * d0x[x]
             sB1 += gy * d0y[x]
             sB2 += gy * d0z[x]
-            sNa += SNa[x]
-            sNb += SNb[x]
-            sNc += SNc[x]
-            sD += SD[x]
             if want_image:
                 image[spixel, xmin + x] = value * scale
     g[L.I_bg] += sG
@@ -1090,10 +1078,10 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
         g[L.sources] -= gix
         g[L.sources + 1] -= giy
         g[L.sources + 2] -= giz
-    g[L.Na] += sNa
-    g[L.Nb] += sNb
-    g[L.Nc] += sNc
-    g[L.default_F] += sD
+    g[L.Na] += sums.gN[0]
+    g[L.Nb] += sums.gN[1]
+    g[L.Nc] += sums.gN[2]
+    g[L.default_F] += sums.gN[3]
     if det.curved:
         for x in range(n):
             if act[x]:
@@ -1107,10 +1095,4 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
             if act[x]:
                 g_cap = gv[x] * I[x] * omega[x] * polar[x]
                 _factors_vjp(0.0, g_cap, 0.0, xmin + x, spixel, 0, 0, tl, 0, S, g, L, pb)
-    for i in range(9):
-        for m in range(norient):
-            v = 0.0
-            for x in range(n):
-                v += O[i, m, x]
-            gor[i, m] += v
     return ntodo

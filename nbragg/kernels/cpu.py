@@ -335,6 +335,16 @@ def lane_directions(det, beam, spixel, xmin, n, subF, subS, t, R, dx, dy, dz):
 LANE_PARTIALS = 1 << 15
 
 
+@njit(cache=True, error_model="numpy")
+def lane_chunk(width, norient):
+    """How many of a row's pixels the derivative kernels take as lanes at once: what keeps
+    their orientation partials within LANE_PARTIALS, rounded down to a multiple of 16 so
+    that the vector loops (four lanes, unrolled four times) leave no scalar remainder
+    but at the row's end."""
+    cap = LANE_PARTIALS // (9 * max(norient, 1)) // 16 * 16
+    return max(1, min(width, max(16, cap)))
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def block_total(acc, p):
     """Lane p's block sum from its eight partial sums acc[:, p], in :func:`sum_fixed`'s

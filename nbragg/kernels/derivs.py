@@ -16,7 +16,7 @@ from numba import njit
 from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, aniso_exponent,
                       axes_hkl, domain_cells, domain_offset, flat_grid_index, grid_extent, lagrange4, lagrange4_grad,
                       node_offset, orientation_axes, sinc3_grad, sincg_grad, soa_hkl, soa_miller,
-                      square_lattice_grad, weighted)
+                      square_lattice_grad, square_lattice_grad_far, weighted)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
 # dL/dN_ab dN_ac dN_bc (the Gaussian domain's off-diagonal terms)
@@ -452,6 +452,8 @@ class LaneScratch(NamedTuple):
     F: np.ndarray        # F of the nearest node, and 1 where that is the default F
     isdef: np.ndarray
     cell: np.ndarray     # its flat index in the grid (-1 outside)
+    near: np.ndarray     # 1.0 where square_lattice_grad_far leaves the lane to square_lattice_grad
+    nearby: np.ndarray   # those lanes' indices (int64)
 
 
 class LaneSums(NamedTuple):
@@ -466,28 +468,96 @@ class LaneSums(NamedTuple):
     SNc: np.ndarray
     SD: np.ndarray
     O: np.ndarray        # (9, orientations, n): sums of wt (dT/dh, dT/dk, dT/dl) outer q
+    gN: np.ndarray       # (4,): without per_lane, SN* and SD summed over the lanes too
 
 
 @njit(cache=True, error_model="numpy")
 def lane_scratch(n, Fdef):
     return LaneScratch(np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n),
-                       np.empty(n), np.full(n, Fdef), np.ones(n), np.full(n, -1, dtype=np.int64))
+                       np.empty(n), np.full(n, Fdef), np.ones(n), np.full(n, -1, dtype=np.int64), np.empty(n),
+                       np.empty(n, dtype=np.int64))
 
 
 @njit(cache=True, error_model="numpy")
-def lane_sums(n, norient):
-    return LaneSums(np.empty((8, n)), np.empty(n), np.empty(n), np.empty(n), np.zeros(n), np.zeros(n), np.zeros(n),
-                    np.zeros(n), np.zeros((9, norient, n)))
+def lane_sums(n, norient, per_lane):
+    """The sums for n lanes (without ``per_lane``, the adjoint's: no per-lane N, F and
+    orientation sums)."""
+    k = n if per_lane else 0
+    return LaneSums(np.empty((8, n)), np.empty(n), np.empty(n), np.empty(n), np.zeros(k), np.zeros(k), np.zeros(k),
+                    np.zeros(k), np.zeros((9, norient, k)), np.zeros(4))
+
+
+@njit(cache=True, error_model="numpy")
+def _lattice_near_node(A, qx, qy, qz, Na, Nb, Nc, sc, n):
+    """The lanes :func:`square_lattice_grad_far` marked, from :func:`square_lattice_grad`.
+    (A function of its own, and its lanes gathered first: a conditional call in the
+    vector loop's function would be if-converted, evaluating it on every lane.)"""
+    nearby = sc.nearby
+    count = 0
+    for x in range(n):
+        if sc.near[x] != 0.0:
+            nearby[count] = x
+            count += 1
+    for i in range(count):
+        x = nearby[i]
+        h, k, l = axes_hkl(A, qx[x], qy[x], qz[x])
+        (sc.latt[x], sc.Lt[x], sc.LH[x], sc.LK[x], sc.LL[x], sc.LNa[x], sc.LNb[x],
+         sc.LNc[x]) = square_lattice_grad(node_offset(h), node_offset(k), node_offset(l), Na, Nb, Nc)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _lane_partial_sums(F, Lt, LH, LK, LL, LNa, LNb, LNc, isdef, wt, qx, qy, qz, n, gor, m, gN):
+    """The adjoint's dT/d(orientation m) (nine sums, added to gor[:, m]) and dT/dN,
+    dT/dF(default) (added to gN) over one block's n lanes: what the tangent keeps per
+    lane (:func:`orientation_lanes`), summed here at once.  ("reassoc": the loop keeps
+    its sums in vector registers, so it reads each lane once and stores nothing per lane;
+    the order of the additions is fixed by n and the machine, never by the threads.)"""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = 0.0
+    na = nb = nc = nd = 0.0
+    for x in range(n):
+        c = 2.0 * F[x] * F[x] * Lt[x] * wt[x]
+        gh = c * LH[x]
+        gk = c * LK[x]
+        gl = c * LL[x]
+        s0 += gh * qx[x]
+        s1 += gh * qy[x]
+        s2 += gh * qz[x]
+        s3 += gk * qx[x]
+        s4 += gk * qy[x]
+        s5 += gk * qz[x]
+        s6 += gl * qx[x]
+        s7 += gl * qy[x]
+        s8 += gl * qz[x]
+        na += c * LNa[x]
+        nb += c * LNb[x]
+        nc += c * LNc[x]
+        nd += isdef[x] * 2.0 * F[x] * Lt[x] * Lt[x] * wt[x]
+    gor[0, m] += s0
+    gor[1, m] += s1
+    gor[2, m] += s2
+    gor[3, m] += s3
+    gor[4, m] += s4
+    gor[5, m] += s5
+    gor[6, m] += s6
+    gor[7, m] += s7
+    gor[8, m] += s8
+    gN[0] += na
+    gN[1] += nb
+    gN[2] += nc
+    gN[3] += nd
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def orientation_lanes(ori, norient, qx, qy, qz, wt, xt, fs, fflat, want_O, gF, sc, sums, n):
+def orientation_lanes(ori, norient, qx, qy, qz, wt, xt, fs, fflat, per_lane, want_O, gF, gor, sc, sums, n):
     """One block's orientations (parallelepiped spots, nearest F) across n pixel lanes at
     scattering vectors q, each lane's terms T = F^2 F_latt^2 weighted by wt: the forward's
     partial sums (``acc``, reset here: :func:`~nbragg.kernels.cpu.block_total` gives the
-    block's sum), and dT/dq contracted over the block (``W*``, reset here), dT/dN and
-    dT/dF(default) summed over blocks, and with ``want_O`` dT/d(orientation) per
-    orientation; with a grid and a non-empty ``gF``, dT/dF of each node is added to it.
+    block's sum), and dT/dq contracted over the block (``W*``, reset here); with
+    ``per_lane`` (the tangent) each lane's dT/dN and dT/dF(default) summed over blocks
+    (``SN*``, ``SD``) and, with ``want_O``, its dT/d(orientation) per orientation (``O``);
+    without (the adjoint) those summed over the lanes too, into ``sums.gN`` and ``gor``
+    (the orientations' rows of the gradient); with a grid and a non-empty ``gF``, dT/dF
+    of each node is added to it.
 
     What the tangent's and the adjoint's row lanes share (the tangent weights a term by
     the block's Bragg weight, the adjoint by that times the upstream and the pixel's
@@ -525,12 +595,17 @@ def orientation_lanes(ori, norient, qx, qy, qz, wt, xt, fs, fflat, want_O, gF, s
     Wx[:] = 0.0
     Wy[:] = 0.0
     Wz[:] = 0.0
+    near = sc.near
     for m in range(norient):
         A = orientation_axes(ori, m)
+        nnear = 0
         for x in range(n):
             h, k, l = axes_hkl(A, qx[x], qy[x], qz[x])
-            latt[x], Lt[x], LH[x], LK[x], LL[x], LNa[x], LNb[x], LNc[x] = square_lattice_grad(
+            latt[x], Lt[x], LH[x], LK[x], LL[x], LNa[x], LNb[x], LNc[x], near[x] = square_lattice_grad_far(
                 node_offset(h), node_offset(k), node_offset(l), Na, Nb, Nc)
+            nnear += 1 if near[x] != 0.0 else 0
+        if nnear > 0:
+            _lattice_near_node(A, qx, qy, qz, Na, Nb, Nc, sc, n)
         if use_grid:
             # (the gather: a loop of its own, so that the others vectorise)
             for x in range(n):
@@ -550,11 +625,16 @@ def orientation_lanes(ori, norient, qx, qy, qz, wt, xt, fs, fflat, want_O, gF, s
             Wx[x] += gh * A[0] + gk * A[3] + gl * A[6]
             Wy[x] += gh * A[1] + gk * A[4] + gl * A[7]
             Wz[x] += gh * A[2] + gk * A[5] + gl * A[8]
-            SNa[x] += c * LNa[x]
-            SNb[x] += c * LNb[x]
-            SNc[x] += c * LNc[x]
-            SD[x] += isdef[x] * 2.0 * F[x] * Lt[x] * Lt[x] * wt[x]
-        if want_O:
+        if not per_lane:
+            _lane_partial_sums(F, Lt, LH, LK, LL, LNa, LNb, LNc, isdef, wt, qx, qy, qz, n, gor, m, sums.gN)
+        else:
+            for x in range(n):
+                c = 2.0 * F[x] * F[x] * Lt[x] * wt[x]
+                SNa[x] += c * LNa[x]
+                SNb[x] += c * LNb[x]
+                SNc[x] += c * LNc[x]
+                SD[x] += isdef[x] * 2.0 * F[x] * Lt[x] * Lt[x] * wt[x]
+        if per_lane and want_O:
             # (a loop of its own: with all the stores in one, LLVM gives up vectorising)
             for x in range(n):
                 c = 2.0 * F[x] * F[x] * Lt[x] * wt[x]

@@ -57,7 +57,11 @@ GAUSS_WIDTH = 0.63
 TOPHAT_RADIUS_SQR = 0.3969
 
 
-@njit(cache=True, error_model="numpy")
+# The polynomials may fuse each multiply-add into one FMA instruction ("contract": one
+# rounding instead of two, so no less accurate); it halves their cost and latency in the
+# vector loops.  Every CPU mode calls these same two functions, so forward, tangent and
+# adjoint still agree bit for bit; nothing else in the kernels is contracted.
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _sinpi_reduced(r):
     s = r * r
     p = _P9
@@ -73,7 +77,7 @@ def _sinpi_reduced(r):
     return r * p
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _cospi_reduced(r):
     s = r * r
     p = _Q10
@@ -274,24 +278,10 @@ def sincg_grad(delta, N):
     delta = 0 the quotient rule cancels catastrophically, so a series in u = pi delta
     is used there: g = N (1 + a u^2 + b u^4), a = (1 - N^2)/6, b = (3N^4 - 10N^2 + 7)/360.
     """
-    u = math.pi * delta
-    if abs(N * u) < 2e-3:
-        N2 = N * N
-        u2 = u * u
-        a = (1.0 - N2) / 6.0
-        b = (3.0 * N2 * N2 - 10.0 * N2 + 7.0) / 360.0
-        g = N * (1.0 + a * u2 + b * u2 * u2)
-        dg_ddelta = math.pi * N * (2.0 * a * u + 4.0 * b * u2 * u)
-        dg_dN = 1.0 + a * u2 + b * u2 * u2 + N * (-N / 3.0 * u2 + (12.0 * N2 * N - 20.0 * N) / 360.0 * u2 * u2)
-        return g, dg_ddelta, dg_dN
-    den = _sinpi_reduced(delta)
-    x = N * delta
-    r = x - math.floor(x + 0.5)
-    num = _sinpi_reduced(r)
-    g = num / den
-    dg_dx = math.pi * _cospi_reduced(r) / den
-    dg_ddelta = N * dg_dx - g * math.pi * _cospi_reduced(delta) / den
-    return g, dg_ddelta, delta * dg_dx
+    if _near_node(delta, N):
+        return _axis_series(delta, N)
+    _, _, sr, cr, cd = _axis_sines(delta, N)
+    return _axis_quotients(delta, N, 1.0 / _sinpi_reduced(delta), sr, cr, cd)
 
 
 @njit(cache=True, error_model="numpy")
@@ -464,45 +454,116 @@ def lagrange4_grad(t):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _axis_lattice_parts(delta, N):
-    """One axis of :func:`square_lattice_grad`: the forward's (numerator, denominator)
-    from :func:`sinpi_sq_parts`, and :func:`sincg_grad`'s (g, dg/ddelta, dg/dN) without
-    branches (both forms computed, one selected, so loops vectorise); (1, 1, 1, 0, 0) for
-    an axis with N <= 1, which nanoBragg leaves out of the lattice factor.  The sines are
-    the same expressions in both, which the compiler evaluates once."""
+def _axis_sines(delta, N):
+    """One axis's sines: the forward's (numerator, denominator) from
+    :func:`sinpi_sq_parts`, and sin(pi r), pi cos(pi r), pi cos(pi delta) for r = N delta
+    reduced to the nearest integer (the quotient rule's pieces; the compiler evaluates the
+    shared sines once)."""
+    num, den = sinpi_sq_parts(delta, N)
+    x = N * delta
+    r = x - floor_float(x + 0.5)
+    return num, den, _sinpi_reduced(r), math.pi * _cospi_reduced(r), math.pi * _cospi_reduced(delta)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _axis_quotients(delta, N, rden, sr, cr, cd):
+    """(g, dg/ddelta, dg/dN) of g = sin(N pi delta) / sin(pi delta) by the quotient rule,
+    given rden = 1 / sin(pi delta) and :func:`_axis_sines`' last three values; it cancels
+    catastrophically near delta = 0 (see :func:`_near_node`)."""
+    g = sr * rden
+    dg_dx = cr * rden
+    return g, N * dg_dx - g * cd * rden, delta * dg_dx
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _near_node(delta, N):
+    """Whether an axis is close enough to its node for :func:`sincg_grad`'s series."""
+    return abs(N * (math.pi * delta)) < 2e-3
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _axis_series(delta, N):
+    """:func:`sincg_grad`'s series (g, dg/ddelta, dg/dN), for :func:`_near_node`."""
     u = math.pi * delta
     N2 = N * N
     u2 = u * u
     a = (1.0 - N2) / 6.0
     b = (3.0 * N2 * N2 - 10.0 * N2 + 7.0) / 360.0
-    gs = N * (1.0 + a * u2 + b * u2 * u2)
-    dgs = math.pi * N * (2.0 * a * u + 4.0 * b * u2 * u)
-    ngs = 1.0 + a * u2 + b * u2 * u2 + N * (-N / 3.0 * u2 + (12.0 * N2 * N - 20.0 * N) / 360.0 * u2 * u2)
-    num, den = sinpi_sq_parts(delta, N)
-    rden = 1.0 / _sinpi_reduced(delta)
-    x = N * delta
-    r = x - floor_float(x + 0.5)
-    g = _sinpi_reduced(r) * rden
-    dg_dx = math.pi * _cospi_reduced(r) * rden
-    dg = N * dg_dx - g * math.pi * _cospi_reduced(delta) * rden
-    ng = delta * dg_dx
-    series = abs(N * u) < 2e-3
+    return (N * (1.0 + a * u2 + b * u2 * u2),
+            math.pi * N * (2.0 * a * u + 4.0 * b * u2 * u),
+            1.0 + a * u2 + b * u2 * u2 + N * (-N / 3.0 * u2 + (12.0 * N2 * N - 20.0 * N) / 360.0 * u2 * u2))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _axis_lattice_parts(delta, N):
+    """One axis of :func:`square_lattice_grad`: the forward's (numerator, denominator)
+    from :func:`sinpi_sq_parts`, and :func:`sincg_grad`'s (g, dg/ddelta, dg/dN) without
+    branches (both forms computed, one selected); (1, 1, 1, 0, 0) for an axis with
+    N <= 1, which nanoBragg leaves out of the lattice factor."""
+    num, den, sr, cr, cd = _axis_sines(delta, N)
+    g, dg, ng = _axis_quotients(delta, N, 1.0 / _sinpi_reduced(delta), sr, cr, cd)
+    gs, dgs, ngs = _axis_series(delta, N)
+    series = _near_node(delta, N)
     use = N > 1.0
-    return (num if use else 1.0), (den if use else 1.0), ((gs if series else g) if use else 1.0), \
-        ((dgs if series else dg) if use else 0.0), ((ngs if series else ng) if use else 0.0)
+    num, den = _axis_kept(use, num, den)
+    g, dg, ng = _quotients_kept(use, ((gs, dgs, ngs) if series else (g, dg, ng)))
+    return num, den, g, dg, ng
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _axis_kept(use, num, den):
+    """An axis's (numerator, denominator), or (1, 1) where nanoBragg leaves it out (N <= 1)."""
+    return (num if use else 1.0), (den if use else 1.0)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _quotients_kept(use, gdn):
+    """An axis's (g, dg/ddelta, dg/dN), or (1, 0, 0) where it is left out."""
+    g, dg, ng = gdn
+    return (g if use else 1.0), (dg if use else 0.0), (ng if use else 0.0)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def square_lattice_grad(dh, dk, dl, Na, Nb, Nc):
     """(F_latt^2 bit for bit as :func:`square_lattice_sq`, F_latt, its partials in h, k,
-    l, and in Na, Nb, Nc) of a parallelepiped at fractional offsets (dh, dk, dl); what the
-    derivative kernels' vectorised blocks evaluate per orientation."""
+    l, and in Na, Nb, Nc) of a parallelepiped at fractional offsets (dh, dk, dl): the
+    reference, exact everywhere (the per-pixel loops, and the lanes
+    :func:`square_lattice_grad_far` leaves)."""
     na, da, ga, dga, nga = _axis_lattice_parts(dh, Na)
     nb, db, gb, dgb, ngb = _axis_lattice_parts(dk, Nb)
     nc, dc, gc, dgc, ngc = _axis_lattice_parts(dl, Nc)
     latt = (na * nb * nc) / (da * db * dc)
     return (latt * latt, ga * gb * gc, dga * gb * gc, ga * dgb * gc, ga * gb * dgc,
             nga * gb * gc, ga * ngb * gc, ga * gb * ngc)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def square_lattice_grad_far(dh, dk, dl, Na, Nb, Nc):
+    """:func:`square_lattice_grad`'s values by the quotient rule alone, with one
+    reciprocal for the three axes, and a ninth value: 1.0 where an axis is
+    :func:`_near_node` (those values are wrong there: the caller takes
+    :func:`square_lattice_grad` instead), else 0.0.  What the derivative kernels' vector
+    loops evaluate: the series' arithmetic and two of four divisions are a fifth of a
+    term's cost, and one lane in a few thousand needs them.  F_latt^2 is bit for bit the
+    forward's everywhere."""
+    ua = Na > 1.0
+    ub = Nb > 1.0
+    uc = Nc > 1.0
+    na, da, sa, ca, cda = _axis_sines(dh, Na)
+    nb, db, sb, cb, cdb = _axis_sines(dk, Nb)
+    nc, dc, sc, cc, cdc = _axis_sines(dl, Nc)
+    na, da = _axis_kept(ua, na, da)
+    nb, db = _axis_kept(ub, nb, db)
+    nc, dc = _axis_kept(uc, nc, dc)
+    den = da * db * dc
+    latt = (na * nb * nc) / den
+    rden = 1.0 / den
+    ga, dga, nga = _quotients_kept(ua, _axis_quotients(dh, Na, db * dc * rden, sa, ca, cda))
+    gb, dgb, ngb = _quotients_kept(ub, _axis_quotients(dk, Nb, da * dc * rden, sb, cb, cdb))
+    gc, dgc, ngc = _quotients_kept(uc, _axis_quotients(dl, Nc, da * db * rden, sc, cc, cdc))
+    near = (ua & _near_node(dh, Na)) | (ub & _near_node(dk, Nb)) | (uc & _near_node(dl, Nc))
+    return (latt * latt, ga * gb * gc, dga * gb * gc, ga * dgb * gc, ga * gb * dgc,
+            nga * gb * gc, ga * ngb * gc, ga * gb * ngc, 1.0 if near else 0.0)
 
 
 @njit(cache=True, error_model="numpy")

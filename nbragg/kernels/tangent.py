@@ -13,7 +13,7 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .cpu import LANE_PARTIALS, block_total, clipped_roi, fast_path, lane_directions, row_path, term
+from .cpu import block_total, clipped_roi, fast_path, lane_directions, lane_chunk, row_path, term
 from .physics import (beyond_dmin, capture_fraction, orientations_soa, pixel_solid_angle, polarization_frame,
                       polarization_frame_jvp, polarization_parts)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
@@ -622,7 +622,7 @@ def _tangent_row_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, ori,
     if width <= 0:
         return
     if any_dori:
-        width = max(8, min(width, LANE_PARTIALS // (9 * norient)))
+        width = lane_chunk(width, norient)
     for x0 in range(xmin, xmax + 1, width):
         _tangent_lanes(S, spixel, x0, min(x0 + width - 1, xmax), d, L, scale, has_dori, any_dori, flags, ori, fflat,
                        J, image)
@@ -696,7 +696,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     dP1 = np.zeros((P, 3))
     Tk = np.empty(n)         # the block's sum where kept, else 0
     sc = lane_scratch(n, fs.default_F)
-    sums = lane_sums(n, norient if any_dori else 0)
+    sums = lane_sums(n, norient if any_dori else 0, True)
+    no_gor = np.empty((0, 0))
     acc = sums.acc
     Wx = sums.Wx
     Wy = sums.Wy
@@ -847,7 +848,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                                 dq[p, 0, x] = (ddp[0, x] + d[p, so] - qx[x] * dlam) / lam
                                 dq[p, 1, x] = (ddp[1, x] + d[p, so + 1] - qy[x] * dlam) / lam
                                 dq[p, 2, x] = (ddp[2, x] + d[p, so + 2] - qz[x] * dlam) / lam
-                    orientation_lanes(ori, norient, qx, qy, qz, w, xt, fs, fflat, any_dori, no_gF, sc, sums, n)
+                    orientation_lanes(ori, norient, qx, qy, qz, w, xt, fs, fflat, True, any_dori, no_gF, no_gor, sc,
+                                      sums, n)
                     for x in range(n):
                         Tk[x] = 0.0
                         if keep[x]:
