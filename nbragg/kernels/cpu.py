@@ -14,7 +14,7 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit, prange
 
 from .physics import (REAL, SQUARE, axes_hkl, beyond_dmin, bragg_weight, capture_fraction, flat_grid_index,
-                      flat_position, grid_extent, lattice_factor, lookup_F, miller, node_offset, orientation_axes,
+                      flat_position, grid_cells, grid_extent, lattice_factor, lookup_F, miller, node_offset, orientation_axes,
                       orientations_soa, pixel_solid_angle, polarization_axes, polarization_with_axes, real,
                       soa_miller, square_lattice_sq, subpixel_position, sum_fixed, unit_direction, weighted)
 from .pixel import add_term, apply_final, rebound, specialise
@@ -372,6 +372,4 @@ def _lattice_lanes(ori, m, qx, qy, qz, Na, Nb, Nc, latt, cell, use_grid, extent,
         h, k, l = axes_hkl(A, qx[p], qy[p], qz[p])
         latt[p] = square_lattice_sq(node_offset(h), node_offset(k), node_offset(l), Na, Nb, Nc)
     if use_grid:
-        for p in range(n):
-            h, k, l, h0, k0, l0 = soa_miller(ori, m, qx[p], qy[p], qz[p])
-            cell[p] = flat_grid_index(h0, k0, l0, extent)
+        grid_cells(ori, m, qx, qy, qz, extent, cell, n)

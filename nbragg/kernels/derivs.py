@@ -14,8 +14,8 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit
 
 from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, aniso_exponent,
-                      axes_hkl, domain_cells, domain_offset, flat_grid_index, grid_extent, lagrange4, lagrange4_grad,
-                      node_offset, orientation_axes, sinc3_grad, sincg_grad, soa_hkl, soa_miller,
+                      axes_hkl, domain_cells, domain_offset, flat_grid_index, grid_cells, grid_extent, lagrange4,
+                      lagrange4_grad, node_offset, orientation_axes, sinc3_grad, sincg_grad, soa_hkl,
                       square_lattice_grad, square_lattice_grad_far, weighted)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
@@ -607,11 +607,11 @@ def orientation_lanes(ori, norient, qx, qy, qz, wt, xt, fs, fflat, per_lane, wan
         if nnear > 0:
             _lattice_near_node(A, qx, qy, qz, Na, Nb, Nc, sc, n)
         if use_grid:
-            # (the gather: a loop of its own, so that the others vectorise)
+            # (the nodes' indices, then the gather: loops of their own, so that all but
+            # the gather vectorise)
+            grid_cells(ori, m, qx, qy, qz, extent, cell, n)
             for x in range(n):
-                h, k, l, h0, k0, l0 = soa_miller(ori, m, qx[x], qy[x], qz[x])
-                c = flat_grid_index(h0, k0, l0, extent)
-                cell[x] = c
+                c = cell[x]
                 F[x] = fflat[c] if c >= 0 else Fdef
                 isdef[x] = 0.0 if c >= 0 else 1.0
         j = m & 7 if m < n8 else 0

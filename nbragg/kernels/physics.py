@@ -861,6 +861,15 @@ def flat_grid_index(h0, k0, l0, extent):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def grid_cells(ori, m, qx, qy, qz, extent, cell, n):
+    """cell[p] = the flat grid index of the node nearest q[p] for orientation m (-1 outside
+    the grid), p < n: the row lanes' loop before their gather."""
+    for p in range(n):
+        h, k, l, h0, k0, l0 = soa_miller(ori, m, qx[p], qy[p], qz[p])
+        cell[p] = flat_grid_index(h0, k0, l0, extent)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def solid_angle(R, det):
     """Solid angle of a pixel (nanoBragg's, with -point_pixel: 1/R^2)."""
     return pixel_solid_angle(R, det.pixel, det.close_distance, det.point_pixel)
