@@ -229,6 +229,11 @@ def test_adjoint_row_lanes_on_a_curved_detector_with_a_kahn_factor(tmp_path):
 
 
 def test_adjoint_row_lanes_in_chunks_agree_with_the_per_pixel_sweep(tmp_path):
-    """200 orientations: the row is taken in chunks of 18 and 6 pixels."""
-    model = _model("-mosaic 1 -mosaic_dom 200", tmp_path)
+    """200 orientations on rows of 160 pixels: each row is taken in chunks of 128 and 32
+    (ADJOINT_LANES; a pixel with fewer terms would take the whole row at once)."""
+    from nbragg.kernels import adjoint as A
+    model = _model("-mosaic 1 -mosaic_dom 200 -detpixels_f 160 -detpixels_s 6 -pixel 0.1", tmp_path)
+    terms = model.scene.xtal.orients.shape[0]          # one sub-pixel, source and layer
+    assert model.shape == (6, 160) and terms == 200
+    assert A.ADJOINT_LANES == 128 and A.ADJOINT_CHUNK_TERMS // terms < 128
     _check_adjoint_lanes(model, _mask(model.scene))

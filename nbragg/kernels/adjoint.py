@@ -34,7 +34,8 @@ from .scene import Scene
 from .physics import (SQUARE, bragg_weight, polarization_factor, polarization_grad,
                       square_lattice_grad, sum_row)
 
-ADJOINT_LANES = 128   # a row's pixels taken as lanes at once (a multiple of 16: see cpu.lane_chunk)
+ADJOINT_LANES = 128   # a row's pixels taken as lanes at once (a multiple of 16: see cpu.lane_chunk) ...
+ADJOINT_CHUNK_TERMS = 1 << 14   # ... or more, up to this many terms per chunk
 NCHUNKS = 64   # row chunks; the number depends on the problem only, never on the thread count
 CHUNK_GRID_BYTES = 4 * 2 ** 20   # memory for per-chunk structure-factor partials (at least)
 
@@ -776,13 +777,17 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori, f
 @njit(cache=True, error_model="numpy")
 def _adjoint_row_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF, gor, want_image, image, todo):
     """One row of the adjoint in the :func:`~nbragg.kernels.cpu.row_path` case, its pixels
-    as vector lanes, in chunks of ADJOINT_LANES (whose per-lane arrays stay in a core's
-    first-level cache: see :func:`_adjoint_lanes`).  Writes to ``todo`` the pixels the
-    lanes leave to the per-pixel sweep and returns how many."""
+    as vector lanes, in chunks (see :func:`_adjoint_lanes`) of ADJOINT_LANES pixels, whose
+    per-lane arrays stay in a core's first-level cache, or more where a pixel has few
+    terms: a chunk allocates some eighty arrays, which cost more than a few thousand terms.
+    Writes to ``todo`` the pixels the lanes leave to the per-pixel sweep and returns how
+    many."""
     width = xmax - xmin + 1
     if width <= 0:
         return 0
-    width = min(width, ADJOINT_LANES)
+    det = S.det
+    terms = det.thicksteps * det.oversample * det.oversample * S.beam.sources.shape[0] * S.xtal.orients.shape[0]
+    width = min(width, max(ADJOINT_LANES, ADJOINT_CHUNK_TERMS // max(terms, 1) // 16 * 16))
     ntodo = 0
     for x0 in range(xmin, xmax + 1, width):
         ntodo = _adjoint_lanes(S, L, spixel, x0, min(x0 + width - 1, xmax), upstream, scale, ori, fflat, g, gF, gor,
