@@ -142,7 +142,7 @@ def test_tangent_row_lanes_in_chunks_agree_with_the_walk(tmp_path):
     """With many orientations a row is taken in chunks of pixels (their per-orientation
     sums within cpu.LANE_PARTIALS): here 200 orientations, chunks of 16 and 8."""
     model = _model("-mosaic 1 -mosaic_dom 200", tmp_path)
-    assert model.shape[1] == 24 and T.lane_chunk(24, model.scene.xtal.orients.shape[0]) == 16
+    assert model.shape[1] == 24 and K.lane_chunk(24, model.scene.xtal.orients.shape[0]) == 16
     _check_tangent_lanes(model, _mask(model.scene))
 
 

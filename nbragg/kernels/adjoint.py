@@ -778,10 +778,10 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori, f
 def _adjoint_row_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF, gor, want_image, image, todo):
     """One row of the adjoint in the :func:`~nbragg.kernels.cpu.row_path` case, its pixels
     as vector lanes, in chunks (see :func:`_adjoint_lanes`) of ADJOINT_LANES pixels, whose
-    per-lane arrays stay in a core's first-level cache, or more where a pixel has few
-    terms: a chunk allocates some eighty arrays, which cost more than a few thousand terms.
-    Writes to ``todo`` the pixels the lanes leave to the per-pixel sweep and returns how
-    many."""
+    per-lane arrays stay in a core's second-level cache (those of the orientation loop, in
+    its first), or more where a pixel has few terms: a chunk allocates some eighty arrays,
+    which cost more than a few thousand terms.  Writes to ``todo`` the pixels the lanes
+    leave to the per-pixel sweep and returns how many."""
     width = xmax - xmin + 1
     if width <= 0:
         return 0

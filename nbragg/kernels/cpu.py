@@ -14,9 +14,10 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit, prange
 
 from .physics import (REAL, SQUARE, axes_hkl, beyond_dmin, bragg_weight, capture_fraction, flat_grid_index,
-                      flat_position, grid_cells, grid_extent, lattice_factor, lookup_F, miller, node_offset, orientation_axes,
-                      orientations_soa, pixel_solid_angle, polarization_axes, polarization_with_axes, real,
-                      soa_miller, square_lattice_sq, subpixel_position, sum_fixed, unit_direction, weighted)
+                      flat_position, grid_cells, grid_extent, lattice_factor, lookup_F, miller, node_offset,
+                      orientation_axes, orientations_soa, pixel_solid_angle, polarization_axes,
+                      polarization_with_axes, real, soa_miller, square_lattice_sq, subpixel_position, sum_fixed,
+                      unit_direction, weighted)
 from .pixel import add_term, apply_final, rebound, specialise
 from .scene import Scene
 
@@ -331,16 +332,16 @@ def lane_directions(det, beam, spixel, xmin, n, subF, subS, t, R, dx, dy, dz):
 
 
 # doubles of per-orientation partials (9 x orientations x pixels) that a chunk of a row's
-# lanes keeps in the derivative kernels (tangent and adjoint): within a core's cache
+# lanes keeps in the tangent's row lanes: within a core's cache
 LANE_PARTIALS = 1 << 15
 
 
 @njit(cache=True, error_model="numpy")
 def lane_chunk(width, norient):
-    """How many of a row's pixels the derivative kernels take as lanes at once: what keeps
-    their orientation partials within LANE_PARTIALS, rounded down to a multiple of 16 so
-    that the vector loops (four lanes, unrolled four times) leave no scalar remainder
-    but at the row's end."""
+    """How many of a row's pixels the tangent takes as lanes at once: what keeps its
+    orientation partials within LANE_PARTIALS (at least 16 lanes, however many
+    orientations), rounded down to a multiple of 16 so that the vector loops (four lanes,
+    unrolled four times) leave no scalar remainder but at the row's end."""
     cap = LANE_PARTIALS // (9 * max(norient, 1)) // 16 * 16
     return max(1, min(width, max(16, cap)))
 

@@ -463,11 +463,11 @@ class LaneSums(NamedTuple):
     Wx: np.ndarray       # sum over the block of wt dT/dq
     Wy: np.ndarray
     Wz: np.ndarray
-    SNa: np.ndarray      # sums over all blocks of wt dT/dN and wt dT/dF(default)
-    SNb: np.ndarray
+    SNa: np.ndarray      # with per_lane (else length 0): sums over all blocks of wt dT/dN
+    SNb: np.ndarray      # and wt dT/dF(default) ...
     SNc: np.ndarray
     SD: np.ndarray
-    O: np.ndarray        # (9, orientations, n): sums of wt (dT/dh, dT/dk, dT/dl) outer q
+    O: np.ndarray        # ... and (9, orientations, n): sums of wt (dT/dh, dT/dk, dT/dl) outer q
     gN: np.ndarray       # (4,): without per_lane, SN* and SD summed over the lanes too
 
 

@@ -60,7 +60,8 @@ TOPHAT_RADIUS_SQR = 0.3969
 # The polynomials may fuse each multiply-add into one FMA instruction ("contract": one
 # rounding instead of two, so no less accurate); it halves their cost and latency in the
 # vector loops.  Every CPU mode calls these same two functions, so forward, tangent and
-# adjoint still agree bit for bit; nothing else in the kernels is contracted.
+# adjoint still agree bit for bit.  Elsewhere only the adjoint's sums over a block's lanes
+# (derivs._lane_partial_sums) are contracted and reordered: gradients, not images.
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _sinpi_reduced(r):
     s = r * r
@@ -280,7 +281,7 @@ def sincg_grad(delta, N):
     """
     if _near_node(delta, N):
         return _axis_series(delta, N)
-    _, _, sr, cr, cd = _axis_sines(delta, N)
+    sr, cr, cd = _quotient_sines(delta, N)
     return _axis_quotients(delta, N, 1.0 / _sinpi_reduced(delta), sr, cr, cd)
 
 
@@ -454,15 +455,22 @@ def lagrange4_grad(t):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _axis_sines(delta, N):
-    """One axis's sines: the forward's (numerator, denominator) from
-    :func:`sinpi_sq_parts`, and sin(pi r), pi cos(pi r), pi cos(pi delta) for r = N delta
-    reduced to the nearest integer (the quotient rule's pieces; the compiler evaluates the
-    shared sines once)."""
-    num, den = sinpi_sq_parts(delta, N)
+def _quotient_sines(delta, N):
+    """sin(pi r), pi cos(pi r) and pi cos(pi delta) for r = N delta reduced to the nearest
+    integer: the quotient rule's pieces (:func:`_axis_quotients`)."""
     x = N * delta
     r = x - floor_float(x + 0.5)
-    return num, den, _sinpi_reduced(r), math.pi * _cospi_reduced(r), math.pi * _cospi_reduced(delta)
+    return _sinpi_reduced(r), math.pi * _cospi_reduced(r), math.pi * _cospi_reduced(delta)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _axis_sines(delta, N):
+    """One axis's sines: the forward's (numerator, denominator) from
+    :func:`sinpi_sq_parts`, and :func:`_quotient_sines` (the compiler evaluates the shared
+    sines once)."""
+    num, den = sinpi_sq_parts(delta, N)
+    sr, cr, cd = _quotient_sines(delta, N)
+    return num, den, sr, cr, cd
 
 
 @njit(cache=True, error_model="numpy", inline="always")
