@@ -503,75 +503,89 @@ def _axis_series(delta, N):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _axis_lattice_parts(delta, N):
-    """One axis of :func:`square_lattice_grad`: the forward's (numerator, denominator)
-    from :func:`sinpi_sq_parts`, and :func:`sincg_grad`'s (g, dg/ddelta, dg/dN) without
-    branches (both forms computed, one selected); (1, 1, 1, 0, 0) for an axis with
-    N <= 1, which nanoBragg leaves out of the lattice factor."""
-    num, den, sr, cr, cd = _axis_sines(delta, N)
-    g, dg, ng = _axis_quotients(delta, N, 1.0 / _sinpi_reduced(delta), sr, cr, cd)
-    gs, dgs, ngs = _axis_series(delta, N)
-    series = _near_node(delta, N)
-    use = N > 1.0
-    num, den = _axis_kept(use, num, den)
-    g, dg, ng = _quotients_kept(use, ((gs, dgs, ngs) if series else (g, dg, ng)))
-    return num, den, g, dg, ng
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _axis_kept(use, num, den):
     """An axis's (numerator, denominator), or (1, 1) where nanoBragg leaves it out (N <= 1)."""
     return (num if use else 1.0), (den if use else 1.0)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _quotients_kept(use, gdn):
+def _quotients_kept(use, g, dg, ng):
     """An axis's (g, dg/ddelta, dg/dN), or (1, 0, 0) where it is left out."""
-    g, dg, ng = gdn
     return (g if use else 1.0), (dg if use else 0.0), (ng if use else 0.0)
+
+
+# (the lattice helpers below pass scalars, never tuples: inlined into a parallel loop,
+# tuples passed between them trip Numba's array analysis)
+@njit(cache=True, error_model="numpy", inline="always")
+def _lattice_by_quotients(dh, dk, dl, Na, Nb, Nc):
+    """F_latt^2 (bit for bit :func:`square_lattice_sq`'s) and each axis's (g, dg/ddelta,
+    dg/dN) by the quotient rule, with one reciprocal for the three axes; wrong on an
+    axis that is :func:`_near_node`."""
+    na, da, sa, ca, cda = _axis_sines(dh, Na)
+    nb, db, sb, cb, cdb = _axis_sines(dk, Nb)
+    nc, dc, sc, cc, cdc = _axis_sines(dl, Nc)
+    na, da = _axis_kept(Na > 1.0, na, da)
+    nb, db = _axis_kept(Nb > 1.0, nb, db)
+    nc, dc = _axis_kept(Nc > 1.0, nc, dc)
+    den = da * db * dc
+    latt = (na * nb * nc) / den
+    rden = 1.0 / den
+    g, dg, ng = _axis_quotients(dh, Na, db * dc * rden, sa, ca, cda)
+    ga, dga, nga = _quotients_kept(Na > 1.0, g, dg, ng)
+    g, dg, ng = _axis_quotients(dk, Nb, da * dc * rden, sb, cb, cdb)
+    gb, dgb, ngb = _quotients_kept(Nb > 1.0, g, dg, ng)
+    g, dg, ng = _axis_quotients(dl, Nc, da * db * rden, sc, cc, cdc)
+    gc, dgc, ngc = _quotients_kept(Nc > 1.0, g, dg, ng)
+    return latt, ga, dga, nga, gb, dgb, ngb, gc, dgc, ngc
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _near_axis(delta, N):
+    """Whether an axis the lattice factor keeps (N > 1) is :func:`_near_node`."""
+    return (N > 1.0) & _near_node(delta, N)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _series_if_near(delta, N, g, dg, ng):
+    """An axis's (g, dg/ddelta, dg/dN): the series where :func:`_near_axis`, else the
+    values given (both computed, one selected)."""
+    gs, dgs, ngs = _axis_series(delta, N)
+    near = _near_axis(delta, N)
+    return (gs if near else g), (dgs if near else dg), (ngs if near else ng)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _lattice_products(latt, ga, dga, nga, gb, dgb, ngb, gc, dgc, ngc):
+    """(F_latt^2, F_latt, its partials in h, k, l and in Na, Nb, Nc) from each axis's
+    (g, dg/ddelta, dg/dN)."""
+    return (latt * latt, ga * gb * gc, dga * gb * gc, ga * dgb * gc, ga * gb * dgc,
+            nga * gb * gc, ga * ngb * gc, ga * gb * ngc)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def square_lattice_grad(dh, dk, dl, Na, Nb, Nc):
     """(F_latt^2 bit for bit as :func:`square_lattice_sq`, F_latt, its partials in h, k,
     l, and in Na, Nb, Nc) of a parallelepiped at fractional offsets (dh, dk, dl): the
-    reference, exact everywhere (the per-pixel loops, and the lanes
-    :func:`square_lattice_grad_far` leaves)."""
-    na, da, ga, dga, nga = _axis_lattice_parts(dh, Na)
-    nb, db, gb, dgb, ngb = _axis_lattice_parts(dk, Nb)
-    nc, dc, gc, dgc, ngc = _axis_lattice_parts(dl, Nc)
-    latt = (na * nb * nc) / (da * db * dc)
-    return (latt * latt, ga * gb * gc, dga * gb * gc, ga * dgb * gc, ga * gb * dgc,
-            nga * gb * gc, ga * ngb * gc, ga * gb * ngc)
+    reference, exact everywhere (both forms computed, one selected, so loops over
+    orientations vectorise; the row lanes take :func:`square_lattice_grad_far`)."""
+    latt, ga, dga, nga, gb, dgb, ngb, gc, dgc, ngc = _lattice_by_quotients(dh, dk, dl, Na, Nb, Nc)
+    ga, dga, nga = _series_if_near(dh, Na, ga, dga, nga)
+    gb, dgb, ngb = _series_if_near(dk, Nb, gb, dgb, ngb)
+    gc, dgc, ngc = _series_if_near(dl, Nc, gc, dgc, ngc)
+    return _lattice_products(latt, ga, dga, nga, gb, dgb, ngb, gc, dgc, ngc)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def square_lattice_grad_far(dh, dk, dl, Na, Nb, Nc):
-    """:func:`square_lattice_grad`'s values by the quotient rule alone, with one
-    reciprocal for the three axes, and a ninth value: 1.0 where an axis is
-    :func:`_near_node` (those values are wrong there: the caller takes
-    :func:`square_lattice_grad` instead), else 0.0.  What the derivative kernels' vector
-    loops evaluate: the series' arithmetic and two of four divisions are a fifth of a
-    term's cost, and one lane in a few thousand needs them.  F_latt^2 is bit for bit the
-    forward's everywhere."""
-    ua = Na > 1.0
-    ub = Nb > 1.0
-    uc = Nc > 1.0
-    na, da, sa, ca, cda = _axis_sines(dh, Na)
-    nb, db, sb, cb, cdb = _axis_sines(dk, Nb)
-    nc, dc, sc, cc, cdc = _axis_sines(dl, Nc)
-    na, da = _axis_kept(ua, na, da)
-    nb, db = _axis_kept(ub, nb, db)
-    nc, dc = _axis_kept(uc, nc, dc)
-    den = da * db * dc
-    latt = (na * nb * nc) / den
-    rden = 1.0 / den
-    ga, dga, nga = _quotients_kept(ua, _axis_quotients(dh, Na, db * dc * rden, sa, ca, cda))
-    gb, dgb, ngb = _quotients_kept(ub, _axis_quotients(dk, Nb, da * dc * rden, sb, cb, cdb))
-    gc, dgc, ngc = _quotients_kept(uc, _axis_quotients(dl, Nc, da * db * rden, sc, cc, cdc))
-    near = (ua & _near_node(dh, Na)) | (ub & _near_node(dk, Nb)) | (uc & _near_node(dl, Nc))
-    return (latt * latt, ga * gb * gc, dga * gb * gc, ga * dgb * gc, ga * gb * dgc,
-            nga * gb * gc, ga * ngb * gc, ga * gb * ngc, 1.0 if near else 0.0)
+    """:func:`square_lattice_grad`'s values without the series, and a ninth value: 1.0
+    where an axis is :func:`_near_node` (those values are wrong there: the caller takes
+    :func:`square_lattice_grad` instead), else 0.0.  What the derivative kernels' row
+    lanes evaluate: the series' arithmetic is a sixth of a term's cost, and one lane in a
+    few thousand needs it.  F_latt^2 is bit for bit the forward's everywhere."""
+    latt, ga, dga, nga, gb, dgb, ngb, gc, dgc, ngc = _lattice_by_quotients(dh, dk, dl, Na, Nb, Nc)
+    T, Lt, LH, LK, LL, LNa, LNb, LNc = _lattice_products(latt, ga, dga, nga, gb, dgb, ngb, gc, dgc, ngc)
+    near = _near_axis(dh, Na) | _near_axis(dk, Nb) | _near_axis(dl, Nc)
+    return T, Lt, LH, LK, LL, LNa, LNb, LNc, 1.0 if near else 0.0
 
 
 @njit(cache=True, error_model="numpy")
