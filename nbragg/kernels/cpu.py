@@ -282,9 +282,15 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
                         if kept and polar[p] == 0.0:
                             polar[p] = polarization_with_axes(kahn, ix, iy, iz, dx[p], dy[p], dz[p],
                                                               bx, by, bz, ex, ey, ez)
+                    # (weight is written even without B: the sum's loop below loads it under a
+                    # mask, and a masked load from a page never touched is a microcode assist
+                    # per vector on some CPUs, which made a still's rows 2-3x slower)
                     if debye:
                         for p in range(n):
                             weight[p] = weighted(w, fs.B, qxs[p], qys[p], qzs[p])
+                    else:
+                        for p in range(n):
+                            weight[p] = w
                     acc[:, :] = 0.0
                     for m in range(norient):
                         _lattice_lanes(ori, m, qxs, qys, qzs, Na, Nb, Nc, latt, cell, use_grid, extent, n)
@@ -302,7 +308,7 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
                                 acc[j, p] += latt[p] * Fdef2
                     for p in range(n):
                         if keep[p]:
-                            I[p] += (weight[p] if debye else w) * block_total(acc, p)
+                            I[p] += weight[p] * block_total(acc, p)
     use_mask = det.use_mask
     mask = det.mask
     osum = 0.0
