@@ -167,3 +167,14 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         atomic_write(target, None)   # fails while writing
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_atomic_write_takes_arrays_as_raw_bytes(tmp_path):
+    from nbragg.io.atomic import atomic_write
+    target = tmp_path / "out.bin"
+    data = np.arange(6, dtype="<u2").reshape(2, 3)
+    atomic_write(target, b"head", data, np.array([1.5], dtype="<f4"))
+    assert target.read_bytes() == b"head" + data.tobytes() + np.array([1.5], dtype="<f4").tobytes()
+    with pytest.raises((ValueError, BufferError, TypeError)):
+        atomic_write(target, b"head", data[:, ::2])       # not contiguous: refused, nothing written
+    assert target.read_bytes() == b"head" + data.tobytes() + np.array([1.5], dtype="<f4").tobytes()

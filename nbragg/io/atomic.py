@@ -76,7 +76,9 @@ def atomic_file(path):
             os.fsync(fh.fileno())
 
 
-def atomic_write(path, data):
-    """Write ``data`` (bytes) to ``path`` so that readers never see a partial file."""
+def atomic_write(path, *parts):
+    """Write ``parts`` one after another to ``path`` so that readers never see a partial
+    file: bytes, or C-contiguous arrays, written as their raw bytes without a copy."""
     with atomic_file(path) as fh:
-        fh.write(data)
+        for part in parts:
+            fh.write(part)

@@ -105,7 +105,7 @@ def write_fdump(path, grid, origin):
     padded[:nh, :nk, :nl] = grid
     header = f"{h0} {h0 + nh - 1} {k0} {k0 + nk - 1} {l0} {l0 + nl - 1}\n\f".encode()
     from .atomic import atomic_write
-    atomic_write(path, header + padded.tobytes())
+    atomic_write(path, header, padded)
 
 
 def read_fdump(path):

@@ -17,4 +17,4 @@ def write_pgm(path, image8, scale):
 
 def write_float(path, image):
     """Raw little-endian float32, fast index fastest (nanoBragg's -floatfile)."""
-    atomic_write(path, np.ascontiguousarray(image, dtype="<f4").tobytes())
+    atomic_write(path, np.ascontiguousarray(image, dtype="<f4"))

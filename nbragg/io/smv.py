@@ -126,7 +126,7 @@ def smv_header(fields, noise=False):
 def write_smv(path, data, fields, noise=False):
     """Write uint16 ``data`` (slow, fast) with nanoBragg's header, atomically."""
     data = np.ascontiguousarray(data, dtype="<u2")
-    atomic_write(path, smv_header(fields, noise=noise) + data.tobytes())
+    atomic_write(path, smv_header(fields, noise=noise), data)
 
 
 def noisify_header(xpixels, ypixels, pixel_mm, distance_mm, wavelength, beam_x_mm, beam_y_mm, phi, osc, bits=16):
@@ -146,4 +146,4 @@ def write_smv_raw(path, header, data):
     """Write ``header`` (bytes) then ``data`` (uint16 or uint32, little-endian), atomically."""
     data = np.ascontiguousarray(data)
     data = data.astype("<u4" if data.dtype.itemsize == 4 else "<u2", copy=False)
-    atomic_write(path, header + data.tobytes())
+    atomic_write(path, header, data)
