@@ -34,7 +34,6 @@ This module imports only the standard library until the server starts: a command
 finds no server has paid a few milliseconds for looking.
 """
 
-import hashlib
 import importlib
 import json
 import os
@@ -45,6 +44,7 @@ import stat
 import struct
 import sys
 import time
+import zlib
 
 # command name -> (module, function): the commands a server runs
 COMMANDS = {
@@ -122,22 +122,41 @@ def server_key(environ=None):
     environment Python, Numba, OpenMP and the locale read at start-up, and the process's
     CPU affinity, nice value, control group and resource limits."""
     environ = os.environ if environ is None else environ
-    h = hashlib.sha256()
+    key = _Checksum()
     for part in (os.path.realpath(sys.executable), sys.version, repr(tuple(sys.flags)), _PKG_DIR,
                  _install_stamp("numpy"), _install_stamp("numba"), _process_settings()):
-        h.update(part.encode() + b"\0")
+        key.update(part.encode() + b"\0")
     for name in sorted(environ):
         if name.startswith(_KEYED_ENV_PREFIXES) or name in _KEYED_ENV:
-            h.update(f"{name}={environ[name]}".encode() + b"\0")
+            key.update(f"{name}={environ[name]}".encode() + b"\0")
     for root, dirs, files in os.walk(_PKG_DIR):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
             if name.endswith(".py"):
                 path = os.path.join(root, name)
-                h.update(os.path.relpath(path, _PKG_DIR).encode() + b"\0")
+                key.update(os.path.relpath(path, _PKG_DIR).encode() + b"\0")
                 with open(path, "rb") as fh:
-                    h.update(fh.read())
-    return h.hexdigest()[:20]
+                    key.update(fh.read())
+    return key.hexdigest()
+
+
+class _Checksum:
+    """Two independent 32-bit checksums (CRC-32 and Adler-32) and the length of what was
+    fed: a change to any source, setting or path changes the key but with odds of 2**-64.
+    (zlib, not hashlib: hashlib loads OpenSSL, a few milliseconds of every command, and
+    the key guards against staleness, not against an adversary: the socket's directory
+    is the user's own.)"""
+
+    def __init__(self):
+        self.crc, self.adler, self.length = 0, 1, 0
+
+    def update(self, data):
+        self.crc = zlib.crc32(data, self.crc)
+        self.adler = zlib.adler32(data, self.adler)
+        self.length += len(data)
+
+    def hexdigest(self):
+        return f"{self.crc:08x}{self.adler:08x}{self.length & 0xffff:04x}"
 
 
 def socket_dir(create=False):
@@ -502,6 +521,32 @@ def _leave_server(inherited, parent):
             pass
 
 
+# memory a spare maps and touches ahead of its command (kept in its heap), so that the
+# command's images do not pay a page fault per 4 kB: a 1024x1024 image and its files
+SPARE_HEAP = 64 << 20
+
+
+def _keep_heap(size):
+    """GNU C library: keep freed memory in the heap instead of returning it to the system
+    (arrays up to 32 MB come from the heap, which is never trimmed and grows by ``size``),
+    then touch ``size`` bytes of it, so that the arrays a command allocates next land on
+    pages already mapped.  Elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    if not (mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30)
+            and mallopt(m_top_pad, size)):
+        return
+    import numpy as np
+    blocks = [np.ones(1 << 20) for _ in range(size >> 23)]     # (8 MB each: below the mmap threshold)
+    del blocks
+
+
 # the spare's warm-up: a small still through the engine, as a command's first image
 _SPARE_ARGS = "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 16 -pixel 0.1"
 
@@ -519,6 +564,7 @@ def _spare(sock, inherited, parent):
             simulate(Experiment.from_nanobragg_args(_SPARE_ARGS), warn=lambda m: None)
         except Exception:          # (the command will say what is wrong, if anything is)
             pass
+        _keep_heap(SPARE_HEAP)
         sock.sendall(b"r")
         request, fds = _recv_request(sock)
         sock.close()
