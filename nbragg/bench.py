@@ -83,7 +83,6 @@ def gradient_figures(name, threads, repeat, nparams=15, backend="cpu"):
 
 def memory_probe(name, what):
     """Run one forward or gradient in this process; print the peak resident memory (kB)."""
-    import resource
     import numpy as np
     from .engine import build_model, render
     from .gradients import raw_gradient
@@ -92,7 +91,22 @@ def memory_probe(name, what):
         render(model)
     else:
         raw_gradient(model, np.ones(model.shape))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(_peak_rss_kb())
+
+
+def _peak_rss_kb():
+    """This process's peak resident memory (kB): Linux's VmHWM, which starts afresh at
+    exec (ru_maxrss keeps the high-water mark of the process that forked it, here the
+    benchmark's own, which has compiled every kernel)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 # the PyTorch bridge's memory figure: B2 on a 1024x1024 detector
@@ -103,7 +117,6 @@ def torch_memory_probe(what):
     """Import torch and nbragg.torch, then (``what``) nothing, a forward through the bridge,
     or a forward and backward (every kernel parameter requiring grad); print the peak
     resident memory (kB)."""
-    import resource
     import torch
     from . import torch as nt
     from .nbargs import parse_nanobragg_args
@@ -115,7 +128,7 @@ def torch_memory_probe(what):
         image = nt.simulate(exp, params, warn=lambda m: None)
         if what == "backward":
             image.sum().backward()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(_peak_rss_kb())
 
 
 def torch_memory():
@@ -309,6 +322,16 @@ def response_figures(repeat, noisify_binary=None):
         args = ["-floatfile", "b1l.bin", "-detpixels", "2048"] + RESPONSE_FLAGS.split()
         t_cmd, t_c = _alternated("nbragg.noisify_cli", noisify_binary, args, _package_env(), tmp, repeat)
     return statistics.median(t_api), t_cmd, t_c
+
+
+def byte_compile_package():
+    """Write the package's bytecode where it is missing (as an install does; an editable
+    checkout under PYTHONDONTWRITEBYTECODE would otherwise compile every module it imports
+    on every command), so that the commands are timed as installed."""
+    import compileall
+    pkg_dir = os.path.dirname(os.path.abspath(__file__))
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        compileall.compile_dir(pkg_dir, quiet=2)
 
 
 def _package_env(**extra):
@@ -512,6 +535,8 @@ def main(argv=None):
     threads = [int(t) for t in opts.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
     print(f"nbragg benchmark  (numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} threads available)")
     names = [] if opts.cases in ("", "none") else opts.cases.split(",")
+    if opts.nanobragg or opts.startup or opts.response or opts.background:
+        byte_compile_package()
     unknown = [c for c in names if c not in CASES]
     if unknown:
         ap.error(f"--cases: unknown benchmark {unknown[0]!r}; choose from {', '.join(CASES)}")
