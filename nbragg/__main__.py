@@ -1,5 +1,5 @@
 import sys
 
-from .resident import run_command
+from .resident import nbragg
 
-sys.exit(run_command("nbragg"))
+sys.exit(nbragg())

@@ -8,8 +8,8 @@ arguments, working directory, environment, umask and terminal (the file descript
 stdin, stdout and stderr) to it; for each command the server forks a copy of itself --
 usually a spare forked ahead, whose kernels are loaded and Numba's threads started --
 that runs the command exactly as the plain command would, writing straight to the
-caller's terminal and files, and the caller exits with the copy's status, or dies by the
-signal that killed it.  SIGINT, SIGTERM, SIGHUP and SIGQUIT reach the copy; a caller that
+caller's terminal and files, and the caller exits with the copy's status (which the copy
+sends as it ends, without waiting to be torn down), or dies by the signal that killed it.  SIGINT, SIGTERM, SIGHUP and SIGQUIT reach the copy; a caller that
 dies, or a server that dies, takes the copy with it.
 
 The server itself never starts Numba's threads (GNU OpenMP does not survive a fork): it
@@ -284,23 +284,13 @@ def forward(command, argv):
             first = _read_line(s, buffer)
         except (OSError, ValueError):   # (an environment JSON cannot carry, a server gone)
             return None
-        if first is None or not first.startswith("pid "):
+        if first is not None and first.startswith(("exit ", "signal ")):
+            line = first                     # (the command ended before the server said its pid)
+        elif first is None or not first.startswith("pid "):
             return None
-        pid = int(first[4:])
-        previous = {}
-        try:
-            for sig in _FORWARDED:
-                if int(sig) not in ignored:
-                    previous[sig] = signal.signal(sig, lambda signum, frame: _kill(pid, signum))
-        except ValueError:         # (not the main thread: no forwarding; a dying caller still ends it)
-            pass
-        try:
-            line = _read_line(s, buffer)
-        except OSError:
-            line = None
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        else:
+            pid = int(first[4:])
+            line = _await_end(s, buffer, pid, ignored)
     if line is None or not line.startswith(("exit ", "signal ")):
         _kill(pid, signal.SIGTERM)
         print(f"{command}: error: the resident server (socket {path}) went away while running the command; "
@@ -320,6 +310,26 @@ def forward(command, argv):
             pass
         return 128 + signum
     return int(line[5:])
+
+
+def _await_end(s, buffer, pid, ignored):
+    """The server's last line for command ``pid`` ("exit N" or "signal N"; None if the
+    connection broke), the caller's signals passed on to the command meanwhile."""
+    previous = {}
+    try:
+        for sig in _FORWARDED:
+            if int(sig) not in ignored:
+                previous[sig] = signal.signal(sig, lambda signum, frame: _kill(pid, signum))
+    except ValueError:         # (not the main thread: no forwarding; a dying caller still ends it)
+        pass
+    try:
+        line = _read_line(s, buffer)
+    except OSError:
+        line = None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return line
 
 
 def _start_in_background():
@@ -379,20 +389,37 @@ def _entry_point(command):
     return getattr(importlib.import_module(module), function)
 
 
+def _console(command):
+    """A console script's body: :func:`run_command`, except that a command a server ran
+    ends this process at once (standard streams flushed, then ``os._exit``): it holds
+    nothing to clean up, and the interpreter's finalisation took a tenth of a cheap
+    image's run."""
+    argv = sys.argv[1:]
+    status = forward(command, argv)
+    if status is None:
+        return _entry_point(command)(argv)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(status & 0xFF)
+
+
 def nbragg():
-    return run_command("nbragg")
+    return _console("nbragg")
 
 
 def nbragg_noisify():
-    return run_command("nbragg-noisify")
+    return _console("nbragg-noisify")
 
 
 def nbragg_nonbragg():
-    return run_command("nbragg-nonbragg")
+    return _console("nbragg-nonbragg")
 
 
 def nbragg_refine():
-    return run_command("nbragg-refine")
+    return _console("nbragg-refine")
 
 
 # ----------------------------------------------------------------------------- the server
@@ -446,8 +473,8 @@ def _load_cached_kernels(target_context):
     return loaded
 
 
-def _recv_request(conn):
-    header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
+def _recv_request(conn, maxfds=3):
+    header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, maxfds)
     try:
         while len(header) < _HEADER.size:
             more = conn.recv(_HEADER.size - len(header))
@@ -566,7 +593,7 @@ def _spare(sock, inherited, parent):
             pass
         _keep_heap(SPARE_HEAP)
         sock.sendall(b"r")
-        request, fds = _recv_request(sock)
+        request, fds = _recv_request(sock, maxfds=4)
         sock.close()
     except BaseException:
         os._exit(0)
@@ -574,11 +601,18 @@ def _spare(sock, inherited, parent):
 
 
 def _child(request, fds, inherited, parent):
-    """In the forked copy: become the caller's process and run its command; never returns."""
+    """In the forked copy: become the caller's process and run its command; never returns.
+    ``fds``: the caller's stdin, stdout and stderr, then the caller's connection, on which
+    the copy says "exit N" itself as it ends (the caller need not wait for this process to
+    be torn down and reaped; the server says it again, or says the signal that killed it)."""
     status = 1
+    report = fds[3] if len(fds) > 3 and fds[3] > 2 else None
+    fds = fds[:3]
     try:
         if parent is not None:
             _leave_server(inherited, parent)
+        if report is not None:
+            os.set_inheritable(report, False)
         for sig in request.get("ignored", ()):
             signal.signal(sig, signal.SIG_IGN)
         for target, fd in enumerate(fds):
@@ -621,6 +655,11 @@ def _child(request, fds, inherited, parent):
         if status < 0:
             signal.signal(-status, signal.SIG_DFL)
             os.kill(os.getpid(), -status)
+        if report is not None:
+            try:
+                os.write(report, f"exit {status}\n".encode())
+            except OSError:
+                pass
         os._exit(status)
 
 
@@ -871,7 +910,7 @@ class _Server:
         pid = None
         if self.spare_ready:                # hand it to the warm spare
             try:
-                _send_request(self.spare_sock, request, fds)
+                _send_request(self.spare_sock, request, list(fds) + [conn.fileno()])
                 pid = self.spare_pid
                 self.from_spare += 1
             except OSError:
@@ -881,7 +920,7 @@ class _Server:
             self.flush()
             pid = os.fork()
             if pid == 0:
-                _child(request, fds, self.inherited(conn.fileno()), self.pid)
+                _child(request, list(fds) + [conn.fileno()], self.inherited(), self.pid)
         for fd in fds:
             os.close(fd)
         self.served += 1

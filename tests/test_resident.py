@@ -20,9 +20,10 @@ import pytest
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the resident server needs fork and Unix sockets")
 
 ARGS = "-cell 100 100 100 90 90 90 -misset 10 5 3 -default_F 100 -N 5 -lambda 6.2 -distance 100 -detpixels 48 -pixel 0.2"
-# long enough (tens of seconds) to be interrupted while it runs
+# long enough to be interrupted while it renders (about 8 s on a 2-core machine, as one kernel
+# call: SIGINT takes effect when it returns)
 SLOW = ("-cell 70 80 90 75 85 95 -misset 10 5 3 -default_F 100 -N 8 -lambda 1.5 -distance 100 -detpixels 128 "
-        "-pixel 0.4 -mosaic 0.5 -mosaic_dom 400 -phi 0.1 -osc 0.5 -phisteps 40 -oversample 3")
+        "-pixel 0.4 -mosaic 0.5 -mosaic_dom 400 -phi 0.1 -osc 0.5 -phisteps 100 -oversample 3")
 
 
 def _env(socket_dir, **extra):
@@ -433,3 +434,57 @@ def test_the_key_follows_the_sources_and_numba_environment(tmp_path, monkeypatch
     with open(copy / "cli.py", "a") as fh:
         fh.write("\n# an edit\n")
     assert resident.server_key({}) != copied
+
+
+def test_the_copy_says_its_exit_itself_before_it_is_reaped(tmp_path):
+    """A forked copy writes "exit N" on the caller's connection as it ends (so the caller
+    need not wait for the copy's teardown); the server's own word comes after."""
+    from nbragg import resident
+    mine, theirs = __import__("socket").socketpair()
+    null = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
+    request = {"command": "nbragg", "argv": ["-cell", "100"], "cwd": str(tmp_path), "env": dict(os.environ),
+               "umask": 0o022, "streams": [{}, {}, {}], "ignored": []}
+    pid = os.fork()
+    if pid == 0:                                   # (never returns: _child ends in os._exit)
+        mine.close()
+        resident._child(request, null + [theirs.fileno()], [], None)
+    theirs.close()
+    for fd in null:
+        os.close(fd)
+    try:
+        mine.settimeout(120)
+        said = mine.recv(64)
+    finally:
+        _, wait_status = os.waitpid(pid, 0)
+        mine.close()
+    assert said == f"exit {os.waitstatus_to_exitcode(wait_status)}\n".encode() != b"exit 0\n"   # (an error: 1)
+
+
+def test_a_caller_told_the_exit_before_the_pid_returns_it(tmp_path, monkeypatch):
+    """The copy may end before the server has said its pid: the first line is the exit."""
+    import socket as socketlib
+    import threading
+    from nbragg import resident
+    folder = tempfile.mkdtemp(prefix="nbr", dir="/tmp")
+    os.chmod(folder, 0o700)
+    monkeypatch.setenv("NBRAGG_RESIDENT_DIR", folder)
+    monkeypatch.setenv("NBRAGG_RESIDENT", "on")
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    listener.bind(resident.socket_path())
+    listener.listen(1)
+
+    def fake_server():
+        conn, _ = listener.accept()
+        _, fds = resident._recv_request(conn)
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(b"exit 3\npid 12345\n")
+        conn.close()
+    t = threading.Thread(target=fake_server)
+    t.start()
+    try:
+        assert resident.forward("nbragg", ["-h"]) == 3
+    finally:
+        t.join(10)
+        listener.close()
+        shutil.rmtree(folder, ignore_errors=True)
