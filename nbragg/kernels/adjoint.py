@@ -795,12 +795,68 @@ def _adjoint_row_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g,
     return ntodo
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _block_sums(G, Tk, dws, dwB, Wx, Wy, Wz, cwq, qx, qy, qz, lam, n):
+    """A block's sums over its lanes in :func:`_adjoint_lanes`: dL/d(source weight),
+    dL/dB, dL/d(direction) and dL/d(wavelength)'s sum, each lane's dL/dq taken again
+    (reassociated and contracted: see :func:`_position_vjp_lanes`)."""
+    gws = gwB = sgx = sgy = sgz = sgl = 0.0
+    for x in range(n):
+        gw = G[x] * Tk[x]
+        gqx = (Wx[x] + gw * cwq[x] * qx[x]) / lam
+        gqy = (Wy[x] + gw * cwq[x] * qy[x]) / lam
+        gqz = (Wz[x] + gw * cwq[x] * qz[x]) / lam
+        gws += gw * dws[x]
+        gwB += gw * dwB[x]
+        sgx += gqx
+        sgy += gqy
+        sgz += gqz
+        sgl += gqx * qx[x] + gqy * qy[x] + gqz * qz[x]
+    return gws, gwB, sgx, sgy, sgz, sgl
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _factor_sums(samp, act, G, gv, I, capture, polar, omega, opix, oclose, pol_kahn, pol_c2, pol_x, pol_y, d0x, d0y,
+                 d0z, n):
+    """The sums over the lanes in ``act`` of :func:`_adjoint_lanes`'s pixel factors:
+    dL/dI_bg, dL/dscale (times the scale), dL/dpixel, dL/dclose_distance, dL/dkahn, and
+    dL/d(i.d) d, dL/d(d.E) d and dL/d(d.B) d (reassociated and contracted: see
+    :func:`_position_vjp_lanes`)."""
+    sG = svalue = spix = sclose = skahn = 0.0
+    si0 = si1 = si2 = sE0 = sE1 = sE2 = sB0 = sB1 = sB2 = 0.0
+    for x in range(n):
+        on = act[x]
+        value = apply_final(samp, I[x], capture[x], polar[x], omega[x])
+        g_om = gv[x] * I[x] * capture[x] * polar[x]
+        g_pol = gv[x] * I[x] * omega[x] * capture[x]
+        gc2 = g_pol * pol_c2[x]
+        gx = g_pol * pol_x[x]
+        gy = g_pol * pol_y[x]
+        sG += G[x] if on else 0.0
+        svalue += gv[x] * value if on else 0.0
+        spix += g_om * opix[x] if on else 0.0
+        sclose += g_om * oclose[x] if on else 0.0
+        skahn += g_pol * pol_kahn[x] if on else 0.0
+        si0 += gc2 * d0x[x] if on else 0.0
+        si1 += gc2 * d0y[x] if on else 0.0
+        si2 += gc2 * d0z[x] if on else 0.0
+        sE0 += gx * d0x[x] if on else 0.0
+        sE1 += gx * d0y[x] if on else 0.0
+        sE2 += gx * d0z[x] if on else 0.0
+        sB0 += gy * d0x[x] if on else 0.0
+        sB1 += gy * d0y[x] if on else 0.0
+        sB2 += gy * d0z[x] if on else 0.0
+    return sG, svalue, spix, sclose, skahn, si0, si1, si2, sE0, sE1, sE2, sB0, sB1, sB2
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _position_vjp_lanes(det, L, g, spixel, xmin, n, subF, subS, t, act, gdx, gdy, gdz, gR, R, dx, dy, dz):
     """:func:`direction_vjp` and :func:`position_vjp` for sub-pixel (subF, subS) of layer t
     of the pixels xmin.. of a flat detector's row, the lanes in ``act`` only: the
     position is affine in the pixel's fast coordinate, so the geometry's partials are
-    sums over the lanes."""
+    sums over the lanes.  (A function of its own, its sums reassociated as
+    :func:`~nbragg.kernels.derivs._lane_partial_sums`'s: in lane order they kept the loop
+    scalar, a tenth of a still's gradient.)"""
     os = det.oversample
     sub = det.subpixel
     f = det.fdet
@@ -965,8 +1021,6 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
                     iz = -sources[s, 2]
                     lam = lambdas[s]
                     wsrc = beam.weights[s]
-                    gws = 0.0
-                    gwB = 0.0
                     for x in range(n):
                         qx[x] = (dx[x] - ix) / lam
                         qy[x] = (dy[x] - iy) / lam
@@ -977,28 +1031,18 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
                         Gw[x] = G[x] * w[x]
                     orientation_lanes(ori, norient, qx, qy, qz, Gw, xt, fs, fflat, False, True, gF, gor, sc, sums, n)
                     # the block's sum, its weight's gradient, and dL/dq to the sub-pixel and source
-                    sgx = 0.0
-                    sgy = 0.0
-                    sgz = 0.0
-                    sgl = 0.0
+                    # (the lanes here, their sums in _block_sums: with the sums, or with more
+                    # stores, LLVM leaves the loop scalar)
                     for x in range(n):
                         Tk[x] = 0.0
                         if keep[x]:
                             Tk[x] = block_total(acc, x)
                             I[x] += w[x] * Tk[x]
                         gw = G[x] * Tk[x]
-                        gws += gw * dws[x]
-                        gwB += gw * dwB[x]
-                        gqx = (Wx[x] + gw * cwq[x] * qx[x]) / lam
-                        gqy = (Wy[x] + gw * cwq[x] * qy[x]) / lam
-                        gqz = (Wz[x] + gw * cwq[x] * qz[x]) / lam
-                        gdx[x] += gqx
-                        gdy[x] += gqy
-                        gdz[x] += gqz
-                        sgx += gqx
-                        sgy += gqy
-                        sgz += gqz
-                        sgl += gqx * qx[x] + gqy * qy[x] + gqz * qz[x]
+                        gdx[x] += (Wx[x] + gw * cwq[x] * qx[x]) / lam
+                        gdy[x] += (Wy[x] + gw * cwq[x] * qy[x]) / lam
+                        gdz[x] += (Wz[x] + gw * cwq[x] * qz[x]) / lam
+                    gws, gwB, sgx, sgy, sgz, sgl = _block_sums(G, Tk, dws, dwB, Wx, Wy, Wz, cwq, qx, qy, qz, lam, n)
                     g[L.weights + s] += gws
                     g[L.B] += gwB
                     g[L.sources + 3 * s] += sgx
@@ -1020,22 +1064,8 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
                     _position_vjp_lanes(det, L, g, spixel, xmin, n, subF, subS, t, act, gdx, gdy, gdz, no_gR, R, dx,
                                         dy, dz)
     # ---- the sums, and the factors' gradients now that each pixel's sum is known
-    sG = 0.0
-    svalue = 0.0
-    spix = 0.0
-    sclose = 0.0
-    skahn = 0.0
-    si0 = 0.0         # sums of dL/d(i.d) d, dL/d(d.E) d and dL/d(d.B) d
-    si1 = 0.0
-    si2 = 0.0
-    sE0 = 0.0
-    sE1 = 0.0
-    sE2 = 0.0
-    sB0 = 0.0
-    sB1 = 0.0
-    sB2 = 0.0
+    # (the lanes here, their sums in _factor_sums: see the blocks' sums)
     for x in range(n):
-        value = apply_final(samp, I[x], capture[x], polar[x], omega[x]) + np.float64(0.0)
         g_om = gv[x] * I[x] * capture[x] * polar[x]
         g_pol = gv[x] * I[x] * omega[x] * capture[x]
         gR[x] = g_om * oR[x]
@@ -1045,23 +1075,13 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
         g0x[x] += gc2 * ix0 + gy * Bx + gx * Ex
         g0y[x] += gc2 * iy0 + gy * By + gx * Ey
         g0z[x] += gc2 * iz0 + gy * Bz + gx * Ez
-        if act[x]:
-            sG += G[x]
-            svalue += gv[x] * value
-            spix += g_om * opix[x]
-            sclose += g_om * oclose[x]
-            skahn += g_pol * pol_kahn[x]
-            si0 += gc2 * d0x[x]
-            si1 += gc2 * d0y[x]
-            si2 += gc2 * d0z[x]
-            sE0 += gx * d0x[x]
-            sE1 += gx * d0y[x]
-            sE2 += gx * d0z[x]
-            sB0 += gy * d0x[x]
-            sB1 += gy * d0y[x]
-            sB2 += gy * d0z[x]
-            if want_image:
-                image[spixel, xmin + x] = value * scale
+    if want_image:
+        for x in range(n):
+            if act[x]:
+                image[spixel, xmin + x] = (apply_final(samp, I[x], capture[x], polar[x], omega[x])
+                                           + np.float64(0.0)) * scale
+    sG, svalue, spix, sclose, skahn, si0, si1, si2, sE0, sE1, sE2, sB0, sB1, sB2 = _factor_sums(
+        samp, act, G, gv, I, capture, polar, omega, opix, oclose, pol_kahn, pol_c2, pol_x, pol_y, d0x, d0y, d0z, n)
     g[L.I_bg] += sG
     g[L.scale] += svalue
     g[L.pixel] += spix
