@@ -26,6 +26,7 @@ hold the ``det`` fields once per panel, then the shared fields: a layout with
 one-panel vector into it.  With one panel the two are the same.
 """
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -190,6 +191,18 @@ def panel_index(layout, p):
 def field_slice(layout, name, panel=0):
     """The slice of ``name`` in a flat derivative vector (for a det field, the one of
     ``panel``)."""
+    found = _field_slices(layout).get((name, panel if name in DET_FIELDS else 0))
+    return found if found is not None else _field_slice(layout, name, panel)
+
+
+@functools.lru_cache(maxsize=64)
+def _field_slices(layout):
+    """{(field, panel): slice} of a layout (panel 0 only for fields outside ``det``)."""
+    return {(name, p): _field_slice(layout, name, p)
+            for name in FIELDS for p in (range(layout.panels) if name in DET_FIELDS else (0,))}
+
+
+def _field_slice(layout, name, panel):
     start = getattr(layout, name)
     if name in DET_FIELDS:
         i = DET_FIELDS.index(name)

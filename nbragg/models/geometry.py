@@ -38,6 +38,10 @@ def absolute(x):
 
 def scalar(x):
     """A NumPy or Python scalar as a Python float, or complex when it carries a step."""
+    if isinstance(x, (float, np.floating)):        # (the common cases first: the set-up's
+        return float(x)                              # derivative calls this thousands of times)
+    if isinstance(x, (complex, np.complexfloating)):
+        return complex(x)
     return complex(x) if np.iscomplexobj(x) else float(x)
 
 
