@@ -331,7 +331,7 @@ def byte_compile_package():
     import compileall
     pkg_dir = os.path.dirname(os.path.abspath(__file__))
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        compileall.compile_dir(pkg_dir, quiet=2)
+        compileall.compile_dir(pkg_dir, quiet=2, optimize=0)    # (the timed commands run without -O)
 
 
 def _package_env(**extra):
@@ -535,11 +535,11 @@ def main(argv=None):
     threads = [int(t) for t in opts.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
     print(f"nbragg benchmark  (numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} threads available)")
     names = [] if opts.cases in ("", "none") else opts.cases.split(",")
-    if opts.nanobragg or opts.startup or opts.response or opts.background:
-        byte_compile_package()
     unknown = [c for c in names if c not in CASES]
     if unknown:
         ap.error(f"--cases: unknown benchmark {unknown[0]!r}; choose from {', '.join(CASES)}")
+    if opts.nanobragg or opts.startup or opts.response or opts.background:
+        byte_compile_package()
     if opts.backend == "cuda":
         from .engine import check_backend, cuda_kernels
         from .errors import BackendError

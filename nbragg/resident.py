@@ -141,8 +141,9 @@ def server_key(environ=None):
 
 
 class _Checksum:
-    """Two independent 32-bit checksums (CRC-32 and Adler-32) and the length of what was
-    fed: a change to any source, setting or path changes the key but with odds of 2**-64.
+    """Two 32-bit checksums (CRC-32 and Adler-32) and the length of what was fed: an
+    accidental change to any source, setting or path leaves the key unchanged with odds of
+    about 2**-32 or less.
     (zlib, not hashlib: hashlib loads OpenSSL, a few milliseconds of every command, and
     the key guards against staleness, not against an adversary: the socket's directory
     is the user's own.)"""
@@ -555,7 +556,8 @@ SPARE_HEAP = 64 << 20
 
 def _keep_heap(size):
     """GNU C library: keep freed memory in the heap instead of returning it to the system
-    (arrays up to 32 MB come from the heap, which is never trimmed and grows by ``size``),
+    (arrays up to 32 MB come from the heap, which grows by ``size`` and keeps up to twice
+    that free before it is trimmed: the command this spare runs inherits these settings),
     then touch ``size`` bytes of it, so that the arrays a command allocates next land on
     pages already mapped.  Elsewhere nothing."""
     if not sys.platform.startswith("linux"):
@@ -563,10 +565,10 @@ def _keep_heap(size):
     try:
         import ctypes
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):
         return
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    if not (mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30)
+    if not (mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 2 * size)
             and mallopt(m_top_pad, size)):
         return
     import numpy as np
@@ -892,6 +894,13 @@ class _Server:
                 "served": self.served, "from_spare": self.from_spare, "spare_ready": self.spare_ready,
                 "uptime_s": round(time.time() - self.started, 1), "idle_s": self.idle_s}
 
+    @staticmethod
+    def report_fd(conn):
+        """[the caller's connection] for a copy to say its exit on, where a copy dies with
+        its server (Linux: see :func:`_die_with`); elsewhere [] -- a copy holding the
+        connection would keep the caller from seeing a dead server's end of it."""
+        return [conn.fileno()] if sys.platform.startswith("linux") else []
+
     def answer(self, conn, request, fds):
         """Run the request's command in a forked copy, or answer a status/stop query."""
         op = request.get("op", "run")
@@ -910,7 +919,7 @@ class _Server:
         pid = None
         if self.spare_ready:                # hand it to the warm spare
             try:
-                _send_request(self.spare_sock, request, list(fds) + [conn.fileno()])
+                _send_request(self.spare_sock, request, list(fds) + self.report_fd(conn))
                 pid = self.spare_pid
                 self.from_spare += 1
             except OSError:
@@ -920,7 +929,7 @@ class _Server:
             self.flush()
             pid = os.fork()
             if pid == 0:
-                _child(request, list(fds) + [conn.fileno()], self.inherited(), self.pid)
+                _child(request, list(fds) + self.report_fd(conn), self.inherited(), self.pid)
         for fd in fds:
             os.close(fd)
         self.served += 1
