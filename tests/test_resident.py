@@ -440,26 +440,30 @@ def test_the_key_follows_the_sources_and_numba_environment(tmp_path, monkeypatch
                     "with its server")
 def test_the_copy_says_its_exit_itself(tmp_path):
     """A forked copy writes "exit N" on the caller's connection as it ends (so the caller
-    need not wait for the copy's teardown); the server's own word comes after."""
-    from nbragg import resident
-    mine, theirs = __import__("socket").socketpair()
-    null = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
-    request = {"command": "nbragg", "argv": ["-cell", "100"], "cwd": str(tmp_path), "env": dict(os.environ),
-               "umask": 0o022, "streams": [{}, {}, {}], "ignored": []}
-    pid = os.fork()
-    if pid == 0:                                   # (never returns: _child ends in os._exit)
-        mine.close()
-        resident._child(request, null + [theirs.fileno()], [], None)
-    theirs.close()
-    for fd in null:
-        os.close(fd)
-    try:
-        mine.settimeout(120)
-        said = mine.recv(64)
-    finally:
-        _, wait_status = os.waitpid(pid, 0)
-        mine.close()
-    assert said == f"exit {os.waitstatus_to_exitcode(wait_status)}\n".encode() != b"exit 0\n"   # (an error: 1)
+    need not wait for the copy's teardown); the server's own word comes after.  (The fork
+    happens in a fresh interpreter: this process may hold other libraries' threads.)"""
+    code = """
+import json, os, socket, sys
+from nbragg import resident
+mine, theirs = socket.socketpair()
+null = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
+request = {"command": "nbragg", "argv": ["-cell", "100"], "cwd": sys.argv[1], "env": dict(os.environ),
+           "umask": 0o022, "streams": [{}, {}, {}], "ignored": []}
+pid = os.fork()
+if pid == 0:                                   # (never returns: _child ends in os._exit)
+    mine.close()
+    resident._child(request, null + [theirs.fileno()], [], None)
+theirs.close()
+mine.settimeout(120)
+said = mine.recv(64)
+_, wait_status = os.waitpid(pid, 0)
+print(json.dumps([said.decode(), os.waitstatus_to_exitcode(wait_status)]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=_env(str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    said, code = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert said == f"exit {code}\n" and code != 0           # (an error: the cell is not complete)
 
 
 def test_a_caller_told_the_exit_before_the_pid_returns_it(tmp_path, monkeypatch):
