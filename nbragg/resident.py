@@ -9,8 +9,9 @@ stdin, stdout and stderr) to it; for each command the server forks a copy of its
 usually a spare forked ahead, whose kernels are loaded and Numba's threads started --
 that runs the command exactly as the plain command would, writing straight to the
 caller's terminal and files, and the caller exits with the copy's status (which the copy
-sends as it ends, without waiting to be torn down), or dies by the signal that killed it.  SIGINT, SIGTERM, SIGHUP and SIGQUIT reach the copy; a caller that
-dies, or a server that dies, takes the copy with it.
+sends as it ends, without waiting to be torn down), or dies by the signal that killed it.
+SIGINT, SIGTERM, SIGHUP and SIGQUIT reach the copy; a caller that dies, or a server that
+dies, takes the copy with it.
 
 The server itself never starts Numba's threads (GNU OpenMP does not survive a fork): it
 imports, builds Numba's registries and loads the cached serial kernels only.
@@ -375,14 +376,24 @@ def _kill(pid, signum):
         pass
 
 
-def run_command(command, argv=None):
+def run_command(command, argv=None, exit_when_served=False):
     """A console entry point: ``command`` on a resident server when one is up for this
-    installation, else in this process."""
+    installation, else in this process.  With ``exit_when_served`` (the console scripts),
+    a command a server ran ends this process at once (standard streams flushed, then
+    ``os._exit``): it holds nothing to clean up, and the interpreter's finalisation took
+    a tenth of a cheap image's run."""
     argv = sys.argv[1:] if argv is None else argv
     status = forward(command, argv)
-    if status is not None:
-        return status
-    return _entry_point(command)(argv)
+    if status is None:
+        return _entry_point(command)(argv)
+    if exit_when_served:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        os._exit(status & 0xFF)
+    return status
 
 
 def _entry_point(command):
@@ -390,37 +401,20 @@ def _entry_point(command):
     return getattr(importlib.import_module(module), function)
 
 
-def _console(command):
-    """A console script's body: :func:`run_command`, except that a command a server ran
-    ends this process at once (standard streams flushed, then ``os._exit``): it holds
-    nothing to clean up, and the interpreter's finalisation took a tenth of a cheap
-    image's run."""
-    argv = sys.argv[1:]
-    status = forward(command, argv)
-    if status is None:
-        return _entry_point(command)(argv)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
-    os._exit(status & 0xFF)
-
-
 def nbragg():
-    return _console("nbragg")
+    return run_command("nbragg", exit_when_served=True)
 
 
 def nbragg_noisify():
-    return _console("nbragg-noisify")
+    return run_command("nbragg-noisify", exit_when_served=True)
 
 
 def nbragg_nonbragg():
-    return _console("nbragg-nonbragg")
+    return run_command("nbragg-nonbragg", exit_when_served=True)
 
 
 def nbragg_refine():
-    return _console("nbragg-refine")
+    return run_command("nbragg-refine", exit_when_served=True)
 
 
 # ----------------------------------------------------------------------------- the server
@@ -917,9 +911,10 @@ class _Server:
             return
         self.last = time.monotonic()
         pid = None
+        report = self.report_fd(conn)
         if self.spare_ready:                # hand it to the warm spare
             try:
-                _send_request(self.spare_sock, request, list(fds) + self.report_fd(conn))
+                _send_request(self.spare_sock, request, list(fds) + report)
                 pid = self.spare_pid
                 self.from_spare += 1
             except OSError:
@@ -929,7 +924,7 @@ class _Server:
             self.flush()
             pid = os.fork()
             if pid == 0:
-                _child(request, list(fds) + self.report_fd(conn), self.inherited(), self.pid)
+                _child(request, list(fds) + report, self.inherited(*([] if report else [conn.fileno()])), self.pid)
         for fd in fds:
             os.close(fd)
         self.served += 1
