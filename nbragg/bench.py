@@ -256,8 +256,12 @@ STARTUP_ARGS = "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 6.2 -dist
 
 # the least any command built on cached Numba code pays: the interpreter, numpy and numba
 # imported, and one cached function loaded (Numba's first call initialises its
-# compiler target, cached or not)
-_FLOOR_MODULE = """from numba import njit
+# compiler target, cached or not), SciPy's BLAS module loaded first as the commands do
+_FLOOR_MODULE = """from nbragg._numba_start import load_blas_module
+
+load_blas_module()
+
+from numba import njit
 
 
 @njit(cache=True)

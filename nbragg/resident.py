@@ -47,6 +47,8 @@ import sys
 import time
 import zlib
 
+from ._numba_start import load_blas_module
+
 # command name -> (module, function): the commands a server runs
 COMMANDS = {
     "nbragg": ("nbragg.cli", "main"),
@@ -385,6 +387,7 @@ def run_command(command, argv=None, exit_when_served=False):
     argv = sys.argv[1:] if argv is None else argv
     status = forward(command, argv)
     if status is None:
+        load_blas_module()
         return _entry_point(command)(argv)
     if exit_when_served:
         for stream in (sys.stdout, sys.stderr):
@@ -424,6 +427,7 @@ def warm():
     serial kernels (never compiling; never a parallel one, whose loading starts Numba's
     thread layer, which a fork would break).
     Returns the number of kernel signatures loaded."""
+    load_blas_module()
     for name in _WARM_MODULES:
         importlib.import_module(name)
     from numba.core.registry import cpu_target
