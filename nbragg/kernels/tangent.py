@@ -668,7 +668,9 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
         geo = geo or (flags[p] & T_GEO) != 0
         moves_q = moves_q or (flags[p] & (T_GEO | T_SRC | T_LAM)) != 0
     I = np.empty(n)
-    dI = np.empty((P, n))
+    # (rows a little longer than n: with n a power of two, every row's value of a pixel
+    # would fall in one set of the first-level cache, which the final store reads across)
+    dI = np.empty((P, n + 8))
     omega = np.zeros(n)
     capture = np.empty(n)
     polar = np.empty(n)
@@ -720,8 +722,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     for x in range(n):
         I[x] = samp.I_bg
         polar[x] = polar0
-        for p in range(P):
-            dI[p, x] = d[p, L.I_bg]
+    for p in range(P):
+        dI[p, :] = d[p, L.I_bg]
     for t in range(det.thicksteps):
         capture0 = 1.0 if det.thick == 0.0 else 0.0
         for x in range(n):
@@ -858,8 +860,9 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                     for p in range(P):
                         a = d[p, L.weights + s]
                         b = d[p, L.B]
-                        for x in range(n):
-                            dI[p, x] += (dws[x] * a + dwB[x] * b) * Tk[x]
+                        if a != 0.0 or b != 0.0:
+                            for x in range(n):
+                                dI[p, x] += (dws[x] * a + dwB[x] * b) * Tk[x]
                         if (flags[p] & (T_GEO | T_SRC | T_LAM)) != 0:
                             for x in range(n):
                                 dI[p, x] += (Wx[x] * dq[p, 0, x] + Wy[x] * dq[p, 1, x] + Wz[x] * dq[p, 2, x]
@@ -871,8 +874,9 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
         bN = d[p, L.Nb]
         cN = d[p, L.Nc]
         dF = d[p, L.default_F]
-        for x in range(n):
-            dI[p, x] += aN * sums.SNa[x] + bN * sums.SNb[x] + cN * sums.SNc[x] + dF * sums.SD[x]
+        if aN != 0.0 or bN != 0.0 or cN != 0.0 or dF != 0.0:
+            for x in range(n):
+                dI[p, x] += aN * sums.SNa[x] + bN * sums.SNb[x] + cN * sums.SNc[x] + dF * sums.SD[x]
         if has_dori[p]:
             for i in range(9):
                 for m in range(norient):
