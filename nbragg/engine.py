@@ -60,6 +60,8 @@ class Model:
     panels: list                 # the detector's panels (models.detector.Panel)
     panel_maker: object = None   # resolved geometry -> panels (None: nanoBragg's one panel)
     warnings: list = field(default_factory=list)
+    resolved: tuple = None       # (det, src, cry) as resolve() gave them (the derivatives'
+                                 # set-up passes reuse the parts a parameter does not move)
 
     @property
     def scene(self):
@@ -107,15 +109,36 @@ AUTO_OVERSAMPLE_WARN = 16
 AUTO_OVERSAMPLE_MAX = 100
 
 
-def resolve(exp, warn=None):
+def resolve(exp, warn=None, reuse=None):
     """The set-up: detector, sources, crystal and structure resolved from an Experiment
     the way nanoBragg.c does.  Runs on real values, and on complex ones for the
-    complex-step derivatives of the kernel inputs (params.py)."""
+    complex-step derivatives of the kernel inputs (params.py).
+
+    ``reuse``: (experiment, (det, src, cry)) resolved before from an experiment that
+    differs from ``exp`` in a few records (a complex step moves one): a part whose inputs
+    are unchanged -- the same record objects, equal vectors from the detector -- is taken
+    from there instead of being resolved again."""
     physical = exp.physics == "physical"
-    det = resolve_detector(exp.detector, warn=warn, physical=physical)
-    src = resolve_sources(exp.beam, det.beam, det.polar, honour_weights=physical)
-    cry = resolve_crystal(exp.crystal, det.spindle, warn=warn)
+    base, (det0, src0, cry0) = reuse if reuse is not None else (None, (None, None, None))
+    same_mode = base is not None and base.physics == exp.physics
+    if same_mode and exp.detector is base.detector:
+        det = det0
+    else:
+        det = resolve_detector(exp.detector, warn=warn, physical=physical)
+    if same_mode and exp.beam is base.beam and _equal(det.beam, det0.beam) and _equal(det.polar, det0.polar):
+        src = src0
+    else:
+        src = resolve_sources(exp.beam, det.beam, det.polar, honour_weights=physical)
+    if same_mode and exp.crystal is base.crystal and _equal(det.spindle, det0.spindle):
+        cry = cry0
+    else:
+        cry = resolve_crystal(exp.crystal, det.spindle, warn=warn)
     return det, src, cry
+
+
+def _equal(a, b):
+    """Equal vectors (complex ones with no imaginary part equal their real twins)."""
+    return a is b or np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def detector_panels(maker, exp, det):
@@ -221,7 +244,7 @@ def build_model(exp, warn=None, panels=None):
         else:
             log.warning(msg)
 
-    det, src, cry = resolve(exp, warn=_warn)
+    det, src, cry = resolved = resolve(exp, warn=_warn)
     st = resolve_structure(exp.structure, exp.crystal.Na, exp.crystal.Nb, exp.crystal.Nc)
     panel_list = detector_panels(panels, exp, det)
     if not panel_list:
@@ -319,6 +342,7 @@ def build_model(exp, warn=None, panels=None):
         oversample=oversample, oversample_auto=auto, recommended_oversample=rec, steps=steps,
         fluence=exp.beam.fluence, wavelength=lambda0, I_bg=u["I_bg"], water=s.water / 1e6, dmin=s.dmin * 1e-10,
         scale=u["scale"], scenes=scenes, panels=panel_list, panel_maker=panels, warnings=warnings,
+        resolved=resolved,
     )
 
 

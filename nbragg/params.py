@@ -450,16 +450,26 @@ def input_tangent(model, name):
     check_names([name], allow_arrays=False)
     if name in RESPONSE_PARAMS:
         return np.zeros(model.layout.size)          # it acts after the kernel
+    if name in ("eta_a", "eta_b", "eta_c") and model.experiment.crystal.mosaic_eta is None:
+        # (a step would switch the mosaicity's kind, and the number of domains with it)
+        raise ParameterError(f"parameter {name!r}: the crystal's mosaicity is isotropic (Crystal.mosaic_eta is "
+                             f"None); to refine the anisotropic spreads, give Crystal.mosaic_eta instead of "
+                             f"Crystal.mosaic_spread")
     exp = _stepped(model.experiment, name, _STEP)
     with warnings.catch_warnings():
         # a complex value written into a real array would lose its step silently
         warnings.simplefilter("error", np.exceptions.ComplexWarning)
-        det, src, cry = resolve(exp, warn=lambda msg: None)
-        panels = detector_panels(model.panel_maker, exp, det)
+        reuse = None if model.resolved is None else (model.experiment, model.resolved)
+        det, src, cry = resolve(exp, warn=lambda msg: None, reuse=reuse)
+        if reuse is not None and det is model.resolved[0]:
+            panels = model.panels           # (the panels follow from the detector alone)
+        else:
+            panels = detector_panels(model.panel_maker, exp, det)
         u = kernel_inputs(exp, det, panels, src, cry, model.oversample, model.steps)
     if cry.orientations.shape != model.crystal.orientations.shape:
         # only an unset field does this (osc without -osc: setting it switches nanoBragg's
         # phi rules to another number of steps); the model does not read it, so nothing moves
         return np.zeros(model.layout.size)
-    tangent = {k: np.imag(u[k]) / _STEP for k in FIELDS}
+    # (a field the step did not reach is real: its tangent is the zero flatten leaves)
+    tangent = {k: np.imag(u[k]) / _STEP for k in FIELDS if np.iscomplexobj(u[k])}
     return flatten(model.layout, tangent)
