@@ -119,7 +119,7 @@ def resolve(exp, warn=None, reuse=None):
     are unchanged -- the same record objects, equal vectors from the detector -- is taken
     from there instead of being resolved again."""
     physical = exp.physics == "physical"
-    base, (det0, src0, cry0) = reuse if reuse is not None else (None, (None, None, None))
+    base, (det0, src0, cry0) = reuse or (None, (None, None, None))
     same_mode = base is not None and base.physics == exp.physics
     if same_mode and exp.detector is base.detector:
         det = det0

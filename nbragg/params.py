@@ -450,7 +450,7 @@ def input_tangent(model, name):
     check_names([name], allow_arrays=False)
     if name in RESPONSE_PARAMS:
         return np.zeros(model.layout.size)          # it acts after the kernel
-    if name in ("eta_a", "eta_b", "eta_c") and model.experiment.crystal.mosaic_eta is None:
+    if _FIELDS.get(name, (None, None))[1] == "mosaic_eta" and model.experiment.crystal.mosaic_eta is None:
         # (a step would switch the mosaicity's kind, and the number of domains with it)
         raise ParameterError(f"parameter {name!r}: the crystal's mosaicity is isotropic (Crystal.mosaic_eta is "
                              f"None); to refine the anisotropic spreads, give Crystal.mosaic_eta instead of "
