@@ -10,6 +10,8 @@ hold compiled code.  Any change to one of them recompiles everything once.
 import hashlib
 import os
 
+from . import _numba_inline
+
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _STAMP = None
 _BENCH = os.path.join(_PKG_DIR, "bench.py")
@@ -77,3 +79,4 @@ def install():
 
 
 install()
+_numba_inline.install()     # (shorter first compiles: see that module)
