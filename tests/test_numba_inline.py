@@ -5,6 +5,7 @@ the code is what Numba makes without either."""
 import re
 
 import numpy as np
+import pytest
 from numba import njit, prange
 from numba.core import inline_closurecall, ir, ir_utils
 
@@ -144,3 +145,15 @@ def test_deepcopy_of_sets_of_names():
     finally:
         _numba_inline._compiles().pop()
     assert ir_utils.copy.copy is __import__("copy").copy
+
+
+_LOC = ir.Loc("f", 1)
+
+
+@pytest.mark.parametrize("x, names", [
+    ({1: {("a", "b")}, 2: {("c", "d")}}, True), ({"x": {"a", "b"}}, True), ({1: set()}, True), ({}, True),
+    ({1: {("a", 1)}}, False), ({1: {("a", "b"), "c"}}, False), ({1: {("a", ("b",))}}, False),
+    ({1: {ir.Var(ir.Scope(None, _LOC), "a", _LOC)}}, False), ({1: [("a", "b")]}, False),
+    ({1: frozenset({"a"})}, False), ({(1,): {"a"}}, False), ([{"a"}], False)])
+def test_only_sets_of_names_are_copied_as_sets(x, names):
+    assert _numba_inline._sets_of_names(x) is names
