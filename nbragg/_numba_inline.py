@@ -8,19 +8,20 @@
    of nbragg's, each scope is copied here once per copy of the function and the copied
    blocks share it, as the original blocks share theirs: the inliner renames the variables
    through that scope and then moves every copied block to the caller's scope, so the
-   inlined code is the same.  (numba/numba#8989 is about the same copies.)
+   inlined code is the same.  (numba/numba#8989 is about a related copy of the same step.)
 2. The copy propagation of Numba's parallel passes deep-copies its data-flow sets (a dict
    of sets of variable names, or of pairs of them) at every round of its fixed-point
-   iteration, only to compare them with the next round's.  During a compile of nbragg's,
-   such a dict is copied here as a dict of new sets of the same (immutable) names; anything
-   else goes to ``copy.deepcopy``.
+   iteration, only to compare them with the next round's; the alias analysis copies its
+   sets of names once, to read them.  While one of nbragg's functions compiles, such a
+   dict is copied here as a dict of new sets of the same (immutable) names; anything else
+   goes to ``copy.deepcopy``.
 
 The machine code is the same (the tangent kernel's was compared instruction by
 instruction; the tests compare small kernels').  Measured in one process on a 2-core
 machine, cold cache, a 16x16 image with mosaic domains: 27 s before the first image, 137 s
 more before the first gradient, 110 s more before the first Jacobian, 1.1 GB at most;
-without these, 54 s, 236 s, 270 s and 1.9 GB.  Other code's compiles are left as Numba
-makes them.
+without these, 54 s, 236 s, 270 s and 1.9 GB.  Compiles of other code take these copies
+only where they inline one of nbragg's functions.
 
 :func:`install` only registers a listener on Numba's compile event; Numba's modules are
 wrapped at the first compile of the process, so a process that loads cached kernels
@@ -43,11 +44,17 @@ def _in_package(modname):
 
 
 def _compiles():
-    """Whether each compile in progress (outermost first) is of one of nbragg's functions."""
+    """The compiles in progress, outermost first: (whether the function is nbragg's, the
+    scope copies of the inline it interrupted, restored when it ends)."""
     stack = getattr(_state, "compiles", None)
     if stack is None:
         stack = _state.compiles = []
     return stack
+
+
+def _compiling_ours():
+    stack = _compiles()
+    return bool(stack) and stack[-1][0]
 
 
 # ---- 1. the inliner's scope copies
@@ -114,7 +121,7 @@ def _sets_of_names(x):
 def deepcopy(x, memo=None, _nil=[]):
     """copy.deepcopy, but a dict of sets of names, during a compile of nbragg's, as a dict of
     new sets of the same names (names are immutable: deepcopy gives them back as they are)."""
-    if memo is None and any(_compiles()) and _sets_of_names(x):
+    if memo is None and _compiling_ours() and _sets_of_names(x):
         return {k: set(v) for k, v in x.items()}
     return copy.deepcopy(x, memo, _nil)
 
@@ -166,15 +173,20 @@ def install():
 
     class Compiles(event.Listener):
         def on_start(self, ev):
-            if not _installed:
-                wrap_numba()
             py_func = getattr((ev.data or {}).get("dispatcher"), "py_func", None)
-            _compiles().append(_in_package(getattr(py_func, "__module__", "")))
+            # (a compile started inside an inline, by type inference, copies its own scopes)
+            _compiles().append((_in_package(getattr(py_func, "__module__", "")), _scope_copies()))
+            _state.scopes = None
+            if not _installed:
+                try:
+                    wrap_numba()
+                except Exception:    # (never a reason for a compile to fail)
+                    pass
 
         def on_end(self, ev):
             stack = _compiles()
             if stack:
-                stack.pop()
+                _state.scopes = stack.pop()[1]
 
     event.register("numba:compile", Compiles())
     _listening = True

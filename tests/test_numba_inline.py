@@ -3,6 +3,7 @@ of the function, not once per block; copy propagation copies its sets of names a
 the code is what Numba makes without either."""
 
 import re
+import types
 
 import numpy as np
 import pytest
@@ -111,35 +112,60 @@ def _parallel_sum():
     return total
 
 
-def test_copy_propagation_copies_names_as_sets_in_nbragg_compiles(monkeypatch):
-    fast = []
+def _recording_sets_of_names(monkeypatch):
+    seen = []
     sets_of_names = _numba_inline._sets_of_names
-    monkeypatch.setattr(_numba_inline, "_sets_of_names", lambda x: fast.append(1) or sets_of_names(x))
+
+    def recording(x):
+        seen.append(sets_of_names(x))
+        return seen[-1]
+
+    monkeypatch.setattr(_numba_inline, "_sets_of_names", recording)
+    return seen
+
+
+def test_copy_propagation_copies_names_as_sets_in_nbragg_compiles(monkeypatch):
+    fast = _recording_sets_of_names(monkeypatch)
     plain = _parallel_sum()
     assert fast == []                               # (not a compile of nbragg's)
-    _numba_inline._compiles().append(True)         # as if it were
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(_numba_inline, "_in_package", lambda modname: True)     # as if it were
         ours = _parallel_sum()
-    finally:
-        _numba_inline._compiles().pop()
-    assert len(fast) > 0
+    assert any(fast)
     code = _code(ours)
     assert len(code) > 1000
     assert code == _code(plain)
 
 
-def test_deepcopy_of_sets_of_names():
+def test_a_compile_of_nbragg_s_takes_the_set_copies(monkeypatch):
+    fast = _recording_sets_of_names(monkeypatch)
+    source = _parallel_sum.__code__.co_consts
+    (code,) = [c for c in source if getattr(c, "co_name", "") == "total"]
+    total = types.FunctionType(code, {"__name__": physics.__name__, "prange": prange})
+    a = np.arange(16.0)
+    assert njit(parallel=True, error_model="numpy")(total)(a, a) == np.sum(a * a + 1.0)
+    assert any(fast)
+
+
+def test_deepcopy_of_sets_of_names(monkeypatch):
+    import copy
+    assert _numba_inline.wrap_numba()
+    deep = []
+    monkeypatch.setattr(_numba_inline, "copy", types.SimpleNamespace(
+        deepcopy=lambda *a: deep.append(1) or copy.deepcopy(*a), copy=copy.copy))
     flow = {1: {("a", "b"), ("c", "d")}, 2: set()}
     aliases = {"x": {"y", "z"}}
     other = {1: [("a", "b")]}
-    _numba_inline._compiles().append(True)
+    _numba_inline._compiles().append((True, None))
     try:
         for x in (flow, aliases):
             y = ir_utils.copy.deepcopy(x)
             assert y == x and y is not x
             assert all(y[k] is not x[k] for k in x)
+        assert deep == []                           # (sets of names: not copy.deepcopy's)
         z = ir_utils.copy.deepcopy(other)          # (not sets: copy.deepcopy's)
         assert z == other and z[1] is not other[1]
+        assert deep
         memo = {}
         assert ir_utils.copy.deepcopy(flow, memo) == flow and memo
     finally:
