@@ -515,12 +515,9 @@ def tangent_image(model, d, backend="cpu", threads=None):
         if check_backend(backend) == "cuda":
             J[p], image[p] = cuda_kernels().run_tangent(S, kL, dp, model.scale)
             continue
-        m = S.xtal.orients.shape[0]
-        ori = dp[:, kL.orients:kL.orients + 9 * kL.npad].reshape(P, 9, kL.npad)
-        has_dori = np.array([bool(np.any(ori[q, :, :m] != 0)) for q in range(P)])
-        flags = T.tangent_flags(dp, kL)
+        flags, has_dori, base = T.orientation_tangents(dp, kL, S.xtal.orients)
         with _threads(threads):
-            T.tangent(*S, dp, kL, model.scale, has_dori, flags, J[p], image[p], True)
+            T.tangent(*S, dp, kL, model.scale, has_dori, base, flags, J[p], image[p], True)
     return (J[0], image[0]) if len(scenes) == 1 else (J, image)
 
 

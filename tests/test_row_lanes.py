@@ -146,19 +146,89 @@ def test_tangent_row_lanes_in_chunks_agree_with_the_walk(tmp_path):
     _check_tangent_lanes(model, _mask(model.scene))
 
 
+BASE_NAMES = ["cell_a", "cell_gamma", "misset_y", "phi0"]
+
+
+def test_orientation_tangents_find_the_directions_that_move_the_unrotated_cell():
+    """The cell's, the missetting's and phi0's directions move every orientation as C A_m
+    (T_BASE, with that C); a mosaic spread's, an oscillation's and a random one's do not;
+    one that moves no orientation has neither flag."""
+    from nbragg.params import input_tangent
+    model = _model("-mosaic 1 -mosaic_dom 10 -phi 0 -osc 1 -phisteps 3", None)
+    kL = model.kernel_layout
+    orients = model.scene.xtal.orients
+    m = orients.shape[0]
+    names = BASE_NAMES + ["mosaic_spread", "osc", "distance"]
+    d = np.array([input_tangent(model, n) for n in names] + [_random_orientations(kL, m, np.random.default_rng(1))])
+    flags, has_dori, base = T.orientation_tangents(d, kL, orients)
+    assert list(has_dori) == [True] * 6 + [False, True]
+    assert [bool(f & T.T_BASE) for f in flags] == [True] * 4 + [False] * 4
+    assert list(flags & ~T.T_BASE) == list(T.tangent_flags(d, kL))
+    for p in range(4):
+        dA = d[p, kL.orients:kL.orients + 9 * kL.npad].reshape(3, 3, kL.npad)[..., :m].transpose(2, 0, 1)
+        C = base[p].reshape(3, 3)
+        assert np.abs(C @ orients - dA).max() <= 1e-14 * np.abs(dA).max()
+    assert not np.any(base[4:])
+    # with one orientation every orientation tangent is C A_0
+    still = _model("", None)
+    one = _random_orientations(still.kernel_layout, 1, np.random.default_rng(2))[None]
+    assert T.orientation_tangents(one, still.kernel_layout, still.scene.xtal.orients)[0][0] & T.T_BASE
+    bad = one.copy()
+    bad[0, still.kernel_layout.orients] = np.nan
+    assert not T.orientation_tangents(bad, still.kernel_layout, still.scene.xtal.orients)[0][0] & T.T_BASE
+
+
+def _random_orientations(kL, m, rng):
+    row = np.zeros(kL.size)
+    ori = row[kL.orients:kL.orients + 9 * kL.npad].reshape(9, kL.npad)
+    ori[:, :m] = rng.normal(size=(9, m))
+    return row
+
+
+@pytest.mark.parametrize("name", ["still", "mosaic 30 orientations, oversample 2", "17 orientations, sources",
+                                  "9 orientations"])
+def test_tangents_through_C_equal_those_through_each_orientation(name, tmp_path):
+    """Directions moving every orientation as C A_m (the cell's, the missetting's, phi0's,
+    a random C with every other field moved too), taken by the pixel walk through one sum
+    of dT/d(h, k, l) outer (h, k, l), against the same directions taken orientation by
+    orientation (the flag T_BASE cleared): equal to rounding."""
+    from nbragg.params import input_tangent
+    model, S = _case(name, True, tmp_path)
+    kL = model.kernel_layout
+    orients = S.xtal.orients
+    rng = np.random.default_rng(7)
+    every = rng.normal(size=kL.size)
+    ori = every[kL.orients:kL.orients + 9 * kL.npad].reshape(3, 3, kL.npad)
+    ori[...] = 0.0
+    ori[..., :orients.shape[0]] = np.einsum("ij,mjk->ikm", rng.normal(size=(3, 3)), orients)
+    d = np.array([input_tangent(model, n) for n in BASE_NAMES] + [every])
+    flags, has_dori, base = T.orientation_tangents(d, kL, orients)
+    assert all(f & T.T_BASE for f in flags)
+    shape = (S.det.spixels, S.det.fpixels)
+    out = []
+    for fl in (flags, flags & ~T.T_BASE):
+        J = np.full(shape + (len(d),), -1.0)
+        image = np.full(shape, -1.0)
+        T.tangent(*S, d, kL, model.scale, has_dori, base, fl, J, image, False)
+        out.append((J, image))
+    (J, image), (Jo, image_o) = out
+    assert image.tobytes() == image_o.tobytes()
+    for p in range(len(d)):
+        big = np.abs(Jo[..., p]).max()
+        assert big > 0
+        np.testing.assert_allclose(J[..., p], Jo[..., p], rtol=1e-11, atol=1e-12 * big, err_msg=f"direction {p}")
+
+
 def _check_tangent_lanes(model, S):
     kL = model.kernel_layout
     d = _tangent_directions(model, np.random.default_rng(5))
-    m = S.xtal.orients.shape[0]
-    ori = d[:, kL.orients:kL.orients + 9 * kL.npad].reshape(len(d), 9, kL.npad)
-    has_dori = np.array([bool(np.any(ori[q, :, :m] != 0)) for q in range(len(d))])
-    flags = T.tangent_flags(d, kL)
+    flags, has_dori, base = T.orientation_tangents(d, kL, S.xtal.orients)
     shape = (S.det.spixels, S.det.fpixels)
     out = {}
     for lanes in (True, False):
         J = np.full(shape + (len(d),), -1.0)
         image = np.full(shape, -1.0)
-        T.tangent(*S, d, kL, model.scale, has_dori, flags, J, image, lanes)
+        T.tangent(*S, d, kL, model.scale, has_dori, base, flags, J, image, lanes)
         out[lanes] = J, image
     forward = np.full(shape, -1.0)
     K.forward(*S, 0, S.det.spixels, forward, np.zeros(S.det.spixels), True)

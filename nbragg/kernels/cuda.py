@@ -183,7 +183,7 @@ _forward_kernel_single = cuda.jit(_rebind(_forward, _pixel_value=device_function
 
 
 @cuda.jit
-def _tangent_kernel(S, d, L, scale, flags, ori, fflat, has_dori, xmin, ymin, nx, ny, J, image):
+def _tangent_kernel(S, d, L, scale, flags, ori, fflat, has_dori, base, xmin, ymin, nx, ny, J, image):
     spixel, fpixel, active = _thread_pixel(cuda.grid(1), xmin, ymin, nx, ny, S.det)
     if not active:
         return
@@ -212,7 +212,7 @@ def _tangent_kernel(S, d, L, scale, flags, ori, fflat, has_dori, xmin, ymin, nx,
     dI = dI_[:npar]
     v = _pixel_tangent(fpixel, spixel, S, d, L, dP_[:npar], dd_[:npar], dq_[:npar], dI, dom_[:npar],
                        dcap_[:npar], dpol_[:npar], dm_[:npar], dbg_[:npar], lp, pbuf, fidx, fw, False, ori, fflat, has_dori,
-                       flags, sc, ibuf)
+                       base, flags, sc, ibuf)
     image[spixel, fpixel] = v * scale
     for p in range(npar):
         J[spixel, fpixel, p] = scale * dI[p] + d[p, L.scale] * v
@@ -382,7 +382,8 @@ def run_tangent(scene, L, d, scale):
     P = d.shape[0]
     J = np.zeros(inp.shape + (P,))
     image = np.zeros(inp.shape)
-    dummy_has = cuda.to_device(np.zeros(1, dtype=np.bool_))
+    dummy_has = cuda.to_device(np.zeros(1, dtype=np.bool_))     # (the walk's own loops: no square_tangent)
+    dummy_base = cuda.to_device(np.zeros((1, 9)))
     n = inp.nx * inp.ny
     for p0 in range(0, P, MAXP):
         group = np.ascontiguousarray(d[p0:p0 + MAXP])
@@ -393,7 +394,7 @@ def run_tangent(scene, L, d, scale):
         if n > 0:
             _tangent_kernel[_blocks(n), THREADS_PER_BLOCK](
                 inp.dev, cuda.to_device(group), L, scale, cuda.to_device(flags), inp.ori_dummy, inp.fflat_dummy,
-                dummy_has, inp.xmin, inp.ymin, inp.nx, inp.ny, Jd, imd)
+                dummy_has, dummy_base, inp.xmin, inp.ymin, inp.nx, inp.ny, Jd, imd)
         J[:, :, p0:p0 + Pg] = Jd.copy_to_host()
         image = imd.copy_to_host()
     return J, image

@@ -21,7 +21,7 @@ from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, 
                      capture_partials, lane_scratch, lane_sums, lattice_grad, omega_partials, orientation_lanes,
                      solid_angle_partials, square_partials, weight_partials)
 from .physics import (SQUARE, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
-                      signed_square, sum_row)
+                      signed_square, soa_hkl, sum_row)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Layout, Scene, field_slice
 
@@ -32,13 +32,14 @@ T_SCRATCH = SQ_ROWS + 5
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def square_tangent(qx, qy, qz, ori, nreal, S, s, fflat, dq, d, L, has_dori, dI, sc, ibuf):
+def square_tangent(qx, qy, qz, ori, nreal, S, s, fflat, dq, d, L, has_dori, base, flags, dI, sc, ibuf):
     """Tangents of one block's terms (parallelepiped, nearest F, no -oversample_* flags)
     of source ``s``, times the term's weight w (physics.bragg_weight).
 
     Adds d(w * sum of terms)/dtheta_p to dI[p] and returns w * the sum of terms.  The per-
     orientation work is done once (vectorised); each parameter then costs three dot
-    products, plus one vectorised pass when it moves the orientations.
+    products, plus nine more when it moves the orientations as C A_m (T_BASE: the block's
+    dT/d(h, k, l) outer (h, k, l) is summed once for all such), else one vectorised pass.
     """
     n = ori.shape[1]
     xt = S.xtal
@@ -81,10 +82,34 @@ def square_tangent(qx, qy, qz, ori, nreal, S, s, fflat, dq, d, L, has_dori, dI, 
     SD = sum_row(sc, _T_DEF, n)
     T = sum_row(sc, SQ_T, nreal)     # the forward's block sum, bit for bit
     npar = dI.shape[0]
+    any_base = False
+    for p in range(npar):
+        any_base = any_base or (flags[p] & T_BASE) != 0
+    # (nine scalars, not an array: this runs per block of every pixel)
+    N0 = N1 = N2 = N3 = N4 = N5 = N6 = N7 = N8 = 0.0
+    if any_base:
+        for m in range(nreal):
+            h, k, l = soa_hkl(ori, m, qx, qy, qz)
+            gh = sc[SQ_LH, m]
+            gk = sc[SQ_LK, m]
+            gl = sc[SQ_LL, m]
+            N0 += gh * h
+            N1 += gh * k
+            N2 += gh * l
+            N3 += gk * h
+            N4 += gk * k
+            N5 += gk * l
+            N6 += gl * h
+            N7 += gl * k
+            N8 += gl * l
     for p in range(npar):
         v = (dq[p, 0] * Wx + dq[p, 1] * Wy + dq[p, 2] * Wz + d[p, L.Na] * SNa + d[p, L.Nb] * SNb
              + d[p, L.Nc] * SNc + d[p, L.default_F] * SD)
-        if has_dori[p]:
+        if (flags[p] & T_BASE) != 0:
+            C = base[p]
+            v += (C[0] * N0 + C[1] * N1 + C[2] * N2 + C[3] * N3 + C[4] * N4 + C[5] * N5 + C[6] * N6 + C[7] * N7
+                  + C[8] * N8)
+        elif has_dori[p]:
             # rows 3 i + j of d(orientations), each a contiguous run of n (scene.py's layout)
             o0 = L.orients
             a0 = d[p, o0:o0 + n]
@@ -118,6 +143,40 @@ T_LAM = 4      # wavelengths
 T_OMEGA = 8    # pixel size / close distance (solid angle)
 T_POL = 16     # Kahn factor or polarization axis
 T_CAP = 32     # absorption (mu, layer spacing, odet)
+T_BASE = 64    # every orientation moves as C A_m, one 3x3 C for all (orientation_tangents)
+
+# how closely C A_m must give a direction's orientation tangents, relative to their largest
+# entry, for T_BASE (the cell's and missetting's directions: within 1e-15; a mosaic
+# spread's or an oscillation's: not at all)
+BASE_TOLERANCE = 1e-12
+
+
+def orientation_tangents(d, L, orients):
+    """(flags, has_dori, base) for the tangent kernel's directions d (P, L.size): the
+    :func:`tangent_flags`, whether each direction moves the orientations, and for those
+    whose orientation tangents are C A_m for every orientation A_m (rows a, b, c) with one
+    3x3 C -- a direction that moves the unrotated cell (the cell's edges and angles, the
+    missetting, phi0) -- C (row-major in base[p]) and the flag T_BASE.  Then dh/dtheta =
+    C (h, k, l) for every orientation, so the pixel walk's :func:`square_tangent` sums
+    dT/d(h, k, l) outer (h, k, l) over a block's orientations once for all such directions
+    instead of a pass over the orientations per direction."""
+    flags = tangent_flags(d, L)
+    P = d.shape[0]
+    m = orients.shape[0]
+    dA = d[:, L.orients:L.orients + 9 * L.npad].reshape(P, 3, 3, L.npad)[..., :m]
+    has_dori = np.array([bool(np.any(dA[p] != 0)) for p in range(P)], dtype=np.bool_)
+    base = np.zeros((P, 9))
+    # [A_0 | A_1 | ...] and the same of a direction's tangents: C solves C A = dA
+    A = np.ascontiguousarray(orients.transpose(1, 0, 2)).reshape(3, 3 * m)
+    for p in range(P):
+        if not has_dori[p] or not np.all(np.isfinite(dA[p])):
+            continue
+        dAp = np.ascontiguousarray(dA[p].transpose(0, 2, 1)).reshape(3, 3 * m)
+        C = np.linalg.lstsq(A.T, dAp.T, rcond=None)[0].T
+        if np.abs(C @ A - dAp).max() <= BASE_TOLERANCE * np.abs(dAp).max():
+            base[p] = C.ravel()
+            flags[p] |= T_BASE
+    return flags, has_dori, base
 
 
 def tangent_flags(d, L):
@@ -240,12 +299,13 @@ class TangentWork(NamedTuple):
     ori: np.ndarray
     fflat: np.ndarray
     has_dori: np.ndarray
+    base: np.ndarray
     sc: np.ndarray
     ibuf: np.ndarray
 
 
 (W_d, W_L, W_flags, W_dP, W_dd, W_dq, W_dI, W_dom, W_dcap, W_dpol, W_dm, W_dbg, W_lp, W_pbuf, W_fidx, W_fw, W_fast,
- W_ori, W_fflat, W_has_dori, W_sc, W_ibuf) = range(len(TangentWork._fields))
+ W_ori, W_fflat, W_has_dori, W_base, W_sc, W_ibuf) = range(len(TangentWork._fields))
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -413,8 +473,8 @@ def _t_block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
     lp = W[W_lp]
     npar = dI.shape[0]
     if W[W_fast]:
-        return I + square_tangent(qx, qy, qz, W[W_ori], norient, S, s, W[W_fflat], dq, d, L, W[W_has_dori], dI,
-                                  W[W_sc], W[W_ibuf])
+        return I + square_tangent(qx, qy, qz, W[W_ori], norient, S, s, W[W_fflat], dq, d, L, W[W_has_dori],
+                                  W[W_base], W[W_flags], dI, W[W_sc], W[W_ibuf])
     samp = S.samp
     os_thick = samp.os_thick
     os_polar = samp.os_polar
@@ -499,21 +559,22 @@ walk_tangent = specialise("tangent", begin=_t_begin, layer=_t_layer, subpixel=_t
 
 @njit(cache=True, error_model="numpy", inline="always")
 def pixel_tangent(fpixel, spixel, S, d, L, dP, dd, dq, dI, dom, dcap, dpol, dm, dbg, lp, pbuf, fidx, fw,
-                  fast, ori, fflat, has_dori, flags, sc, ibuf):
+                  fast, ori, fflat, has_dori, base, flags, sc, ibuf):
     """Value (unscaled) of one pixel; its tangents along the directions d (P, L.size)
     are left in dI (P).  The walk of :mod:`.pixel` with the tangent hooks above.
 
     ``fast``: blocks go through :func:`square_tangent` (CPU vector loops), as in
     :func:`~nbragg.kernels.cpu.pixel_value`."""
-    W = (d, L, flags, dP, dd, dq, dI, dom, dcap, dpol, dm, dbg, lp, pbuf, fidx, fw, fast, ori, fflat, has_dori, sc,
-         ibuf)
+    W = (d, L, flags, dP, dd, dq, dI, dom, dcap, dpol, dm, dbg, lp, pbuf, fidx, fw, fast, ori, fflat, has_dori, base,
+         sc, ibuf)
     return walk_tangent(fpixel, spixel, S, W)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def tangent(det, beam, xtal, fhkl, samp, d, L, scale, has_dori, flags, J, image, lanes):
+def tangent(det, beam, xtal, fhkl, samp, d, L, scale, has_dori, base, flags, J, image, lanes):
     """J[s, f, p] = d(scaled image)/d(theta_p) for the directions d (P, L.size) in the
-    layout L; ``image`` receives the scaled image.  ``lanes``: rows take
+    layout L (``flags``, ``has_dori``, ``base``: :func:`orientation_tangents`); ``image``
+    receives the scaled image.  ``lanes``: rows take
     :func:`_tangent_row_lanes` where :func:`~nbragg.kernels.cpu.row_path` allows (False:
     every pixel walks, as the tests' reference does).  (The scene comes block by block,
     as in :func:`~nbragg.kernels.cpu.forward`.)"""
@@ -528,12 +589,12 @@ def tangent(det, beam, xtal, fhkl, samp, d, L, scale, has_dori, flags, J, image,
             _tangent_row_lanes(Scene(det, beam, xtal, fhkl, samp), spixel, xmin, xmax, d, L, scale, has_dori, flags,
                                ori, fflat, J, image)
         else:
-            _tangent_row(Scene(det, beam, xtal, fhkl, samp), spixel, xmin, xmax, d, L, scale, has_dori, flags, fast,
-                         ori, fflat, J, image)
+            _tangent_row(Scene(det, beam, xtal, fhkl, samp), spixel, xmin, xmax, d, L, scale, has_dori, base, flags,
+                         fast, ori, fflat, J, image)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _tangent_row(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, fast, ori, fflat, J, image):
+def _tangent_row(S, spixel, xmin, xmax, d, L, scale, has_dori, base, flags, fast, ori, fflat, J, image):
     """One row of the tangent kernel (a call per row: see cpu._forward_row)."""
     use_mask = S.det.use_mask
     mask = S.det.mask
@@ -558,7 +619,7 @@ def _tangent_row(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, fast, ori,
         if use_mask and mask[spixel, fpixel] == 0:
             continue
         v = pixel_tangent(fpixel, spixel, S, d, L, dP, dd, dq, dI, dom, dcap, dpol, dm, dbg, lp, pbuf, fidx, fw,
-                          fast, ori, fflat, has_dori, flags, sc, ibuf)
+                          fast, ori, fflat, has_dori, base, flags, sc, ibuf)
         image[spixel, fpixel] = v * scale
         for p in range(npar):
             J[spixel, fpixel, p] = scale * dI[p] + d[p, L.scale] * v
@@ -639,7 +700,10 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     (SD), and per orientation m, w (dT/dh, dT/dk, dT/dl) outer q (O); the directions'
     tangents of q are contracted with W* per block, those of N, F and the orientations
     with the sums once, at the end.  The pixel factors and the geometry's tangents
-    (scalar loops over the pixels) are taken where the walk takes them."""
+    (scalar loops over the pixels) are taken where the walk takes them.  (The T_BASE
+    directions take O here too: summing dT/d(h, k, l) outer (h, k, l) instead, as
+    :func:`square_tangent` does, costs these loops as much per term as O, measured on B2,
+    and O's contraction is once per pixel.)"""
     det = S.det
     beam = S.beam
     xt = S.xtal
