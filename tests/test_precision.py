@@ -46,10 +46,12 @@ def test_twin_computes_in_float32_only():
             return True
         # the second declared sum: the amorphous background's (bg), and its sample's sum
         # over materials in amorphous_sum (acc, of np.float64(amount) * np.float64(F^2)),
-        # which the walk's amorphous hook multiplies by the sample's factors
+        # which amorphous_term multiplies by the sample's factors for the walk's amorphous
+        # hook and the forward's row lanes
         if re.fullmatch(r"(arg[._])?(bg|acc)([._]\d+)*", name):
             return True
-        if where in ("amorphous_sum_single", "_amorphous_single") and ("call" in name or "binop_mul" in name):
+        if where in ("amorphous_sum_single", "amorphous_term_single", "_amorphous_single") and (
+                "call" in name or "binop_mul" in name):
             return True
         # the row lanes' sums: the elements of their float64 array I (read: binary_subscr,
         # merged: phi) and the pixel's value apply_final makes of one (call); every other

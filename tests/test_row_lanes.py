@@ -71,19 +71,7 @@ def _mask(S):
 @pytest.mark.parametrize("name", list(CASES))
 def test_row_lanes_equal_the_walk(name, grid, single, tmp_path):
     model, S = _case(name, grid, tmp_path)
-    dtype = np.float32 if single else np.float64
-    forward = cpu_single(K.forward) if single else K.forward
-    if single:
-        S = as_single(S)
-    lanes_image = np.full((S.det.spixels, S.det.fpixels), -1.0, dtype)
-    lanes_omega = np.zeros(S.det.spixels, dtype)
-    forward(*S, 0, S.det.spixels, lanes_image, lanes_omega, True)
-    walk_image = np.full_like(lanes_image, -1.0)
-    walk_omega = np.zeros_like(lanes_omega)
-    forward(*S, 0, S.det.spixels, walk_image, walk_omega, False)
-    assert lanes_image.tobytes() == walk_image.tobytes()
-    assert lanes_omega.tobytes() == walk_omega.tobytes()
-    assert lanes_image.max() > 0
+    lanes_image = _check_forward_lanes(S, single)
     if "mask" in name:
         # masked and out-of-ROI pixels untouched (by both: the byte comparison above)
         assert (lanes_image[S.det.mask == 0] == -1.0).all()
@@ -97,6 +85,61 @@ def test_row_lanes_equal_the_walk(name, grid, single, tmp_path):
         assert not np.array_equal(nbragg.engine.render(uncut)[0], nbragg.engine.render(model)[0])
 
 
+# an amorphous background (nonBragg's term) on the forward's row lanes: its factors taken
+# at every sample, two materials' tables, with and without Bragg terms
+AMORPHOUS_CASES = {
+    "mosaic": "-mosaic 1 -mosaic_dom 5",
+    "layers, Kahn factor, sources, dmin, oversample 2": "-detector_thick 100 -detector_abs 300 -detector_thicksteps 3 "
+                                                        "-polar 0.8 -divergence 0.3 -divsteps 2 -dispersion 1 "
+                                                        "-dispsteps 2 -dmin 13.5 -oversample 2",
+    "curved, point pixel, no polarization, B factor": "-curved_det -point_pixel -nopolar",
+    "no Bragg terms (default F 0)": "-oversample 2",
+}
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", list(AMORPHOUS_CASES))
+def test_row_lanes_with_an_amorphous_background_equal_the_walk(name, single):
+    exp = nbragg.Experiment.from_nanobragg_args((BASE + " " + AMORPHOUS_CASES[name]).split(), warn=lambda m: None)
+    background = [nbragg.Material("water", thickness=0.1),
+                  nbragg.Material("water", units="stol", thickness=0.05, scale=0.5)]
+    exp = exp.replace(background=background)
+    if "B factor" in name:
+        exp = exp.replace(structure=exp.structure.replace(B_iso=8.0))
+    if "no Bragg" in name:
+        exp = exp.replace(structure=exp.structure.replace(default_F=0.0))
+    model = build_model(exp, warn=lambda m: None)
+    S = model.scene
+    assert K.forward_row_path(S) and not K.row_path(S)     # (the derivative kernels walk)
+    assert S.samp.bragg == ("no Bragg" not in name)
+    image = _check_forward_lanes(S, single)
+    # the background is there: the image differs from the one without it
+    bare = build_model(exp.replace(background=[]), warn=lambda m: None)
+    shape = (S.det.spixels, S.det.fpixels)
+    without = np.full(shape, -1.0)
+    K.forward(*bare.scene, 0, S.det.spixels, without, np.zeros(S.det.spixels), True)
+    assert np.all(image > without)
+
+
+def _check_forward_lanes(S, single):
+    """The forward's row lanes against its walk, bit for bit (image and solid-angle sums),
+    in float64 or its single-precision twin; returns the lanes' image."""
+    dtype = np.float32 if single else np.float64
+    forward = cpu_single(K.forward) if single else K.forward
+    if single:
+        S = as_single(S)
+    lanes_image = np.full((S.det.spixels, S.det.fpixels), -1.0, dtype)
+    lanes_omega = np.zeros(S.det.spixels, dtype)
+    forward(*S, 0, S.det.spixels, lanes_image, lanes_omega, True)
+    walk_image = np.full_like(lanes_image, -1.0)
+    walk_omega = np.zeros_like(lanes_omega)
+    forward(*S, 0, S.det.spixels, walk_image, walk_omega, False)
+    assert lanes_image.tobytes() == walk_image.tobytes()
+    assert lanes_omega.tobytes() == walk_omega.tobytes()
+    assert lanes_image.max() > 0
+    return lanes_image
+
+
 def test_row_path_is_taken_for_cheap_images_only_where_it_applies():
     model = _model("", None)
     assert K.row_path(model.scene)
@@ -104,8 +147,10 @@ def test_row_path_is_taken_for_cheap_images_only_where_it_applies():
     exp = nbragg.Experiment.from_nanobragg_args(BASE.split(), warn=lambda m: None)
     amorphous = exp.replace(background=[nbragg.Material("water", thickness=0.1)])
     assert not K.row_path(build_model(amorphous, warn=lambda m: None).scene)
-    assert not K.row_path(_model("-oversample 2 -oversample_omega", None).scene)
-    assert not K.row_path(_model("-round_xtal", None).scene)
+    assert K.forward_row_path(build_model(amorphous, warn=lambda m: None).scene)
+    for flags in ("-oversample 2 -oversample_omega", "-round_xtal"):
+        assert not K.row_path(_model(flags, None).scene)
+        assert not K.forward_row_path(_model(flags, None).scene)
 
 
 def _tangent_directions(model, rng):

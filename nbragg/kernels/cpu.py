@@ -13,9 +13,9 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .physics import (REAL, SQUARE, axes_hkl, beyond_dmin, bragg_weight, capture_fraction, flat_grid_index,
-                      flat_position, grid_cells, grid_extent, lattice_factor, lookup_F, miller, node_offset,
-                      orientation_axes, orientations_soa, pixel_solid_angle, polarization_axes,
+from .physics import (REAL, SQUARE, amorphous_term, axes_hkl, beyond_dmin, bragg_weight, capture_fraction,
+                      flat_grid_index, flat_position, grid_cells, grid_extent, lattice_factor, lookup_F, miller,
+                      node_offset, orientation_axes, orientations_soa, pixel_solid_angle, polarization_axes,
                       polarization_with_axes, real, soa_miller, square_lattice_sq, subpixel_position, sum_fixed,
                       unit_direction, weighted)
 from .pixel import add_term, apply_final, rebound, specialise
@@ -132,18 +132,26 @@ def clipped_roi(det, spixels, fpixels):
 
 
 @njit(cache=True)
+def forward_row_path(S):
+    """True when the forward kernel computes rows in vector loops across their pixels
+    (:func:`_forward_row_lanes`): the bulk-orientation case (:func:`fast_path`), with or
+    without an amorphous background."""
+    return fast_path(S)
+
+
+@njit(cache=True)
 def row_path(S):
-    """True when rows are computed in vector loops across their pixels
-    (:func:`_forward_row_lanes`): the bulk-orientation case (:func:`fast_path`) without an
-    amorphous background."""
-    return fast_path(S) and S.samp.bragg and S.samp.bg_amount.shape[0] == 0
+    """True when the derivative kernels compute rows in vector loops across their pixels
+    (their ``_*_row_lanes``): :func:`forward_row_path`'s case with Bragg terms and without
+    an amorphous background."""
+    return forward_row_path(S) and S.samp.bragg and S.samp.bg_amount.shape[0] == 0
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def forward(det, beam, xtal, fhkl, samp, y0, y1, image, omega_rows, lanes):
     """Fill ``image`` (spixels, fpixels) inside ROI and mask, in rows y0..y1 (inclusive,
     within the ROI's); other pixels are left as they are.  ``lanes``: rows take
-    :func:`_forward_row_lanes` where :func:`row_path` allows (False: every pixel walks, as
+    :func:`_forward_row_lanes` where :func:`forward_row_path` allows (False: every pixel walks, as
     the tests' reference does).
 
     Parallel kernels take the scene's blocks one by one (``*scene``) and rebuild the
@@ -156,7 +164,7 @@ def forward(det, beam, xtal, fhkl, samp, y0, y1, image, omega_rows, lanes):
     ori = orientations_soa(xtal.orients)
     fflat = fhkl.grid.ravel()
     fast = fast_path(Scene(det, beam, xtal, fhkl, samp))
-    lanes = lanes and row_path(Scene(det, beam, xtal, fhkl, samp))
+    lanes = lanes and forward_row_path(Scene(det, beam, xtal, fhkl, samp))
     for spixel in prange(ymin, ymax + 1):
         if lanes:
             _forward_row_lanes(Scene(det, beam, xtal, fhkl, samp), spixel, xmin, xmax, ori, fflat, image,
@@ -187,16 +195,18 @@ def _forward_row(S, spixel, xmin, xmax, fast, ori, fflat, image, omega_rows):
 
 @njit(cache=True, error_model="numpy")
 def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
-    """One row of the forward kernel in the :func:`row_path` case, the pixels of the row
-    as vector lanes: the loops over them make no calls (the structure-factor gather, the
-    curved detector's and the sensor layers' trigonometry run in loops of their own), so
-    LLVM vectorises them, and cheap images (few orientations per pixel) pay no padding.
+    """One row of the forward kernel in the :func:`forward_row_path` case, the pixels of
+    the row as vector lanes: the loops over them make no calls (the structure-factor
+    gather, the curved detector's and the sensor layers' trigonometry and the amorphous
+    background's table run in loops of their own), so LLVM vectorises them, and cheap
+    images (few orientations per pixel) pay no padding.
 
     It is :func:`~nbragg.kernels.pixel.walk` with the ``forward`` mode, sample loop
     outside and pixel loop inside, and gives the same values bit for bit (the tests
     compare the two): the solid angle taken at the first sub-pixel, the capture fraction
-    at each layer's first, the polarization at the first sample -dmin keeps, and each
-    block's orientations summed in :func:`sum_fixed`'s order."""
+    at each layer's first, the polarization at the first sample -dmin keeps, each block's
+    orientations summed in :func:`sum_fixed`'s order, and the amorphous background's
+    factors taken at every sample (nonBragg's), summed apart and added at the end."""
     det = S.det
     beam = S.beam
     xt = S.xtal
@@ -222,6 +232,9 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
     nsrc = sources.shape[0]
     dmin = samp.dmin
     debye = fs.B != 0.0
+    bragg = samp.bragg
+    nbg = samp.bg_amount.shape[0]
+    sensor = det.thick != 0.0
     # (loops over the pixels pass scalars, not the scene's blocks: see physics.pixel_solid_angle)
     pixel = det.pixel
     close_distance = det.close_distance
@@ -243,6 +256,7 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
     qxs = np.empty(n, dtype=REAL)
     qys = np.empty(n, dtype=REAL)
     qzs = np.empty(n, dtype=REAL)
+    bg = np.zeros(n, dtype=np.float64)        # the amorphous background's sum, as the walk's
     polar0 = 1.0 if beam.nopolar else 0.0
     for p in range(n):
         I[p] = S.samp.I_bg
@@ -279,9 +293,20 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
                         qzs[p] = qz
                         kept = not beyond_dmin(qx, qy, qz, dmin)
                         keep[p] = kept
-                        if kept and polar[p] == 0.0:
+                        if bragg and kept and polar[p] == 0.0:
                             polar[p] = polarization_with_axes(kahn, ix, iy, iz, dx[p], dy[p], dz[p],
                                                               bx, by, bz, ex, ey, ez)
+                    if nbg > 0:
+                        # (the table's rows are found by search: a scalar loop)
+                        for p in range(n):
+                            bg_omega = pixel_solid_angle(R[p], pixel, close_distance, point_pixel)
+                            bg_capture = 1.0
+                            if sensor:
+                                bg_capture = capture_fraction(t, dx[p], dy[p], dz[p], det)
+                            bg[p] += amorphous_term(S, s, ix, iy, iz, dx[p], dy[p], dz[p], bg_omega, bg_capture,
+                                                    qxs[p], qys[p], qzs[p])
+                    if not bragg:
+                        continue
                     # (weight is written even without B: the sum's loop below loads it under a
                     # mask, and a masked load from a page never touched is a microcode assist
                     # per vector on some CPUs, which made a still's rows 2-3x slower)
@@ -316,8 +341,8 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
         fpixel = xmin + p
         if use_mask and mask[spixel, fpixel] == 0:
             continue
-        # (+ 0.0: the walk adds its amorphous sum, 0, which makes -0.0 +0.0)
-        image[spixel, fpixel] = apply_final(samp, I[p], capture[p], polar[p], omega[p]) + np.float64(0.0)
+        # (+ bg: the walk's finish; without a background 0, which makes -0.0 +0.0 there too)
+        image[spixel, fpixel] = apply_final(samp, I[p], capture[p], polar[p], omega[p]) + bg[p]
         osum += omega_sum[p]
     omega_rows[spixel] = osum
 

@@ -1102,3 +1102,11 @@ def amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, omega, capture):
         pv = beam.polar_axis
         polar = polarization_factor(beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2])
     return polar * omega * beam.weights[s] * capture
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def amorphous_term(S, s, ix, iy, iz, dx, dy, dz, omega, capture, qx, qy, qz):
+    """One amorphous sample of source ``s`` toward d at scattering vector q: its
+    :func:`amorphous_factor` times the materials' :func:`amorphous_sum` (float64)."""
+    return amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, omega, capture) * amorphous_sum(
+        S.samp, amorphous_stol(qx, qy, qz))

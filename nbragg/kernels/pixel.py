@@ -61,8 +61,8 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
-from .physics import (amorphous_factor, amorphous_stol, amorphous_sum, beyond_dmin, capture_fraction, direction,
-                      polarization_factor, scattering, solid_angle)
+from .physics import (amorphous_term, beyond_dmin, capture_fraction, direction, polarization_factor, scattering,
+                      solid_angle)
 
 
 @njit(cache=True, error_model="numpy")
@@ -241,8 +241,7 @@ def _block(W, S, I, qx, qy, qz, capture, polar, omega, t, subS, subF, s, sub):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _amorphous(W, S, bg, s, sub, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz, omega, capture):
-    return bg + amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, omega, capture) * amorphous_sum(
-        S.samp, amorphous_stol(qx, qy, qz))
+    return bg + amorphous_term(S, s, ix, iy, iz, dx, dy, dz, omega, capture, qx, qy, qz)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
