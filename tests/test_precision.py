@@ -47,16 +47,20 @@ def test_twin_computes_in_float32_only():
         # the second declared sum: the amorphous background's (bg), and its sample's sum
         # over materials in amorphous_sum (acc, of np.float64(amount) * np.float64(F^2)),
         # which amorphous_term multiplies by the sample's factors for the walk's amorphous
-        # hook and the forward's row lanes
-        if re.fullmatch(r"(arg[._])?(bg|acc)([._]\d+)*", name):
+        # hook, and amorphous_lanes lane by lane for the forward's row lanes (its float64
+        # amount, as amorphous_sum's)
+        if re.fullmatch(r"(arg[._])?(bg|acc|amount)([._]\d+)*", name):
             return True
-        if where in ("amorphous_sum_single", "amorphous_term_single", "_amorphous_single") and (
+        if where in ("amorphous_sum_single", "amorphous_term_single", "_amorphous_single",
+                     "amorphous_lanes_single") and (
                 "call" in name or "binop_mul" in name):
             return True
-        # the row lanes' sums: the elements of their float64 array I (read: binary_subscr,
-        # merged: phi) and the pixel's value apply_final makes of one (call); every other
-        # array there is float32, and its callees are checked on their own
-        if where == "_forward_row_lanes_single" and any(k in name for k in ("binary_subscr", "phi", "call")):
+        # the row lanes' sums: the elements of their float64 arrays I and (amorphous_lanes)
+        # acc (read: binary_subscr, merged: phi) and the pixel's value apply_final makes of
+        # one (call); every other array there is float32, and its callees are checked on
+        # their own
+        if where in ("_forward_row_lanes_single", "amorphous_lanes_single") and any(
+                k in name for k in ("binary_subscr", "phi", "call")):
             return True
         return where.endswith(("_begin_single", "_finish_single", "add_term_single", "apply_final_single")) \
             and "call" in name

@@ -86,39 +86,91 @@ def test_row_lanes_equal_the_walk(name, grid, single, tmp_path):
 
 
 # an amorphous background (nonBragg's term) on the forward's row lanes: its factors taken
-# at every sample, two materials' tables, with and without Bragg terms
+# at every sample, two materials' tables (water's evenly spaced, ice's not), with and
+# without Bragg terms
 AMORPHOUS_CASES = {
     "mosaic": "-mosaic 1 -mosaic_dom 5",
+    "structure-factor grid, ROI and mask": "-mosaic 1 -mosaic_dom 3 -roi 2 20 1 22",
     "layers, Kahn factor, sources, dmin, oversample 2": "-detector_thick 100 -detector_abs 300 -detector_thicksteps 3 "
                                                         "-polar 0.8 -divergence 0.3 -divsteps 2 -dispersion 1 "
                                                         "-dispsteps 2 -dmin 13.5 -oversample 2",
     "curved, point pixel, no polarization, B factor": "-curved_det -point_pixel -nopolar",
     "no Bragg terms (default F 0)": "-oversample 2",
+    "no Bragg terms, every sub-pixel's factors, layers": "-oversample 2 -oversample_omega -oversample_thick "
+                                                         "-oversample_polar -detector_thick 100 -detector_abs 300 "
+                                                         "-detector_thicksteps 2",
 }
 
 
 @pytest.mark.parametrize("single", [False, True], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", list(AMORPHOUS_CASES))
-def test_row_lanes_with_an_amorphous_background_equal_the_walk(name, single):
+def test_row_lanes_with_an_amorphous_background_equal_the_walk(name, single, tmp_path):
     exp = nbragg.Experiment.from_nanobragg_args((BASE + " " + AMORPHOUS_CASES[name]).split(), warn=lambda m: None)
-    background = [nbragg.Material("water", thickness=0.1),
-                  nbragg.Material("water", units="stol", thickness=0.05, scale=0.5)]
+    background = [nbragg.Material("water", thickness=0.1), nbragg.Material("ice", thickness=0.05, scale=0.5)]
     exp = exp.replace(background=background)
+    if "grid" in name:
+        hkl = tmp_path / "F.hkl"
+        hkl.write_text("".join(f"{h} {k} {l} {(h * 7 + k * 3 + l) % 50 + 10}\n"
+                               for h in range(-6, 5) for k in range(-3, 7) for l in range(-5, 6)))
+        exp = exp.replace(structure=nbragg.Experiment.from_nanobragg_args(
+            (BASE + f" -hkl {hkl}").split(), warn=lambda m: None).structure)
     if "B factor" in name:
         exp = exp.replace(structure=exp.structure.replace(B_iso=8.0))
     if "no Bragg" in name:
         exp = exp.replace(structure=exp.structure.replace(default_F=0.0))
     model = build_model(exp, warn=lambda m: None)
     S = model.scene
+    if "mask" in name:
+        S = _mask(S)
     assert K.forward_row_path(S) and not K.row_path(S)     # (the derivative kernels walk)
+    assert S.fhkl.has_hkls == ("grid" in name)
     assert S.samp.bragg == ("no Bragg" not in name)
     image = _check_forward_lanes(S, single)
     # the background is there: the image differs from the one without it
-    bare = build_model(exp.replace(background=[]), warn=lambda m: None)
+    bare = build_model(exp.replace(background=[]), warn=lambda m: None).scene
+    if "mask" in name:
+        bare = _mask(bare)
     shape = (S.det.spixels, S.det.fpixels)
     without = np.full(shape, -1.0)
-    K.forward(*bare.scene, 0, S.det.spixels, without, np.zeros(S.det.spixels), True)
-    assert np.all(image > without)
+    K.forward(*bare, 0, S.det.spixels, without, np.zeros(S.det.spixels), True)
+    written = image != -1.0
+    assert np.all(image[written] > without[written])
+    if "mask" in name:
+        assert (image[S.det.mask == 0] == -1.0).all() and written.sum() > 100
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["float64", "float32"])
+def test_amorphous_lanes_equal_amorphous_sum(single):
+    """The row lanes' tables (physics.amorphous_lanes) against the walk's
+    (physics.amorphous_sum), bit for bit, at sin(theta)/lambda below, at, between and past
+    every material's rows: five tables, water's evenly spaced (its rows found at once), ice's
+    not (found by search), both branches taken."""
+    from nbragg.kernels import physics
+    from nbragg.kernels.precision import cpu_single
+    exp = nbragg.Experiment.from_nanobragg_args(BASE.split(), warn=lambda m: None)
+    names = ["water", "ice", "nanoice", "air", "helium"]
+    rng = np.random.default_rng(4)
+    exp = exp.replace(background=[nbragg.Material(n, scale=rng.uniform(0.5, 2)) for n in names])
+    S = build_model(exp, warn=lambda m: None).scene
+    lanes, total = physics.amorphous_lanes, physics.amorphous_sum
+    if single:
+        S = as_single(S)
+        lanes, total = cpu_single(lanes), cpu_single(total)
+    dtype = np.float32 if single else np.float64
+    xs = S.samp.bg_stol.astype(np.float64)
+    stol = np.concatenate([np.linspace(0.0, 1.1 * xs.max(), 3001), xs, 0.5 * (xs[1:] + xs[:-1]), [-1.0]]).astype(dtype)
+    n = stol.size
+    weight = rng.uniform(0.5, 1.5, n).astype(dtype)
+    bg = rng.uniform(0, 1, n)
+    want = np.array([b + np.float64(w) * total(S.samp, x) for b, w, x in zip(bg, weight, stol)])
+    redo = np.zeros(n, dtype=np.bool_)
+    lanes(S.samp, stol, weight, bg, redo, n)
+    assert bg.tobytes() == want.tobytes()
+    # which lanes the last table (helium's, evenly spaced) searched for, and ice's alone
+    assert 0 < redo.sum() < n / 4
+    ice = S._replace(samp=S.samp._replace(bg_start=S.samp.bg_start[1:3].copy(), bg_amount=S.samp.bg_amount[1:2].copy()))
+    lanes(ice.samp, stol, weight, bg, redo, n)
+    assert n / 4 < redo.sum() < n
 
 
 def _check_forward_lanes(S, single):
@@ -143,7 +195,8 @@ def _check_forward_lanes(S, single):
 def test_row_path_is_taken_for_cheap_images_only_where_it_applies():
     model = _model("", None)
     assert K.row_path(model.scene)
-    # an amorphous background, -oversample_* flags and round spots keep the walk
+    # the derivative kernels walk with an amorphous background; -oversample_* flags and
+    # round spots keep every kernel on the walk where there are Bragg terms
     exp = nbragg.Experiment.from_nanobragg_args(BASE.split(), warn=lambda m: None)
     amorphous = exp.replace(background=[nbragg.Material("water", thickness=0.1)])
     assert not K.row_path(build_model(amorphous, warn=lambda m: None).scene)
@@ -262,6 +315,12 @@ def test_tangents_through_C_equal_those_through_each_orientation(name, tmp_path)
         big = np.abs(Jo[..., p]).max()
         assert big > 0
         np.testing.assert_allclose(J[..., p], Jo[..., p], rtol=1e-11, atol=1e-12 * big, err_msg=f"direction {p}")
+    # the flag is what sends them through C: with C zeroed, the named parameters' tangents,
+    # which move nothing but the orientations, are lost
+    Jz = np.full(shape + (len(d),), -1.0)
+    T.tangent(*S, d, kL, model.scale, has_dori, np.zeros_like(base), flags, Jz, image, False)
+    for p in range(len(BASE_NAMES)):
+        assert np.abs(Jz[..., p]).max() < 1e-9 * np.abs(J[..., p]).max(), p
 
 
 def _check_tangent_lanes(model, S):

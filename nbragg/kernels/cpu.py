@@ -13,11 +13,11 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .physics import (REAL, SQUARE, amorphous_term, axes_hkl, beyond_dmin, bragg_weight, capture_fraction,
-                      flat_grid_index, flat_position, grid_cells, grid_extent, lattice_factor, lookup_F, miller,
-                      node_offset, orientation_axes, orientations_soa, pixel_solid_angle, polarization_axes,
-                      polarization_with_axes, real, soa_miller, square_lattice_sq, subpixel_position, sum_fixed,
-                      unit_direction, weighted)
+from .physics import (REAL, SQUARE, amorphous_lanes, amorphous_stol, amorphous_weight, axes_hkl, beyond_dmin,
+                      bragg_weight, capture_fraction, flat_grid_index, flat_position, grid_cells, grid_extent,
+                      lattice_factor, lookup_F, miller, node_offset, orientation_axes, orientations_soa,
+                      pixel_solid_angle, polarization_axes, polarization_with_axes, real, soa_miller, square_lattice_sq,
+                      subpixel_position, sum_fixed, unit_direction, weighted)
 from .pixel import add_term, apply_final, rebound, specialise
 from .scene import Scene
 
@@ -135,8 +135,8 @@ def clipped_roi(det, spixels, fpixels):
 def forward_row_path(S):
     """True when the forward kernel computes rows in vector loops across their pixels
     (:func:`_forward_row_lanes`): the bulk-orientation case (:func:`fast_path`), with or
-    without an amorphous background."""
-    return fast_path(S)
+    without an amorphous background, and any image without Bragg terms (nonBragg's)."""
+    return fast_path(S) or not S.samp.bragg
 
 
 @njit(cache=True)
@@ -233,8 +233,13 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
     dmin = samp.dmin
     debye = fs.B != 0.0
     bragg = samp.bragg
+    nopolar = beam.nopolar
     nbg = samp.bg_amount.shape[0]
     sensor = det.thick != 0.0
+    # -oversample_omega and -oversample_thick (here only without Bragg terms: fast_path)
+    # take the solid angle and the capture fraction again at every sub-pixel, as the walk
+    os_omega = samp.os_omega
+    every_capture = samp.os_thick and (sensor or not samp.physical)
     # (loops over the pixels pass scalars, not the scene's blocks: see physics.pixel_solid_angle)
     pixel = det.pixel
     close_distance = det.close_distance
@@ -257,6 +262,11 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
     qys = np.empty(n, dtype=REAL)
     qzs = np.empty(n, dtype=REAL)
     bg = np.zeros(n, dtype=np.float64)        # the amorphous background's sum, as the walk's
+    bg_omega = np.empty(n if nbg > 0 else 0, dtype=REAL)
+    bg_capture = np.ones(n if nbg > 0 else 0, dtype=REAL)
+    bg_weight = np.empty(n if nbg > 0 else 0, dtype=REAL)
+    stol = np.empty(n if nbg > 0 else 0, dtype=REAL)
+    redo = np.empty(n if nbg > 0 else 0, dtype=np.bool_)
     polar0 = 1.0 if beam.nopolar else 0.0
     for p in range(n):
         I[p] = S.samp.I_bg
@@ -269,13 +279,21 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
             for subF in range(os):
                 lane_directions(det, beam, spixel, xmin, n, subF, subS, t, R, dx, dy, dz)
                 for p in range(n):
-                    if omega[p] == 0.0:
+                    if omega[p] == 0.0 or os_omega:
                         omega[p] = pixel_solid_angle(R[p], pixel, close_distance, point_pixel)
                     omega_sum[p] += omega[p]
-                if capture0 == 0.0:
+                if nbg > 0:
+                    # (the amorphous term takes its factors at every sample, as the walk's
+                    # bg_omega and bg_capture)
+                    for p in range(n):
+                        bg_omega[p] = pixel_solid_angle(R[p], pixel, close_distance, point_pixel)
+                    if sensor:
+                        for p in range(n):
+                            bg_capture[p] = capture_fraction(t, dx[p], dy[p], dz[p], det)
+                if capture0 == 0.0 or every_capture:
                     # (exp: a scalar loop, run only with sensor layers)
                     for p in range(n):
-                        if capture[p] == 0.0:
+                        if capture[p] == 0.0 or every_capture:
                             capture[p] = capture_fraction(t, dx[p], dy[p], dz[p], det)
                 for s in range(nsrc):
                     ix = -sources[s, 0]
@@ -297,14 +315,13 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
                             polar[p] = polarization_with_axes(kahn, ix, iy, iz, dx[p], dy[p], dz[p],
                                                               bx, by, bz, ex, ey, ez)
                     if nbg > 0:
-                        # (the table's rows are found by search: a scalar loop)
+                        # the walk's amorphous_term, its factors and its tables' sums in loops of
+                        # their own
                         for p in range(n):
-                            bg_omega = pixel_solid_angle(R[p], pixel, close_distance, point_pixel)
-                            bg_capture = 1.0
-                            if sensor:
-                                bg_capture = capture_fraction(t, dx[p], dy[p], dz[p], det)
-                            bg[p] += amorphous_term(S, s, ix, iy, iz, dx[p], dy[p], dz[p], bg_omega, bg_capture,
-                                                    qxs[p], qys[p], qzs[p])
+                            bg_weight[p] = amorphous_weight(nopolar, kahn, ix, iy, iz, dx[p], dy[p], dz[p], bx, by, bz,
+                                                            ex, ey, ez, bg_omega[p], w, bg_capture[p])
+                            stol[p] = amorphous_stol(qxs[p], qys[p], qzs[p])
+                        amorphous_lanes(samp, stol, bg_weight, bg, redo, n)
                     if not bragg:
                         continue
                     # (weight is written even without B: the sum's loop below loads it under a

@@ -992,6 +992,13 @@ def _basis2(x, a, b, ya):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _row_guess(xs, first, last, span, x):
+    """The row of table xs[first..last] (span: its last abscissa less its first) at or
+    just below x if the rows were evenly spaced."""
+    return first + int((x - xs[first]) * real(last - first) / span)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _amorphous_rows(samp, m, x):
     """(a, n): the rows a .. a + n - 1 of material m whose polynomial gives F at x."""
     xs = samp.bg_stol
@@ -1004,7 +1011,7 @@ def _amorphous_rows(samp, m, x):
     hi = last + 1
     span = xs[last] - xs[first]
     if span > 0.0:
-        g = first + int((x - xs[first]) * real(last - first) / span)
+        g = _row_guess(xs, first, last, span, x)
         if first <= g <= last:
             if xs[g] <= x:
                 lo = g
@@ -1030,15 +1037,56 @@ def amorphous_F(samp, m, stol):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _lagrange4(xs, ys, a, x):
+    """The cubic through rows a .. a + 3 at x (inside the table: nonBragg.c's four-point
+    form, operation for operation)."""
+    x0 = xs[a]
+    x1 = xs[a + 1]
+    x2 = xs[a + 2]
+    x3 = xs[a + 3]
+    return (_basis(x, x0, x1, x2, x3, ys[a]) + _basis(x, x1, x0, x2, x3, ys[a + 1])
+            + _basis(x, x2, x0, x1, x3, ys[a + 2]) + _basis(x, x3, x0, x1, x2, ys[a + 3]))
+
+
+@njit(cache=True, error_model="numpy")
+def amorphous_lanes(samp, stol, weight, bg, redo, n):
+    """bg[p] += weight[p] * :func:`amorphous_sum` (samp, stol[p]) for n lanes, each
+    lane's sum bit for bit amorphous_sum's.  A lane whose rows the mean spacing finds at
+    once, four of them inside the table, is summed in a loop with no calls (vectorised,
+    its rows gathered); the others (a table's ends, uneven spacing) go through
+    :func:`amorphous_F`'s search one by one (``redo``: scratch of n booleans)."""
+    xs = samp.bg_stol
+    ys = samp.bg_F
+    acc = np.zeros(n, dtype=np.float64)      # amorphous_sum's float64 sums, lane by lane
+    for m in range(samp.bg_amount.shape[0]):
+        amount = np.float64(samp.bg_amount[m])
+        first = samp.bg_start[m]
+        last = samp.bg_start[m + 1] - 1
+        span = xs[last] - xs[first]
+        if span > 0.0 and last - first >= 3:
+            for p in range(n):
+                x = stol[p]
+                g = _row_guess(xs, first, last, span, x)
+                gc = min(max(g, first + 1), last - 2)     # (a row whose gathers stay in the table)
+                ok = g == gc and xs[gc] <= x and xs[gc + 1] > x
+                v = acc[p] + amount * np.float64(signed_square(_lagrange4(xs, ys, gc - 1, x)))
+                acc[p] = v if ok else acc[p]
+                redo[p] = not ok
+        else:
+            for p in range(n):
+                redo[p] = True
+        for p in range(n):
+            if redo[p]:
+                acc[p] += amount * np.float64(signed_square(amorphous_F(samp, m, stol[p])))
+    for p in range(n):
+        bg[p] += weight[p] * acc[p]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _lagrange_value(xs, ys, a, n, x):
     # the polynomial through rows a .. a + n - 1 at x, in nonBragg.c's form
     if n >= 4:
-        x0 = xs[a]
-        x1 = xs[a + 1]
-        x2 = xs[a + 2]
-        x3 = xs[a + 3]
-        return (_basis(x, x0, x1, x2, x3, ys[a]) + _basis(x, x1, x0, x2, x3, ys[a + 1])
-                + _basis(x, x2, x0, x1, x3, ys[a + 2]) + _basis(x, x3, x0, x1, x2, ys[a + 3]))
+        return _lagrange4(xs, ys, a, x)
     if n == 3:
         x0 = xs[a]
         x1 = xs[a + 1]
@@ -1097,11 +1145,20 @@ def amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, omega, capture):
     this source and direction, the sub-pixel's solid angle and capture fraction (taken at
     every sub-pixel), and the source's weight."""
     beam = S.beam
+    pv = beam.polar_axis
+    bx, by, bz, ex, ey, ez = polarization_axes(beam.kahn, ix, iy, iz, pv[0], pv[1], pv[2])
+    return amorphous_weight(beam.nopolar, beam.kahn, ix, iy, iz, dx, dy, dz, bx, by, bz, ex, ey, ez, omega,
+                            beam.weights[s], capture)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def amorphous_weight(nopolar, kahn, ix, iy, iz, dx, dy, dz, bx, by, bz, ex, ey, ez, omega, ws, capture):
+    """:func:`amorphous_factor` given the source's polarization axes (:func:`polarization_axes`)
+    and weight ws: no calls, so loops over pixels vectorise."""
     polar = 1.0
-    if not beam.nopolar:
-        pv = beam.polar_axis
-        polar = polarization_factor(beam.kahn, ix, iy, iz, dx, dy, dz, pv[0], pv[1], pv[2])
-    return polar * omega * beam.weights[s] * capture
+    if not nopolar:
+        polar = polarization_with_axes(kahn, ix, iy, iz, dx, dy, dz, bx, by, bz, ex, ey, ez)
+    return polar * omega * ws * capture
 
 
 @njit(cache=True, error_model="numpy", inline="always")
