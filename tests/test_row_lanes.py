@@ -105,6 +105,39 @@ AMORPHOUS_CASES = {
 @pytest.mark.parametrize("single", [False, True], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", list(AMORPHOUS_CASES))
 def test_row_lanes_with_an_amorphous_background_equal_the_walk(name, single, tmp_path):
+    exp, model, S = _amorphous_case(name, tmp_path)
+    assert K.forward_row_path(S) and not K.row_path(S)     # (the adjoint walks)
+    assert K.tangent_row_path(S) == S.samp.bragg
+    assert S.fhkl.has_hkls == ("grid" in name)
+    assert S.samp.bragg == ("no Bragg" not in name)
+    image = _check_forward_lanes(S, single)
+    # the background is there: the image differs from the one without it
+    bare = build_model(exp.replace(background=[]), warn=lambda m: None).scene
+    if "mask" in name:
+        bare = _mask(bare)
+    shape = (S.det.spixels, S.det.fpixels)
+    without = np.full(shape, -1.0)
+    K.forward(*bare, 0, S.det.spixels, without, np.zeros(S.det.spixels), True)
+    written = image != -1.0
+    assert np.all(image[written] > without[written])
+    if "mask" in name:
+        assert (image[S.det.mask == 0] == -1.0).all() and written.sum() > 100
+
+
+@pytest.mark.parametrize("name", [n for n in AMORPHOUS_CASES if "no Bragg" not in n])
+def test_tangent_row_lanes_with_an_amorphous_background_agree_with_the_walk(name, tmp_path):
+    """The tangent's row lanes take the amorphous background lane by lane: the image the
+    forward's bit for bit, the derivatives the walk's to rounding (every input field moved,
+    the materials' amounts among them)."""
+    _, model, S = _amorphous_case(name, tmp_path)
+    assert K.tangent_row_path(S)
+    kL = model.kernel_layout
+    assert field_slice(kL, "bg_amount").stop - field_slice(kL, "bg_amount").start == 2
+    _check_tangent_lanes(model, S)
+
+
+def _amorphous_case(name, tmp_path):
+    """(experiment, model, scene) of AMORPHOUS_CASES[name], with water and ice."""
     exp = nbragg.Experiment.from_nanobragg_args((BASE + " " + AMORPHOUS_CASES[name]).split(), warn=lambda m: None)
     background = [nbragg.Material("water", thickness=0.1), nbragg.Material("ice", thickness=0.05, scale=0.5)]
     exp = exp.replace(background=background)
@@ -122,21 +155,7 @@ def test_row_lanes_with_an_amorphous_background_equal_the_walk(name, single, tmp
     S = model.scene
     if "mask" in name:
         S = _mask(S)
-    assert K.forward_row_path(S) and not K.row_path(S)     # (the derivative kernels walk)
-    assert S.fhkl.has_hkls == ("grid" in name)
-    assert S.samp.bragg == ("no Bragg" not in name)
-    image = _check_forward_lanes(S, single)
-    # the background is there: the image differs from the one without it
-    bare = build_model(exp.replace(background=[]), warn=lambda m: None).scene
-    if "mask" in name:
-        bare = _mask(bare)
-    shape = (S.det.spixels, S.det.fpixels)
-    without = np.full(shape, -1.0)
-    K.forward(*bare, 0, S.det.spixels, without, np.zeros(S.det.spixels), True)
-    written = image != -1.0
-    assert np.all(image[written] > without[written])
-    if "mask" in name:
-        assert (image[S.det.mask == 0] == -1.0).all() and written.sum() > 100
+    return exp, model, S
 
 
 @pytest.mark.parametrize("single", [False, True], ids=["float64", "float32"])
@@ -195,12 +214,13 @@ def _check_forward_lanes(S, single):
 def test_row_path_is_taken_for_cheap_images_only_where_it_applies():
     model = _model("", None)
     assert K.row_path(model.scene)
-    # the derivative kernels walk with an amorphous background; -oversample_* flags and
-    # round spots keep every kernel on the walk where there are Bragg terms
+    # the adjoint walks with an amorphous background; -oversample_* flags and round spots
+    # keep every kernel on the walk where there are Bragg terms
     exp = nbragg.Experiment.from_nanobragg_args(BASE.split(), warn=lambda m: None)
     amorphous = exp.replace(background=[nbragg.Material("water", thickness=0.1)])
     assert not K.row_path(build_model(amorphous, warn=lambda m: None).scene)
     assert K.forward_row_path(build_model(amorphous, warn=lambda m: None).scene)
+    assert K.tangent_row_path(build_model(amorphous, warn=lambda m: None).scene)
     for flags in ("-oversample 2 -oversample_omega", "-round_xtal"):
         assert not K.row_path(_model(flags, None).scene)
         assert not K.forward_row_path(_model(flags, None).scene)

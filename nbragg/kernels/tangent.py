@@ -13,7 +13,7 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .cpu import block_total, clipped_roi, fast_path, lane_directions, lane_chunk, row_path, term
+from .cpu import block_total, clipped_roi, fast_path, lane_directions, lane_chunk, tangent_row_path, term
 from .physics import (beyond_dmin, capture_fraction, orientations_soa, pixel_solid_angle, polarization_frame,
                       polarization_frame_jvp, polarization_parts)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
@@ -322,18 +322,21 @@ def _t_begin(W, S, fpixel, spixel):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _t_amorphous(W, S, bg, s, sub, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz, omega, capture):
-    """An amorphous sample and its tangents: in the materials' amounts, and through
-    sin(theta)/lambda, the sub-pixel's solid angle and capture fraction, the polarization
-    and the source's weight.  The value is the walk's default, bit for bit."""
+    return bg + amorphous_tangents(S, s, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz, omega, capture, W[W_d],
+                                   W[W_L], W[W_flags], W[W_dd], W[W_dbg], W[W_pbuf])
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def amorphous_tangents(S, s, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz, omega, capture, d, L, flags, dd, dbg,
+                       pb):
+    """An amorphous sample's value (the walk's amorphous_term, bit for bit), its tangents
+    added to dbg (P): in the materials' amounts, and through sin(theta)/lambda, the
+    sub-pixel's solid angle and capture fraction, the polarization and the source's
+    weight; dd (P, 4) the direction's and distance's tangents (0 for the directions that
+    do not move the sub-pixel), pb scratch of 10.  For the walk's hook and the row lanes."""
     samp = S.samp
     det = S.det
     beam = S.beam
-    d = W[W_d]
-    L = W[W_L]
-    dd = W[W_dd]
-    flags = W[W_flags]
-    dbg = W[W_dbg]
-    pb = W[W_pbuf]
     stol = amorphous_stol(qx, qy, qz)
     factor = amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, omega, capture)
     acc = np.float64(0.0)        # amorphous_sum's sum, term for term
@@ -376,7 +379,7 @@ def _t_amorphous(W, S, bg, s, sub, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz
                   + pb[4] * dd[p, 0] + pb[5] * dd[p, 1] + pb[6] * dd[p, 2] + pb[7] * d[p, L.polar_axis]
                   + pb[8] * d[p, L.polar_axis + 1] + pb[9] * d[p, L.polar_axis + 2]) * (omega * w * capture)
         dbg[p] += v * A
-    return bg + factor * acc
+    return factor * acc
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -575,7 +578,7 @@ def tangent(det, beam, xtal, fhkl, samp, d, L, scale, has_dori, base, flags, J, 
     """J[s, f, p] = d(scaled image)/d(theta_p) for the directions d (P, L.size) in the
     layout L (``flags``, ``has_dori``, ``base``: :func:`orientation_tangents`); ``image``
     receives the scaled image.  ``lanes``: rows take
-    :func:`_tangent_row_lanes` where :func:`~nbragg.kernels.cpu.row_path` allows (False:
+    :func:`_tangent_row_lanes` where :func:`~nbragg.kernels.cpu.tangent_row_path` allows (False:
     every pixel walks, as the tests' reference does).  (The scene comes block by block,
     as in :func:`~nbragg.kernels.cpu.forward`.)"""
     spixels, fpixels = image.shape
@@ -583,7 +586,7 @@ def tangent(det, beam, xtal, fhkl, samp, d, L, scale, has_dori, base, flags, J, 
     ori = orientations_soa(xtal.orients)
     fflat = fhkl.grid.ravel()
     fast = fast_path(Scene(det, beam, xtal, fhkl, samp))
-    lanes = lanes and row_path(Scene(det, beam, xtal, fhkl, samp))
+    lanes = lanes and tangent_row_path(Scene(det, beam, xtal, fhkl, samp))
     for spixel in prange(ymin, ymax + 1):
         if lanes:
             _tangent_row_lanes(Scene(det, beam, xtal, fhkl, samp), spixel, xmin, xmax, d, L, scale, has_dori, flags,
@@ -672,7 +675,7 @@ def _direction_tangents_flat(det, spixel, xmin, n, subF, subS, t, d, L, flags, R
 
 @njit(cache=True, error_model="numpy")
 def _tangent_row_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, ori, fflat, J, image):
-    """One row of the tangent kernel in the :func:`~nbragg.kernels.cpu.row_path` case, its
+    """One row of the tangent kernel in the :func:`~nbragg.kernels.cpu.tangent_row_path` case, its
     pixels as vector lanes (in chunks whose orientation partials fit in a core's cache):
     see :func:`_tangent_lanes`."""
     norient = S.xtal.orients.shape[0]
@@ -700,7 +703,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     (SD), and per orientation m, w (dT/dh, dT/dk, dT/dl) outer q (O); the directions'
     tangents of q are contracted with W* per block, those of N, F and the orientations
     with the sums once, at the end.  The pixel factors and the geometry's tangents
-    (scalar loops over the pixels) are taken where the walk takes them.  (The T_BASE
+    (scalar loops over the pixels) are taken where the walk takes them, and so is an
+    amorphous background (:func:`amorphous_tangents`, lane by lane).  (The T_BASE
     directions take O here too: summing dT/d(h, k, l) outer (h, k, l) instead, as
     :func:`square_tangent` does, costs these loops as much per term as O, measured on B2,
     and O's contraction is once per pixel.)"""
@@ -732,6 +736,12 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
         geo = geo or (flags[p] & T_GEO) != 0
         moves_q = moves_q or (flags[p] & (T_GEO | T_SRC | T_LAM)) != 0
     I = np.empty(n)
+    nbg = samp.bg_amount.shape[0]
+    bg = np.zeros(n)                      # the amorphous background (as the walk's, see the forward's lanes)
+    dbg = np.zeros((P, n))                # ... and its tangents
+    pb = np.empty(10)
+    bg_omega = np.empty(n)
+    bg_capture = np.ones(n)
     # (rows a little longer than n: with n a power of two, every row's value of a pixel
     # would fall in one set of the first-level cache, which the final store reads across)
     dI = np.empty((P, n + 8))
@@ -757,7 +767,7 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     dws = np.empty(n)        # bragg_weight_partials
     dwB = np.empty(n)
     cwq = np.empty(n)
-    dd = np.empty((P, 4, n))
+    dd = np.zeros((P, 4, n))     # (rows of the directions that do not move the sub-pixels: 0)
     dq = np.empty((P, 3, n))
     dP1 = np.zeros((P, 3))
     Tk = np.empty(n)         # the block's sum where kept, else 0
@@ -839,6 +849,13 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                 om_pending = False
                 for x in range(n):
                     om_pending = om_pending or omega[x] == 0.0
+                if nbg > 0:
+                    # the amorphous term's factors at every sample (the walk's bg_omega, bg_capture)
+                    for x in range(n):
+                        bg_omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
+                    if det.thick != 0.0:
+                        for x in range(n):
+                            bg_capture[x] = capture_fraction(t, dx[x], dy[x], dz[x], det)
                 if capture0 == 0.0:
                     for x in range(n):
                         if capture[x] == 0.0:
@@ -863,6 +880,12 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                         qy[x] = (dy[x] - iy) / lam
                         qz[x] = (dz[x] - iz) / lam
                         keep[x] = not beyond_dmin(qx[x], qy[x], qz[x], dmin)
+                    if nbg > 0:
+                        # (a scalar loop over the lanes, each sample's tangents added to dbg)
+                        for x in range(n):
+                            bg[x] += amorphous_tangents(S, s, t, R[x], ix, iy, iz, dx[x], dy[x], dz[x], lam, qx[x],
+                                                        qy[x], qz[x], bg_omega[x], bg_capture[x], d, L, flags,
+                                                        dd[:, :, x], dbg[:, x], pb)
                     if pending > 0:
                         # the polarization where the walk takes it, at the first kept sample;
                         # its tangents in i and the E-vector axis through the source's frame
@@ -951,7 +974,7 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     # the factors applied at the end (_t_finish), vectorised across the pixels
     value = np.empty(n)
     for x in range(n):
-        value[x] = apply_final(samp, I[x], capture[x], polar[x], omega[x]) + np.float64(0.0)
+        value[x] = apply_final(samp, I[x], capture[x], polar[x], omega[x]) + bg[x]
         R[x] = final_factor(samp, capture[x], polar[x], omega[x])          # (R: scratch now)
     for p in range(P):
         cap_p = dcap[p] if det.thick != 0.0 and (flags[p] & (T_GEO | T_CAP)) != 0 else zrow
@@ -959,7 +982,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
         om_p = dom[p] if (flags[p] & (T_GEO | T_OMEGA)) != 0 else zrow
         for x in range(n):
             dI[p, x] = (dI[p, x] * R[x] + I[x] * cap_p[x] * polar[x] * omega[x]
-                        + I[x] * pol_p[x] * capture[x] * omega[x] + I[x] * om_p[x] * capture[x] * polar[x])
+                        + I[x] * pol_p[x] * capture[x] * omega[x] + I[x] * om_p[x] * capture[x] * polar[x]
+                        + dbg[p, x])
     use_mask = det.use_mask
     mask = det.mask
     for x in range(n):
