@@ -299,10 +299,14 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
                         for p in range(n):
                             bg_capture[p] = capture_fraction(t, dx[p], dy[p], dz[p], det)
                 if capture0 == 0.0 or every_capture:
-                    # (exp: a scalar loop, run only with sensor layers)
+                    # (exp: a scalar loop, run only with sensor layers; with a background it
+                    # has taken the same fraction at this sub-pixel)
                     for p in range(n):
                         if capture[p] == 0.0 or every_capture:
-                            capture[p] = capture_fraction(t, dx[p], dy[p], dz[p], det)
+                            if nbg > 0 and sensor:
+                                capture[p] = bg_capture[p]
+                            else:
+                                capture[p] = capture_fraction(t, dx[p], dy[p], dz[p], det)
                 for s in range(nsrc):
                     ix = -sources[s, 0]
                     iy = -sources[s, 1]
