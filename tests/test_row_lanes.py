@@ -35,6 +35,10 @@ CASES = {
 
 
 def _model(extra, tmp_path, grid=False, B_iso=0.0, spectrum=None):
+    return build_model(_experiment(extra, tmp_path, grid, B_iso, spectrum), warn=lambda m: None)
+
+
+def _experiment(extra, tmp_path, grid=False, B_iso=0.0, spectrum=None):
     exp = nbragg.Experiment.from_nanobragg_args((BASE + " " + extra).split(), warn=lambda m: None)
     if grid:
         hkl = tmp_path / "F.hkl"
@@ -46,7 +50,7 @@ def _model(extra, tmp_path, grid=False, B_iso=0.0, spectrum=None):
     exp = exp.replace(structure=exp.structure.replace(B_iso=B_iso))
     if spectrum is not None:
         exp = exp.replace(beam=exp.beam.replace(spectrum=spectrum))
-    return build_model(exp, warn=lambda m: None)
+    return exp
 
 
 def _case(name, grid, tmp_path):
@@ -138,17 +142,9 @@ def test_tangent_row_lanes_with_an_amorphous_background_agree_with_the_walk(name
 
 def _amorphous_case(name, tmp_path):
     """(experiment, model, scene) of AMORPHOUS_CASES[name], with water and ice."""
-    exp = nbragg.Experiment.from_nanobragg_args((BASE + " " + AMORPHOUS_CASES[name]).split(), warn=lambda m: None)
+    exp = _experiment(AMORPHOUS_CASES[name], tmp_path, grid="grid" in name, B_iso=8.0 if "B factor" in name else 0.0)
     background = [nbragg.Material("water", thickness=0.1), nbragg.Material("ice", thickness=0.05, scale=0.5)]
     exp = exp.replace(background=background)
-    if "grid" in name:
-        hkl = tmp_path / "F.hkl"
-        hkl.write_text("".join(f"{h} {k} {l} {(h * 7 + k * 3 + l) % 50 + 10}\n"
-                               for h in range(-6, 5) for k in range(-3, 7) for l in range(-5, 6)))
-        exp = exp.replace(structure=nbragg.Experiment.from_nanobragg_args(
-            (BASE + f" -hkl {hkl}").split(), warn=lambda m: None).structure)
-    if "B factor" in name:
-        exp = exp.replace(structure=exp.structure.replace(B_iso=8.0))
     if "no Bragg" in name:
         exp = exp.replace(structure=exp.structure.replace(default_F=0.0))
     model = build_model(exp, warn=lambda m: None)

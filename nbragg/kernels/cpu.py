@@ -291,13 +291,7 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
                         omega[p] = pixel_solid_angle(R[p], pixel, close_distance, point_pixel)
                     omega_sum[p] += omega[p]
                 if nbg > 0:
-                    # (the amorphous term takes its factors at every sample, as the walk's
-                    # bg_omega and bg_capture)
-                    for p in range(n):
-                        bg_omega[p] = pixel_solid_angle(R[p], pixel, close_distance, point_pixel)
-                    if sensor:
-                        for p in range(n):
-                            bg_capture[p] = capture_fraction(t, dx[p], dy[p], dz[p], det)
+                    lane_background_factors(det, t, n, R, dx, dy, dz, bg_omega, bg_capture)
                 if capture0 == 0.0 or every_capture:
                     # (exp: a scalar loop, run only with sensor layers; with a background it
                     # has taken the same fraction at this sub-pixel)
@@ -374,6 +368,21 @@ def _forward_row_lanes(S, spixel, xmin, xmax, ori, fflat, image, omega_rows):
         image[spixel, fpixel] = apply_final(samp, I[p], capture[p], polar[p], omega[p]) + bg[p]
         osum += omega_sum[p]
     omega_rows[spixel] = osum
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def lane_background_factors(det, t, n, R, dx, dy, dz, bg_omega, bg_capture):
+    """The amorphous term's solid angle and capture fraction of n lanes at a sample, taken
+    at every sample as the walk's bg_omega and bg_capture (bg_capture left as it is, 1,
+    without a sensor)."""
+    pixel = det.pixel
+    close_distance = det.close_distance
+    point_pixel = det.point_pixel
+    for p in range(n):
+        bg_omega[p] = pixel_solid_angle(R[p], pixel, close_distance, point_pixel)
+    if det.thick != 0.0:
+        for p in range(n):
+            bg_capture[p] = capture_fraction(t, dx[p], dy[p], dz[p], det)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -1145,8 +1145,10 @@ def amorphous_factor(S, s, ix, iy, iz, dx, dy, dz, omega, capture):
     this source and direction, the sub-pixel's solid angle and capture fraction (taken at
     every sub-pixel), and the source's weight."""
     beam = S.beam
-    pv = beam.polar_axis
-    bx, by, bz, ex, ey, ez = polarization_axes(beam.kahn, ix, iy, iz, pv[0], pv[1], pv[2])
+    bx = by = bz = ex = ey = ez = 0.0
+    if not beam.nopolar:
+        pv = beam.polar_axis
+        bx, by, bz, ex, ey, ez = polarization_axes(beam.kahn, ix, iy, iz, pv[0], pv[1], pv[2])
     return amorphous_weight(beam.nopolar, beam.kahn, ix, iy, iz, dx, dy, dz, bx, by, bz, ex, ey, ez, omega,
                             beam.weights[s], capture)
 

@@ -13,7 +13,8 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .cpu import block_total, clipped_roi, fast_path, lane_directions, lane_chunk, tangent_row_path, term
+from .cpu import (block_total, clipped_roi, fast_path, lane_background_factors, lane_directions, lane_chunk,
+                  tangent_row_path, term)
 from .physics import (beyond_dmin, capture_fraction, orientations_soa, pixel_solid_angle, polarization_frame,
                       polarization_frame_jvp, polarization_parts)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
@@ -850,12 +851,7 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                 for x in range(n):
                     om_pending = om_pending or omega[x] == 0.0
                 if nbg > 0:
-                    # the amorphous term's factors at every sample (the walk's bg_omega, bg_capture)
-                    for x in range(n):
-                        bg_omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
-                    if det.thick != 0.0:
-                        for x in range(n):
-                            bg_capture[x] = capture_fraction(t, dx[x], dy[x], dz[x], det)
+                    lane_background_factors(det, t, n, R, dx, dy, dz, bg_omega, bg_capture)
                 if capture0 == 0.0:
                     for x in range(n):
                         if capture[x] == 0.0:
