@@ -60,7 +60,7 @@ def _case(name, grid, tmp_path):
     S = model.scene
     if "mask" in name:
         S = _mask(S)
-    assert K.row_path(S)
+    assert K.derivative_row_path(S)
     return model, S
 
 
@@ -89,9 +89,11 @@ def test_row_lanes_equal_the_walk(name, grid, single, tmp_path):
         assert not np.array_equal(nbragg.engine.render(uncut)[0], nbragg.engine.render(model)[0])
 
 
-# an amorphous background (nonBragg's term) on the forward's row lanes: its factors taken
-# at every sample, two materials' tables (water's evenly spaced, ice's not), with and
-# without Bragg terms
+# an amorphous background (nonBragg's term) on the row lanes: its factors taken at every
+# sample, two materials' tables (water's evenly spaced, ice's not), with and without Bragg
+# terms; nearer and at a shorter wavelength than BASE, so that the outer pixels reach
+# sin(theta)/lambda 0.128, below which ice's table is zero
+AMORPHOUS_GEOMETRY = "-distance 20 -lambda 0.7"
 AMORPHOUS_CASES = {
     "mosaic": "-mosaic 1 -mosaic_dom 5",
     "structure-factor grid, ROI and mask": "-mosaic 1 -mosaic_dom 3 -roi 2 20 1 22",
@@ -110,20 +112,19 @@ AMORPHOUS_CASES = {
 @pytest.mark.parametrize("name", list(AMORPHOUS_CASES))
 def test_row_lanes_with_an_amorphous_background_equal_the_walk(name, single, tmp_path):
     exp, model, S = _amorphous_case(name, tmp_path)
-    assert K.forward_row_path(S) and not K.row_path(S)     # (the adjoint walks)
-    assert K.tangent_row_path(S) == S.samp.bragg
+    assert K.forward_row_path(S)
+    assert K.derivative_row_path(S) == S.samp.bragg
     assert S.fhkl.has_hkls == ("grid" in name)
     assert S.samp.bragg == ("no Bragg" not in name)
     image = _check_forward_lanes(S, single)
-    # the background is there: the image differs from the one without it
-    bare = build_model(exp.replace(background=[]), warn=lambda m: None).scene
-    if "mask" in name:
-        bare = _mask(bare)
-    shape = (S.det.spixels, S.det.fpixels)
-    without = np.full(shape, -1.0)
-    K.forward(*bare, 0, S.det.spixels, without, np.zeros(S.det.spixels), True)
+    # the background is there (in float64): the image differs from the one without it
+    # everywhere, and from water's alone on the outer pixels (ice's signed F^2 is
+    # negative at places)
     written = image != -1.0
-    assert np.all(image[written] > without[written])
+    if not single:
+        assert np.all(image[written] != _lanes_image(exp.replace(background=[]), name)[written])
+        iced = image[written] != _lanes_image(exp.replace(background=exp.background[:1]), name)[written]
+        assert 10 < iced.sum() < written.sum()
     if "mask" in name:
         assert (image[S.det.mask == 0] == -1.0).all() and written.sum() > 100
 
@@ -134,15 +135,39 @@ def test_tangent_row_lanes_with_an_amorphous_background_agree_with_the_walk(name
     forward's bit for bit, the derivatives the walk's to rounding (every input field moved,
     the materials' amounts among them)."""
     _, model, S = _amorphous_case(name, tmp_path)
-    assert K.tangent_row_path(S)
+    assert K.derivative_row_path(S)
     kL = model.kernel_layout
     assert field_slice(kL, "bg_amount").stop - field_slice(kL, "bg_amount").start == 2
     _check_tangent_lanes(model, S)
 
 
+@pytest.mark.parametrize("name", [n for n in AMORPHOUS_CASES if "no Bragg" not in n])
+def test_adjoint_row_lanes_with_an_amorphous_background_agree_with_the_per_pixel_sweep(name, tmp_path):
+    """The adjoint's row lanes take the amorphous background lane by lane
+    (adjoint.amorphous_direction_vjp, its direction's and distance's gradients pushed with
+    the lanes'): every partial the per-pixel sweep's to rounding, the materials' amounts
+    among them."""
+    _, model, S = _amorphous_case(name, tmp_path)
+    assert K.derivative_row_path(S)
+    g = _check_adjoint_lanes(model, S, cut="dmin" in name)
+    amounts = g[field_slice(model.kernel_layout, "bg_amount")]
+    assert amounts.shape == (2,) and np.all(amounts != 0.0)
+
+
+def _lanes_image(exp, name):
+    """The forward's row lanes' image of ``exp`` (masked where the name says so)."""
+    S = build_model(exp, warn=lambda m: None).scene
+    if "mask" in name:
+        S = _mask(S)
+    image = np.full((S.det.spixels, S.det.fpixels), -1.0)
+    K.forward(*S, 0, S.det.spixels, image, np.zeros(S.det.spixels), True)
+    return image
+
+
 def _amorphous_case(name, tmp_path):
     """(experiment, model, scene) of AMORPHOUS_CASES[name], with water and ice."""
-    exp = _experiment(AMORPHOUS_CASES[name], tmp_path, grid="grid" in name, B_iso=8.0 if "B factor" in name else 0.0)
+    exp = _experiment(AMORPHOUS_GEOMETRY + " " + AMORPHOUS_CASES[name], tmp_path, grid="grid" in name,
+                      B_iso=8.0 if "B factor" in name else 0.0)
     background = [nbragg.Material("water", thickness=0.1), nbragg.Material("ice", thickness=0.05, scale=0.5)]
     exp = exp.replace(background=background)
     if "no Bragg" in name:
@@ -188,6 +213,38 @@ def test_amorphous_lanes_equal_amorphous_sum(single):
     assert n / 4 < redo.sum() < n
 
 
+def test_amorphous_grad_lanes_agree_with_amorphous_F_grad():
+    """The adjoint's row lanes' tables (physics.amorphous_grad_lanes) against the walk's
+    amorphous_F_grad lane by lane, on amorphous_lanes' five tables and points: the sum and
+    its slope in sin(theta)/lambda bit for bit (the slope's closed form sums the walk's
+    products in the walk's order), the amounts' gradients to rounding."""
+    from nbragg.kernels import physics
+    exp = nbragg.Experiment.from_nanobragg_args(BASE.split(), warn=lambda m: None)
+    names = ["water", "ice", "nanoice", "air", "helium"]
+    rng = np.random.default_rng(4)
+    exp = exp.replace(background=[nbragg.Material(n, scale=rng.uniform(0.5, 2)) for n in names])
+    samp = build_model(exp, warn=lambda m: None).scene.samp
+    xs = samp.bg_stol
+    stol = np.concatenate([np.linspace(0.0, 1.1 * xs.max(), 3001), xs, 0.5 * (xs[1:] + xs[:-1]), [-1.0]])
+    n = stol.size
+    gfac = rng.normal(size=n)
+    nm = len(names)
+    F = np.array([[physics.amorphous_F_grad(samp, m, x) for x in stol] for m in range(nm)])   # (m, lane, 2)
+    sF2 = np.sign(F[..., 0]) * F[..., 0] ** 2
+    A_want = np.zeros(n)
+    dA_want = np.zeros(n)
+    for m in range(nm):      # (material by material, as both sum)
+        A_want = A_want + samp.bg_amount[m] * sF2[m]
+        dA_want = dA_want + samp.bg_amount[m] * 2.0 * np.abs(F[m, :, 0]) * F[m, :, 1]
+    A, dA, gamount, sq = np.full(n, np.nan), np.full(n, np.nan), np.zeros(nm), np.zeros(n)
+    redo = np.zeros(n, dtype=np.bool_)
+    physics.amorphous_grad_lanes(samp, stol, gfac, A, dA, gamount, redo, sq, n)
+    assert A.tobytes() == A_want.tobytes()
+    assert dA.tobytes() == dA_want.tobytes()
+    np.testing.assert_allclose(gamount, sF2 @ gfac, rtol=1e-12)
+    assert np.abs(dA).max() > 0 and 0 < redo.sum() < n / 4
+
+
 def _check_forward_lanes(S, single):
     """The forward's row lanes against its walk, bit for bit (image and solid-angle sums),
     in float64 or its single-precision twin; returns the lanes' image."""
@@ -209,16 +266,15 @@ def _check_forward_lanes(S, single):
 
 def test_row_path_is_taken_for_cheap_images_only_where_it_applies():
     model = _model("", None)
-    assert K.row_path(model.scene)
-    # the adjoint walks with an amorphous background; -oversample_* flags and round spots
-    # keep every kernel on the walk where there are Bragg terms
+    assert K.derivative_row_path(model.scene) and K.forward_row_path(model.scene)
+    # an amorphous background keeps every kernel on the lanes; -oversample_* flags and
+    # round spots keep every kernel on the walk where there are Bragg terms
     exp = nbragg.Experiment.from_nanobragg_args(BASE.split(), warn=lambda m: None)
     amorphous = exp.replace(background=[nbragg.Material("water", thickness=0.1)])
-    assert not K.row_path(build_model(amorphous, warn=lambda m: None).scene)
     assert K.forward_row_path(build_model(amorphous, warn=lambda m: None).scene)
-    assert K.tangent_row_path(build_model(amorphous, warn=lambda m: None).scene)
+    assert K.derivative_row_path(build_model(amorphous, warn=lambda m: None).scene)
     for flags in ("-oversample 2 -oversample_omega", "-round_xtal"):
-        assert not K.row_path(_model(flags, None).scene)
+        assert not K.derivative_row_path(_model(flags, None).scene)
         assert not K.forward_row_path(_model(flags, None).scene)
 
 
@@ -402,6 +458,7 @@ def _check_adjoint_lanes(model, S, seed=7, cut=False):
     if S.fhkl.has_hkls:
         assert np.abs(gFw).max() > 0
     np.testing.assert_allclose(gF, gFw, rtol=1e-10, atol=1e-12 * max(np.abs(gFw).max(), 1e-300))
+    return g
 
 
 @pytest.mark.parametrize("grid", [False, True], ids=["default_F", "grid"])

@@ -21,10 +21,10 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .cpu import block_total, clipped_roi, fast_path, lane_directions, row_path, term
-from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
-                      orientations_soa, pixel_solid_angle, polarization_frame, polarization_frame_vjp,
-                      polarization_parts, scattering, signed_square, soa_hkl, solid_angle)
+from .cpu import block_total, clipped_roi, derivative_row_path, fast_path, lane_directions, term
+from .physics import (amorphous_F_grad, amorphous_grad_lanes, amorphous_stol, beyond_dmin, capture_fraction,
+                      direction, miller, orientations_soa, pixel_solid_angle, polarization_frame,
+                      polarization_frame_vjp, polarization_parts, scattering, signed_square, soa_hkl, solid_angle)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
                      SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_vjp, capture_partials, direction_vjp,
                      flat_position_vjp, lane_scratch, lane_sums, lattice_grad, omega_partials, orientation_lanes,
@@ -697,8 +697,8 @@ def adjoint(det, beam, xtal, fhkl, samp, L, upstream, scale, nchunks, g_c, gF_c,
     layout ``L`` (see :mod:`.scene`).  ``image``, when it has the image's shape, receives
     the (scaled) image of the pixels with non-zero upstream, which the adjoint computes
     anyway (pass a (0, 0) array to skip it).  ``lanes``: rows take
-    :func:`_adjoint_row_lanes` where :func:`~nbragg.kernels.cpu.row_path` allows (False:
-    every pixel is swept on its own, as the tests' reference does).  (The scene comes
+    :func:`_adjoint_row_lanes` where :func:`~nbragg.kernels.cpu.derivative_row_path` allows
+    (False: every pixel is swept on its own, as the tests' reference does).  (The scene comes
     block by block, as in :func:`~nbragg.kernels.cpu.forward`.)  Returns how many pixels
     were swept one by one (with the lanes: those they left).
     """
@@ -708,7 +708,7 @@ def adjoint(det, beam, xtal, fhkl, samp, L, upstream, scale, nchunks, g_c, gF_c,
     ori = orientations_soa(xtal.orients)
     fflat = fhkl.grid.ravel()
     fast = fast_path(Scene(det, beam, xtal, fhkl, samp))
-    lanes = lanes and row_path(Scene(det, beam, xtal, fhkl, samp))
+    lanes = lanes and derivative_row_path(Scene(det, beam, xtal, fhkl, samp))
     want_image = image.shape[0] == spixels and image.shape[1] == fpixels   # (0, 0): no image
     swept = 0
     for c in prange(nchunks):
@@ -776,8 +776,8 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori, f
 
 @njit(cache=True, error_model="numpy")
 def _adjoint_row_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF, gor, want_image, image, todo):
-    """One row of the adjoint in the :func:`~nbragg.kernels.cpu.row_path` case, its pixels
-    as vector lanes, in chunks (see :func:`_adjoint_lanes`) of ADJOINT_LANES pixels, whose
+    """One row of the adjoint in the :func:`~nbragg.kernels.cpu.derivative_row_path` case, its
+    pixels as vector lanes, in chunks (see :func:`_adjoint_lanes`) of ADJOINT_LANES pixels, whose
     per-lane arrays stay in a core's second-level cache (those of the orientation loop, in
     its first), or more where a pixel has few terms: a chunk allocates some eighty arrays,
     which cost more than a few thousand terms.  Writes to ``todo`` the pixels the lanes
@@ -816,8 +816,8 @@ def _block_sums(G, Tk, dws, dwB, Wx, Wy, Wz, cwq, qx, qy, qz, lam, n):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _factor_sums(samp, act, G, gv, I, capture, polar, omega, opix, oclose, pol_kahn, pol_c2, pol_x, pol_y, d0x, d0y,
-                 d0z, n):
+def _factor_sums(samp, act, G, gv, I, bg, capture, polar, omega, opix, oclose, pol_kahn, pol_c2, pol_x, pol_y, d0x,
+                 d0y, d0z, n):
     """The sums over the lanes in ``act`` of :func:`_adjoint_lanes`'s pixel factors:
     dL/dI_bg, dL/dscale (times the scale), dL/dpixel, dL/dclose_distance, dL/dkahn, and
     dL/d(i.d) d, dL/d(d.E) d and dL/d(d.B) d (reassociated and contracted: see
@@ -826,7 +826,7 @@ def _factor_sums(samp, act, G, gv, I, capture, polar, omega, opix, oclose, pol_k
     si0 = si1 = si2 = sE0 = sE1 = sE2 = sB0 = sB1 = sB2 = 0.0
     for x in range(n):
         on = act[x]
-        value = apply_final(samp, I[x], capture[x], polar[x], omega[x])
+        value = apply_final(samp, I[x], capture[x], polar[x], omega[x]) + bg[x]
         g_om = gv[x] * I[x] * capture[x] * polar[x]
         g_pol = gv[x] * I[x] * omega[x] * capture[x]
         gc2 = g_pol * pol_c2[x]
@@ -886,6 +886,201 @@ def _position_vjp_lanes(det, L, g, spixel, xmin, n, subF, subS, t, act, gdx, gdy
         cf += (col + 0.5) * (f[0] * px + f[1] * py + f[2] * pz)
     flat_position_vjp(sx, sy, sz, fx, fy, fz, cf, sub * (spixel * os + subS) + sub / 2.0, spixel * os + subS + 0.5, t,
                       det, L, g)
+
+
+# rows of the amorphous background's per-lane scratch in _amorphous_lanes_vjp
+(BG_STOL, BG_OMEGA, BG_POLAR, BG_KAHN, BG_C2, BG_X, BG_Y, BG_CAPTURE, BG_CDX, BG_CDY, BG_CDZ, BG_COX, BG_COY, BG_COZ,
+ BG_CTS, BG_CMU, BG_GFAC, BG_A, BG_DA, BG_SQ, BG_GA, BG_GOM, BG_GPOL, BG_GCAP, BG_CQ) = range(25)
+BG_ROWS = 25
+
+
+@njit(cache=True, error_model="numpy")
+def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy, gdz, gRs, gamount, redo, w):
+    """The amorphous samples of source s at one sub-pixel of layer t of n lanes (R and d:
+    its distances and directions): :func:`amorphous_sample_vjp` across the lanes in
+    ``act``, in loops over them.  Adds each lane's value to ``bg``, its gradients of d and
+    R to gd and gRs (pushed to the positions with the lanes' own), and the sums over the
+    lanes of the other inputs' to ``g``.  ``gamount`` (materials), ``redo`` (n) and ``w``
+    (BG_ROWS, n) are scratch."""
+    det = S.det
+    beam = S.beam
+    ix = -beam.sources[s, 0]
+    iy = -beam.sources[s, 1]
+    iz = -beam.sources[s, 2]
+    lam = beam.lambdas[s]
+    ws = beam.weights[s]
+    kahn = beam.kahn
+    pv = beam.polar_axis
+    nopolar = beam.nopolar
+    thick = det.thick != 0.0
+    pixel = det.pixel
+    close_distance = det.close_distance
+    point_pixel = det.point_pixel
+    stol = w[BG_STOL]
+    omega = w[BG_OMEGA]
+    polar = w[BG_POLAR]
+    capture = w[BG_CAPTURE]
+    gfac = w[BG_GFAC]
+    gA = w[BG_GA]
+    g_om = w[BG_GOM]
+    g_pol = w[BG_GPOL]
+    g_cap = w[BG_GCAP]
+    cq = w[BG_CQ]
+    Bx, By, Bz, bm, Ex, Ey, Ez, em = polarization_frame(ix, iy, iz, pv[0], pv[1], pv[2])
+    framed = bm != 0.0 and em != 0.0
+    # ---- the factors and their partials, lane by lane
+    for x in range(n):
+        stol[x] = amorphous_stol((dx[x] - ix) / lam, (dy[x] - iy) / lam, (dz[x] - iz) / lam)
+        omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
+    if nopolar:
+        polar[:n] = 1.0
+    else:
+        for x in range(n):
+            polar[x], w[BG_KAHN, x], w[BG_C2, x], w[BG_X, x], w[BG_Y, x] = polarization_parts(
+                kahn, ix, iy, iz, dx[x], dy[x], dz[x], Bx, By, Bz, Ex, Ey, Ez, framed)
+    if thick:
+        # (exp: a scalar loop, run only with sensor layers)
+        for x in range(n):
+            (capture[x], w[BG_CDX, x], w[BG_CDY, x], w[BG_CDZ, x], w[BG_COX, x], w[BG_COY, x], w[BG_COZ, x],
+             w[BG_CTS, x], w[BG_CMU, x]) = capture_partials(t, dx[x], dy[x], dz[x], det)
+    else:
+        capture[:n] = 1.0
+    for x in range(n):
+        gfac[x] = gv[x] * (polar[x] * omega[x] * ws * capture[x]) if act[x] else 0.0
+    # ---- the materials' sum, its slope, and the amounts' gradients
+    A = w[BG_A]
+    dA = w[BG_DA]
+    amorphous_grad_lanes(S.samp, stol, gfac, A, dA, gamount, redo, w[BG_SQ], n)
+    for m in range(gamount.shape[0]):
+        g[L.bg_amount + m] += gamount[m]
+    # ---- each lane's value and its gradients of d and R (the sums of the others' below:
+    # see _block_sums)
+    for x in range(n):
+        factor = polar[x] * omega[x] * ws * capture[x]
+        bg[x] += factor * A[x] if act[x] else 0.0
+        ga = gv[x] * A[x] if act[x] else 0.0
+        gA[x] = ga
+        g_om[x] = ga * (polar[x] * ws * capture[x])
+        g_pol[x] = ga * (omega[x] * ws * capture[x]) if not nopolar else 0.0
+        g_cap[x] = ga * (polar[x] * omega[x] * ws) if thick else 0.0
+        # stol = |q| / 2 and q = (d - i) / lambda
+        c = gv[x] * factor * dA[x] / (4.0 * stol[x]) / lam
+        cq[x] = c if act[x] and stol[x] > 0.0 else 0.0
+        gRs[x] += g_om[x] * solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])[0]
+        gdx[x] += cq[x] * (dx[x] - ix) / lam
+        gdy[x] += cq[x] * (dy[x] - iy) / lam
+        gdz[x] += cq[x] * (dz[x] - iz) / lam
+    if not nopolar:
+        for x in range(n):
+            gc2 = g_pol[x] * w[BG_C2, x]
+            gxv = g_pol[x] * w[BG_X, x]
+            gyv = g_pol[x] * w[BG_Y, x]
+            gdx[x] += gc2 * ix + gyv * Bx + gxv * Ex
+            gdy[x] += gc2 * iy + gyv * By + gxv * Ey
+            gdz[x] += gc2 * iz + gyv * Bz + gxv * Ez
+    if thick:
+        for x in range(n):
+            gdx[x] += g_cap[x] * w[BG_CDX, x]
+            gdy[x] += g_cap[x] * w[BG_CDY, x]
+            gdz[x] += g_cap[x] * w[BG_CDZ, x]
+    # ---- the other inputs' gradients, summed over the lanes
+    (sw, spix, sclose, sqx, sqy, sqz, sql, skahn, si0, si1, si2, sE0, sE1, sE2, sB0, sB1, sB2, sox, soy, soz, sts,
+     smu) = _amorphous_sums(w, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distance, point_pixel, n)
+    g[L.weights + s] += sw
+    g[L.pixel] += spix
+    g[L.close_distance] += sclose
+    _push_q_sums(g, L, s, sqx, sqy, sqz, sql)
+    if thick:
+        g[L.odet] += sox
+        g[L.odet + 1] += soy
+        g[L.odet + 2] += soz
+        g[L.thickstep] += sts
+        g[L.mu] += smu
+    if not nopolar:
+        _polarization_sums_vjp(g, L, s, ix, iy, iz, pv, Bx, By, Bz, bm, Ex, Ey, Ez, em, framed, skahn, si0, si1, si2,
+                               sE0, sE1, sE2, sB0, sB1, sB2)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _push_q_sums(g, L, s, sx, sy, sz, sl):
+    """Lanes' gradients of their scattering vectors q = (d - i) / lambda from source s,
+    summed over them as dL/dq / lambda (sx, sy, sz) and its dot with q (sl), pushed to the
+    source's direction and wavelength."""
+    g[L.sources + 3 * s] += sx
+    g[L.sources + 3 * s + 1] += sy
+    g[L.sources + 3 * s + 2] += sz
+    g[L.lambdas + s] -= sl
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _polarization_sums_vjp(g, L, s, ix, iy, iz, pv, Bx, By, Bz, bm, Ex, Ey, Ez, em, framed, skahn, si0, si1, si2, sE0,
+                           sE1, sE2, sB0, sB1, sB2):
+    """Lanes' polarization gradients of source s summed over them (dL/dkahn, and dL/d(i.d) d,
+    dL/d(d.E) d, dL/d(d.B) d: see :func:`~nbragg.kernels.physics.polarization_parts`)
+    pushed to the Kahn factor, the source and, through its frame (B, E from
+    :func:`~nbragg.kernels.physics.polarization_frame`), the E-vector axis."""
+    gix = si0
+    giy = si1
+    giz = si2
+    if framed:
+        fix, fiy, fiz, gpx, gpy, gpz = polarization_frame_vjp(ix, iy, iz, pv[0], pv[1], pv[2], Bx, By, Bz, bm, Ex, Ey,
+                                                              Ez, em, sE0, sE1, sE2, sB0, sB1, sB2)
+        gix += fix
+        giy += fiy
+        giz += fiz
+        g[L.polar_axis] += gpx
+        g[L.polar_axis + 1] += gpy
+        g[L.polar_axis + 2] += gpz
+    g[L.kahn] += skahn
+    g[L.sources + 3 * s] -= gix
+    g[L.sources + 3 * s + 1] -= giy
+    g[L.sources + 3 * s + 2] -= giz
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _amorphous_sums(w, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distance, point_pixel, n):
+    """:func:`_amorphous_lanes_vjp`'s sums over its lanes (zero upstreams where a lane is
+    not taken): dL/d(source weight), dL/dpixel, dL/dclose_distance, dL/dq / lambda (3) and
+    its dot with q, dL/dkahn, dL/d(i.d) d, dL/d(d.E) d, dL/d(d.B) d, dL/dodet (3),
+    dL/dthickstep and dL/dmu (reassociated and contracted: see :func:`_block_sums`)."""
+    sw = spix = sclose = sqx = sqy = sqz = sql = skahn = 0.0
+    si0 = si1 = si2 = sE0 = sE1 = sE2 = sB0 = sB1 = sB2 = sox = soy = soz = sts = smu = 0.0
+    for x in range(n):
+        gom = w[BG_GOM, x]
+        gpol = w[BG_GPOL, x]
+        gcap = w[BG_GCAP, x]
+        c = w[BG_CQ, x]
+        sw += w[BG_GA, x] * (w[BG_POLAR, x] * w[BG_OMEGA, x] * w[BG_CAPTURE, x])
+        dR, dpix, dclose = solid_angle_partials(R[x], pixel, close_distance, point_pixel, w[BG_OMEGA, x])
+        spix += gom * dpix
+        sclose += gom * dclose
+        qx = (dx[x] - ix) / lam
+        qy = (dy[x] - iy) / lam
+        qz = (dz[x] - iz) / lam
+        sqx += c * qx
+        sqy += c * qy
+        sqz += c * qz
+        sql += c * (qx * qx + qy * qy + qz * qz)
+        skahn += gpol * w[BG_KAHN, x]
+        gc2 = gpol * w[BG_C2, x]
+        gxv = gpol * w[BG_X, x]
+        gyv = gpol * w[BG_Y, x]
+        si0 += gc2 * dx[x]
+        si1 += gc2 * dy[x]
+        si2 += gc2 * dz[x]
+        sE0 += gxv * dx[x]
+        sE1 += gxv * dy[x]
+        sE2 += gxv * dz[x]
+        sB0 += gyv * dx[x]
+        sB1 += gyv * dy[x]
+        sB2 += gyv * dz[x]
+        sox += gcap * w[BG_COX, x]
+        soy += gcap * w[BG_COY, x]
+        soz += gcap * w[BG_COZ, x]
+        sts += gcap * w[BG_CTS, x]
+        smu += gcap * w[BG_CMU, x]
+    return (sw, spix, sclose, sqx, sqy, sqz, sql, skahn, si0, si1, si2, sE0, sE1, sE2, sB0, sB1, sB2, sox, soy, soz,
+            sts, smu)
 
 
 @njit(cache=True, error_model="numpy")
@@ -951,7 +1146,13 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     gdy = np.empty(n)
     gdz = np.empty(n)
     gR = np.empty(n)         # dL/dR at the first sub-pixel (the solid angle's), known at the end
-    no_gR = np.zeros(n)      # ... and at the others
+    gRs = np.zeros(n)        # ... at a sub-pixel, the amorphous background's (none without one)
+    gR0 = np.zeros(n)        # ... the background's at the first sub-pixel, pushed at the end
+    nbg = samp.bg_amount.shape[0]
+    bg = np.zeros(n)         # the amorphous background's sum, as the per-pixel sweep's
+    bgw = np.zeros((BG_ROWS if nbg > 0 else 0, n))     # (rows of partials a term lacks stay 0)
+    gamount = np.empty(nbg)
+    redo = np.empty(n, dtype=np.bool_)
     qx = np.empty(n)
     qy = np.empty(n)
     qz = np.empty(n)
@@ -1015,7 +1216,14 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
                 gdx[:] = 0.0
                 gdy[:] = 0.0
                 gdz[:] = 0.0
+                if nbg > 0:
+                    gRs[:] = 0.0
                 for s in range(nsrc):
+                    if nbg > 0:
+                        # the background's samples (the sweep's amorphous_sample_vjp); their
+                        # direction's and distance's gradients join the lanes' push below
+                        _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy, gdz, gRs,
+                                             gamount, redo, bgw)
                     ix = -sources[s, 0]
                     iy = -sources[s, 1]
                     iz = -sources[s, 2]
@@ -1045,30 +1253,28 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
                     gws, gwB, sgx, sgy, sgz, sgl = _block_sums(G, Tk, dws, dwB, Wx, Wy, Wz, cwq, qx, qy, qz, lam, n)
                     g[L.weights + s] += gws
                     g[L.B] += gwB
-                    g[L.sources + 3 * s] += sgx
-                    g[L.sources + 3 * s + 1] += sgy
-                    g[L.sources + 3 * s + 2] += sgz
-                    g[L.lambdas + s] -= sgl
+                    _push_q_sums(g, L, s, sgx, sgy, sgz, sgl)
                 if first:
                     # (pushed at the end, with the factors' gradients)
                     g0x[:] = gdx
                     g0y[:] = gdy
                     g0z[:] = gdz
+                    gR0[:] = gRs
                 elif det.curved:
                     for x in range(n):
                         if act[x]:
-                            gpx, gpy, gpz = direction_vjp(gdx[x], gdy[x], gdz[x], 0.0, 0.0, 0.0, 0.0, R[x], dx[x],
+                            gpx, gpy, gpz = direction_vjp(gdx[x], gdy[x], gdz[x], gRs[x], 0.0, 0.0, 0.0, R[x], dx[x],
                                                           dy[x], dz[x])
                             position_vjp(gpx, gpy, gpz, xmin + x, spixel, subF, subS, t, det, beam, L, g)
                 else:
-                    _position_vjp_lanes(det, L, g, spixel, xmin, n, subF, subS, t, act, gdx, gdy, gdz, no_gR, R, dx,
+                    _position_vjp_lanes(det, L, g, spixel, xmin, n, subF, subS, t, act, gdx, gdy, gdz, gRs, R, dx,
                                         dy, dz)
     # ---- the sums, and the factors' gradients now that each pixel's sum is known
     # (the lanes here, their sums in _factor_sums: see the blocks' sums)
     for x in range(n):
         g_om = gv[x] * I[x] * capture[x] * polar[x]
         g_pol = gv[x] * I[x] * omega[x] * capture[x]
-        gR[x] = g_om * oR[x]
+        gR[x] = g_om * oR[x] + gR0[x]
         gc2 = g_pol * pol_c2[x]
         gx = g_pol * pol_x[x]
         gy = g_pol * pol_y[x]
@@ -1078,31 +1284,17 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     if want_image:
         for x in range(n):
             if act[x]:
-                image[spixel, xmin + x] = (apply_final(samp, I[x], capture[x], polar[x], omega[x])
-                                           + np.float64(0.0)) * scale
+                image[spixel, xmin + x] = (apply_final(samp, I[x], capture[x], polar[x], omega[x]) + bg[x]) * scale
     sG, svalue, spix, sclose, skahn, si0, si1, si2, sE0, sE1, sE2, sB0, sB1, sB2 = _factor_sums(
-        samp, act, G, gv, I, capture, polar, omega, opix, oclose, pol_kahn, pol_c2, pol_x, pol_y, d0x, d0y, d0z, n)
+        samp, act, G, gv, I, bg, capture, polar, omega, opix, oclose, pol_kahn, pol_c2, pol_x, pol_y, d0x, d0y, d0z,
+        n)
     g[L.I_bg] += sG
     g[L.scale] += svalue
     g[L.pixel] += spix
     g[L.close_distance] += sclose
     if not beam.nopolar:
-        gix = si0
-        giy = si1
-        giz = si2
-        if framed:
-            fix, fiy, fiz, gpx, gpy, gpz = polarization_frame_vjp(ix0, iy0, iz0, pv[0], pv[1], pv[2], Bx, By, Bz, bm,
-                                                                  Ex, Ey, Ez, em, sE0, sE1, sE2, sB0, sB1, sB2)
-            gix += fix
-            giy += fiy
-            giz += fiz
-            g[L.polar_axis] += gpx
-            g[L.polar_axis + 1] += gpy
-            g[L.polar_axis + 2] += gpz
-        g[L.kahn] += skahn
-        g[L.sources] -= gix
-        g[L.sources + 1] -= giy
-        g[L.sources + 2] -= giz
+        _polarization_sums_vjp(g, L, 0, ix0, iy0, iz0, pv, Bx, By, Bz, bm, Ex, Ey, Ez, em, framed, skahn, si0, si1, si2,
+                               sE0, sE1, sE2, sB0, sB1, sB2)
     g[L.Na] += sums.gN[0]
     g[L.Nb] += sums.gN[1]
     g[L.Nc] += sums.gN[2]

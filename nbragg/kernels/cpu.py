@@ -140,19 +140,11 @@ def forward_row_path(S):
 
 
 @njit(cache=True)
-def tangent_row_path(S):
-    """True when the tangent kernel computes rows in vector loops across their pixels
-    (``tangent._tangent_row_lanes``): the bulk-orientation case with Bragg terms, with or
-    without an amorphous background."""
+def derivative_row_path(S):
+    """True when the tangent and the adjoint compute rows in vector loops across their
+    pixels (``tangent._tangent_row_lanes``, ``adjoint._adjoint_row_lanes``): the
+    bulk-orientation case with Bragg terms, with or without an amorphous background."""
     return fast_path(S) and S.samp.bragg
-
-
-@njit(cache=True)
-def row_path(S):
-    """True when the adjoint computes rows in vector loops across their pixels
-    (``adjoint._adjoint_row_lanes``): :func:`tangent_row_path`'s case without an amorphous
-    background."""
-    return tangent_row_path(S) and S.samp.bg_amount.shape[0] == 0
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

@@ -1037,6 +1037,17 @@ def amorphous_F(samp, m, stol):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _lane_rows(xs, first, last, span, x):
+    """(a, ok) for the row lanes: rows a .. a + 3 of table xs[first..last] (span: its
+    last abscissa less its first) around the row the mean spacing finds for x, always
+    inside the table (so that they may be gathered unconditionally), and whether they are
+    :func:`_amorphous_rows`' for x (the row found at or just below x, four rows inside)."""
+    g = _row_guess(xs, first, last, span, x)
+    gc = min(max(g, first + 1), last - 2)
+    return gc - 1, g == gc and xs[gc] <= x and xs[gc + 1] > x
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _lagrange4(xs, ys, a, x):
     """The cubic through rows a .. a + 3 at x (inside the table: nonBragg.c's four-point
     form, operation for operation)."""
@@ -1066,10 +1077,8 @@ def amorphous_lanes(samp, stol, weight, bg, redo, n):
         if span > 0.0 and last - first >= 3:
             for p in range(n):
                 x = stol[p]
-                g = _row_guess(xs, first, last, span, x)
-                gc = min(max(g, first + 1), last - 2)     # (a row whose gathers stay in the table)
-                ok = g == gc and xs[gc] <= x and xs[gc + 1] > x
-                v = acc[p] + amount * np.float64(signed_square(_lagrange4(xs, ys, gc - 1, x)))
+                a, ok = _lane_rows(xs, first, last, span, x)
+                v = acc[p] + amount * np.float64(signed_square(_lagrange4(xs, ys, a, x)))
                 acc[p] = v if ok else acc[p]
                 redo[p] = not ok
         else:
@@ -1080,6 +1089,69 @@ def amorphous_lanes(samp, stol, weight, bg, redo, n):
                 acc[p] += amount * np.float64(signed_square(amorphous_F(samp, m, stol[p])))
     for p in range(n):
         bg[p] += weight[p] * acc[p]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _lagrange4_slope(xs, ys, a, x):
+    """d/dx of :func:`_lagrange4` at x: each basis polynomial's derivative, the sum over
+    its three factors of the other two's product (no calls: loops over lanes vectorise)."""
+    x0 = xs[a]
+    x1 = xs[a + 1]
+    x2 = xs[a + 2]
+    x3 = xs[a + 3]
+    u0 = x - x0
+    u1 = x - x1
+    u2 = x - x2
+    u3 = x - x3
+    return ((u2 * u3 + u1 * u3 + u1 * u2) * ys[a] / ((x0 - x1) * (x0 - x2) * (x0 - x3))
+            + (u2 * u3 + u0 * u3 + u0 * u2) * ys[a + 1] / ((x1 - x0) * (x1 - x2) * (x1 - x3))
+            + (u1 * u3 + u0 * u3 + u0 * u1) * ys[a + 2] / ((x2 - x0) * (x2 - x1) * (x2 - x3))
+            + (u1 * u2 + u0 * u2 + u0 * u1) * ys[a + 3] / ((x3 - x0) * (x3 - x1) * (x3 - x2)))
+
+
+@njit(cache=True, error_model="numpy")
+def amorphous_grad_lanes(samp, stol, gfac, A, dA, gamount, redo, sq, n):
+    """The materials' sum and its derivative for n lanes, as :func:`amorphous_F_grad`
+    gives them lane by lane: A[p] = sum_m amount_m sign(F_m) F_m^2 (bit for bit the walk's),
+    dA[p] = its derivative in stol[p] (to rounding), and gamount[m] = sum_p gfac[p]
+    sign(F_m) F_m^2, the gradient of material m's amount for upstreams gfac (zero where a
+    lane is not wanted).  Lanes found at once by the mean spacing are computed in loops
+    with no calls, as :func:`amorphous_lanes`' (``redo``, ``sq``: scratch of n booleans,
+    n values)."""
+    xs = samp.bg_stol
+    ys = samp.bg_F
+    A[:n] = 0.0
+    dA[:n] = 0.0
+    for m in range(samp.bg_amount.shape[0]):
+        amount = samp.bg_amount[m]
+        first = samp.bg_start[m]
+        last = samp.bg_start[m + 1] - 1
+        span = xs[last] - xs[first]
+        gm = 0.0
+        if span > 0.0 and last - first >= 3:
+            for p in range(n):
+                x = stol[p]
+                a, ok = _lane_rows(xs, first, last, span, x)
+                F = _lagrange4(xs, ys, a, x)
+                sF2 = signed_square(F)
+                v = A[p] + amount * sF2
+                d = dA[p] + amount * 2.0 * abs(F) * _lagrange4_slope(xs, ys, a, x)
+                A[p] = v if ok else A[p]
+                dA[p] = d if ok else dA[p]
+                sq[p] = sF2
+                redo[p] = not ok
+        else:
+            for p in range(n):
+                redo[p] = True
+        for p in range(n):
+            if redo[p]:
+                F, dF = amorphous_F_grad(samp, m, stol[p])
+                sq[p] = signed_square(F)
+                A[p] += amount * sq[p]
+                dA[p] += amount * 2.0 * abs(F) * dF
+        for p in range(n):
+            gm += gfac[p] * sq[p]
+        gamount[m] = gm
 
 
 @njit(cache=True, error_model="numpy", inline="always")

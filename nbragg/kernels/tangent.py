@@ -13,8 +13,8 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .cpu import (block_total, clipped_roi, fast_path, lane_background_factors, lane_directions, lane_chunk,
-                  tangent_row_path, term)
+from .cpu import (block_total, clipped_roi, derivative_row_path, fast_path, lane_background_factors, lane_chunk,
+                  lane_directions, term)
 from .physics import (beyond_dmin, capture_fraction, orientations_soa, pixel_solid_angle, polarization_frame,
                       polarization_frame_jvp, polarization_parts)
 from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
@@ -579,15 +579,15 @@ def tangent(det, beam, xtal, fhkl, samp, d, L, scale, has_dori, base, flags, J, 
     """J[s, f, p] = d(scaled image)/d(theta_p) for the directions d (P, L.size) in the
     layout L (``flags``, ``has_dori``, ``base``: :func:`orientation_tangents`); ``image``
     receives the scaled image.  ``lanes``: rows take
-    :func:`_tangent_row_lanes` where :func:`~nbragg.kernels.cpu.tangent_row_path` allows (False:
-    every pixel walks, as the tests' reference does).  (The scene comes block by block,
+    :func:`_tangent_row_lanes` where :func:`~nbragg.kernels.cpu.derivative_row_path` allows
+    (False: every pixel walks, as the tests' reference does).  (The scene comes block by block,
     as in :func:`~nbragg.kernels.cpu.forward`.)"""
     spixels, fpixels = image.shape
     xmin, xmax, ymin, ymax = clipped_roi(det, spixels, fpixels)
     ori = orientations_soa(xtal.orients)
     fflat = fhkl.grid.ravel()
     fast = fast_path(Scene(det, beam, xtal, fhkl, samp))
-    lanes = lanes and tangent_row_path(Scene(det, beam, xtal, fhkl, samp))
+    lanes = lanes and derivative_row_path(Scene(det, beam, xtal, fhkl, samp))
     for spixel in prange(ymin, ymax + 1):
         if lanes:
             _tangent_row_lanes(Scene(det, beam, xtal, fhkl, samp), spixel, xmin, xmax, d, L, scale, has_dori, flags,
@@ -676,8 +676,8 @@ def _direction_tangents_flat(det, spixel, xmin, n, subF, subS, t, d, L, flags, R
 
 @njit(cache=True, error_model="numpy")
 def _tangent_row_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, ori, fflat, J, image):
-    """One row of the tangent kernel in the :func:`~nbragg.kernels.cpu.tangent_row_path` case, its
-    pixels as vector lanes (in chunks whose orientation partials fit in a core's cache):
+    """One row of the tangent kernel in the :func:`~nbragg.kernels.cpu.derivative_row_path` case,
+    its pixels as vector lanes (in chunks whose orientation partials fit in a core's cache):
     see :func:`_tangent_lanes`."""
     norient = S.xtal.orients.shape[0]
     any_dori = False
