@@ -101,6 +101,9 @@ AMORPHOUS_CASES = {
                                                         "-polar 0.8 -divergence 0.3 -divsteps 2 -dispersion 1 "
                                                         "-dispsteps 2 -dmin 13.5 -oversample 2",
     "curved, point pixel, no polarization, B factor": "-curved_det -point_pixel -nopolar",
+    "curved, Kahn factor, sources, layers, oversample 2": "-curved_det -polar 0.7 -oversample 2 -divergence 0.3 "
+                                                          "-divsteps 2 -detector_thick 100 -detector_abs 300 "
+                                                          "-detector_thicksteps 2",
     "no Bragg terms (default F 0)": "-oversample 2",
     "no Bragg terms, every sub-pixel's factors, layers": "-oversample 2 -oversample_omega -oversample_thick "
                                                          "-oversample_polar -detector_thick 100 -detector_abs 300 "
@@ -143,8 +146,8 @@ def test_tangent_row_lanes_with_an_amorphous_background_agree_with_the_walk(name
 
 @pytest.mark.parametrize("name", [n for n in AMORPHOUS_CASES if "no Bragg" not in n])
 def test_adjoint_row_lanes_with_an_amorphous_background_agree_with_the_per_pixel_sweep(name, tmp_path):
-    """The adjoint's row lanes take the amorphous background lane by lane
-    (adjoint.amorphous_direction_vjp, its direction's and distance's gradients pushed with
+    """The adjoint's row lanes take the amorphous background in loops over the lanes
+    (adjoint._amorphous_lanes_vjp, its direction's and distance's gradients pushed with
     the lanes'): every partial the per-pixel sweep's to rounding, the materials' amounts
     among them."""
     _, model, S = _amorphous_case(name, tmp_path)

@@ -777,11 +777,12 @@ def _adjoint_rows(S, L, r0, r1, xmin, xmax, upstream, scale, fast, lanes, ori, f
 @njit(cache=True, error_model="numpy")
 def _adjoint_row_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF, gor, want_image, image, todo):
     """One row of the adjoint in the :func:`~nbragg.kernels.cpu.derivative_row_path` case, its
-    pixels as vector lanes, in chunks (see :func:`_adjoint_lanes`) of ADJOINT_LANES pixels, whose
-    per-lane arrays stay in a core's second-level cache (those of the orientation loop, in
-    its first), or more where a pixel has few terms: a chunk allocates some eighty arrays,
-    which cost more than a few thousand terms.  Writes to ``todo`` the pixels the lanes
-    leave to the per-pixel sweep and returns how many."""
+    pixels as vector lanes, in chunks (see :func:`_adjoint_lanes`) of ADJOINT_LANES pixels,
+    whose per-lane arrays stay in a core's second-level cache (those of the orientation
+    loop, in its first), or more where a pixel has few terms: a chunk allocates some eighty
+    arrays (a background's scratch besides), which cost more than a few thousand terms.
+    Writes to ``todo`` the pixels the lanes leave to the per-pixel sweep and returns how
+    many."""
     width = xmax - xmin + 1
     if width <= 0:
         return 0
@@ -985,7 +986,7 @@ def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy,
             gdz[x] += g_cap[x] * w[BG_CDZ, x]
     # ---- the other inputs' gradients, summed over the lanes
     (sw, spix, sclose, sqx, sqy, sqz, sql, skahn, si0, si1, si2, sE0, sE1, sE2, sB0, sB1, sB2, sox, soy, soz, sts,
-     smu) = _amorphous_sums(w, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distance, point_pixel, n)
+     smu) = _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distance, point_pixel, n)
     g[L.weights + s] += sw
     g[L.pixel] += spix
     g[L.close_distance] += sclose
@@ -1038,47 +1039,49 @@ def _polarization_sums_vjp(g, L, s, ix, iy, iz, pv, Bx, By, Bz, bm, Ex, Ey, Ez, 
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _amorphous_sums(w, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distance, point_pixel, n):
-    """:func:`_amorphous_lanes_vjp`'s sums over its lanes (zero upstreams where a lane is
-    not taken): dL/d(source weight), dL/dpixel, dL/dclose_distance, dL/dq / lambda (3) and
+def _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distance, point_pixel, n):
+    """:func:`_amorphous_lanes_vjp`'s sums over the lanes in ``act`` (the others left out
+    whatever their partials: a lane whose factor is zero may have partials that are not
+    finite): dL/d(source weight), dL/dpixel, dL/dclose_distance, dL/dq / lambda (3) and
     its dot with q, dL/dkahn, dL/d(i.d) d, dL/d(d.E) d, dL/d(d.B) d, dL/dodet (3),
     dL/dthickstep and dL/dmu (reassociated and contracted: see :func:`_block_sums`)."""
     sw = spix = sclose = sqx = sqy = sqz = sql = skahn = 0.0
     si0 = si1 = si2 = sE0 = sE1 = sE2 = sB0 = sB1 = sB2 = sox = soy = soz = sts = smu = 0.0
     for x in range(n):
+        on = act[x]
         gom = w[BG_GOM, x]
         gpol = w[BG_GPOL, x]
         gcap = w[BG_GCAP, x]
         c = w[BG_CQ, x]
-        sw += w[BG_GA, x] * (w[BG_POLAR, x] * w[BG_OMEGA, x] * w[BG_CAPTURE, x])
+        sw += w[BG_GA, x] * (w[BG_POLAR, x] * w[BG_OMEGA, x] * w[BG_CAPTURE, x]) if on else 0.0
         dR, dpix, dclose = solid_angle_partials(R[x], pixel, close_distance, point_pixel, w[BG_OMEGA, x])
-        spix += gom * dpix
-        sclose += gom * dclose
+        spix += gom * dpix if on else 0.0
+        sclose += gom * dclose if on else 0.0
         qx = (dx[x] - ix) / lam
         qy = (dy[x] - iy) / lam
         qz = (dz[x] - iz) / lam
-        sqx += c * qx
-        sqy += c * qy
-        sqz += c * qz
-        sql += c * (qx * qx + qy * qy + qz * qz)
-        skahn += gpol * w[BG_KAHN, x]
+        sqx += c * qx if on else 0.0
+        sqy += c * qy if on else 0.0
+        sqz += c * qz if on else 0.0
+        sql += c * (qx * qx + qy * qy + qz * qz) if on else 0.0
+        skahn += gpol * w[BG_KAHN, x] if on else 0.0
         gc2 = gpol * w[BG_C2, x]
         gxv = gpol * w[BG_X, x]
         gyv = gpol * w[BG_Y, x]
-        si0 += gc2 * dx[x]
-        si1 += gc2 * dy[x]
-        si2 += gc2 * dz[x]
-        sE0 += gxv * dx[x]
-        sE1 += gxv * dy[x]
-        sE2 += gxv * dz[x]
-        sB0 += gyv * dx[x]
-        sB1 += gyv * dy[x]
-        sB2 += gyv * dz[x]
-        sox += gcap * w[BG_COX, x]
-        soy += gcap * w[BG_COY, x]
-        soz += gcap * w[BG_COZ, x]
-        sts += gcap * w[BG_CTS, x]
-        smu += gcap * w[BG_CMU, x]
+        si0 += gc2 * dx[x] if on else 0.0
+        si1 += gc2 * dy[x] if on else 0.0
+        si2 += gc2 * dz[x] if on else 0.0
+        sE0 += gxv * dx[x] if on else 0.0
+        sE1 += gxv * dy[x] if on else 0.0
+        sE2 += gxv * dz[x] if on else 0.0
+        sB0 += gyv * dx[x] if on else 0.0
+        sB1 += gyv * dy[x] if on else 0.0
+        sB2 += gyv * dz[x] if on else 0.0
+        sox += gcap * w[BG_COX, x] if on else 0.0
+        soy += gcap * w[BG_COY, x] if on else 0.0
+        soz += gcap * w[BG_COZ, x] if on else 0.0
+        sts += gcap * w[BG_CTS, x] if on else 0.0
+        smu += gcap * w[BG_CMU, x] if on else 0.0
     return (sw, spix, sclose, sqx, sqy, sqz, sql, skahn, si0, si1, si2, sE0, sE1, sE2, sB0, sB1, sB2, sox, soy, soz,
             sts, smu)
 
@@ -1094,7 +1097,9 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     the blocks.  Per block :func:`~nbragg.kernels.derivs.orientation_lanes` gives per
     pixel dL/dq (W*, pushed to the sub-pixel and source at once) and adds dL/dN, dL/dF
     and per orientation dL/d(orientation), summed over the lanes (into ``sums.gN`` and
-    ``gor``).  A pixel whose factor is zero where the walk would
+    ``gor``).  An amorphous background's samples are taken with the blocks, per sample
+    (:func:`_amorphous_lanes_vjp`), their gradients of the directions and distances pushed
+    with the blocks'.  A pixel whose factor is zero where the walk would
     take it again later, or whose polarization -dmin moves past its first sample, goes to
     ``todo`` for the per-pixel sweep.  Returns the new length of ``todo``."""
     det = S.det

@@ -1112,8 +1112,9 @@ def _lagrange4_slope(xs, ys, a, x):
 @njit(cache=True, error_model="numpy")
 def amorphous_grad_lanes(samp, stol, gfac, A, dA, gamount, redo, sq, n):
     """The materials' sum and its derivative for n lanes, as :func:`amorphous_F_grad`
-    gives them lane by lane: A[p] = sum_m amount_m sign(F_m) F_m^2 (bit for bit the walk's),
-    dA[p] = its derivative in stol[p] (to rounding), and gamount[m] = sum_p gfac[p]
+    gives them lane by lane: A[p] = sum_m amount_m sign(F_m) F_m^2 and dA[p], its
+    derivative in stol[p] (both bit for bit the walk's: :func:`_lagrange4_slope` takes
+    amorphous_F_grad's products in its order), and gamount[m] = sum_p gfac[p]
     sign(F_m) F_m^2, the gradient of material m's amount for upstreams gfac (zero where a
     lane is not wanted).  Lanes found at once by the mean spacing are computed in loops
     with no calls, as :func:`amorphous_lanes`' (``redo``, ``sq``: scratch of n booleans,
