@@ -134,7 +134,8 @@ def test_row_lanes_with_an_amorphous_background_equal_the_walk(name, single, tmp
 
 @pytest.mark.parametrize("name", [n for n in AMORPHOUS_CASES if "no Bragg" not in n])
 def test_tangent_row_lanes_with_an_amorphous_background_agree_with_the_walk(name, tmp_path):
-    """The tangent's row lanes take the amorphous background lane by lane: the image the
+    """The tangent's row lanes take the amorphous background in loops over the lanes
+    (tangent._amorphous_lanes_tangent): the image the
     forward's bit for bit, the derivatives the walk's to rounding (every input field moved,
     the materials' amounts among them)."""
     _, model, S = _amorphous_case(name, tmp_path)
@@ -217,10 +218,10 @@ def test_amorphous_lanes_equal_amorphous_sum(single):
 
 
 def test_amorphous_grad_lanes_agree_with_amorphous_F_grad():
-    """The adjoint's row lanes' tables (physics.amorphous_grad_lanes) against the walk's
-    amorphous_F_grad lane by lane, on amorphous_lanes' five tables and points: the sum and
-    its slope in sin(theta)/lambda bit for bit (the slope's closed form sums the walk's
-    products in the walk's order), the amounts' gradients to rounding."""
+    """The derivatives' row lanes' tables (physics.amorphous_grad_lanes) against the walk's
+    amorphous_F_grad lane by lane, on amorphous_lanes' five tables and points, bit for bit:
+    each material's sign(F) F^2, their sum and its slope in sin(theta)/lambda (whose closed
+    form sums the walk's products in the walk's order)."""
     from nbragg.kernels import physics
     exp = nbragg.Experiment.from_nanobragg_args(BASE.split(), warn=lambda m: None)
     names = ["water", "ice", "nanoice", "air", "helium"]
@@ -230,21 +231,20 @@ def test_amorphous_grad_lanes_agree_with_amorphous_F_grad():
     xs = samp.bg_stol
     stol = np.concatenate([np.linspace(0.0, 1.1 * xs.max(), 3001), xs, 0.5 * (xs[1:] + xs[:-1]), [-1.0]])
     n = stol.size
-    gfac = rng.normal(size=n)
     nm = len(names)
     F = np.array([[physics.amorphous_F_grad(samp, m, x) for x in stol] for m in range(nm)])   # (m, lane, 2)
-    sF2 = np.sign(F[..., 0]) * F[..., 0] ** 2
+    sF2 = np.where(F[..., 0] < 0, -F[..., 0] * F[..., 0], F[..., 0] * F[..., 0])
     A_want = np.zeros(n)
     dA_want = np.zeros(n)
     for m in range(nm):      # (material by material, as both sum)
         A_want = A_want + samp.bg_amount[m] * sF2[m]
         dA_want = dA_want + samp.bg_amount[m] * 2.0 * np.abs(F[m, :, 0]) * F[m, :, 1]
-    A, dA, gamount, sq = np.full(n, np.nan), np.full(n, np.nan), np.zeros(nm), np.zeros(n)
+    A, dA, sq = np.full(n, np.nan), np.full(n, np.nan), np.full((nm, n), np.nan)
     redo = np.zeros(n, dtype=np.bool_)
-    physics.amorphous_grad_lanes(samp, stol, gfac, A, dA, gamount, redo, sq, n)
+    physics.amorphous_grad_lanes(samp, stol, A, dA, sq, redo, n)
     assert A.tobytes() == A_want.tobytes()
     assert dA.tobytes() == dA_want.tobytes()
-    np.testing.assert_allclose(gamount, sF2 @ gfac, rtol=1e-12)
+    assert sq.tobytes() == sF2.tobytes()
     assert np.abs(dA).max() > 0 and 0 < redo.sum() < n / 4
 
 

@@ -22,13 +22,15 @@ from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached 
 from numba import njit, prange
 
 from .cpu import block_total, clipped_roi, derivative_row_path, fast_path, lane_directions, term
-from .physics import (amorphous_F_grad, amorphous_grad_lanes, amorphous_stol, beyond_dmin, capture_fraction,
-                      direction, miller, orientations_soa, pixel_solid_angle, polarization_frame,
-                      polarization_frame_vjp, polarization_parts, scattering, signed_square, soa_hkl, solid_angle)
-from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
-                     SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_vjp, capture_partials, direction_vjp,
-                     flat_position_vjp, lane_scratch, lane_sums, lattice_grad, omega_partials, orientation_lanes,
-                     position_vjp, solid_angle_partials, square_partials, weight_partials)
+from .physics import (amorphous_F_grad, amorphous_stol, beyond_dmin, capture_fraction, direction, miller,
+                      orientations_soa, pixel_solid_angle, polarization_frame, polarization_frame_vjp,
+                      polarization_parts, scattering, signed_square, soa_hkl, solid_angle)
+from .derivs import (AM_A, AM_C2, AM_CAPTURE, AM_CDX, AM_CDY, AM_CDZ, AM_CMU, AM_COX, AM_COY, AM_COZ, AM_CTS, AM_DA,
+                     AM_KAHN, AM_OCLOSE, AM_OMEGA, AM_OPIX, AM_OR, AM_POLAR, AM_ROWS, AM_STOL, AM_X, AM_Y, LP_NAB,
+                     LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T,
+                     F_grad, amorphous_lane_partials, aniso_monomials, bragg_weight_vjp, capture_partials,
+                     direction_vjp, flat_position_vjp, lane_scratch, lane_sums, lattice_grad, omega_partials,
+                     orientation_lanes, position_vjp, solid_angle_partials, square_partials, weight_partials)
 from .pixel import add_term, apply_final, final_factor, oversampled_factor, specialise
 from .scene import Scene
 from .physics import (SQUARE, bragg_weight, polarization_factor, polarization_grad,
@@ -889,20 +891,20 @@ def _position_vjp_lanes(det, L, g, spixel, xmin, n, subF, subS, t, act, gdx, gdy
                       det, L, g)
 
 
-# rows of the amorphous background's per-lane scratch in _amorphous_lanes_vjp
-(BG_STOL, BG_OMEGA, BG_POLAR, BG_KAHN, BG_C2, BG_X, BG_Y, BG_CAPTURE, BG_CDX, BG_CDY, BG_CDZ, BG_COX, BG_COY, BG_COZ,
- BG_CTS, BG_CMU, BG_GFAC, BG_A, BG_DA, BG_SQ, BG_GA, BG_GOM, BG_GPOL, BG_GCAP, BG_CQ) = range(25)
-BG_ROWS = 25
+# rows of _amorphous_lanes_vjp's per-lane scratch after those of the factors' partials
+# (derivs.amorphous_lane_partials)
+BG_GFAC, BG_GA, BG_GOM, BG_GPOL, BG_GCAP, BG_CQ = range(AM_ROWS, AM_ROWS + 6)
+BG_ROWS = AM_ROWS + 6
 
 
 @njit(cache=True, error_model="numpy")
-def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy, gdz, gRs, gamount, redo, w):
+def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy, gdz, gRs, sq, redo, w):
     """The amorphous samples of source s at one sub-pixel of layer t of n lanes (R and d:
     its distances and directions): :func:`amorphous_sample_vjp` across the lanes in
     ``act``, in loops over them.  Adds each lane's value to ``bg``, its gradients of d and
     R to gd and gRs (pushed to the positions with the lanes' own), and the sums over the
-    lanes of the other inputs' to ``g``.  ``gamount`` (materials), ``redo`` (n) and ``w``
-    (BG_ROWS, n) are scratch."""
+    lanes of the other inputs' to ``g``.  ``sq`` (materials, n), ``redo`` (n) and ``w``
+    (BG_ROWS, n, zeros at first) are scratch."""
     det = S.det
     beam = S.beam
     ix = -beam.sources[s, 0]
@@ -910,50 +912,27 @@ def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy,
     iz = -beam.sources[s, 2]
     lam = beam.lambdas[s]
     ws = beam.weights[s]
-    kahn = beam.kahn
     pv = beam.polar_axis
     nopolar = beam.nopolar
     thick = det.thick != 0.0
-    pixel = det.pixel
-    close_distance = det.close_distance
-    point_pixel = det.point_pixel
-    stol = w[BG_STOL]
-    omega = w[BG_OMEGA]
-    polar = w[BG_POLAR]
-    capture = w[BG_CAPTURE]
+    Bx, By, Bz, bm, Ex, Ey, Ez, em, framed = amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, w, sq, redo)
+    stol = w[AM_STOL]
+    omega = w[AM_OMEGA]
+    polar = w[AM_POLAR]
+    capture = w[AM_CAPTURE]
+    A = w[AM_A]
+    dA = w[AM_DA]
     gfac = w[BG_GFAC]
     gA = w[BG_GA]
     g_om = w[BG_GOM]
     g_pol = w[BG_GPOL]
     g_cap = w[BG_GCAP]
     cq = w[BG_CQ]
-    Bx, By, Bz, bm, Ex, Ey, Ez, em = polarization_frame(ix, iy, iz, pv[0], pv[1], pv[2])
-    framed = bm != 0.0 and em != 0.0
-    # ---- the factors and their partials, lane by lane
-    for x in range(n):
-        stol[x] = amorphous_stol((dx[x] - ix) / lam, (dy[x] - iy) / lam, (dz[x] - iz) / lam)
-        omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
-    if nopolar:
-        polar[:n] = 1.0
-    else:
-        for x in range(n):
-            polar[x], w[BG_KAHN, x], w[BG_C2, x], w[BG_X, x], w[BG_Y, x] = polarization_parts(
-                kahn, ix, iy, iz, dx[x], dy[x], dz[x], Bx, By, Bz, Ex, Ey, Ez, framed)
-    if thick:
-        # (exp: a scalar loop, run only with sensor layers)
-        for x in range(n):
-            (capture[x], w[BG_CDX, x], w[BG_CDY, x], w[BG_CDZ, x], w[BG_COX, x], w[BG_COY, x], w[BG_COZ, x],
-             w[BG_CTS, x], w[BG_CMU, x]) = capture_partials(t, dx[x], dy[x], dz[x], det)
-    else:
-        capture[:n] = 1.0
+    # ---- the amounts' gradients
     for x in range(n):
         gfac[x] = gv[x] * (polar[x] * omega[x] * ws * capture[x]) if act[x] else 0.0
-    # ---- the materials' sum, its slope, and the amounts' gradients
-    A = w[BG_A]
-    dA = w[BG_DA]
-    amorphous_grad_lanes(S.samp, stol, gfac, A, dA, gamount, redo, w[BG_SQ], n)
-    for m in range(gamount.shape[0]):
-        g[L.bg_amount + m] += gamount[m]
+    for m in range(sq.shape[0]):
+        g[L.bg_amount + m] += _lane_dot(gfac, sq[m], n)
     # ---- each lane's value and its gradients of d and R (the sums of the others' below:
     # see _block_sums)
     for x in range(n):
@@ -967,26 +946,26 @@ def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy,
         # stol = |q| / 2 and q = (d - i) / lambda
         c = gv[x] * factor * dA[x] / (4.0 * stol[x]) / lam
         cq[x] = c if act[x] and stol[x] > 0.0 else 0.0
-        gRs[x] += g_om[x] * solid_angle_partials(R[x], pixel, close_distance, point_pixel, omega[x])[0]
+        gRs[x] += g_om[x] * w[AM_OR, x]
         gdx[x] += cq[x] * (dx[x] - ix) / lam
         gdy[x] += cq[x] * (dy[x] - iy) / lam
         gdz[x] += cq[x] * (dz[x] - iz) / lam
     if not nopolar:
         for x in range(n):
-            gc2 = g_pol[x] * w[BG_C2, x]
-            gxv = g_pol[x] * w[BG_X, x]
-            gyv = g_pol[x] * w[BG_Y, x]
+            gc2 = g_pol[x] * w[AM_C2, x]
+            gxv = g_pol[x] * w[AM_X, x]
+            gyv = g_pol[x] * w[AM_Y, x]
             gdx[x] += gc2 * ix + gyv * Bx + gxv * Ex
             gdy[x] += gc2 * iy + gyv * By + gxv * Ey
             gdz[x] += gc2 * iz + gyv * Bz + gxv * Ez
     if thick:
         for x in range(n):
-            gdx[x] += g_cap[x] * w[BG_CDX, x]
-            gdy[x] += g_cap[x] * w[BG_CDY, x]
-            gdz[x] += g_cap[x] * w[BG_CDZ, x]
+            gdx[x] += g_cap[x] * w[AM_CDX, x]
+            gdy[x] += g_cap[x] * w[AM_CDY, x]
+            gdz[x] += g_cap[x] * w[AM_CDZ, x]
     # ---- the other inputs' gradients, summed over the lanes
     (sw, spix, sclose, sqx, sqy, sqz, sql, skahn, si0, si1, si2, sE0, sE1, sE2, sB0, sB1, sB2, sox, soy, soz, sts,
-     smu) = _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distance, point_pixel, n)
+     smu) = _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, n)
     g[L.weights + s] += sw
     g[L.pixel] += spix
     g[L.close_distance] += sclose
@@ -1039,7 +1018,16 @@ def _polarization_sums_vjp(g, L, s, ix, iy, iz, pv, Bx, By, Bz, bm, Ex, Ey, Ez, 
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distance, point_pixel, n):
+def _lane_dot(a, b, n):
+    """sum_x a[x] b[x] over n lanes (reassociated: see :func:`_block_sums`)."""
+    total = 0.0
+    for x in range(n):
+        total += a[x] * b[x]
+    return total
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, n):
     """:func:`_amorphous_lanes_vjp`'s sums over the lanes in ``act`` (the others left out
     whatever their partials: a lane whose factor is zero may have partials that are not
     finite): dL/d(source weight), dL/dpixel, dL/dclose_distance, dL/dq / lambda (3) and
@@ -1053,10 +1041,9 @@ def _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distanc
         gpol = w[BG_GPOL, x]
         gcap = w[BG_GCAP, x]
         c = w[BG_CQ, x]
-        sw += w[BG_GA, x] * (w[BG_POLAR, x] * w[BG_OMEGA, x] * w[BG_CAPTURE, x]) if on else 0.0
-        dR, dpix, dclose = solid_angle_partials(R[x], pixel, close_distance, point_pixel, w[BG_OMEGA, x])
-        spix += gom * dpix if on else 0.0
-        sclose += gom * dclose if on else 0.0
+        sw += w[BG_GA, x] * (w[AM_POLAR, x] * w[AM_OMEGA, x] * w[AM_CAPTURE, x]) if on else 0.0
+        spix += gom * w[AM_OPIX, x] if on else 0.0
+        sclose += gom * w[AM_OCLOSE, x] if on else 0.0
         qx = (dx[x] - ix) / lam
         qy = (dy[x] - iy) / lam
         qz = (dz[x] - iz) / lam
@@ -1064,10 +1051,10 @@ def _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distanc
         sqy += c * qy if on else 0.0
         sqz += c * qz if on else 0.0
         sql += c * (qx * qx + qy * qy + qz * qz) if on else 0.0
-        skahn += gpol * w[BG_KAHN, x] if on else 0.0
-        gc2 = gpol * w[BG_C2, x]
-        gxv = gpol * w[BG_X, x]
-        gyv = gpol * w[BG_Y, x]
+        skahn += gpol * w[AM_KAHN, x] if on else 0.0
+        gc2 = gpol * w[AM_C2, x]
+        gxv = gpol * w[AM_X, x]
+        gyv = gpol * w[AM_Y, x]
         si0 += gc2 * dx[x] if on else 0.0
         si1 += gc2 * dy[x] if on else 0.0
         si2 += gc2 * dz[x] if on else 0.0
@@ -1077,11 +1064,11 @@ def _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, R, pixel, close_distanc
         sB0 += gyv * dx[x] if on else 0.0
         sB1 += gyv * dy[x] if on else 0.0
         sB2 += gyv * dz[x] if on else 0.0
-        sox += gcap * w[BG_COX, x] if on else 0.0
-        soy += gcap * w[BG_COY, x] if on else 0.0
-        soz += gcap * w[BG_COZ, x] if on else 0.0
-        sts += gcap * w[BG_CTS, x] if on else 0.0
-        smu += gcap * w[BG_CMU, x] if on else 0.0
+        sox += gcap * w[AM_COX, x] if on else 0.0
+        soy += gcap * w[AM_COY, x] if on else 0.0
+        soz += gcap * w[AM_COZ, x] if on else 0.0
+        sts += gcap * w[AM_CTS, x] if on else 0.0
+        smu += gcap * w[AM_CMU, x] if on else 0.0
     return (sw, spix, sclose, sqx, sqy, sqz, sql, skahn, si0, si1, si2, sE0, sE1, sE2, sB0, sB1, sB2, sox, soy, soz,
             sts, smu)
 
@@ -1156,7 +1143,7 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
     nbg = samp.bg_amount.shape[0]
     bg = np.zeros(n)         # the amorphous background's sum, as the per-pixel sweep's
     bgw = np.zeros((BG_ROWS if nbg > 0 else 0, n))     # (rows of partials a term lacks stay 0)
-    gamount = np.empty(nbg)
+    bgsq = np.empty((nbg, n))
     redo = np.empty(n, dtype=np.bool_)
     qx = np.empty(n)
     qy = np.empty(n)
@@ -1228,7 +1215,7 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
                         # the background's samples (the sweep's amorphous_sample_vjp); their
                         # direction's and distance's gradients join the lanes' push below
                         _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy, gdz, gRs,
-                                             gamount, redo, bgw)
+                                             bgsq, redo, bgw)
                     ix = -sources[s, 0]
                     iy = -sources[s, 1]
                     iz = -sources[s, 2]

@@ -13,10 +13,11 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit
 
-from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, aniso_exponent,
-                      axes_hkl, domain_cells, domain_offset, flat_grid_index, grid_cells, grid_extent, lagrange4,
-                      lagrange4_grad, node_offset, orientation_axes, sinc3_grad, sincg_grad, soa_hkl,
-                      square_lattice_grad, square_lattice_grad_far, weighted)
+from .physics import (DOMAIN, GAUSS, GAUSS_WIDTH, ROUND, ROUND_SCALE, SQUARE, TOPHAT_RADIUS_SQR, amorphous_grad_lanes,
+                      amorphous_stol, aniso_exponent, axes_hkl, capture_fraction, domain_cells, domain_offset,
+                      flat_grid_index, grid_cells, grid_extent, lagrange4, lagrange4_grad, node_offset,
+                      orientation_axes, pixel_solid_angle, polarization_frame, polarization_parts, sinc3_grad,
+                      sincg_grad, soa_hkl, square_lattice_grad, square_lattice_grad_far, weighted)
 
 # lattice partials buffer: dL/dh dL/dk dL/dl | dL/dNa dNb dNc | dL/dfudge | dL/drecip (9) |
 # dL/dN_ab dN_ac dN_bc (the Gaussian domain's off-diagonal terms)
@@ -654,3 +655,64 @@ def orientation_lanes(ori, norient, qx, qy, qz, wt, xt, fs, fflat, per_lane, wan
             for x in range(n):
                 if cell[x] >= 0 and wt[x] != 0.0:
                     gF[cell[x]] += 2.0 * F[x] * Lt[x] * Lt[x] * wt[x]
+
+
+# rows of an amorphous background's per-lane partials (amorphous_lane_partials); the
+# derivative kernels' own rows follow AM_ROWS
+(AM_STOL, AM_OMEGA, AM_OR, AM_OPIX, AM_OCLOSE, AM_POLAR, AM_KAHN, AM_C2, AM_X, AM_Y, AM_CAPTURE, AM_CDX, AM_CDY,
+ AM_CDZ, AM_COX, AM_COY, AM_COZ, AM_CTS, AM_CMU, AM_A, AM_DA) = range(21)
+AM_ROWS = 21
+
+
+@njit(cache=True, error_model="numpy")
+def amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, w, sq, redo):
+    """The amorphous samples of source s at one sub-pixel of layer t of n lanes (R and d:
+    their distances and directions), in loops over the lanes, for the derivative kernels'
+    row lanes: into rows AM_* of ``w``, sin(theta)/lambda, the factors as the walk's
+    amorphous_factor takes them (bit for bit) with their partials -- the solid angle's in
+    R, the pixel size and the close distance, the polarization's (physics.polarization_parts),
+    the capture fraction's (:func:`capture_partials`) -- and the materials' sum A with its
+    slope in sin(theta)/lambda (physics.amorphous_grad_lanes, which writes each material's
+    sign(F) F^2 to ``sq`` (materials, n); ``redo``: scratch of n booleans).  Rows of
+    partials the samples lack (no polarization, no sensor) are left as they are.  Returns
+    the source's polarization frame (physics.polarization_frame) and whether it is
+    defined."""
+    det = S.det
+    beam = S.beam
+    ix = -beam.sources[s, 0]
+    iy = -beam.sources[s, 1]
+    iz = -beam.sources[s, 2]
+    lam = beam.lambdas[s]
+    kahn = beam.kahn
+    pv = beam.polar_axis
+    pixel = det.pixel
+    close_distance = det.close_distance
+    point_pixel = det.point_pixel
+    stol = w[AM_STOL]
+    omega = w[AM_OMEGA]
+    polar = w[AM_POLAR]
+    capture = w[AM_CAPTURE]
+    Bx, By, Bz, bm, Ex, Ey, Ez, em = polarization_frame(ix, iy, iz, pv[0], pv[1], pv[2])
+    framed = bm != 0.0 and em != 0.0
+    for x in range(n):
+        stol[x] = amorphous_stol((dx[x] - ix) / lam, (dy[x] - iy) / lam, (dz[x] - iz) / lam)
+        omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
+        w[AM_OR, x], w[AM_OPIX, x], w[AM_OCLOSE, x] = solid_angle_partials(R[x], pixel, close_distance, point_pixel,
+                                                                           omega[x])
+    if beam.nopolar:
+        polar[:n] = 1.0
+    else:
+        for x in range(n):
+            polar[x], w[AM_KAHN, x], w[AM_C2, x], w[AM_X, x], w[AM_Y, x] = polarization_parts(
+                kahn, ix, iy, iz, dx[x], dy[x], dz[x], Bx, By, Bz, Ex, Ey, Ez, framed)
+    if det.thick != 0.0:
+        # (exp: a scalar loop, run only with sensor layers; the value is capture_fraction's,
+        # the walk's, whose rounding differs from capture_partials')
+        for x in range(n):
+            capture[x] = capture_fraction(t, dx[x], dy[x], dz[x], det)
+            (_, w[AM_CDX, x], w[AM_CDY, x], w[AM_CDZ, x], w[AM_COX, x], w[AM_COY, x], w[AM_COZ, x], w[AM_CTS, x],
+             w[AM_CMU, x]) = capture_partials(t, dx[x], dy[x], dz[x], det)
+    else:
+        capture[:n] = 1.0
+    amorphous_grad_lanes(S.samp, stol, w[AM_A], w[AM_DA], sq, redo, n)
+    return Bx, By, Bz, bm, Ex, Ey, Ez, em, framed

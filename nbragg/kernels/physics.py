@@ -1110,15 +1110,14 @@ def _lagrange4_slope(xs, ys, a, x):
 
 
 @njit(cache=True, error_model="numpy")
-def amorphous_grad_lanes(samp, stol, gfac, A, dA, gamount, redo, sq, n):
+def amorphous_grad_lanes(samp, stol, A, dA, sq, redo, n):
     """The materials' sum and its derivative for n lanes, as :func:`amorphous_F_grad`
-    gives them lane by lane: A[p] = sum_m amount_m sign(F_m) F_m^2 and dA[p], its
-    derivative in stol[p] (both bit for bit the walk's: :func:`_lagrange4_slope` takes
-    amorphous_F_grad's products in its order), and gamount[m] = sum_p gfac[p]
-    sign(F_m) F_m^2, the gradient of material m's amount for upstreams gfac (zero where a
-    lane is not wanted).  Lanes found at once by the mean spacing are computed in loops
-    with no calls, as :func:`amorphous_lanes`' (``redo``, ``sq``: scratch of n booleans,
-    n values)."""
+    gives them lane by lane: A[p] = sum_m amount_m sq[m, p], sq[m, p] = sign(F_m) F_m^2
+    at stol[p] (the derivative of A in material m's amount), and dA[p], A's derivative in
+    stol[p] (A and dA bit for bit the walk's: :func:`_lagrange4_slope` takes
+    amorphous_F_grad's products in its order).  Lanes found at once by the mean spacing
+    are computed in loops with no calls, as :func:`amorphous_lanes`' (``redo``: scratch of
+    n booleans)."""
     xs = samp.bg_stol
     ys = samp.bg_F
     A[:n] = 0.0
@@ -1128,7 +1127,7 @@ def amorphous_grad_lanes(samp, stol, gfac, A, dA, gamount, redo, sq, n):
         first = samp.bg_start[m]
         last = samp.bg_start[m + 1] - 1
         span = xs[last] - xs[first]
-        gm = 0.0
+        sqm = sq[m]
         if span > 0.0 and last - first >= 3:
             for p in range(n):
                 x = stol[p]
@@ -1139,7 +1138,7 @@ def amorphous_grad_lanes(samp, stol, gfac, A, dA, gamount, redo, sq, n):
                 d = dA[p] + amount * 2.0 * abs(F) * _lagrange4_slope(xs, ys, a, x)
                 A[p] = v if ok else A[p]
                 dA[p] = d if ok else dA[p]
-                sq[p] = sF2
+                sqm[p] = sF2
                 redo[p] = not ok
         else:
             for p in range(n):
@@ -1147,12 +1146,9 @@ def amorphous_grad_lanes(samp, stol, gfac, A, dA, gamount, redo, sq, n):
         for p in range(n):
             if redo[p]:
                 F, dF = amorphous_F_grad(samp, m, stol[p])
-                sq[p] = signed_square(F)
-                A[p] += amount * sq[p]
+                sqm[p] = signed_square(F)
+                A[p] += amount * sqm[p]
                 dA[p] += amount * 2.0 * abs(F) * dF
-        for p in range(n):
-            gm += gfac[p] * sq[p]
-        gamount[m] = gm
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -13,12 +13,13 @@ import numpy as np
 from .. import _jitcache  # noqa: F401  (nbragg's cache keys, before any cached function)
 from numba import njit, prange
 
-from .cpu import (block_total, clipped_roi, derivative_row_path, fast_path, lane_background_factors, lane_chunk,
-                  lane_directions, term)
+from .cpu import block_total, clipped_roi, derivative_row_path, fast_path, lane_chunk, lane_directions, term
 from .physics import (beyond_dmin, capture_fraction, orientations_soa, pixel_solid_angle, polarization_frame,
                       polarization_frame_jvp, polarization_parts)
-from .derivs import (LP_NAB, LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC,
-                     SQ_ROWS, SQ_T, F_grad, aniso_monomials, bragg_weight_partials, bragg_weight_tangent,
+from .derivs import (AM_A, AM_C2, AM_CAPTURE, AM_CDX, AM_CDY, AM_CDZ, AM_CMU, AM_COX, AM_COY, AM_COZ, AM_CTS, AM_DA,
+                     AM_KAHN, AM_OCLOSE, AM_OMEGA, AM_OPIX, AM_OR, AM_POLAR, AM_ROWS, AM_STOL, AM_X, AM_Y, LP_NAB,
+                     LP_NAC, LP_NBC, LP_SIZE, SQ_F, SQ_L, SQ_LH, SQ_LK, SQ_LL, SQ_LNA, SQ_LNB, SQ_LNC, SQ_ROWS, SQ_T,
+                     F_grad, amorphous_lane_partials, aniso_monomials, bragg_weight_partials, bragg_weight_tangent,
                      capture_partials, lane_scratch, lane_sums, lattice_grad, omega_partials, orientation_lanes,
                      solid_angle_partials, square_partials, weight_partials)
 from .physics import (SQUARE, amorphous_F_grad, amorphous_factor, amorphous_stol, polarization_grad,
@@ -334,7 +335,8 @@ def amorphous_tangents(S, s, t, R, ix, iy, iz, dx, dy, dz, lam, qx, qy, qz, omeg
     added to dbg (P): in the materials' amounts, and through sin(theta)/lambda, the
     sub-pixel's solid angle and capture fraction, the polarization and the source's
     weight; dd (P, 4) the direction's and distance's tangents (0 for the directions that
-    do not move the sub-pixel), pb scratch of 10.  For the walk's hook and the row lanes."""
+    do not move the sub-pixel), pb scratch of 10.  The walk's hook; the row lanes take the
+    same across their lanes (:func:`_amorphous_lanes_tangent`)."""
     samp = S.samp
     det = S.det
     beam = S.beam
@@ -693,6 +695,121 @@ def _tangent_row_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, flags, ori,
                        J, image)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _frame_tangents(d, p, L, so, ix, iy, iz, pv, Bx, By, Bz, bm, Ex, Ey, Ez, em, framed):
+    """Direction p's tangents of a source's incident direction i (its row at ``so``) and
+    of its polarization frame B, E (physics.polarization_frame; 0 where it is not
+    ``framed``): (di (3), dB (3), dE (3))."""
+    dix = -d[p, so]
+    diy = -d[p, so + 1]
+    diz = -d[p, so + 2]
+    dBx = dBy = dBz = dEx = dEy = dEz = 0.0
+    if framed:
+        dBx, dBy, dBz, dEx, dEy, dEz = polarization_frame_jvp(ix, iy, iz, pv[0], pv[1], pv[2], Bx, By, Bz, bm, Ex, Ey,
+                                                              Ez, em, dix, diy, diz, d[p, L.polar_axis],
+                                                              d[p, L.polar_axis + 1], d[p, L.polar_axis + 2])
+    return dix, diy, diz, dBx, dBy, dBz, dEx, dEy, dEz
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _polarization_tangent(pk, pc, pX, pY, dk, dix, diy, diz, dBx, dBy, dBz, dEx, dEy, dEz, ix, iy, iz, Bx, By, Bz,
+                          Ex, Ey, Ez, dx, dy, dz, ddx, ddy, ddz):
+    """A lane's polarization tangent from its partials (physics.polarization_parts: in
+    kahn, i.d, d.E, d.B), the tangents of kahn, i, B and E (:func:`_frame_tangents`) and
+    of its direction d (dd): no calls, so loops over the lanes vectorise."""
+    return (pk * dk
+            + pc * (dix * dx + diy * dy + diz * dz + ix * ddx + iy * ddy + iz * ddz)
+            + pX * (dEx * dx + dEy * dy + dEz * dz + Ex * ddx + Ey * ddy + Ez * ddz)
+            + pY * (dBx * dx + dBy * dy + dBz * dz + Bx * ddx + By * ddy + Bz * ddz))
+
+
+# rows of _amorphous_lanes_tangent's per-lane scratch after those of the factors'
+# partials (derivs.amorphous_lane_partials)
+TB_FACTOR, TB_CQ, TB_V = range(AM_ROWS, AM_ROWS + 3)
+TB_ROWS = AM_ROWS + 3
+
+
+@njit(cache=True, error_model="numpy")
+def _amorphous_lanes_tangent(S, s, t, n, d, L, flags, R, dx, dy, dz, dd, dq, bg, dbg, sq, redo, w):
+    """The amorphous samples of source s at one sub-pixel of layer t of n lanes (R and d:
+    their distances and directions): :func:`amorphous_tangents` across the lanes, in loops
+    over them.  Adds each lane's value to ``bg`` (the forward's bit for bit) and its
+    tangents to ``dbg`` (P, n).  ``dd`` (P, 4, n): the directions' tangents of the lanes'
+    directions and distances (rows of zeros for the directions that do not move them);
+    ``dq`` (P, 3, n): of their scattering vectors, on the rows of the directions that move
+    them (T_GEO, T_SRC, T_LAM).  ``sq`` (materials, n), ``redo`` (n) and ``w`` (TB_ROWS, n)
+    are scratch."""
+    det = S.det
+    beam = S.beam
+    ix = -beam.sources[s, 0]
+    iy = -beam.sources[s, 1]
+    iz = -beam.sources[s, 2]
+    ws = beam.weights[s]
+    pv = beam.polar_axis
+    so = L.sources + 3 * s
+    Bx, By, Bz, bm, Ex, Ey, Ez, em, framed = amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, w, sq, redo)
+    stol = w[AM_STOL]
+    omega = w[AM_OMEGA]
+    polar = w[AM_POLAR]
+    capture = w[AM_CAPTURE]
+    A = w[AM_A]
+    dA = w[AM_DA]
+    factor = w[TB_FACTOR]
+    cq = w[TB_CQ]
+    v = w[TB_V]
+    for x in range(n):
+        factor[x] = polar[x] * omega[x] * ws * capture[x]      # (amorphous_weight's product)
+        bg[x] += factor[x] * A[x]
+        c = factor[x] * dA[x] / (4.0 * stol[x])
+        cq[x] = c if stol[x] > 0.0 else 0.0
+    for p in range(d.shape[0]):
+        f = flags[p]
+        dbp = dbg[p]
+        for m in range(sq.shape[0]):
+            a = d[p, L.bg_amount + m]
+            if a != 0.0:
+                sqm = sq[m]
+                for x in range(n):
+                    dbp[x] += factor[x] * sqm[x] * a
+        # the factors' tangents, times the materials' sum at the end
+        dw = d[p, L.weights + s]
+        for x in range(n):
+            v[x] = dw * (polar[x] * omega[x] * capture[x])
+        ddp = dd[p]
+        if (f & (T_GEO | T_SRC | T_LAM)) != 0:
+            dqp = dq[p]
+            for x in range(n):
+                dbp[x] += cq[x] * (((dx[x] - ix) * dqp[0, x] + (dy[x] - iy) * dqp[1, x] + (dz[x] - iz) * dqp[2, x])
+                                   / beam.lambdas[s])
+        if (f & (T_GEO | T_OMEGA)) != 0:
+            dpix = d[p, L.pixel]
+            dclose = d[p, L.close_distance]
+            for x in range(n):
+                v[x] += ((w[AM_OR, x] * ddp[3, x] + w[AM_OPIX, x] * dpix + w[AM_OCLOSE, x] * dclose)
+                         * (polar[x] * ws * capture[x]))
+        if det.thick != 0.0 and (f & (T_GEO | T_CAP)) != 0:
+            do0 = d[p, L.odet]
+            do1 = d[p, L.odet + 1]
+            do2 = d[p, L.odet + 2]
+            dts = d[p, L.thickstep]
+            dmu = d[p, L.mu]
+            for x in range(n):
+                v[x] += ((w[AM_CDX, x] * ddp[0, x] + w[AM_CDY, x] * ddp[1, x] + w[AM_CDZ, x] * ddp[2, x]
+                          + w[AM_COX, x] * do0 + w[AM_COY, x] * do1 + w[AM_COZ, x] * do2 + w[AM_CTS, x] * dts
+                          + w[AM_CMU, x] * dmu) * (polar[x] * omega[x] * ws))
+        if not beam.nopolar and (f & (T_GEO | T_SRC | T_POL)) != 0:
+            dk = d[p, L.kahn]
+            dix, diy, diz, dBx, dBy, dBz, dEx, dEy, dEz = _frame_tangents(d, p, L, so, ix, iy, iz, pv, Bx, By, Bz, bm,
+                                                                          Ex, Ey, Ez, em, framed)
+            for x in range(n):
+                dpol = _polarization_tangent(w[AM_KAHN, x], w[AM_C2, x], w[AM_X, x], w[AM_Y, x], dk, dix, diy, diz,
+                                             dBx, dBy, dBz, dEx, dEy, dEz, ix, iy, iz, Bx, By, Bz, Ex, Ey, Ez, dx[x],
+                                             dy[x], dz[x], ddp[0, x], ddp[1, x], ddp[2, x])
+                v[x] += dpol * (omega[x] * ws * capture[x])
+        for x in range(n):
+            dbp[x] += v[x] * A[x]
+
+
 @njit(cache=True, error_model="numpy")
 def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags, ori, fflat, J, image):
     """Pixels xmin..xmax of row spixel: the tangent walk (``_t_*`` hooks, square blocks)
@@ -705,7 +822,7 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     tangents of q are contracted with W* per block, those of N, F and the orientations
     with the sums once, at the end.  The pixel factors and the geometry's tangents
     (scalar loops over the pixels) are taken where the walk takes them, and so is an
-    amorphous background (:func:`amorphous_tangents`, lane by lane).  (The T_BASE
+    amorphous background (:func:`_amorphous_lanes_tangent`, in loops over the lanes).  (The T_BASE
     directions take O here too: summing dT/d(h, k, l) outer (h, k, l) instead, as
     :func:`square_tangent` does, costs these loops as much per term as O, measured on B2,
     and O's contraction is once per pixel.)"""
@@ -740,9 +857,9 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     nbg = samp.bg_amount.shape[0]
     bg = np.zeros(n)                      # the amorphous background (as the walk's, see the forward's lanes)
     dbg = np.zeros((P, n))                # ... and its tangents
-    pb = np.empty(10)
-    bg_omega = np.empty(n)
-    bg_capture = np.ones(n)
+    bgsq = np.empty((nbg, n))             # (_amorphous_lanes_tangent's scratch)
+    redo = np.empty(n, dtype=np.bool_)
+    bgw = np.zeros((TB_ROWS if nbg > 0 else 0, n))
     # (rows a little longer than n: with n a power of two, every row's value of a pixel
     # would fall in one set of the first-level cache, which the final store reads across)
     dI = np.empty((P, n + 8))
@@ -850,8 +967,6 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                 om_pending = False
                 for x in range(n):
                     om_pending = om_pending or omega[x] == 0.0
-                if nbg > 0:
-                    lane_background_factors(det, t, n, R, dx, dy, dz, bg_omega, bg_capture)
                 if capture0 == 0.0:
                     for x in range(n):
                         if capture[x] == 0.0:
@@ -876,12 +991,6 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                         qy[x] = (dy[x] - iy) / lam
                         qz[x] = (dz[x] - iz) / lam
                         keep[x] = not beyond_dmin(qx[x], qy[x], qz[x], dmin)
-                    if nbg > 0:
-                        # (a scalar loop over the lanes, each sample's tangents added to dbg)
-                        for x in range(n):
-                            bg[x] += amorphous_tangents(S, s, t, R[x], ix, iy, iz, dx[x], dy[x], dz[x], lam, qx[x],
-                                                        qy[x], qz[x], bg_omega[x], bg_capture[x], d, L, flags,
-                                                        dd[:, :, x], dbg[:, x], pb)
                     if pending > 0:
                         # the polarization where the walk takes it, at the first kept sample;
                         # its tangents in i and the E-vector axis through the source's frame
@@ -895,24 +1004,14 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                         for p in range(P):
                             if (flags[p] & (T_GEO | T_SRC | T_POL)) == 0:
                                 continue
-                            dix = -d[p, so]
-                            diy = -d[p, so + 1]
-                            diz = -d[p, so + 2]
-                            dBx = dBy = dBz = dEx = dEy = dEz = 0.0
-                            if framed:
-                                dBx, dBy, dBz, dEx, dEy, dEz = polarization_frame_jvp(
-                                    ix, iy, iz, pv[0], pv[1], pv[2], Bx, By, Bz, bm, Ex, Ey, Ez, em, dix, diy, diz,
-                                    d[p, L.polar_axis], d[p, L.polar_axis + 1], d[p, L.polar_axis + 2])
                             dk = d[p, L.kahn]
+                            dix, diy, diz, dBx, dBy, dBz, dEx, dEy, dEz = _frame_tangents(
+                                d, p, L, so, ix, iy, iz, pv, Bx, By, Bz, bm, Ex, Ey, Ez, em, framed)
                             ddp = dd[p] if (flags[p] & T_GEO) != 0 else zero4
                             for x in range(n):
-                                v = (pk[x] * dk
-                                     + pc[x] * (dix * dx[x] + diy * dy[x] + diz * dz[x]
-                                                + ix * ddp[0, x] + iy * ddp[1, x] + iz * ddp[2, x])
-                                     + pX[x] * (dEx * dx[x] + dEy * dy[x] + dEz * dz[x]
-                                                + Ex * ddp[0, x] + Ey * ddp[1, x] + Ez * ddp[2, x])
-                                     + pY[x] * (dBx * dx[x] + dBy * dy[x] + dBz * dz[x]
-                                                + Bx * ddp[0, x] + By * ddp[1, x] + Bz * ddp[2, x]))
+                                v = _polarization_tangent(pk[x], pc[x], pX[x], pY[x], dk, dix, diy, diz, dBx, dBy,
+                                                          dBz, dEx, dEy, dEz, ix, iy, iz, Bx, By, Bz, Ex, Ey, Ez,
+                                                          dx[x], dy[x], dz[x], ddp[0, x], ddp[1, x], ddp[2, x])
                                 dpol[p, x] = v if fresh[x] else dpol[p, x]
                         pending = 0
                         for x in range(n):
@@ -933,6 +1032,9 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                                 dq[p, 0, x] = (ddp[0, x] + d[p, so] - qx[x] * dlam) / lam
                                 dq[p, 1, x] = (ddp[1, x] + d[p, so + 1] - qy[x] * dlam) / lam
                                 dq[p, 2, x] = (ddp[2, x] + d[p, so + 2] - qz[x] * dlam) / lam
+                    if nbg > 0:
+                        _amorphous_lanes_tangent(S, s, t, n, d, L, flags, R, dx, dy, dz, dd, dq, bg, dbg, bgsq, redo,
+                                                 bgw)
                     orientation_lanes(ori, norient, qx, qy, qz, w, xt, fs, fflat, True, any_dori, no_gF, no_gor, sc,
                                       sums, n)
                     for x in range(n):
