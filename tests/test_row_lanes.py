@@ -135,9 +135,9 @@ def test_row_lanes_with_an_amorphous_background_equal_the_walk(name, single, tmp
 @pytest.mark.parametrize("name", [n for n in AMORPHOUS_CASES if "no Bragg" not in n])
 def test_tangent_row_lanes_with_an_amorphous_background_agree_with_the_walk(name, tmp_path):
     """The tangent's row lanes take the amorphous background in loops over the lanes
-    (tangent._amorphous_lanes_tangent): the image the
-    forward's bit for bit, the derivatives the walk's to rounding (every input field moved,
-    the materials' amounts among them)."""
+    (tangent._amorphous_lanes_tangent): the image the forward's bit for bit, the
+    derivatives the walk's to rounding (every input field moved, the materials' amounts
+    among them)."""
     _, model, S = _amorphous_case(name, tmp_path)
     assert K.derivative_row_path(S)
     kL = model.kernel_layout
@@ -443,8 +443,8 @@ def _check_adjoint_lanes(model, S, seed=7, cut=False):
     # sample, which they leave to the per-pixel sweep
     assert swept_w > 0
     assert (0 < swept < swept_w) if cut else swept == 0
-    # the image: the per-pixel sweep's to rounding (both take the polarization and capture
-    # fraction from their derivative twins), zero where the upstream is
+    # the image: the per-pixel sweep's to rounding (both take the Bragg terms' polarization
+    # and capture fraction from their derivative twins), zero where the upstream is
     np.testing.assert_allclose(image, imagew, rtol=1e-14, atol=0)
     assert image.max() > 0 and (image[3] == 0).all()
     # the gradient: the same sums in another order, field by field (their scales differ

@@ -737,8 +737,9 @@ def _amorphous_lanes_tangent(S, s, t, n, d, L, flags, R, dx, dy, dz, dd, dq, bg,
     tangents to ``dbg`` (P, n).  ``dd`` (P, 4, n): the directions' tangents of the lanes'
     directions and distances (rows of zeros for the directions that do not move them);
     ``dq`` (P, 3, n): of their scattering vectors, on the rows of the directions that move
-    them (T_GEO, T_SRC, T_LAM).  ``sq`` (materials, n), ``redo`` (n) and ``w`` (TB_ROWS, n)
-    are scratch."""
+    them (T_GEO, T_SRC, T_LAM); unlike the Bragg terms' loops it reads dd's zero rows
+    rather than a row of zeros of its own.  ``sq`` (materials, n), ``redo`` (n) and ``w``
+    (TB_ROWS, n) are scratch."""
     det = S.det
     beam = S.beam
     ix = -beam.sources[s, 0]
@@ -822,8 +823,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
     tangents of q are contracted with W* per block, those of N, F and the orientations
     with the sums once, at the end.  The pixel factors and the geometry's tangents
     (scalar loops over the pixels) are taken where the walk takes them, and so is an
-    amorphous background (:func:`_amorphous_lanes_tangent`, in loops over the lanes).  (The T_BASE
-    directions take O here too: summing dT/d(h, k, l) outer (h, k, l) instead, as
+    amorphous background (:func:`_amorphous_lanes_tangent`, in loops over the lanes).
+    (The T_BASE directions take O here too: summing dT/d(h, k, l) outer (h, k, l) instead, as
     :func:`square_tangent` does, costs these loops as much per term as O, measured on B2,
     and O's contraction is once per pixel.)"""
     det = S.det
