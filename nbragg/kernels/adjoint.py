@@ -898,10 +898,10 @@ BG_ROWS = AM_ROWS + 6
 
 
 @njit(cache=True, error_model="numpy")
-def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy, gdz, gRs, sq, redo, w):
-    """The amorphous samples of source s at one sub-pixel of layer t of n lanes (R and d:
-    its distances and directions): :func:`amorphous_sample_vjp` across the lanes in
-    ``act``, in loops over them.  Adds each lane's value to ``bg``, its gradients of d and
+def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, qx, qy, qz, bg, gdx, gdy, gdz, gRs, sq, redo, w):
+    """The amorphous samples of source s at one sub-pixel of layer t of n lanes (R, d and
+    q: their distances, directions and scattering vectors): :func:`amorphous_sample_vjp`
+    across the lanes in ``act``, in loops over them.  Adds each lane's value to ``bg``, its gradients of d and
     R to gd and gRs (pushed to the positions with the lanes' own), and the sums over the
     lanes of the other inputs' to ``g``.  ``sq`` (materials, n), ``redo`` (n) and ``w``
     (BG_ROWS, n, zeros at first) are scratch."""
@@ -915,7 +915,8 @@ def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy,
     pv = beam.polar_axis
     nopolar = beam.nopolar
     thick = det.thick != 0.0
-    Bx, By, Bz, bm, Ex, Ey, Ez, em, framed = amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, w, sq, redo)
+    Bx, By, Bz, bm, Ex, Ey, Ez, em, framed = amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, qx, qy, qz, w, sq,
+                                                                      redo)
     stol = w[AM_STOL]
     omega = w[AM_OMEGA]
     polar = w[AM_POLAR]
@@ -947,9 +948,9 @@ def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy,
         c = gv[x] * factor * dA[x] / (4.0 * stol[x]) / lam
         cq[x] = c if act[x] and stol[x] > 0.0 else 0.0
         gRs[x] += g_om[x] * w[AM_OR, x]
-        gdx[x] += cq[x] * (dx[x] - ix) / lam
-        gdy[x] += cq[x] * (dy[x] - iy) / lam
-        gdz[x] += cq[x] * (dz[x] - iz) / lam
+        gdx[x] += cq[x] * qx[x]
+        gdy[x] += cq[x] * qy[x]
+        gdz[x] += cq[x] * qz[x]
     if not nopolar:
         for x in range(n):
             gc2 = g_pol[x] * w[AM_C2, x]
@@ -965,7 +966,7 @@ def _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy,
             gdz[x] += g_cap[x] * w[AM_CDZ, x]
     # ---- the other inputs' gradients, summed over the lanes
     (sw, spix, sclose, sqx, sqy, sqz, sql, skahn, si0, si1, si2, sE0, sE1, sE2, sB0, sB1, sB2, sox, soy, soz, sts,
-     smu) = _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, n)
+     smu) = _amorphous_sums(w, act, dx, dy, dz, qx, qy, qz, n)
     g[L.weights + s] += sw
     g[L.pixel] += spix
     g[L.close_distance] += sclose
@@ -1027,7 +1028,7 @@ def _lane_dot(a, b, n):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, n):
+def _amorphous_sums(w, act, dx, dy, dz, qx, qy, qz, n):
     """:func:`_amorphous_lanes_vjp`'s sums over the lanes in ``act`` (the others left out
     whatever their partials: a lane whose factor is zero may have partials that are not
     finite): dL/d(source weight), dL/dpixel, dL/dclose_distance, dL/dq / lambda (3) and
@@ -1044,13 +1045,10 @@ def _amorphous_sums(w, act, ix, iy, iz, lam, dx, dy, dz, n):
         sw += w[BG_GA, x] * (w[AM_POLAR, x] * w[AM_OMEGA, x] * w[AM_CAPTURE, x]) if on else 0.0
         spix += gom * w[AM_OPIX, x] if on else 0.0
         sclose += gom * w[AM_OCLOSE, x] if on else 0.0
-        qx = (dx[x] - ix) / lam
-        qy = (dy[x] - iy) / lam
-        qz = (dz[x] - iz) / lam
-        sqx += c * qx if on else 0.0
-        sqy += c * qy if on else 0.0
-        sqz += c * qz if on else 0.0
-        sql += c * (qx * qx + qy * qy + qz * qz) if on else 0.0
+        sqx += c * qx[x] if on else 0.0
+        sqy += c * qy[x] if on else 0.0
+        sqz += c * qz[x] if on else 0.0
+        sql += c * (qx[x] * qx[x] + qy[x] * qy[x] + qz[x] * qz[x]) if on else 0.0
         skahn += gpol * w[AM_KAHN, x] if on else 0.0
         gc2 = gpol * w[AM_C2, x]
         gxv = gpol * w[AM_X, x]
@@ -1211,11 +1209,6 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
                 if nbg > 0:
                     gRs[:] = 0.0
                 for s in range(nsrc):
-                    if nbg > 0:
-                        # the background's samples (the sweep's amorphous_sample_vjp); their
-                        # direction's and distance's gradients join the lanes' push below
-                        _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, bg, gdx, gdy, gdz, gRs,
-                                             bgsq, redo, bgw)
                     ix = -sources[s, 0]
                     iy = -sources[s, 1]
                     iz = -sources[s, 2]
@@ -1246,6 +1239,11 @@ def _adjoint_lanes(S, L, spixel, xmin, xmax, upstream, scale, ori, fflat, g, gF,
                     g[L.weights + s] += gws
                     g[L.B] += gwB
                     _push_q_sums(g, L, s, sgx, sgy, sgz, sgl)
+                    if nbg > 0:
+                        # the background's samples (the sweep's amorphous_sample_vjp); their
+                        # direction's and distance's gradients join the lanes' push below
+                        _amorphous_lanes_vjp(S, L, g, t, s, n, act, gv, R, dx, dy, dz, qx, qy, qz, bg, gdx, gdy,
+                                             gdz, gRs, bgsq, redo, bgw)
                 if first:
                     # (pushed at the end, with the factors' gradients)
                     g0x[:] = gdx

@@ -665,15 +665,16 @@ AM_ROWS = 21
 
 
 @njit(cache=True, error_model="numpy")
-def amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, w, sq, redo):
-    """The amorphous samples of source s at one sub-pixel of layer t of n lanes (R and d:
-    their distances and directions), in loops over the lanes, for the derivative kernels'
-    row lanes: into rows AM_* of ``w``, sin(theta)/lambda, the factors as the walk's
-    amorphous_factor takes them (bit for bit) with their partials -- the solid angle's in
-    R, the pixel size and the close distance, the polarization's (physics.polarization_parts),
-    the capture fraction's (:func:`capture_partials`) -- and the materials' sum A with its
-    slope in sin(theta)/lambda (physics.amorphous_grad_lanes, which writes each material's
-    sign(F) F^2 to ``sq`` (materials, n); ``redo``: scratch of n booleans).  Rows of
+def amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, qx, qy, qz, w, sq, redo):
+    """The amorphous samples of source s at one sub-pixel of layer t of n lanes (R, d and
+    q: their distances, directions and scattering vectors, as the row lanes have them), in
+    loops over the lanes, for the derivative kernels' row lanes: into rows AM_* of ``w``,
+    sin(theta)/lambda, the factors as the walk's amorphous_factor takes them (bit for bit)
+    with their partials -- the solid angle's in R, the pixel size and the close distance,
+    the polarization's (physics.polarization_parts), the capture fraction's
+    (:func:`capture_partials`) -- and the materials' sum A with its slope in
+    sin(theta)/lambda (physics.amorphous_grad_lanes, which writes each material's sign(F)
+    F^2 to ``sq`` (materials, n); ``redo``: scratch of n booleans).  Rows of
     partials the samples lack (no polarization, no sensor) are left as they are.  Returns
     the source's polarization frame (physics.polarization_frame) and whether it is
     defined."""
@@ -682,7 +683,6 @@ def amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, w, sq, redo):
     ix = -beam.sources[s, 0]
     iy = -beam.sources[s, 1]
     iz = -beam.sources[s, 2]
-    lam = beam.lambdas[s]
     kahn = beam.kahn
     pv = beam.polar_axis
     pixel = det.pixel
@@ -695,7 +695,7 @@ def amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, w, sq, redo):
     Bx, By, Bz, bm, Ex, Ey, Ez, em = polarization_frame(ix, iy, iz, pv[0], pv[1], pv[2])
     framed = bm != 0.0 and em != 0.0
     for x in range(n):
-        stol[x] = amorphous_stol((dx[x] - ix) / lam, (dy[x] - iy) / lam, (dz[x] - iz) / lam)
+        stol[x] = amorphous_stol(qx[x], qy[x], qz[x])
         omega[x] = pixel_solid_angle(R[x], pixel, close_distance, point_pixel)
         w[AM_OR, x], w[AM_OPIX, x], w[AM_OCLOSE, x] = solid_angle_partials(R[x], pixel, close_distance, point_pixel,
                                                                            omega[x])

@@ -730,10 +730,10 @@ TB_ROWS = AM_ROWS + 3
 
 
 @njit(cache=True, error_model="numpy")
-def _amorphous_lanes_tangent(S, s, t, n, d, L, flags, R, dx, dy, dz, dd, dq, bg, dbg, sq, redo, w):
-    """The amorphous samples of source s at one sub-pixel of layer t of n lanes (R and d:
-    their distances and directions): :func:`amorphous_tangents` across the lanes, in loops
-    over them.  Adds each lane's value to ``bg`` (the forward's bit for bit) and its
+def _amorphous_lanes_tangent(S, s, t, n, d, L, flags, R, dx, dy, dz, qx, qy, qz, dd, dq, bg, dbg, sq, redo, w):
+    """The amorphous samples of source s at one sub-pixel of layer t of n lanes (R, d and
+    q: their distances, directions and scattering vectors): :func:`amorphous_tangents`
+    across the lanes, in loops over them.  Adds each lane's value to ``bg`` (the forward's bit for bit) and its
     tangents to ``dbg`` (P, n).  ``dd`` (P, 4, n): the directions' tangents of the lanes'
     directions and distances (rows of zeros for the directions that do not move them);
     ``dq`` (P, 3, n): of their scattering vectors, on the rows of the directions that move
@@ -748,7 +748,8 @@ def _amorphous_lanes_tangent(S, s, t, n, d, L, flags, R, dx, dy, dz, dd, dq, bg,
     ws = beam.weights[s]
     pv = beam.polar_axis
     so = L.sources + 3 * s
-    Bx, By, Bz, bm, Ex, Ey, Ez, em, framed = amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, w, sq, redo)
+    Bx, By, Bz, bm, Ex, Ey, Ez, em, framed = amorphous_lane_partials(S, s, t, n, R, dx, dy, dz, qx, qy, qz, w, sq,
+                                                                      redo)
     stol = w[AM_STOL]
     omega = w[AM_OMEGA]
     polar = w[AM_POLAR]
@@ -780,8 +781,7 @@ def _amorphous_lanes_tangent(S, s, t, n, d, L, flags, R, dx, dy, dz, dd, dq, bg,
         if (f & (T_GEO | T_SRC | T_LAM)) != 0:
             dqp = dq[p]
             for x in range(n):
-                dbp[x] += cq[x] * (((dx[x] - ix) * dqp[0, x] + (dy[x] - iy) * dqp[1, x] + (dz[x] - iz) * dqp[2, x])
-                                   / beam.lambdas[s])
+                dbp[x] += cq[x] * (qx[x] * dqp[0, x] + qy[x] * dqp[1, x] + qz[x] * dqp[2, x])
         if (f & (T_GEO | T_OMEGA)) != 0:
             dpix = d[p, L.pixel]
             dclose = d[p, L.close_distance]
@@ -1034,8 +1034,8 @@ def _tangent_lanes(S, spixel, xmin, xmax, d, L, scale, has_dori, any_dori, flags
                                 dq[p, 1, x] = (ddp[1, x] + d[p, so + 1] - qy[x] * dlam) / lam
                                 dq[p, 2, x] = (ddp[2, x] + d[p, so + 2] - qz[x] * dlam) / lam
                     if nbg > 0:
-                        _amorphous_lanes_tangent(S, s, t, n, d, L, flags, R, dx, dy, dz, dd, dq, bg, dbg, bgsq, redo,
-                                                 bgw)
+                        _amorphous_lanes_tangent(S, s, t, n, d, L, flags, R, dx, dy, dz, qx, qy, qz, dd, dq, bg, dbg,
+                                                 bgsq, redo, bgw)
                     orientation_lanes(ori, norient, qx, qy, qz, w, xt, fs, fflat, True, any_dori, no_gF, no_gor, sc,
                                       sums, n)
                     for x in range(n):
