@@ -10,7 +10,7 @@ hold compiled code.  Any change to one of them recompiles everything once.
 import hashlib
 import os
 
-from . import _numba_inline
+from . import _numba_inline, _vector_width
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _STAMP = None
@@ -78,5 +78,6 @@ def install():
     return True
 
 
+_vector_width.prefer_wide_vectors()     # (before Numba's code generator is set up)
 install()
 _numba_inline.install()     # (shorter first compiles: see that module)

@@ -89,10 +89,10 @@ def _install_stamp(module):
         return origin
 
 
-# environment variables a process reads at start-up (Python, Numba, OpenMP, the locale):
-# a command whose values differ from the server's runs by itself
+# environment variables a process reads at start-up (Python, Numba, OpenMP, the locale,
+# nbragg's vector width): a command whose values differ from the server's runs by itself
 _KEYED_ENV_PREFIXES = ("NUMBA_", "PYTHON", "OMP_", "GOMP_", "KMP_", "LC_")
-_KEYED_ENV = ("LANG",)
+_KEYED_ENV = ("LANG", "NBRAGG_VECTOR_BITS")
 
 
 def _process_settings():
@@ -122,8 +122,9 @@ def _process_settings():
 def server_key(environ=None):
     """The hex key a command and a server must share: nbragg's sources (every .py file,
     path and bytes), the interpreter and its flags, NumPy's and Numba's installations, the
-    environment Python, Numba, OpenMP and the locale read at start-up, and the process's
-    CPU affinity, nice value, control group and resource limits."""
+    environment Python, Numba, OpenMP, the locale and nbragg's vector width read at
+    start-up, and the process's CPU affinity, nice value, control group and resource
+    limits."""
     environ = os.environ if environ is None else environ
     key = _Checksum()
     for part in (os.path.realpath(sys.executable), sys.version, repr(tuple(sys.flags)), _PKG_DIR,

@@ -425,6 +425,7 @@ def test_the_key_follows_the_sources_and_numba_environment(tmp_path, monkeypatch
     from nbragg import resident
     base = resident.server_key({})
     assert resident.server_key({"NUMBA_NUM_THREADS": "1"}) != base
+    assert resident.server_key({"NBRAGG_VECTOR_BITS": "256"}) != base
     assert resident.server_key({"NBRAGG_SOMETHING": "1", "HOME": "/x"}) == base
     # a copy of the package with one source changed has another key
     copy = tmp_path / "nbragg"

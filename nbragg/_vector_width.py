@@ -1,0 +1,59 @@
+"""Full-width vectors for the kernels on CPUs with AVX-512.
+
+On Intel's AVX-512 CPUs LLVM prefers 256-bit vectors (its ``prefer-256-bit`` tuning, a
+hedge against the clock slowing down in mixed code).  nbragg's pixel loops are long runs
+of multiply-adds that do not mind: with 512-bit vectors B2's forward runs about 1.3x as
+fast, in float32 too, and its gradient likewise (``python -m nbragg.bench``), and every
+image is the same bit for bit (vector width reorders no arithmetic of the images; only
+the gradients' sums, which are reassociated already, round differently).
+
+Numba has one code generator per process, configured when it first compiles or loads a
+function, so the choice is the process's: :func:`prefer_wide_vectors` sets it, before
+that moment, in ``numba.core.config.CPU_FEATURES`` (the host's features with
+``-prefer-256-bit``), unless the user chose the features (``NUMBA_CPU_FEATURES``,
+``NUMBA_CPU_NAME``), the CPU has no AVX-512, Numba's code generator is already set up,
+or ``NBRAGG_VECTOR_BITS=256`` asks for LLVM's own choice.  Numba keys its on-disk cache
+on the features, so each choice keeps its own machine code.
+"""
+
+import os
+import sys
+
+ENV = "NBRAGG_VECTOR_BITS"
+_CHOICES = ("256", "512")
+
+
+def requested_bits(environ=None, stderr=None):
+    """The width ``NBRAGG_VECTOR_BITS`` asks for: "512" (the default) or "256".  Any other
+    value is reported on one WARNING line and taken as "256", which changes nothing (this
+    runs as the kernels are imported, where no command could report an error yet)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(ENV, "").strip() or "512"
+    if value not in _CHOICES:
+        print(f"WARNING: {ENV}={environ.get(ENV)!r} is neither 512 (full-width vectors where the CPU has AVX-512, "
+              f"the default) nor 256 (LLVM's own choice); taking 256", file=stderr or sys.stderr)
+        return "256"
+    return value
+
+
+def prefer_wide_vectors(environ=None, stderr=None):
+    """Ask Numba's code generator for 512-bit vectors where :mod:`this module <nbragg._vector_width>`
+    says so.  Returns the feature string set, or None where nothing was changed."""
+    environ = os.environ if environ is None else environ
+    if requested_bits(environ, stderr) != "512":
+        return None
+    if environ.get("NUMBA_CPU_FEATURES") is not None or environ.get("NUMBA_CPU_NAME") is not None:
+        return None
+    from numba.core import config
+    from numba.core.codegen import get_host_cpu_features
+    from numba.core.registry import cpu_target
+    if config.CPU_FEATURES is not None or config.CPU_NAME is not None:
+        return None
+    if "_toplevel_target_context" in vars(cpu_target):      # (set up already: too late to change)
+        return None
+    features = get_host_cpu_features()
+    names = features.split(",")
+    if "+avx512f" not in names or "-prefer-256-bit" in names:
+        return None
+    config.CPU_FEATURES = features + ",-prefer-256-bit"
+    return config.CPU_FEATURES
