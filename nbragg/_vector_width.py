@@ -3,17 +3,20 @@
 On Intel's AVX-512 CPUs LLVM prefers 256-bit vectors (its ``prefer-256-bit`` tuning, a
 hedge against the clock slowing down in mixed code).  nbragg's pixel loops are long runs
 of multiply-adds that do not mind: with 512-bit vectors B2's forward runs about 1.3x as
-fast, in float32 too, and its gradient likewise (``python -m nbragg.bench``), and every
-image is the same bit for bit (vector width reorders no arithmetic of the images; only
-the gradients' sums, which are reassociated already, round differently).
+fast, in float32 too, and its gradient likewise (``python -m nbragg.bench``).  The images
+are the same bit for bit (the width reorders no arithmetic of theirs: tested; Numba here
+uses no vector maths library, which could round a vectorised exp or sin differently at
+each width); the gradients' sums, reassociated already, round differently.
 
-Numba has one code generator per process, configured when it first compiles or loads a
-function, so the choice is the process's: :func:`prefer_wide_vectors` sets it, before
-that moment, in ``numba.core.config.CPU_FEATURES`` (the host's features with
-``-prefer-256-bit``), unless the user chose the features (``NUMBA_CPU_FEATURES``,
-``NUMBA_CPU_NAME``), the CPU has no AVX-512, Numba's code generator is already set up,
-or ``NBRAGG_VECTOR_BITS=256`` asks for LLVM's own choice.  Numba keys its on-disk cache
-on the features, so each choice keeps its own machine code.
+Numba has one code generator per process, set up when the first Numba function is
+defined, so the choice is the process's, for every library's Numba code in it:
+:func:`prefer_wide_vectors` makes it, before that moment, in
+``numba.core.config.CPU_FEATURES`` (the host's features with ``-prefer-256-bit``), unless
+the user chose the features (``NUMBA_CPU_FEATURES``, ``NUMBA_CPU_NAME``), the CPU has no
+AVX-512, a Numba function was defined before nbragg's kernels were imported (another
+library's, say: the width then stays LLVM's), or ``NBRAGG_VECTOR_BITS=256`` asks for
+LLVM's own choice.  Numba keys its on-disk cache on the features, so each width keeps its
+own machine code.
 """
 
 import os
@@ -44,9 +47,12 @@ def prefer_wide_vectors(environ=None, stderr=None):
         return None
     if environ.get("NUMBA_CPU_FEATURES") is not None or environ.get("NUMBA_CPU_NAME") is not None:
         return None
-    from numba.core import config
-    from numba.core.codegen import get_host_cpu_features
-    from numba.core.registry import cpu_target
+    try:
+        from numba.core import config
+        from numba.core.codegen import get_host_cpu_features
+        from numba.core.registry import cpu_target
+    except (ImportError, AttributeError):    # (another Numba's layout: its own choice)
+        return None
     if config.CPU_FEATURES is not None or config.CPU_NAME is not None:
         return None
     if "_toplevel_target_context" in vars(cpu_target):      # (set up already: too late to change)

@@ -19,39 +19,41 @@ def _host_has_avx512():
     return "+avx512f" in get_host_cpu_features().split(",")
 
 
-def _python(code, tmp_path, **env):
+def _python(code, tmp_path, *args, **env):
+    """Runs code in a fresh interpreter, with none of the width's settings but ``env``'s."""
     environ = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME",
                                                                 _vector_width.ENV)}
     environ.update(env)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                          env=environ)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path, env=environ)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-_FEATURES = ("import nbragg.engine\n"
-             "from numba.core import config\n"
-             "print(config.CPU_FEATURES)\n")
+# what the process's code generator was built with (the last word printed)
+_CODEGEN_FEATURES = ("from numba.core.registry import cpu_target\n"
+                     "print(cpu_target.target_context.codegen().magic_tuple()[2] or 'none')\n")
+_FEATURES = "import nbragg.engine\n" + _CODEGEN_FEATURES
+_avx512 = pytest.mark.skipif(not _host_has_avx512(), reason="the CPU has no AVX-512: both widths are LLVM's choice")
 
 
+@_avx512
 def test_full_width_where_the_cpu_has_avx512_unless_asked_otherwise(tmp_path):
     wide = _python(_FEATURES, tmp_path).stdout.split()[-1]
-    if _host_has_avx512():
-        assert wide.endswith(",-prefer-256-bit") and "+avx512f" in wide.split(","), wide
-    else:
-        assert wide == "None", wide
-    # LLVM's own choice, and the user's own features, are left alone
-    assert _python(_FEATURES, tmp_path, **{_vector_width.ENV: "256"}).stdout.split()[-1] == "None"
+    assert wide.endswith(",-prefer-256-bit") and "+avx512f" in wide.split(","), wide
+    # LLVM's own choice (the host's features), and the user's own features, are left alone
+    narrow = _python(_FEATURES, tmp_path, **{_vector_width.ENV: "256"}).stdout.split()[-1]
+    assert narrow + ",-prefer-256-bit" == wide
     assert _python(_FEATURES, tmp_path, NUMBA_CPU_FEATURES="+sse2").stdout.split()[-1] == "+sse2"
 
 
-def test_too_late_once_numba_has_compiled(tmp_path):
+@_avx512
+def test_too_late_once_a_numba_function_is_defined(tmp_path):
     code = ("import numba\n"
             "@numba.njit\n"
             "def one(x):\n"
-            "    return x + 1\n"
-            "one(1)\n" + _FEATURES)
-    assert _python(code, tmp_path).stdout.split()[-1] == "None"
+            "    return x + 1\n" + _FEATURES)
+    assert "prefer-256-bit" not in _python(code, tmp_path).stdout.split()[-1]
 
 
 def test_a_bad_value_is_reported_and_changes_nothing():
@@ -66,7 +68,7 @@ def test_a_bad_value_is_reported_and_changes_nothing():
     assert err.getvalue() == ""
 
 
-@pytest.mark.skipif(not _host_has_avx512(), reason="the CPU has no AVX-512: both widths are LLVM's choice")
+@_avx512
 def test_the_image_is_the_same_bit_for_bit_at_either_width(tmp_path):
     """The forward image at 512-bit and at 256-bit vectors (each process compiles or loads its
     own machine code; the derivative kernels' images are the forward's at either width, as
@@ -76,13 +78,12 @@ def test_the_image_is_the_same_bit_for_bit_at_either_width(tmp_path):
             "from nbragg.nbargs import parse_nanobragg_args\n"
             f"exp = parse_nanobragg_args({SMALL.split()!r}, warn=lambda m: None).experiment\n"
             "model = build_model(exp, warn=lambda m: None)\n"
-            "np.save(sys.argv[1], render(model, threads=2)[0])\n")
+            "np.save(sys.argv[1], render(model, threads=2)[0])\n" + _CODEGEN_FEATURES)
     images = {}
     for bits in ("512", "256"):
         path = tmp_path / f"{bits}.npy"
-        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=900,
-                              cwd=tmp_path, env=dict(os.environ, **{_vector_width.ENV: bits}))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        features = _python(code, tmp_path, str(path), **{_vector_width.ENV: bits}).stdout.split()[-1]
+        assert ("-prefer-256-bit" in features.split(",")) == (bits == "512"), features
         images[bits] = np.load(path)
     assert np.any(images["512"] != 0.0)
     assert np.array_equal(images["512"], images["256"])
