@@ -63,3 +63,16 @@ def prefer_wide_vectors(environ=None, stderr=None):
         return None
     config.CPU_FEATURES = features + ",-prefer-256-bit"
     return config.CPU_FEATURES
+
+
+def describe():
+    """One line saying which vectors this process's Numba code uses (for reports such as the
+    benchmark's; sets up Numba's code generator if nothing has yet)."""
+    from numba.core.registry import cpu_target
+    names = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+    if "+avx512f" not in names:
+        return "vectors: LLVM's choice (no AVX-512)"
+    if "-prefer-256-bit" in names:
+        return "vectors: 512-bit (AVX-512)"
+    return (f"vectors: LLVM's choice, 256-bit on this AVX-512 CPU ({ENV}=256, the user's NUMBA_CPU_FEATURES, or "
+            f"Numba set up before nbragg's kernels were imported)")

@@ -537,7 +537,10 @@ def main(argv=None):
     opts = ap.parse_args(argv)
     import numba
     threads = [int(t) for t in opts.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
-    print(f"nbragg benchmark  (numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} threads available)")
+    from . import engine  # noqa: F401  (the kernels' modules, which choose the vector width)
+    from ._vector_width import describe
+    print(f"nbragg benchmark  (numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} threads available; "
+          f"{describe()})")
     names = [] if opts.cases in ("", "none") else opts.cases.split(",")
     unknown = [c for c in names if c not in CASES]
     if unknown:

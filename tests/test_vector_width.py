@@ -56,6 +56,15 @@ def test_too_late_once_a_numba_function_is_defined(tmp_path):
     assert "prefer-256-bit" not in _python(code, tmp_path).stdout.split()[-1]
 
 
+@_avx512
+def test_the_benchmark_says_which_vectors_it_ran_with(tmp_path):
+    code = ("from nbragg import bench\n"
+            "bench.main(['--cases', 'none', '--no-gradients'])\n")
+    assert "; vectors: 512-bit (AVX-512))" in _python(code, tmp_path).stdout.splitlines()[0]
+    narrow = _python(code, tmp_path, **{_vector_width.ENV: "256"}).stdout.splitlines()[0]
+    assert "; vectors: LLVM's choice, 256-bit on this AVX-512 CPU (NBRAGG_VECTOR_BITS=256" in narrow
+
+
 def test_a_bad_value_is_reported_and_changes_nothing():
     err = io.StringIO()
     assert _vector_width.prefer_wide_vectors({_vector_width.ENV: "1024"}, err) is None
