@@ -1,17 +1,27 @@
 """A lighter first Numba call for nbragg's own command processes.
 
-The first time a process compiles or loads a Numba function, Numba checks that SciPy's
-BLAS is there by importing ``scipy.linalg.cython_blas``, and importing that submodule
-imports the whole ``scipy.linalg`` package first: about a fifth of a cheap command's run
-(SciPy's array-API layer, NumPy's f2py and more), for kernels that call no BLAS.
-:func:`load_blas_module` loads that one extension module by itself, under its own name,
-before Numba looks.  Numba then finds the very module it would have imported, so its
-BLAS support is what it would have been; ``scipy.linalg`` is imported later only by the
-commands that use it (refinement), and cimports of the BLAS module from SciPy's own
-extensions find the same module.
+Before it loads a function from its cache, Numba refreshes its CPU target: it imports and
+installs every registry of lowering and typing implementations (the ufuncs, linear
+algebra, typed containers, random numbers...) and the extensions of other installed
+packages, which the process also tears down again at exit: a third of a cheap command's
+run.  The cached machine code needs none of it, only Numba's runtime (NRT), which its
+allocations call.  :func:`lighter_cache_loads` makes the cached loads initialise that
+runtime alone.  Compiling is unaffected: Numba's compiler refreshes the target itself
+before it compiles anything, so a cache miss, or a function of the caller's own compiled
+later in the process, finds every registry there.
 
-Only the command entry points call it (:mod:`nbragg.resident`): a library user's process
-is left as Numba and SciPy make it.  Standard library only.
+Where that cannot be done (a Numba without the methods it relies on), the first load
+refreshes the target, and one of the registries (``numba.np.arraymath``) checks that
+SciPy's BLAS is there by importing ``scipy.linalg.cython_blas``; importing that submodule
+imports the whole ``scipy.linalg`` package first (SciPy's array-API layer, NumPy's f2py
+and more), for kernels that call no BLAS.  :func:`load_blas_module` loads that one
+extension module by itself, under its own name, before Numba looks.  Numba then finds
+the very module it would have imported, so its BLAS support is what it would have been;
+``scipy.linalg`` is imported later only by the commands that use it (refinement), and
+cimports of the BLAS module from SciPy's own extensions find the same module.
+
+Only the command entry points call these (:mod:`nbragg.resident`): a library user's
+process is left as Numba and SciPy make it.  Standard library only at import.
 """
 
 import importlib.machinery
@@ -52,4 +62,35 @@ def _load_extension(path):
     except Exception:
         sys.modules.pop(BLAS_MODULE, None)
         return False
+    return True
+
+
+def lighter_cache_loads():
+    """Make Numba's loads of cached CPU functions initialise its runtime instead of
+    refreshing the whole target (see the module's notes).  Returns whether it is in place
+    (idempotent).  Where this Numba lacks the methods it relies on, nothing changes."""
+    try:
+        from numba.core import caching
+        from numba.core.cpu import CPUContext
+        from numba.core.runtime import rtsys
+    except ImportError:
+        return False
+    cache = getattr(caching, "Cache", None)
+    full_load = getattr(cache, "load_overload", None)
+    if full_load is None or not all(hasattr(cache, name) for name in ("_load_overload",
+                                                                     "_guard_against_spurious_io_errors")):
+        return False
+    if getattr(full_load, "_nbragg_light", False):
+        return True
+
+    def load_overload(self, sig, target_context):
+        if not isinstance(target_context, CPUContext):
+            return full_load(self, sig, target_context)
+        rtsys.initialize(target_context)            # (what a cached function's allocations call)
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+
+    load_overload._nbragg_light = True
+    load_overload.__doc__ = full_load.__doc__
+    cache.load_overload = load_overload
     return True

@@ -47,7 +47,7 @@ import sys
 import time
 import zlib
 
-from ._numba_start import load_blas_module
+from ._numba_start import lighter_cache_loads, load_blas_module
 
 # command name -> (module, function): the commands a server runs
 COMMANDS = {
@@ -381,23 +381,68 @@ def _kill(pid, signum):
 
 def run_command(command, argv=None, exit_when_served=False):
     """A console entry point: ``command`` on a resident server when one is up for this
-    installation, else in this process.  With ``exit_when_served`` (the console scripts),
-    a command a server ran ends this process at once (standard streams flushed, then
+    installation, else in this process (its cached kernels loaded the lighter way,
+    :mod:`nbragg._numba_start`).  With ``exit_when_served`` (the console scripts), a
+    command a server ran ends this process at once (standard streams flushed, then
     ``os._exit``): it holds nothing to clean up, and the interpreter's finalisation took
-    a tenth of a cheap image's run."""
+    a tenth of a cheap image's run.  A command run here ends its process the same way,
+    after the exit handlers, when no other thread is left to wait for
+    (:func:`_end_process`)."""
     argv = sys.argv[1:] if argv is None else argv
     status = forward(command, argv)
     if status is None:
-        load_blas_module()
-        return _entry_point(command)(argv)
+        if not lighter_cache_loads():       # (with them, only a compilation looks for the BLAS module)
+            load_blas_module()
+        if not exit_when_served:
+            return _entry_point(command)(argv)
+        try:
+            status = _entry_point(command)(argv)
+        except SystemExit as done:          # (argparse's -h and usage errors)
+            status = done.code
+        _end_process(status)
+        return status
     if exit_when_served:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError, AttributeError):
-                pass
+        _flush_standard_streams()
         os._exit(status & 0xFF)
     return status
+
+
+def _flush_standard_streams():
+    """Flush stdout and stderr; False where stdout could not take what was left."""
+    flushed = True
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            flushed = flushed and stream is not sys.stdout
+    return flushed
+
+
+def _end_process(status):
+    """End this process with ``status`` (``sys.exit``'s meaning) as the interpreter would,
+    less its finalisation (tearing down every module and Numba's compiled code: a fifth
+    of a cheap command's run): the exit handlers run (logging's files flushed, temporary
+    directories removed, child processes reaped), the standard streams are flushed, then
+    ``os._exit``.  Returns, for the interpreter's own exit, where a thread other than a
+    daemon is still running (the interpreter would wait for it) or the interpreter has
+    no way to run its exit handlers from here."""
+    import atexit
+    import threading
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None or any(t is not threading.main_thread() and not t.daemon
+                                        for t in threading.enumerate()):
+        return
+    if status is None:
+        code = 0
+    elif isinstance(status, int):
+        code = status & 0xFF
+    else:                                   # (sys.exit("message"))
+        print(status, file=sys.stderr)
+        code = 1
+    run_exit_handlers()
+    if not _flush_standard_streams() and code == 0:
+        code = 120                          # (the interpreter's status when stdout cannot be flushed at exit)
+    os._exit(code)
 
 
 def _entry_point(command):
@@ -1032,7 +1077,8 @@ def main(argv=None):
             except ValueError:
                 idle_s = -1.0
             if not idle_s > 0:
-                return report("nbragg-resident", ResidentError(f"--idle: value {value!r} must be a positive number of seconds"))
+                return report("nbragg-resident",
+                              ResidentError(f"--idle: value {value!r} must be a positive number of seconds"))
         else:
             return report("nbragg-resident", ResidentError(f"unexpected argument {flag!r}"))
     try:

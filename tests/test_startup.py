@@ -17,22 +17,30 @@ def _python(code, cwd, extra_path=None):
     return proc.stdout
 
 
-def test_a_command_imports_scipy_linalg_only_for_numba_blas_module(tmp_path):
-    """The command runs without scipy.linalg (the BLAS module Numba checks for loaded by
-    itself); afterwards Numba's BLAS and scipy.linalg work as they would have."""
+OUTPUTS = ["-floatfile", "f.bin", "-nonoise", "-nopgm", "-noprogress"]
+
+
+def test_a_command_loads_its_kernels_without_numbas_registries(tmp_path):
+    """A command run in its process loads its cached kernels without Numba's registries
+    (nor scipy.linalg, nor SciPy's BLAS module) and writes the image a process loading
+    them Numba's own way writes; afterwards Numba compiles, BLAS included, and
+    scipy.linalg works, as they would have."""
+    argv = SMALL.split() + OUTPUTS
+    plain = "from nbragg.cli import main\n" f"assert main({argv!r}) == 0\n"
+    _python(plain, tmp_path)                  # (the kernels compiled here if the cache is cold)
+    (tmp_path / "f.bin").rename(tmp_path / "plain.bin")
     code = (
         "import sys\n"
         "from nbragg.resident import run_command\n"
-        f"status = run_command('nbragg', {SMALL.split()!r} + ['-floatfile', 'f.bin', '-nonoise', '-nopgm', "
-        "'-noprogress'])\n"
+        f"status = run_command('nbragg', {argv!r})\n"
         "assert status == 0, status\n"
-        "from nbragg._numba_start import load_blas_module\n"
-        "assert load_blas_module() is False   # (already there: not loaded again)\n"
-        "print('MODULES', sorted(m for m in sys.modules if m.startswith('scipy.linalg')))\n"
+        "print('MODULES', sorted(m for m in sys.modules if m.startswith(('scipy.linalg', 'numba.np.arraymath'))))\n"
         "import numpy as np, numba\n"
         "@numba.njit\n"
         "def product(a, b):\n"
-        "    return np.dot(a, b)\n"
+        "    c = np.empty((a.shape[0], b.shape[1]))\n"
+        "    c[:] = np.dot(a, b)\n"
+        "    return c\n"
         "a = np.arange(6.0).reshape(2, 3)\n"
         "assert np.array_equal(product(a, a.T), a @ a.T)\n"
         "import scipy.linalg\n"
@@ -41,9 +49,79 @@ def test_a_command_imports_scipy_linalg_only_for_numba_blas_module(tmp_path):
         "assert np.allclose(scipy.linalg.solve(np.eye(2) * 2.0, np.ones(2)), 0.5)\n"
         "print('DONE')\n")
     out = _python(code, tmp_path).splitlines()
-    assert "MODULES ['scipy.linalg.cython_blas']" in out, out[-3:]
+    assert "MODULES []" in out, out[-3:]
     assert out[-1] == "DONE", out[-3:]
+    image = (tmp_path / "f.bin").read_bytes()
+    assert len(image) == 16 * 16 * 4
+    assert image == (tmp_path / "plain.bin").read_bytes()
+
+
+def test_the_lighter_loads_leave_other_targets_and_are_idempotent(tmp_path):
+    """Only loads into a CPU target skip the refresh; installing twice wraps once."""
+    code = ("from numba.core import caching\n"
+            "from nbragg._numba_start import lighter_cache_loads\n"
+            "full = caching.Cache.load_overload\n"
+            "assert lighter_cache_loads() and lighter_cache_loads()\n"
+            "light = caching.Cache.load_overload\n"
+            "assert light is not full and light._nbragg_light\n"
+            "calls = []\n"
+            "class Other:\n"
+            "    def refresh(self):\n"
+            "        calls.append('refresh')\n"
+            "class Probe(caching.Cache):\n"
+            "    def __init__(self):\n"
+            "        pass\n"
+            "    def _load_overload(self, sig, target_context):\n"
+            "        calls.append('load')\n"
+            "        return None\n"
+            "assert Probe().load_overload((), Other()) is None\n"
+            "assert calls == ['refresh', 'load'], calls\n"
+            "print('ok')\n")
+    assert _python(code, tmp_path).strip() == "ok"
+
+
+def _console(code, cwd, argv):
+    env = dict(os.environ, NBRAGG_RESIDENT="off")
+    return subprocess.run([sys.executable, "-c", code] + argv, capture_output=True, text=True, timeout=600,
+                          cwd=cwd, env=env)
+
+
+_CONSOLE_PREFIX = ("import atexit, sys\n"
+                   "atexit.register(lambda: open('handler-ran', 'w').write('yes'))\n"
+                   "sys.argv[0] = 'nbragg'\n"
+                   "from nbragg.resident import nbragg\n")
+
+
+def test_the_console_command_ends_its_process_after_the_exit_handlers(tmp_path):
+    """The console command ends its process once the image is written: exit handlers run,
+    output flushed, the status kept (0; 2 for a bad flag; 0 for -h)."""
+    code = _CONSOLE_PREFIX + "status = nbragg()\nprint('RETURNED', status)\n"
+    done = _console(code, tmp_path, SMALL.split() + OUTPUTS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RETURNED" not in done.stdout
+    assert "writing f.bin as 256 4-byte floats" in done.stdout        # (flushed before the end)
+    assert (tmp_path / "handler-ran").read_text() == "yes"
     assert (tmp_path / "f.bin").stat().st_size == 16 * 16 * 4
+    (tmp_path / "handler-ran").unlink()
+    bad = _console(code, tmp_path, SMALL.replace("-detpixels 16", "-detpixels x").split() + OUTPUTS)
+    assert bad.returncode == 2 and "-detpixels" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert "RETURNED" not in bad.stdout and (tmp_path / "handler-ran").exists()
+    usage = _console(code, tmp_path, ["-h"])
+    assert usage.returncode == 0 and "usage: nbragg" in usage.stdout and "RETURNED" not in usage.stdout
+
+
+def test_the_console_command_leaves_the_exit_to_the_interpreter_while_a_thread_runs(tmp_path):
+    """A thread the interpreter would wait for keeps the ordinary exit: the command
+    returns its status and the thread finishes."""
+    code = (_CONSOLE_PREFIX
+            + "import threading, time\n"
+              "threading.Thread(target=lambda: (time.sleep(0.5), open('thread-done', 'w').write('yes'))).start()\n"
+              "status = nbragg()\nprint('RETURNED', status)\nsys.exit(status)\n")
+    done = _console(code, tmp_path, SMALL.split() + OUTPUTS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RETURNED 0" in done.stdout
+    assert (tmp_path / "thread-done").read_text() == "yes"
+    assert (tmp_path / "handler-ran").read_text() == "yes"
 
 
 def test_the_blas_module_is_left_alone_where_it_cannot_be_loaded(tmp_path):
