@@ -5,10 +5,12 @@ installs every registry of lowering and typing implementations (the ufuncs, line
 algebra, typed containers, random numbers...) and the extensions of other installed
 packages, which the process also tears down again at exit: a third of a cheap command's
 run.  The cached machine code needs none of it, only Numba's runtime (NRT), which its
-allocations call.  :func:`lighter_cache_loads` makes the cached loads initialise that
-runtime alone.  Compiling is unaffected: Numba's compiler refreshes the target itself
-before it compiles anything, so a cache miss, or a function of the caller's own compiled
-later in the process, finds every registry there.
+allocations call.  :func:`lighter_cache_loads` makes the loads of nbragg's own cached
+functions (those under :mod:`nbragg._jitcache`'s locators) initialise that runtime alone.
+Compiling is unaffected: Numba's compiler refreshes the target itself before it compiles
+anything, so a cache miss finds every registry there.  Any other cached function is
+loaded Numba's own way, registries first: some (a cached ``@vectorize``) build wrappers
+with the target outside the compiler and need them.
 
 Where that cannot be done (a Numba without the methods it relies on), the first load
 refreshes the target, and one of the registries (``numba.np.arraymath``) checks that
@@ -66,9 +68,9 @@ def _load_extension(path):
 
 
 def lighter_cache_loads():
-    """Make Numba's loads of cached CPU functions initialise its runtime instead of
-    refreshing the whole target (see the module's notes).  Returns whether it is in place
-    (idempotent).  Where this Numba lacks the methods it relies on, nothing changes."""
+    """Make Numba's loads of nbragg's cached CPU functions initialise its runtime instead
+    of refreshing the whole target (see the module's notes).  Returns whether it is in
+    place (idempotent).  Where this Numba lacks the methods it relies on, nothing changes."""
     try:
         from numba.core import caching
         from numba.core.cpu import CPUContext
@@ -84,7 +86,8 @@ def lighter_cache_loads():
         return True
 
     def load_overload(self, sig, target_context):
-        if not isinstance(target_context, CPUContext):
+        locator = getattr(getattr(self, "_impl", None), "locator", None)
+        if not (getattr(locator, "_nbragg", False) and isinstance(target_context, CPUContext)):
             return full_load(self, sig, target_context)
         rtsys.initialize(target_context)            # (what a cached function's allocations call)
         with self._guard_against_spurious_io_errors():

@@ -43,7 +43,8 @@ def console_main(prog, run, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         status = run(argv)
-        sys.stdout.flush()           # (here, where a reader that left is caught, not at exit)
+        if sys.stdout is not None:   # (None: started with stdout closed)
+            sys.stdout.flush()       # (here, where a reader that left is caught, not at exit)
         return status
     except NbraggError as exc:
         return report(prog, exc)

@@ -397,7 +397,7 @@ def run_command(command, argv=None, exit_when_served=False):
             return _entry_point(command)(argv)
         try:
             status = _entry_point(command)(argv)
-        except SystemExit as done:          # (argparse's -h and usage errors)
+        except SystemExit as done:          # (a command that ends with sys.exit)
             status = done.code
         _end_process(status)
         return status
@@ -408,39 +408,54 @@ def run_command(command, argv=None, exit_when_served=False):
 
 
 def _flush_standard_streams():
-    """Flush stdout and stderr; False where stdout could not take what was left."""
+    """Flush stdout and stderr (where they are open); False where stdout could not take
+    what was left (it is reported, as the interpreter would at exit)."""
     flushed = True
     for stream in (sys.stdout, sys.stderr):
+        if stream is None or getattr(stream, "closed", False):
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError, AttributeError):
-            flushed = flushed and stream is not sys.stdout
+        except OSError as exc:
+            if stream is sys.stdout:
+                flushed = False
+                try:
+                    print(f"Exception ignored in: {stream!r}\n{type(exc).__name__}: {exc}", file=sys.stderr,
+                          flush=True)
+                except (OSError, ValueError, AttributeError):
+                    pass
+        except (ValueError, AttributeError):
+            pass
     return flushed
 
 
 def _end_process(status):
-    """End this process with ``status`` (``sys.exit``'s meaning) as the interpreter would,
-    less its finalisation (tearing down every module and Numba's compiled code: a fifth
-    of a cheap command's run): the exit handlers run (logging's files flushed, temporary
-    directories removed, child processes reaped), the standard streams are flushed, then
-    ``os._exit``.  Returns, for the interpreter's own exit, where a thread other than a
-    daemon is still running (the interpreter would wait for it) or the interpreter has
-    no way to run its exit handlers from here."""
+    """End this process with ``status`` as the interpreter would, less its finalisation
+    (tearing down every module and Numba's compiled code: a fifth of a cheap command's
+    run): the exit handlers run (logging's files flushed, temporary directories removed,
+    child processes reaped), the standard streams are flushed, then ``os._exit``.
+
+    Returns instead, for the interpreter's ordinary exit, where that exit would do more:
+    a status other than None or a number 0-255 (``sys.exit("message")``), a thread other
+    than a daemon still running (the interpreter would wait for it) or a call from one,
+    the interpreter asked to stay (``python -i``, PYTHONINSPECT), a tracer or profiler
+    set (a debugger, coverage, cProfile, which write or report at exit), or no way to run
+    the exit handlers from here.  (A host that runs ``nbragg``'s ``__main__`` itself with
+    runpy and catches its SystemExit is not told apart: it ends with the command.)"""
     import atexit
     import threading
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_handlers is None or any(t is not threading.main_thread() and not t.daemon
-                                        for t in threading.enumerate()):
+    main = threading.main_thread()
+    if (run_exit_handlers is None
+            or not (status is None or (isinstance(status, int) and 0 <= status <= 255))
+            or threading.current_thread() is not main
+            or any(t is not main and not t.daemon for t in threading.enumerate())
+            or sys.flags.inspect or os.environ.get("PYTHONINSPECT")
+            or sys.gettrace() is not None or sys.getprofile() is not None):
         return
-    if status is None:
-        code = 0
-    elif isinstance(status, int):
-        code = status & 0xFF
-    else:                                   # (sys.exit("message"))
-        print(status, file=sys.stderr)
-        code = 1
+    code = 0 if status is None else int(status)
     run_exit_handlers()
-    if not _flush_standard_streams() and code == 0:
+    if not _flush_standard_streams():
         code = 120                          # (the interpreter's status when stdout cannot be flushed at exit)
     os._exit(code)
 
