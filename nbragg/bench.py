@@ -328,7 +328,7 @@ def response_figures(repeat, noisify_binary=None):
     with tempfile.TemporaryDirectory() as tmp:
         np.ascontiguousarray(image, dtype="<f4").tofile(os.path.join(tmp, "b1l.bin"))
         args = ["-floatfile", "b1l.bin", "-detpixels", "2048"] + RESPONSE_FLAGS.split()
-        t_cmd, t_c = _alternated("nbragg.noisify_cli", noisify_binary, args, _package_env(), tmp, repeat)
+        t_cmd, t_c = _alternated("nbragg-noisify", noisify_binary, args, _package_env(), tmp, repeat)
     return statistics.median(t_api), t_cmd, t_c
 
 
@@ -350,10 +350,19 @@ def _package_env(**extra):
         [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
 
 
-def _alternated(module, binary, args, env, cwd, repeat):
-    """(median seconds of ``python -m module args``, of ``binary args`` or None): run in
-    turn, after one warm-up run of the module (its compiled code loaded from then on)."""
-    n_cmd = [sys.executable, "-m", module] + args
+def _console_script(command):
+    """The argv of a fresh interpreter running ``command``'s console entry point as the
+    installed script does (nbragg.resident's function of that name)."""
+    function = command.replace("-", "_")
+    return [sys.executable, "-c", f"import sys; sys.argv[0] = {command!r}; "
+            f"from nbragg.resident import {function}; sys.exit({function}())"]
+
+
+def _alternated(command, binary, args, env, cwd, repeat):
+    """(median seconds of the console command ``command args``, of ``binary args`` or
+    None): run in turn, after one warm-up run of the command (its compiled code loaded
+    from then on)."""
+    n_cmd = _console_script(command) + args
     _run_process(n_cmd, env, cwd)
     tn, tc = [], []
     for _ in range(repeat):
@@ -387,7 +396,7 @@ def background_figures(repeat, threads, nonbragg_binary=None):
             shutil.copyfileobj(src, dst)
         env = _package_env(OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
         args = BACKGROUND_FLAGS.split() + ["-nonoise", "-nopgm", "-floatfile", "w.bin", "-intfile", "w.img"]
-        t_cmd, t_c = _alternated("nbragg.nonbragg_cli", nonbragg_binary, args, env, tmp, repeat)
+        t_cmd, t_c = _alternated("nbragg-nonbragg", nonbragg_binary, args, env, tmp, repeat)
     return statistics.median(t_api), t_cmd, t_c
 
 

@@ -32,8 +32,15 @@ _STATE_SIZE = 1 + _NTAB
 # gaussdev spare [4]=iset [5]=gset
 _FSTATE_SIZE = 6
 
+# The draws run one at a time, each a call that takes the state's arrays.  Numba counts
+# references to a function's array arguments (an atomic increment and decrement each, per
+# call) and removes the pairs only where it can follow them; around gaussdev's and
+# poidev's rejection loops it cannot, and the counting took half of a noise image's time.
+# These allocate nothing, so they are compiled without Numba's runtime: no counting.
+_UNCOUNTED = {"_nrt": False}
 
-@njit(cache=True)
+
+@njit(cache=True, **_UNCOUNTED)
 def ran1(idum, state):
     """One uniform deviate in (0, 1) as a float32; ``idum`` is a 1-element int64 array."""
     if idum[0] <= 0 or state[0] == 0:
@@ -91,7 +98,7 @@ def _gammln(xx):
     return np.float32(-tmp + math.log(2.5066282746310005 * ser / x))
 
 
-@njit(cache=True)
+@njit(cache=True, **_UNCOUNTED)
 def gaussdev(idum, state, fstate):
     """Gaussian deviate (Box-Muller, polar form) as a float32, with the C's spare value."""
     if fstate[4] == 0.0:
@@ -109,7 +116,7 @@ def gaussdev(idum, state, fstate):
     return np.float32(fstate[5])
 
 
-@njit(cache=True)
+@njit(cache=True, **_UNCOUNTED)
 def poidev(xm, idum, state, fstate):
     """Poisson deviate with mean ``xm`` (a float32), exactly as nanoBragg.c computes it.
 
